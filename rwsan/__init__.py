@@ -1,0 +1,27 @@
+"""RWSAN (Residual Weight-Sharing Attention Network, Qin, Hu & Zhuang, IEEE TMM 2022) for Hugging Face transformers.
+
+Importing the package registers the model with the `Auto*` classes, so that `AutoConfig`, `AutoModel` and
+`AutoModelForVisualQuestionAnswering` resolve `model_type="rwsan"`, and marks the classes for `auto_map`, so that
+`save_pretrained` writes the code beside the weights for `trust_remote_code=True` users without this package.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering
+
+from .configuration_rwsan import RWSANConfig
+from .modeling_rwsan import RWSANForVQA, RWSANForVQAOutput, RWSANModel, RWSANModelOutput, RWSANPreTrainedModel
+
+AutoConfig.register(RWSANConfig.model_type, RWSANConfig)
+AutoModel.register(RWSANConfig, RWSANModel)
+AutoModelForVisualQuestionAnswering.register(RWSANConfig, RWSANForVQA)
+RWSANConfig.register_for_auto_class()
+RWSANModel.register_for_auto_class("AutoModel")
+RWSANForVQA.register_for_auto_class("AutoModelForVisualQuestionAnswering")
+
+__all__ = [
+    "RWSANConfig",
+    "RWSANForVQA",
+    "RWSANForVQAOutput",
+    "RWSANModel",
+    "RWSANModelOutput",
+    "RWSANPreTrainedModel",
+]

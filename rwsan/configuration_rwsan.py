@@ -1,0 +1,112 @@
+"""RWSAN model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# The VQA-v2 answer vocabulary of the paper (train+val answers seen more than 8 times).
+PAPER_NUM_ANSWERS = 3129
+
+
+@strict
+class RWSANConfig(PreTrainedConfig):
+    r"""
+    Configuration of an RWSAN model (Residual Weight-Sharing Attention Network with Low-Rank Attention, Qin, Hu &
+    Zhuang, IEEE TMM 2022). The defaults are the paper's configuration (the original `cfgs/base_cfgs.py`).
+
+    Args:
+        vocab_size (`int`, defaults to 20573): number of question tokens (`PAD`=0, `UNK`=1, then words); 20,573 on
+            VQA-v2 train+val+test+VG questions.
+        word_embedding_size (`int`, defaults to 300): size of the word embedding (GloVe 840B-300d in the paper).
+        hidden_size (`int`, defaults to 512): size of the LSTM output and of every attention block.
+        num_attention_heads (`int`, defaults to 4): heads of every low-rank attention.
+        intermediate_size (`int`, defaults to 2048): inner size of the feed-forward networks.
+        image_feature_size (`int`, defaults to 2048): size of one region feature (bottom-up attention Faster R-CNN).
+        max_regions (`int`, defaults to 100): regions per image kept by the processor.
+        max_question_length (`int`, defaults to 16): question tokens kept by the processor.
+        num_srwsa_repeats (`int`, defaults to 3): how often the shared question encoder (SRWSA) is applied.
+        num_sgrwsa_repeats (`int`, defaults to 3): how often the shared image encoder (SGRWSA) is applied.
+        text_self_attention_rank (`int`, defaults to 4): per-head size of queries and keys in the question
+            self-attention (`SRWSA_MIDSIZE` in the original).
+        image_self_attention_rank (`int`, defaults to 16): same for the image self-attention (`SGRWSA_SA_MIDSIZE`).
+        guided_attention_rank (`int`, defaults to 64): same for the question-guided image attention
+            (`SGRWSA_GA_MIDSIZE`).
+        flat_mlp_size (`int`, defaults to 256): hidden size of the attention-flattening score MLP.
+        flat_output_size (`int`, defaults to 1024): size of the fused question-image representation.
+        dropout (`float`, defaults to 0.1): dropout on attention maps, residual branches and MLPs.
+        layer_norm_eps (`float`, defaults to 1e-6): epsilon added to the standard deviation in every layer norm.
+        id2label / label2id: the answer vocabulary. Without them the head has 3,129 answers named `LABEL_i`.
+
+    Example:
+
+    ```python
+    >>> from rwsan import RWSANConfig, RWSANForVQA
+    >>> config = RWSANConfig(vocab_size=1000, num_labels=10)
+    >>> model = RWSANForVQA(config)
+    ```
+    """
+
+    model_type = "rwsan"
+
+    vocab_size: int = 20573
+    word_embedding_size: int = 300
+    hidden_size: int = 512
+    num_attention_heads: int = 4
+    intermediate_size: int = 2048
+    image_feature_size: int = 2048
+    max_regions: int = 100
+    max_question_length: int = 16
+    num_srwsa_repeats: int = 3
+    num_sgrwsa_repeats: int = 3
+    text_self_attention_rank: int = 4
+    image_self_attention_rank: int = 16
+    guided_attention_rank: int = 64
+    flat_mlp_size: int = 256
+    flat_output_size: int = 1024
+    dropout: float | int = 0.1
+    layer_norm_eps: float = 1e-6
+    pad_token_id: int | None = 0
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None and kwargs.get("num_labels") is None:
+            kwargs["num_labels"] = PAPER_NUM_ANSWERS
+        super().__post_init__(**kwargs)
+        if self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
+        self._check_sizes()
+
+    def _check_sizes(self):
+        # A plain ValueError at construction, rather than `@strict`'s validator error type, so that callers can
+        # catch bad sizes the usual way.
+        positive = (
+            "vocab_size",
+            "word_embedding_size",
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "image_feature_size",
+            "max_regions",
+            "max_question_length",
+            "num_srwsa_repeats",
+            "num_sgrwsa_repeats",
+            "text_self_attention_rank",
+            "image_self_attention_rank",
+            "guided_attention_rank",
+            "flat_mlp_size",
+            "flat_output_size",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"RWSANConfig.{name} must be a positive integer, got {value}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"RWSANConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RWSANConfig.dropout must be in [0, 1), got {self.dropout}.")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"RWSANConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}.")
+
+
+__all__ = ["RWSANConfig"]

@@ -1,0 +1,547 @@
+"""PyTorch RWSAN: Residual Weight-Sharing Attention Network with Low-Rank Attention for visual question answering.
+
+Qin, Hu & Zhuang, IEEE Transactions on Multimedia 2022. The network is the one of the paper's code
+(`BrightQin/RWSAN`, `model/model.py`), parameter for parameter; `rwsan.convert_original_checkpoint` maps its
+weights onto this file. This file is self-contained (torch, transformers and its configuration only) so that it can
+travel beside saved weights and load with `trust_remote_code=True` where the `rwsan` package is not installed.
+
+Shapes: B = batch, T = question tokens, R = image regions, H = hidden size, A = number of answers.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_rwsan import RWSANConfig
+
+# The original fills masked attention scores with -5e4 rather than -inf or the dtype's minimum: it is finite in
+# float16, so padded positions get exactly zero weight under fp16/bf16 autocast without overflowing to -inf.
+MASKED_SCORE = -5e4
+
+
+@dataclass
+class RWSANModelOutput(ModelOutput):
+    """
+    Output of [`RWSANModel`].
+
+    Args:
+        pooler_output (`torch.FloatTensor` of shape `(B, flat_output_size)`): the fused question-image vector
+            (attention-flattened question + attention-flattened image, layer-normalised).
+        question_last_hidden_state (`torch.FloatTensor` of shape `(B, T, H)`): question tokens after the encoder.
+        image_last_hidden_state (`torch.FloatTensor` of shape `(B, R, H)`): image regions after the encoder.
+        question_hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`): the LSTM output, then
+            the question states after each application of SRWSA, each `(B, T, H)`.
+        image_hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`): the projected region
+            features, then the image states after each application of SGRWSA, each `(B, R, H)`.
+        question_attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): every question
+            self-attention map, `(B, heads, T, T)`, in the order they were computed.
+        image_attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): every image self-attention
+            map, `(B, heads, R, R)`.
+        guided_attentions (`tuple(torch.FloatTensor)`, with `output_attentions=True`): every question-guided
+            attention map (image regions attending to question tokens), `(B, heads, R, T)`.
+        question_flattening_weights (`torch.FloatTensor` of shape `(B, T)`, with `output_attentions=True`): the
+            attention-flattening weights over question tokens (they sum to 1 over real tokens).
+        image_flattening_weights (`torch.FloatTensor` of shape `(B, R)`, with `output_attentions=True`): the
+            attention-flattening weights over image regions.
+    """
+
+    pooler_output: torch.FloatTensor | None = None
+    question_last_hidden_state: torch.FloatTensor | None = None
+    image_last_hidden_state: torch.FloatTensor | None = None
+    question_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    question_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    guided_attentions: tuple[torch.FloatTensor, ...] | None = None
+    question_flattening_weights: torch.FloatTensor | None = None
+    image_flattening_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class RWSANForVQAOutput(RWSANModelOutput):
+    """
+    Output of [`RWSANForVQA`]: everything of [`RWSANModelOutput`], plus
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, when `labels` are given): binary cross-entropy with logits against
+            the soft answer scores, summed over answers and averaged over the batch.
+        logits (`torch.FloatTensor` of shape `(B, A)`): one score per answer (apply a sigmoid for probabilities).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+class RWSANLayerNorm(nn.Module):
+    """The original's layer norm: `weight * (x - mean) / (std + eps) + bias`, with the unbiased standard deviation.
+
+    It differs from `nn.LayerNorm` (biased variance, eps inside the square root); weights trained with one do not
+    reproduce with the other, so it is kept as it is.
+    """
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mean = hidden_states.mean(-1, keepdim=True)
+        std = hidden_states.std(-1, keepdim=True)
+        return self.weight * (hidden_states - mean) / (std + self.eps) + self.bias
+
+
+class RWSANFeedForward(nn.Module):
+    """Linear -> ReLU -> dropout -> linear."""
+
+    def __init__(self, input_size: int, intermediate_size: int, output_size: int, dropout: float):
+        super().__init__()
+        self.intermediate = nn.Linear(input_size, intermediate_size)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(intermediate_size, output_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.output(self.dropout(F.relu(self.intermediate(hidden_states))))
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention as the original computes it; returns the context `(B, L_q, heads, head_size)` and the map."""
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling + attention_mask
+    attention = F.softmax(scores, dim=-1)
+    context = torch.matmul(F.dropout(attention, dropout, module.training), value)
+    return context.transpose(1, 2), attention
+
+
+class RWSANLowRankAttention(nn.Module):
+    """Multi-head attention whose queries and keys have a small per-head size (`rank`), values the full head size.
+
+    The scores are scaled by `1 / sqrt(rank)`. With `rank` far below the head size, computing the score matrix costs
+    a fraction of standard attention; that is the paper's low-rank attention.
+    """
+
+    def __init__(self, config: RWSANConfig, rank: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.rank = rank
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, rank * self.num_heads)
+        self.query = nn.Linear(config.hidden_size, rank * self.num_heads)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.dropout
+        self.is_causal = False
+        # Kept by reference so that `model.set_attn_implementation(...)` takes effect without rebuilding.
+        self.config = config
+
+    def _split_heads(self, states: torch.Tensor, head_size: int) -> torch.Tensor:
+        batch_size, length, _ = states.shape
+        return states.view(batch_size, length, self.num_heads, head_size).transpose(1, 2)
+
+    def forward(
+        self,
+        query_states: torch.Tensor,
+        key_value_states: torch.Tensor,
+        key_bias: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            query_states: `(B, L_q, H)`, the sequence that attends.
+            key_value_states: `(B, L_k, H)`, the sequence attended to.
+            key_bias: `(B, 1, 1, L_k)`, 0 for real keys and `MASKED_SCORE` for padding, in the compute dtype.
+            output_attentions: also return the attention map `(B, heads, L_q, L_k)` (computed eagerly). Otherwise
+                the kernel is `config._attn_implementation` ("sdpa" by default), through transformers'
+                attention interface.
+        """
+        batch_size, query_length, hidden_size = query_states.shape
+        value = self._split_heads(self.value(key_value_states), self.head_size)
+        key = self._split_heads(self.key(key_value_states), self.rank)
+        query = self._split_heads(self.query(query_states), self.rank)
+
+        attention_interface = eager_attention_forward
+        if not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        context, attention = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            key_bias,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=1 / math.sqrt(self.rank),
+            is_causal=False,
+        )
+        context = context.reshape(batch_size, query_length, hidden_size)
+        return self.output(context), (attention if output_attentions else None)
+
+
+class RWSANSelfAttentionBlock(GradientCheckpointingLayer):
+    """Post-norm self-attention + feed-forward block over the question (`SA` in the original)."""
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__()
+        self.attention = RWSANLowRankAttention(config, config.text_self_attention_rank)
+        self.attention_dropout = nn.Dropout(config.dropout)
+        self.attention_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.feed_forward = RWSANFeedForward(
+            config.hidden_size, config.intermediate_size, config.hidden_size, config.dropout
+        )
+        self.feed_forward_dropout = nn.Dropout(config.dropout)
+        self.feed_forward_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+
+    def forward(
+        self, question_states: torch.Tensor, question_bias: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, attention = self.attention(question_states, question_states, question_bias, output_attentions)
+        question_states = self.attention_norm(question_states + self.attention_dropout(attended))
+        question_states = self.feed_forward_norm(
+            question_states + self.feed_forward_dropout(self.feed_forward(question_states))
+        )
+        return question_states, attention
+
+
+class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
+    """Post-norm image self-attention, question-guided attention and feed-forward block (`SGA` in the original)."""
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__()
+        self.self_attention = RWSANLowRankAttention(config, config.image_self_attention_rank)
+        self.self_attention_dropout = nn.Dropout(config.dropout)
+        self.self_attention_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.guided_attention = RWSANLowRankAttention(config, config.guided_attention_rank)
+        self.guided_attention_dropout = nn.Dropout(config.dropout)
+        self.guided_attention_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.feed_forward = RWSANFeedForward(
+            config.hidden_size, config.intermediate_size, config.hidden_size, config.dropout
+        )
+        self.feed_forward_dropout = nn.Dropout(config.dropout)
+        self.feed_forward_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+
+    def forward(
+        self,
+        image_states: torch.Tensor,
+        question_states: torch.Tensor,
+        image_bias: torch.Tensor,
+        question_bias: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attended, self_attention = self.self_attention(image_states, image_states, image_bias, output_attentions)
+        image_states = self.self_attention_norm(image_states + self.self_attention_dropout(attended))
+        attended, guided_attention = self.guided_attention(
+            image_states, question_states, question_bias, output_attentions
+        )
+        image_states = self.guided_attention_norm(image_states + self.guided_attention_dropout(attended))
+        image_states = self.feed_forward_norm(image_states + self.feed_forward_dropout(self.feed_forward(image_states)))
+        return image_states, self_attention, guided_attention
+
+
+class RWSANResidualSelfAttention(nn.Module):
+    """SRWSA: one self-attention block applied three times, each time on its output added to the block's input.
+
+    x1 = SA(x); x2 = SA(LN(x1 + x)); x3 = SA(LN(x2 + x)).
+    """
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__()
+        self.block = RWSANSelfAttentionBlock(config)
+        self.second_input_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.third_input_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+
+    def forward(
+        self, question_states: torch.Tensor, question_bias: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        first, first_attention = self.block(question_states, question_bias, output_attentions)
+        second, second_attention = self.block(
+            self.second_input_norm(first + question_states), question_bias, output_attentions
+        )
+        third, third_attention = self.block(
+            self.third_input_norm(second + question_states), question_bias, output_attentions
+        )
+        return third, (first_attention, second_attention, third_attention)
+
+
+class RWSANResidualGuidedAttention(nn.Module):
+    """SGRWSA: one guided-attention block applied three times, with the paper's asymmetric residuals.
+
+    y1 = SGA(x, y); y2 = SGA(x, LN(y1 + y)); y3 = SGA(x, y2); output LN(y3 + y).
+    """
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__()
+        self.block = RWSANGuidedAttentionBlock(config)
+        self.second_input_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.output_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
+
+    def forward(
+        self,
+        image_states: torch.Tensor,
+        question_states: torch.Tensor,
+        image_bias: torch.Tensor,
+        question_bias: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        args = (question_states, image_bias, question_bias, output_attentions)
+        first, first_self, first_guided = self.block(image_states, *args)
+        second, second_self, second_guided = self.block(self.second_input_norm(first + image_states), *args)
+        third, third_self, third_guided = self.block(second, *args)
+        output = self.output_norm(third + image_states)
+        return output, (first_self, second_self, third_self), (first_guided, second_guided, third_guided)
+
+
+class RWSANAttentionFlattening(nn.Module):
+    """Pools a sequence to one vector: an MLP scores each position, a masked softmax weighs them, a linear maps."""
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__()
+        self.score = RWSANFeedForward(config.hidden_size, config.flat_mlp_size, 1, config.dropout)
+        self.output = nn.Linear(config.hidden_size, config.flat_output_size)
+
+    def forward(self, states: torch.Tensor, padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`states` `(B, L, H)`, `padding` `(B, L)` True at padding -> `(B, flat_output_size)`, weights `(B, L)`."""
+        scores = self.score(states).squeeze(-1).masked_fill(padding, MASKED_SCORE)
+        weights = F.softmax(scores, dim=-1)
+        pooled = torch.matmul(weights.unsqueeze(1), states).squeeze(1)
+        return self.output(pooled), weights
+
+
+class RWSANPreTrainedModel(PreTrainedModel):
+    config: RWSANConfig
+    config_class = RWSANConfig
+    base_model_prefix = "rwsan"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["RWSANSelfAttentionBlock", "RWSANGuidedAttentionBlock"]
+
+    def _init_weights(self, module: nn.Module):
+        """PyTorch's default initialisation of each layer, which the original code relies on.
+
+        The paper trains from these (the original builds plain `nn.Linear`, `nn.Embedding` and `nn.LSTM` and never
+        re-initialises them), so training from scratch follows its recipe rather than transformers' usual
+        normal(0, 0.02). `transformers.initialization` functions leave loaded weights alone.
+        """
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight)
+        elif isinstance(module, nn.LSTM):
+            bound = 1 / math.sqrt(module.hidden_size)
+            for parameter in module.parameters():
+                init.uniform_(parameter, -bound, bound)
+        elif isinstance(module, RWSANLayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class RWSANModel(RWSANPreTrainedModel):
+    """The RWSAN encoder and fusion, without the answer classifier.
+
+    Question: embedding -> one-layer LSTM over all positions (padding included, as the original) -> SRWSA, applied
+    `num_srwsa_repeats` times with the same weights. Image: linear projection of the region features -> SGRWSA,
+    applied `num_sgrwsa_repeats` times with the same weights, guided by the final question states. Each modality is
+    pooled by attention flattening; the sum is layer-normalised.
+    """
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.word_embedding_size)
+        self.question_lstm = nn.LSTM(config.word_embedding_size, config.hidden_size, num_layers=1, batch_first=True)
+        self.image_projection = nn.Linear(config.image_feature_size, config.hidden_size)
+        self.question_encoder = RWSANResidualSelfAttention(config)
+        self.image_encoder = RWSANResidualGuidedAttention(config)
+        self.question_flattening = RWSANAttentionFlattening(config)
+        self.image_flattening = RWSANAttentionFlattening(config)
+        self.fusion_norm = RWSANLayerNorm(config.flat_output_size, config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> RWSANModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`): question token ids; 0 is padding.
+            image_features (`torch.FloatTensor` of shape `(B, R, image_feature_size)`): region features; rows of
+                zeros are padding. Any float dtype; they are cast to the model's.
+            attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for real tokens, 0 for padding.
+                Derived from `input_ids != 0` when not given, as the original does.
+            image_attention_mask (`torch.Tensor` of shape `(B, R)`, *optional*): 1 for real regions, 0 for padding.
+                Derived from the non-zero rows of `image_features` when not given, as the original does.
+            output_attentions (`bool`, *optional*): return every attention map and the flattening weights
+                (computed with the eager attention path).
+            output_hidden_states (`bool`, *optional*): return the hidden states after every shared block.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        image_features = image_features.to(self.image_projection.weight.dtype)
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.pad_token_id
+        if image_attention_mask is None:
+            image_attention_mask = image_features.abs().sum(-1) != 0
+        question_padding = attention_mask == 0
+        image_padding = image_attention_mask == 0
+
+        question_states, _ = self.question_lstm(self.word_embeddings(input_ids))
+        image_states = self.image_projection(image_features)
+        # Biases in the dtype the attention computes in (autocast's, when active), broadcast over heads and queries.
+        compute_dtype = (
+            torch.get_autocast_dtype(image_states.device.type)
+            if torch.is_autocast_enabled(image_states.device.type)
+            else image_states.dtype
+        )
+        question_bias = _padding_to_bias(question_padding, compute_dtype)
+        image_bias = _padding_to_bias(image_padding, compute_dtype)
+
+        question_hidden_states = (question_states,) if output_hidden_states else None
+        image_hidden_states = (image_states,) if output_hidden_states else None
+        question_attentions = () if output_attentions else None
+        image_attentions = () if output_attentions else None
+        guided_attentions = () if output_attentions else None
+
+        for _ in range(self.config.num_srwsa_repeats):
+            question_states, attentions = self.question_encoder(question_states, question_bias, output_attentions)
+            if output_hidden_states:
+                question_hidden_states += (question_states,)
+            if output_attentions:
+                question_attentions += attentions
+        for _ in range(self.config.num_sgrwsa_repeats):
+            image_states, self_attentions, cross_attentions = self.image_encoder(
+                image_states, question_states, image_bias, question_bias, output_attentions
+            )
+            if output_hidden_states:
+                image_hidden_states += (image_states,)
+            if output_attentions:
+                image_attentions += self_attentions
+                guided_attentions += cross_attentions
+
+        pooled_question, question_weights = self.question_flattening(question_states, question_padding)
+        pooled_image, image_weights = self.image_flattening(image_states, image_padding)
+        pooled = self.fusion_norm(pooled_question + pooled_image)
+
+        output = RWSANModelOutput(
+            pooler_output=pooled,
+            question_last_hidden_state=question_states,
+            image_last_hidden_state=image_states,
+            question_hidden_states=question_hidden_states,
+            image_hidden_states=image_hidden_states,
+            question_attentions=question_attentions,
+            image_attentions=image_attentions,
+            guided_attentions=guided_attentions,
+            question_flattening_weights=question_weights if output_attentions else None,
+            image_flattening_weights=image_weights if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _padding_to_bias(padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`(B, L)` bool, True at padding -> additive attention bias `(B, 1, 1, L)`."""
+    bias = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, MASKED_SCORE)
+    return bias[:, None, None, :]
+
+
+class RWSANForVQA(RWSANPreTrainedModel):
+    """RWSAN with its answer classifier: a linear layer over the fused vector, one logit per answer."""
+
+    def __init__(self, config: RWSANConfig):
+        super().__init__(config)
+        self.rwsan = RWSANModel(config)
+        self.classifier = nn.Linear(config.flat_output_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.rwsan.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.rwsan.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> RWSANForVQAOutput | tuple:
+        r"""
+        Args are those of [`RWSANModel.forward`], plus:
+            labels (`torch.FloatTensor` of shape `(B, A)`, *optional*): soft answer scores in [0, 1] (0.3, 0.6, 0.9,
+                1.0 for answers given by 1, 2, 3, 4+ annotators). The loss is binary cross-entropy with logits, summed
+                over answers and averaged over the batch, computed in float32.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from rwsan import RWSANConfig, RWSANForVQA
+        >>> model = RWSANForVQA(RWSANConfig(vocab_size=100, num_labels=10)).eval()
+        >>> input_ids = torch.tensor([[5, 8, 2, 0]])
+        >>> image_features = torch.randn(1, 36, 2048)
+        >>> model(input_ids=input_ids, image_features=image_features).logits.shape
+        torch.Size([1, 10])
+        ```
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.rwsan(
+            input_ids=input_ids,
+            image_features=image_features,
+            attention_mask=attention_mask,
+            image_attention_mask=image_attention_mask,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = (
+                F.binary_cross_entropy_with_logits(
+                    logits.float(), labels.to(logits.device, torch.float32), reduction="sum"
+                )
+                / logits.shape[0]
+            )
+        output = RWSANForVQAOutput(loss=loss, logits=logits, **outputs)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["RWSANPreTrainedModel", "RWSANModel", "RWSANForVQA", "RWSANModelOutput", "RWSANForVQAOutput"]

@@ -1,0 +1,149 @@
+"""The converter of original checkpoints: key map, size inference, and its refusals."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwsan import RWSANConfig, RWSANForVQA
+from rwsan.convert_original_checkpoint import (
+    CheckpointError,
+    convert,
+    load_original_checkpoint,
+    main,
+    rename_original_key,
+)
+
+ORIGINAL = Path(__file__).resolve().parents[2] / "shared" / "rwsan-original"
+
+
+def read_original_layout() -> dict[str, tuple[int, ...]]:
+    path = ORIGINAL / "paper_config_state_dict.txt"
+    if not path.exists():
+        pytest.skip("../shared/rwsan-original is not beside the repository")
+    layout = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split("\t")
+            layout[key] = tuple(int(size) for size in re.findall(r"\d+", shape))
+    return layout
+
+
+@pytest.fixture(scope="module")
+def golden():
+    path = ORIGINAL / "golden_small.pt"
+    if not path.exists():
+        pytest.skip("../shared/rwsan-original is not beside the repository")
+    return torch.load(path, weights_only=True)
+
+
+def save_checkpoint(path: Path, state_dict: dict) -> Path:
+    torch.save({"state_dict": state_dict, "optimizer": {}, "lr_base": 1e-4}, path)
+    return path
+
+
+def test_every_original_key_maps_onto_the_paper_model_with_its_shape():
+    layout = read_original_layout()
+    model = RWSANForVQA(RWSANConfig(vocab_size=20573, num_labels=3129))
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    renamed = {rename_original_key(key): shape for key, shape in layout.items()}
+    assert renamed == expected
+    assert sum(torch.Size(shape).numel() for shape in layout.values()) == 19_540_439
+
+
+def test_answer_dict_names_the_answers(tmp_path, golden):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    answers = [f"answer-{i}" for i in range(golden["answer_size"])]
+    answer_dict = tmp_path / "answer_dict.json"
+    answer_dict.write_text(
+        json.dumps([{a: i for i, a in enumerate(answers)}, {str(i): a for i, a in enumerate(answers)}])
+    )
+    model = load_original_checkpoint(checkpoint, answer_dict)
+    assert model.config.id2label[3] == "answer-3" and model.config.label2id["answer-7"] == 7
+
+
+def test_paper_answer_dict_is_read(tmp_path):
+    read_original_layout()  # skips without the shared folder
+    state_dict = {key: torch.zeros(shape) for key, shape in read_original_layout().items()}
+    checkpoint = save_checkpoint(tmp_path / "paper.pkl", state_dict)
+    model = load_original_checkpoint(checkpoint, ORIGINAL / "answer_dict.json")
+    assert model.num_parameters() == 19_540_439
+    assert model.config.num_labels == 3129 and model.config.id2label[3] == "yes"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda sd: sd.pop("proj_norm.a_2"), r"missing keys .*rwsan\.fusion_norm\.weight"),
+        (
+            lambda sd: sd.__setitem__("RWSA_layer.extra.weight", torch.zeros(2)),
+            r"unexpected keys: \['RWSA_layer\.extra\.weight'\]",
+        ),
+        (
+            lambda sd: sd.__setitem__("attflat_lang.linear_merge.bias", torch.zeros(7)),
+            r"mis-shaped keys: \['attflat_lang\.linear_merge\.bias \(7,\) \(expected \(128,\)\)'\]",
+        ),
+        (lambda sd: sd.pop("embedding.weight"), r"lacks the key 'embedding\.weight'"),
+    ],
+)
+def test_bad_keys_are_named_and_nothing_is_written(tmp_path, golden, damage, message):
+    state_dict = dict(golden["state_dict"])
+    damage(state_dict)
+    checkpoint = save_checkpoint(tmp_path / "bad.pkl", state_dict)
+    with pytest.raises(CheckpointError, match=message):
+        convert(str(checkpoint), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["bad.pkl"]
+
+
+def test_corrupted_file_is_refused_with_a_clear_message(tmp_path, golden, capsys):
+    good = save_checkpoint(tmp_path / "good.pkl", golden["state_dict"])
+    corrupted = tmp_path / "corrupted.pkl"
+    corrupted.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(corrupted), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "corrupted.pkl could not be read as a PyTorch checkpoint of tensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_code_is_not_run(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    with pytest.raises(CheckpointError, match="could not be read as a PyTorch checkpoint"):
+        load_original_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "list.pkl"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="expected a dict with a 'state_dict' of tensors"):
+        load_original_checkpoint(path)
+    with pytest.raises(CheckpointError, match="Checkpoint file not found"):
+        load_original_checkpoint(tmp_path / "absent.pkl")
+
+
+def test_existing_output_folder_is_refused(tmp_path, golden):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        convert(str(checkpoint), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+
+
+def test_answer_dict_of_the_wrong_size(tmp_path, golden):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    answer_dict = tmp_path / "answers.json"
+    answer_dict.write_text(json.dumps([{"yes": 0}, {"0": "yes"}]))
+    with pytest.raises(CheckpointError, match="has 1 answers .* classifier has 20 outputs"):
+        load_original_checkpoint(checkpoint, answer_dict)

@@ -1,0 +1,275 @@
+"""RWSANConfig / RWSANForVQA: numbers against the original, masks, attention paths, loss, saving and loading."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering
+
+from rwsan import RWSANConfig, RWSANForVQA, RWSANModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = REPO_ROOT.parent / "shared" / "rwsan-original"
+PAPER_PARAMETERS = 19_540_439
+
+
+def tiny_config(**overrides) -> RWSANConfig:
+    sizes = dict(
+        vocab_size=40,
+        word_embedding_size=12,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_feature_size=24,
+        flat_mlp_size=16,
+        flat_output_size=48,
+        text_self_attention_rank=2,
+        image_self_attention_rank=4,
+        guided_attention_rank=8,
+        num_labels=9,
+    )
+    sizes.update(overrides)
+    return RWSANConfig(**sizes)
+
+
+def tiny_inputs(config: RWSANConfig, batch_size=3, tokens=6, regions=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, config.vocab_size, (batch_size, tokens), generator=generator)
+    image_features = torch.rand(batch_size, regions, config.image_feature_size, generator=generator)
+    # Uneven padding: sample i has i padded tokens and 2*i padded regions.
+    for sample in range(batch_size):
+        if sample:
+            input_ids[sample, -sample:] = 0
+            image_features[sample, -2 * sample :] = 0
+    return input_ids, image_features
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return RWSANForVQA(tiny_config()).eval()
+
+
+def test_paper_configuration_has_the_original_parameter_count():
+    model = RWSANForVQA(RWSANConfig(vocab_size=20573, num_labels=3129))
+    assert model.num_parameters() == PAPER_PARAMETERS
+
+
+def test_paper_defaults():
+    config = RWSANConfig()
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (512, 4, 2048)
+    assert (config.text_self_attention_rank, config.image_self_attention_rank, config.guided_attention_rank) == (
+        4,
+        16,
+        64,
+    )
+    assert (config.num_srwsa_repeats, config.num_sgrwsa_repeats, config.num_labels) == (3, 3, 3129)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hidden_size": 30}, r"hidden_size \(30\) must be divisible by num_attention_heads \(4\)"),
+        ({"guided_attention_rank": 0}, r"guided_attention_rank must be a positive integer, got 0"),
+        ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+    ],
+)
+def test_config_rejects_impossible_sizes(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_weights_are_shared_not_copied(tiny_model):
+    """Each encoder holds one block; the same parameters serve all nine applications."""
+    question_blocks = [m for m in tiny_model.modules() if type(m).__name__ == "RWSANSelfAttentionBlock"]
+    image_blocks = [m for m in tiny_model.modules() if type(m).__name__ == "RWSANGuidedAttentionBlock"]
+    assert len(question_blocks) == len(image_blocks) == 1
+    outputs = tiny_model(*tiny_inputs(tiny_model.config), output_attentions=True, output_hidden_states=True)
+    assert len(outputs.question_attentions) == len(outputs.image_attentions) == len(outputs.guided_attentions) == 9
+    assert len(outputs.question_hidden_states) == len(outputs.image_hidden_states) == 1 + 3
+
+
+def test_golden_vector_through_the_converter(tmp_path):
+    golden_path = ORIGINAL / "golden_small.pt"
+    if not golden_path.exists():
+        pytest.skip("../shared/rwsan-original is not beside the repository")
+    from rwsan.convert_original_checkpoint import main
+
+    golden = torch.load(golden_path, weights_only=True)
+    checkpoint = tmp_path / "epoch16.pkl"
+    # Saved as the original saves under DataParallel, with the 'module.' prefix.
+    state_dict = {f"module.{key}": value for key, value in golden["state_dict"].items()}
+    torch.save({"state_dict": state_dict, "optimizer": {}, "lr_base": 1e-4}, checkpoint)
+    main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "converted")])
+
+    model = RWSANForVQA.from_pretrained(tmp_path / "converted").eval()
+    assert model.config.hidden_size == golden["hyperparameters"]["HIDDEN_SIZE"]
+    assert model.config.num_labels == golden["answer_size"]
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits = model(input_ids=golden["ques_ix"], image_features=golden["img_feat"]).logits
+        torch.testing.assert_close(logits, golden["logits"], atol=1e-5, rtol=0)
+
+
+def test_extra_padding_leaves_logits_unchanged(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        padded = tiny_model(
+            input_ids=F.pad(input_ids, (0, 5)), image_features=F.pad(image_features, (0, 0, 0, 30))
+        ).logits
+    torch.testing.assert_close(padded, reference, atol=1e-5, rtol=0)
+
+
+def test_explicit_masks_equal_derived_masks(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        derived = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        explicit = tiny_model(
+            input_ids=input_ids,
+            image_features=image_features,
+            attention_mask=(input_ids != 0).long(),
+            image_attention_mask=(image_features.abs().sum(-1) != 0).long(),
+        ).logits
+    torch.testing.assert_close(explicit, derived, atol=0, rtol=0)
+
+
+def test_sdpa_and_eager_paths_agree_in_eval_and_backward(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    labels = torch.zeros(input_ids.shape[0], tiny_model.config.num_labels)
+    labels[:, 2] = 0.9
+    results = {}
+    for implementation in ("sdpa", "eager"):
+        tiny_model.set_attn_implementation(implementation)
+        tiny_model.zero_grad()
+        outputs = tiny_model(input_ids=input_ids, image_features=image_features, labels=labels)
+        outputs.loss.backward()
+        results[implementation] = (outputs.logits.detach(), tiny_model.classifier.weight.grad.clone())
+    torch.testing.assert_close(results["sdpa"][0], results["eager"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_attention_outputs_are_distributions_over_real_positions(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    outputs = tiny_model(input_ids=input_ids, image_features=image_features, output_attentions=True)
+    question_weights, image_weights = outputs.question_flattening_weights, outputs.image_flattening_weights
+    torch.testing.assert_close(question_weights.sum(-1), torch.ones(3))
+    torch.testing.assert_close(image_weights.sum(-1), torch.ones(3))
+    assert question_weights[2, -2:].max() == 0 and image_weights[2, -4:].max() == 0
+    assert outputs.guided_attentions[0].shape == (3, 4, 7, 6)
+    assert outputs.guided_attentions[0][1, :, :, -1].max() == 0
+
+
+def test_loss_is_summed_binary_cross_entropy_averaged_over_batch(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    labels = torch.zeros(3, tiny_model.config.num_labels)
+    labels[0, 1], labels[1, 4], labels[2, 4], labels[2, 5] = 1.0, 0.3, 0.6, 0.9
+    outputs = tiny_model(input_ids=input_ids, image_features=image_features, labels=labels)
+    logits = outputs.logits.detach().double()
+    by_hand = 0.0
+    for sample in range(3):
+        for answer in range(tiny_model.config.num_labels):
+            x, y = logits[sample, answer].item(), labels[sample, answer].item()
+            probability = 1 / (1 + math.exp(-x))
+            by_hand -= y * math.log(probability) + (1 - y) * math.log(1 - probability)
+    assert outputs.loss.item() == pytest.approx(by_hand / 3, rel=1e-5)
+
+
+def test_autocast_bfloat16_stays_finite_and_close(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = tiny_model(input_ids=input_ids, image_features=image_features.half()).logits
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(dropout=0.0)).train()
+    input_ids, image_features = tiny_inputs(model.config)
+    labels = torch.full((3, model.config.num_labels), 0.3)
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.zero_grad()
+        model(input_ids=input_ids, image_features=image_features, labels=labels).loss.backward()
+        gradients.append(model.rwsan.question_encoder.block.attention.query.weight.grad.clone())
+    assert model.is_activation_checkpointing
+    torch.testing.assert_close(gradients[1], gradients[0], atol=1e-6, rtol=1e-5)
+
+
+def test_initialisation_is_pytorch_default():
+    torch.manual_seed(0)
+    model = RWSANForVQA(RWSANConfig(vocab_size=500, num_labels=100))
+    projection = model.rwsan.image_projection.weight
+    bound = 1 / math.sqrt(2048)  # kaiming_uniform(a=sqrt(5)) on fan_in 2048
+    assert projection.abs().max() <= bound and projection.abs().max() > 0.95 * bound
+    assert model.rwsan.word_embeddings.weight.std().item() == pytest.approx(1.0, abs=0.02)
+    lstm_bound = 1 / math.sqrt(512)
+    assert model.rwsan.question_lstm.bias_hh_l0.abs().max() <= lstm_bound
+    assert model.rwsan.question_lstm.bias_hh_l0.abs().max() > 0.95 * lstm_bound
+    assert torch.equal(model.rwsan.fusion_norm.weight, torch.ones(1024))
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_model):
+    tiny_model.config.id2label = {i: f"answer {i}" for i in range(9)}
+    tiny_model.config.label2id = {f"answer {i}": i for i in range(9)}
+    tiny_model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "modeling_rwsan.py", "configuration_rwsan.py"} <= {
+        path.name for path in tmp_path.iterdir()
+    }
+    inputs = tiny_inputs(tiny_model.config)
+    for loaded in (
+        RWSANForVQA.from_pretrained(tmp_path),
+        AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path),
+    ):
+        assert isinstance(loaded, RWSANForVQA)
+        assert loaded.config.id2label[4] == "answer 4"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(*inputs).logits, tiny_model(*inputs).logits, atol=0, rtol=0)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), RWSANModel)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), RWSANConfig)
+
+
+def test_remote_code_loads_where_rwsan_cannot_be_imported(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "model")
+    inputs = tiny_inputs(tiny_model.config)
+    torch.save({"inputs": inputs, "logits": tiny_model(*inputs).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["rwsan"] = None  # `import rwsan` now raises ImportError
+        try:
+            import rwsan
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("rwsan was importable")
+        import torch
+        from transformers import AutoModelForVisualQuestionAnswering
+        model = AutoModelForVisualQuestionAnswering.from_pretrained({str(tmp_path / "model")!r},
+                                                                    trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            logits = model(*expected["inputs"]).logits
+        torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+        print("remote ok")
+        """
+    )
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote ok" in result.stdout

@@ -1,0 +1,92 @@
+"""Score a VQA-v2 result file with the official accuracy and print it as the original RWSAN code does.
+
+    python data_scripts/evaluate_predictions.py --predictions result.json \
+        --questions v2_OpenEnded_mscoco_val2014_questions.json \
+        --annotations v2_mscoco_val2014_annotations.json [--json accuracy.json]
+
+The result file is the official format, a list of `{"question_id": ..., "answer": ...}`; it must answer
+exactly the annotated questions. With `--json`, the official accuracy dict (`overall`, `perQuestionType`,
+`perAnswerType`, in percent) is written there too.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rwsan.evaluation import evaluate_vqa
+
+
+def _load_json(path: Path, description: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"{description} file not found: {path}") from None
+    except OSError as error:
+        raise ValueError(f"cannot read the {description} file {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{description} file {path} is not valid JSON: {error}") from None
+
+
+def _require(condition: bool, path: Path, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{path} is not a VQA {expected}")
+
+
+def print_accuracy_report(accuracy: dict[str, Any]) -> None:
+    """Print the lines the original `train/execution.py` prints after the official evaluation."""
+    print("\n")
+    print(f"Overall Accuracy is: {accuracy['overall']:.02f}\n")
+    print("Per Answer Type Accuracy is the following:")
+    for answer_type, value in accuracy["perAnswerType"].items():
+        print(f"{answer_type} : {value:.02f}")
+    print("\n")
+
+
+def _write_json(path: Path, content: Any) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2)
+            handle.write("\n")
+    except OSError as error:
+        raise ValueError(f"cannot write the accuracy file {path}: {error.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predictions", type=Path, required=True, help="official result file")
+    parser.add_argument("--questions", type=Path, required=True, help="official question file")
+    parser.add_argument("--annotations", type=Path, required=True, help="official annotation file")
+    parser.add_argument("--json", type=Path, help="also write the official accuracy dict to this file")
+    args = parser.parse_args(argv)
+
+    try:
+        predictions = _load_json(args.predictions, "predictions")
+        questions = _load_json(args.questions, "questions")
+        annotations = _load_json(args.annotations, "annotations")
+        # The same shape checks the official loader asserts, naming the file instead of failing on a KeyError.
+        _require(isinstance(predictions, list), args.predictions, "result file: expected a list of objects")
+        _require(
+            isinstance(questions, dict) and isinstance(questions.get("questions"), list),
+            args.questions,
+            "question file: expected an object with a 'questions' list",
+        )
+        _require(
+            isinstance(annotations, dict) and isinstance(annotations.get("annotations"), list),
+            args.annotations,
+            "annotation file: expected an object with an 'annotations' list",
+        )
+        accuracy = evaluate_vqa(predictions, annotations["annotations"], questions)
+        if args.json is not None:
+            _write_json(args.json, accuracy)
+    except (ValueError, TypeError) as error:
+        sys.exit(f"error: {error}")
+
+    print_accuracy_report(accuracy)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""VQA-v2 accuracy, computed exactly as the official evaluation script shipped with RWSAN (utils/vqaEval.py).
+
+A predicted answer earns, for each of the ten annotators, `min(1, matches / 3)` where `matches` counts the
+*other* annotators who gave that answer; the question's accuracy is the mean over the ten leave-one-out
+subsets. So 1, 2, 3 and 4 or more annotators agreeing with the prediction give 0.3, 0.6, 0.9 and 1.0.
+Aggregates are percentages rounded to two decimals, `round(100 * sum / count, 2)`, like the official script.
+
+Answers are compared after the official normalisation, quirks included:
+
+- the prediction is always normalised: newlines and tabs become spaces, it is stripped, punctuation is removed
+  or turned into spaces, it is lower-cased, number words become digits, articles are dropped and contractions
+  written without their apostrophe get it back;
+- the ground-truth answers only go through the punctuation step, and only when the annotators disagree (with
+  ten identical answers they are compared verbatim);
+- a punctuation mark is deleted when it touches a space somewhere in the answer, or when the answer contains a
+  digit-comma-digit group anywhere; otherwise it becomes a space;
+- a period is deleted unless a digit follows it, and at most 32 periods are deleted per answer.
+
+Other releases of the VQA API differ in such details; this module follows the copy in the RWSAN repository.
+"""
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+DEFAULT_PRECISION = 2
+
+# Number of agreeing annotators that earns full credit.
+_FULL_CREDIT_MATCHES = 3
+
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+# The official pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but wrote a look-ahead that can never fail,
+# so what it really matches is any period not followed by a digit.
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# The official code passes re.UNICODE (== 32) positionally to Pattern.sub, where it is taken as `count`.
+_MAX_PERIODS_DELETED = int(re.UNICODE)
+
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_ARTICLES = frozenset({"a", "an", "the"})
+# The official table, including its inverted "somebody'd" entry. Its capitalised keys ("Im", "Ive", "Id've",
+# "I'dve") can never match the lower-cased words and its identity entries ("let's", "she's") change nothing,
+# so they are left out.
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}  # fmt: skip
+
+# Answers repeat a lot (a few thousand distinct predictions, mostly short ground truths), so per-epoch
+# evaluation mostly hits these caches.
+_NORMALIZATION_CACHE_SIZE = 1 << 17
+
+# Ids shown in error messages about mismatched question sets.
+_MAX_IDS_IN_ERRORS = 5
+
+
+@lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)
+def normalize_punctuation(text: str) -> str:
+    """The official `processPunctuation`: the only normalisation ground-truth answers receive."""
+    delete_all_marks = _DIGIT_COMMA_DIGIT.search(text) is not None
+    normalized = text
+    for mark in _PUNCTUATION:
+        touches_space = f"{mark} " in text or f" {mark}" in text
+        normalized = normalized.replace(mark, "" if delete_all_marks or touches_space else " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", normalized, count=_MAX_PERIODS_DELETED)
+
+
+def normalize_words(text: str) -> str:
+    """The official `processDigitArticle`: lower-case, number words to digits, no articles, contractions."""
+    words = (_NUMBER_WORDS.get(word, word) for word in text.lower().split())
+    return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
+
+
+@lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)
+def normalize_answer(answer: str) -> str:
+    """Normalise a predicted answer as the official script does before comparing it with the annotators'."""
+    single_line = answer.replace("\n", " ").replace("\t", " ").strip()
+    return normalize_words(normalize_punctuation(single_line))
+
+
+def normalize_gt_answers(gt_answers: Sequence[str]) -> list[str]:
+    """Normalise one question's annotator answers as the official script does (see the module docstring)."""
+    if len(set(gt_answers)) > 1:
+        return [normalize_punctuation(answer) for answer in gt_answers]
+    return list(gt_answers)
+
+
+def _leave_one_out_accuracy(
+    normalized_prediction: str,
+    normalized_gt_answers: list[str],
+    identical_entries: Sequence[int] | None = None,
+) -> float:
+    """Mean over annotators of min(1, matching answers among the others / 3), summed in the official order.
+
+    The official code leaves out every annotation entry *equal* to the current one (whole dicts compared), not
+    just the current one. `identical_entries[i]` counts the entries equal to entry i, itself included; None
+    means all entries differ, as in real annotations where each carries its own answer_id.
+    """
+    total_matches = normalized_gt_answers.count(normalized_prediction)
+    per_annotator = []
+    for index, answer in enumerate(normalized_gt_answers):
+        left_out = 0
+        if answer == normalized_prediction:
+            left_out = 1 if identical_entries is None else identical_entries[index]
+        per_annotator.append(min(1.0, (total_matches - left_out) / _FULL_CREDIT_MATCHES))
+    return sum(per_annotator) / len(per_annotator)
+
+
+def _as_answer_list(gt_answers: Any, where: str) -> list[str]:
+    if isinstance(gt_answers, str) or not isinstance(gt_answers, Iterable):
+        raise TypeError(
+            f"{where}: ground-truth answers must be a list of strings, got {type(gt_answers).__name__}"
+        )
+    answers = list(gt_answers)
+    if not answers:
+        raise ValueError(f"{where}: the list of ground-truth answers is empty")
+    for answer in answers:
+        if not isinstance(answer, str):
+            raise TypeError(f"{where}: ground-truth answers must be strings, got {answer!r}")
+    return answers
+
+
+def _check_prediction(prediction: Any, where: str) -> None:
+    if not isinstance(prediction, str):
+        raise TypeError(f"{where}: the predicted answer must be a string, got {type(prediction).__name__}")
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+    """Official VQA accuracy (0 to 1) of one predicted answer against the annotators' answers (usually ten).
+
+    Each string counts as a different annotator, as every entry of the official annotations does.
+    """
+    _check_prediction(prediction, "vqa_accuracy")
+    answers = _as_answer_list(gt_answers, "vqa_accuracy")
+    return _leave_one_out_accuracy(normalize_answer(prediction), normalize_gt_answers(answers))
+
+
+def _percent(accuracies: Sequence[float], precision: int) -> float:
+    return round(100 * sum(accuracies) / len(accuracies), precision)
+
+
+def _percent_by_group(groups: Iterable[str], accuracies: Sequence[float], precision: int) -> dict[str, float]:
+    """Accuracy of each group, e.g. answer type, in order of first appearance like the official dicts."""
+    accuracies_by_group: dict[str, list[float]] = {}
+    for group, accuracy in zip(groups, accuracies):
+        accuracies_by_group.setdefault(group, []).append(accuracy)
+    return {group: _percent(scores, precision) for group, scores in accuracies_by_group.items()}
+
+
+def compute_vqa_accuracy(
+    predictions: Sequence[str],
+    gt_answers: Sequence[Sequence[str]],
+    answer_types: Sequence[str] | None = None,
+    precision: int = DEFAULT_PRECISION,
+) -> dict[str, float]:
+    """Overall and per-answer-type official accuracy of many predictions, in percent, for training loops.
+
+    Returns `{"accuracy": ..., "accuracy_<answer type>": ...}` (e.g. `accuracy_yes/no`, `accuracy_number`,
+    `accuracy_other`, in order of first appearance), equal to the official `overall` and `perAnswerType`
+    numbers for the same questions.
+    """
+    if len(predictions) != len(gt_answers):
+        raise ValueError(
+            f"Got {len(predictions)} predictions but {len(gt_answers)} lists of ground-truth answers; "
+            "they must be aligned one to one."
+        )
+    if answer_types is not None and len(answer_types) != len(predictions):
+        raise ValueError(f"Got {len(answer_types)} answer types for {len(predictions)} predictions.")
+    if len(predictions) == 0:
+        raise ValueError("Cannot compute an accuracy over zero predictions.")
+
+    accuracies = []
+    for index, (prediction, answers) in enumerate(zip(predictions, gt_answers)):
+        where = f"question {index}"
+        _check_prediction(prediction, where)
+        normalized_answers = normalize_gt_answers(_as_answer_list(answers, where))
+        accuracies.append(_leave_one_out_accuracy(normalize_answer(prediction), normalized_answers))
+
+    results = {"accuracy": _percent(accuracies, precision)}
+    if answer_types is not None:
+        for answer_type, percent in _percent_by_group(answer_types, accuracies, precision).items():
+            results[f"accuracy_{answer_type}"] = percent
+    return results
+
+
+def _example_ids(question_ids: Iterable[Any]) -> str:
+    examples = sorted(question_ids, key=repr)[:_MAX_IDS_IN_ERRORS]
+    return ", ".join(repr(question_id) for question_id in examples)
+
+
+def _index_predictions(predictions: Mapping[Any, str] | Sequence[Mapping[str, Any]]) -> dict[Any, str]:
+    if isinstance(predictions, Mapping):
+        indexed = dict(predictions)
+    elif isinstance(predictions, Sequence) and not isinstance(predictions, str):
+        indexed = {}
+        for index, result in enumerate(predictions):
+            if not isinstance(result, Mapping) or "question_id" not in result or "answer" not in result:
+                raise ValueError(
+                    f"Prediction {index} must be a dict with 'question_id' and 'answer' keys, got {result!r}"
+                )
+            if result["question_id"] in indexed:
+                raise ValueError(f"Question id {result['question_id']!r} is predicted more than once.")
+            indexed[result["question_id"]] = result["answer"]
+    else:
+        raise TypeError(
+            "predictions must be a dict {question_id: answer} or a list of {'question_id', 'answer'} dicts, "
+            f"got {type(predictions).__name__}"
+        )
+    for question_id, answer in indexed.items():
+        _check_prediction(answer, f"question id {question_id!r}")
+    return indexed
+
+
+_ANNOTATION_KEYS = ("question_id", "question_type", "answer_type", "answers")
+
+
+def _check_annotations(annotations: Sequence[Mapping[str, Any]]) -> None:
+    if isinstance(annotations, (Mapping, str)) or not isinstance(annotations, Sequence):
+        raise TypeError(
+            "annotations must be the list of annotation dicts (the 'annotations' entry of the official "
+            f"annotation file), got {type(annotations).__name__}"
+        )
+    if len(annotations) == 0:
+        raise ValueError("Cannot evaluate against an empty list of annotations.")
+    seen_ids = set()
+    for index, annotation in enumerate(annotations):
+        missing_keys = [key for key in _ANNOTATION_KEYS if key not in annotation]
+        if missing_keys:
+            raise ValueError(f"Annotation {index} lacks the key(s) {missing_keys}.")
+        question_id = annotation["question_id"]
+        if question_id in seen_ids:
+            raise ValueError(f"Question id {question_id!r} is annotated more than once.")
+        seen_ids.add(question_id)
+        answers = annotation["answers"]
+        if not isinstance(answers, Sequence) or len(answers) == 0:
+            raise ValueError(f"Annotation of question id {question_id!r} has no answers.")
+        for entry in answers:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("answer"), str):
+                raise ValueError(
+                    f"Annotation of question id {question_id!r}: each answer must be a dict with a string "
+                    f"'answer', got {entry!r}"
+                )
+
+
+def _check_same_questions(predicted_ids: Iterable[Any], annotated_ids: Iterable[Any]) -> None:
+    """The official script asserts that results and annotations cover exactly the same question ids."""
+    predicted_ids, annotated_ids = set(predicted_ids), set(annotated_ids)
+    unanswered = annotated_ids - predicted_ids
+    unknown = predicted_ids - annotated_ids
+    problems = []
+    if unanswered:
+        problems.append(
+            f"{len(unanswered)} annotated question(s) have no prediction (e.g. {_example_ids(unanswered)})"
+        )
+    if unknown:
+        problems.append(
+            f"{len(unknown)} prediction(s) are for question ids not in the annotations "
+            f"(e.g. {_example_ids(unknown)})"
+        )
+    if problems:
+        raise ValueError(
+            f"Predictions ({len(predicted_ids)} questions) do not match the annotations "
+            f"({len(annotated_ids)} questions): {'; '.join(problems)}."
+        )
+
+
+def _check_multiple_choice(predictions: Mapping[Any, str], questions: Mapping[str, Any]) -> None:
+    """With a multiple-choice question file, the official script requires each answer to be a choice."""
+    if not isinstance(questions, Mapping) or not isinstance(questions.get("questions"), Sequence):
+        raise ValueError(
+            "questions must be the official question file contents: a dict with a 'questions' list."
+        )
+    if questions.get("task_type") != "Multiple Choice":
+        return
+    choices_by_id = {
+        question["question_id"]: question.get("multiple_choices", ()) for question in questions["questions"]
+    }
+    for question_id, answer in predictions.items():
+        if question_id not in choices_by_id:
+            raise ValueError(f"Question id {question_id!r} is missing from the question file.")
+        if answer not in choices_by_id[question_id]:
+            raise ValueError(
+                f"Predicted answer {answer!r} for question id {question_id!r} is not one of its choices."
+            )
+
+
+def _identical_entry_counts(
+    answer_entries: Sequence[Mapping[str, Any]], normalized_answers: list[str]
+) -> list[int]:
+    # Compared after normalisation, as the official code rewrites the entries in place before comparing them.
+    normalized_entries = [
+        {**entry, "answer": answer} for entry, answer in zip(answer_entries, normalized_answers)
+    ]
+    return [normalized_entries.count(entry) for entry in normalized_entries]
+
+
+def evaluate_vqa_detailed(
+    predictions: Mapping[Any, str] | Sequence[Mapping[str, Any]],
+    annotations: Sequence[Mapping[str, Any]],
+    questions: Mapping[str, Any] | None = None,
+    precision: int = DEFAULT_PRECISION,
+) -> dict[str, dict]:
+    """Everything the official `VQAEval` computes: `accuracy`, `evalQA`, `evalQuesType` and `evalAnsType`.
+
+    Args:
+        predictions: `{question_id: answer}`, or the official result-file list of
+            `{"question_id": ..., "answer": ...}` dicts. It must cover exactly the annotated questions.
+        annotations: the `annotations` list of an official annotation file (dicts with `question_id`,
+            `question_type`, `answer_type` and `answers`, a list of `{"answer": ..., "answer_id": ...}`).
+        questions: the official question file contents; only used, as by the official script, to check
+            multiple-choice answers against their choices.
+        precision: decimals kept by the rounding of every percentage.
+
+    Returns:
+        `accuracy` as `{"overall", "perQuestionType", "perAnswerType"}`, and the per-question accuracies
+        `evalQA` (`{question_id: percent}`), `evalQuesType` and `evalAnsType`
+        (`{type: {question_id: percent}}`), all in percent.
+    """
+    predicted_answers = _index_predictions(predictions)
+    _check_annotations(annotations)
+    _check_same_questions(predicted_answers, (annotation["question_id"] for annotation in annotations))
+    if questions is not None:
+        _check_multiple_choice(predicted_answers, questions)
+
+    all_accuracies = []
+    eval_qa: dict[Any, float] = {}
+    eval_question_type: dict[str, dict[Any, float]] = {}
+    eval_answer_type: dict[str, dict[Any, float]] = {}
+    for annotation in annotations:
+        question_id = annotation["question_id"]
+        answer_entries = annotation["answers"]
+        gt_answers = normalize_gt_answers([entry["answer"] for entry in answer_entries])
+        accuracy = _leave_one_out_accuracy(
+            normalize_answer(predicted_answers[question_id]),
+            gt_answers,
+            _identical_entry_counts(answer_entries, gt_answers),
+        )
+        percent = round(100 * accuracy, precision)
+        all_accuracies.append(accuracy)
+        eval_qa[question_id] = percent
+        eval_question_type.setdefault(annotation["question_type"], {})[question_id] = percent
+        eval_answer_type.setdefault(annotation["answer_type"], {})[question_id] = percent
+
+    question_types = [annotation["question_type"] for annotation in annotations]
+    answer_types = [annotation["answer_type"] for annotation in annotations]
+    return {
+        "accuracy": {
+            "overall": _percent(all_accuracies, precision),
+            "perQuestionType": _percent_by_group(question_types, all_accuracies, precision),
+            "perAnswerType": _percent_by_group(answer_types, all_accuracies, precision),
+        },
+        "evalQA": eval_qa,
+        "evalQuesType": eval_question_type,
+        "evalAnsType": eval_answer_type,
+    }
+
+
+def evaluate_vqa(
+    predictions: Mapping[Any, str] | Sequence[Mapping[str, Any]],
+    annotations: Sequence[Mapping[str, Any]],
+    questions: Mapping[str, Any] | None = None,
+    precision: int = DEFAULT_PRECISION,
+) -> dict[str, Any]:
+    """The official `accuracy` dict, `{"overall", "perQuestionType", "perAnswerType"}`, in percent.
+
+    Arguments as for `evaluate_vqa_detailed`.
+    """
+    return evaluate_vqa_detailed(predictions, annotations, questions, precision)["accuracy"]

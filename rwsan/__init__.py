@@ -5,14 +5,16 @@ Importing the package registers the model with the `Auto*` classes, so that `Aut
 `save_pretrained` writes the code beside the weights for `trust_remote_code=True` users without this package.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering
+from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering, AutoProcessor
 
 from .configuration_rwsan import RWSANConfig
 from .modeling_rwsan import RWSANForVQA, RWSANForVQAOutput, RWSANModel, RWSANModelOutput, RWSANPreTrainedModel
+from .processing_rwsan import RWSANProcessor
 
 AutoConfig.register(RWSANConfig.model_type, RWSANConfig)
 AutoModel.register(RWSANConfig, RWSANModel)
 AutoModelForVisualQuestionAnswering.register(RWSANConfig, RWSANForVQA)
+AutoProcessor.register(RWSANConfig, RWSANProcessor)
 RWSANConfig.register_for_auto_class()
 RWSANModel.register_for_auto_class("AutoModel")
 RWSANForVQA.register_for_auto_class("AutoModelForVisualQuestionAnswering")
@@ -24,4 +26,5 @@ __all__ = [
     "RWSANModel",
     "RWSANModelOutput",
     "RWSANPreTrainedModel",
+    "RWSANProcessor",
 ]

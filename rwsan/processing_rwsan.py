@@ -1,0 +1,538 @@
+"""Processor for RWSAN: question tokenization, batching of region features, VQA answer scores, GloVe loading.
+
+This file is also copied beside saved processors and imported there by transformers' dynamic module loader
+(`trust_remote_code=True`), where the `rwsan` package may not be installed: it imports only the standard
+library, numpy, torch, tokenizers and transformers.
+"""
+
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import BatchFeature, PreTrainedTokenizerFast
+from transformers.processing_utils import ProcessorMixin
+
+PAD_TOKEN = "PAD"
+UNK_TOKEN = "UNK"
+PADDING_STRATEGIES = ("longest", "max_length")
+TENSOR_TYPES = ("pt", "np")
+
+# Characters the original deletes from questions.
+_QUESTION_PUNCTUATION = r"[.,'!?\"()*#:;]"
+
+# Python's `str.lower()` follows Unicode's Final_Sigma rule (a capital sigma that ends a word becomes "ς"),
+# whereas the `Lowercase` normalizer of tokenizers turns every "Σ" into "σ". Rewriting the final capital
+# sigmas before lower-casing gives Python's result. Like Python, the pattern looks past case-ignorable
+# characters (apostrophes, modifier letters, ...) on both sides for a cased one; "\K" keeps the preceding
+# context out of the replaced text (a variable-length look-behind would cost quadratic time here).
+_CASED_NOT_IGNORABLE = r"[\p{Cased}&&\P{Case_Ignorable}]"
+_FINAL_CAPITAL_SIGMA = rf"{_CASED_NOT_IGNORABLE}\p{{Case_Ignorable}}*\KΣ(?!\p{{Case_Ignorable}}*{_CASED_NOT_IGNORABLE})"
+
+# The original breaks words at "-" and "/". `str.split()` also splits at the information separators
+# U+001C..U+001F, which tokenizers does not count as whitespace, so they become spaces too.
+_QUESTION_WORD_BREAKS = r"[-/\x1c-\x1f]"
+
+# The answer normalisation of the official VQA evaluation, which the original applies to training answers
+# (`prep_ans` in its data/ans_punct.py).
+_ANSWER_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_ANSWER_ARTICLES = frozenset({"a", "an", "the"})
+# The official contraction table, less the entries that can never change an answer here: keys with capitals
+# (answers are lower-cased first) and entries that map a word to itself.
+_ANSWER_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
+    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
+    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}  # fmt: skip
+_ANSWER_PUNCTUATION = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+)  # fmt: skip
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# The official pattern, "(?!<=\d)(\.)(?!\d)", was meant to spare periods between digits, but its "(?!<=\d)" is
+# a look-ahead that always succeeds in front of a period: only a following digit spares a period.
+_STRIPPABLE_PERIOD = re.compile(r"\.(?!\d)")
+# The official code passes `re.UNICODE` (= 32) as the positional `count` argument of `sub`.
+_MAX_PERIODS_STRIPPED = 32
+
+# Soft target of an answer given by `count` annotators (of usually ten), indexed by min(count, 4).
+_SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
+
+
+def split_question(question: str) -> list[str]:
+    """Splits a question into words exactly like the original RWSAN code: lower-cases it, deletes the
+    characters `.,'!?"()*#:;`, breaks words at "-" and "/", and splits at whitespace."""
+    return re.sub(_QUESTION_PUNCTUATION, "", question.lower()).replace("-", " ").replace("/", " ").split()
+
+
+def build_question_tokenizer(vocab: Mapping[str, int], max_length: int = 16) -> PreTrainedTokenizerFast:
+    """Builds the fast word-level question tokenizer.
+
+    Its normalizer and pre-tokenizer split questions into the words of [`split_question`], except for
+    characters that the running Python's Unicode database does not know yet while tokenizers does: for
+    instance U+1C89, new in Unicode 16, is lower-cased by tokenizers and kept by the `str.lower()` of
+    Python 3.11. VQA questions contain none of them.
+
+    Args:
+        vocab (`Mapping[str, int]`):
+            Word -> id, with `"PAD"` -> 0, `"UNK"` -> 1 and ids `0..len(vocab) - 1`. Other words become UNK.
+        max_length (`int`, *optional*, defaults to 16):
+            The tokenizer's `model_max_length`: `tokenizer(questions, truncation=True)` keeps the first
+            `max_length` words, like the original.
+    """
+    _check_vocab(vocab)
+    _check_positive_int("max_length", max_length)
+    word_level = Tokenizer(WordLevel(vocab=dict(vocab), unk_token=UNK_TOKEN))
+    word_level.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace(Regex(_FINAL_CAPITAL_SIGMA), "ς"),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(_QUESTION_PUNCTUATION), ""),
+            normalizers.Replace(Regex(_QUESTION_WORD_BREAKS), " "),
+        ]
+    )
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=max_length,
+        # Questions are plain text: "PAD" in a question is the word "pad", and "UNKNOWN" is not "UNK" "NOWN".
+        split_special_tokens=True,
+    )
+
+
+def normalize_answer(answer: str) -> str:
+    """Normalizes an answer like the original's `prep_ans` (the official VQA answer processing): punctuation,
+    periods, number words, articles and contractions."""
+    words = []
+    for word in _process_answer_punctuation(answer).lower().split():
+        word = _ANSWER_NUMBER_WORDS.get(word, word)
+        if word not in _ANSWER_ARTICLES:
+            words.append(_ANSWER_CONTRACTIONS.get(word, word))
+    return " ".join(words).replace(",", "")
+
+
+def answer_scores(answers: Sequence[str], label2id: Mapping[str, int]) -> dict[int, float]:
+    """The original's soft VQA targets for one question.
+
+    Each annotator answer is normalized with [`normalize_answer`]; an answer given by 1, 2, 3 or at least 4
+    annotators scores 0.3, 0.6, 0.9 or 1.0. Answers missing from `label2id` are dropped.
+
+    Returns:
+        `dict[int, float]`: answer id -> score, for the answers in `label2id`.
+    """
+    _check_answer_list("answers", answers)
+    return _soft_scores(answers, label2id)
+
+
+def load_glove_embeddings(
+    glove_path: str | os.PathLike, vocab: Mapping[str, int], embedding_size: int = 300
+) -> torch.Tensor:
+    """Reads the GloVe vectors of the words of `vocab` from a text file in the format of glove.840B.300d.txt.
+
+    A line holds a word and `embedding_size` numbers, separated by single spaces. As a few words of the 840B
+    file contain spaces, the vector is the last `embedding_size` fields and the word is all that comes before.
+    The file is streamed, and only the vectors of vocabulary words are parsed.
+
+    The original took its vectors from torchnlp's `GloVe`, which gives zeros for the words it does not have
+    and, for a word on several lines, the vector of the last one. So does this function, PAD and UNK included:
+    their rows are zeros unless the file has vectors for the words "PAD" and "UNK".
+
+    Returns:
+        `torch.Tensor`: float32, `(len(vocab), embedding_size)`; row `i` is the vector of the word of id `i`.
+    """
+    _check_vocab(vocab)
+    _check_positive_int("embedding_size", embedding_size)
+    if not os.path.isfile(glove_path):
+        raise FileNotFoundError(f"GloVe file not found: {glove_path}")
+
+    row_of_word = {word.encode("utf-8"): row for word, row in vocab.items()}
+    embeddings = torch.zeros(len(vocab), embedding_size)
+    with open(glove_path, "rb") as glove_file:
+        for line_number, line in enumerate(glove_file, start=1):
+            line = line.rstrip()
+            num_fields_after_first = line.count(b" ")
+            if num_fields_after_first < embedding_size:
+                raise ValueError(
+                    f"{glove_path}, line {line_number}: expected a word and {embedding_size} values, "
+                    f"found {num_fields_after_first} fields after the first"
+                )
+            word_end = -1
+            for _ in range(num_fields_after_first - embedding_size + 1):
+                word_end = line.index(b" ", word_end + 1)
+            row = row_of_word.get(line[:word_end])
+            if row is not None:
+                where = f"{glove_path}, line {line_number}"
+                embeddings[row] = _parse_glove_vector(line[word_end + 1 :], where)
+    return embeddings
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_vocab(vocab: Mapping[str, int]) -> None:
+    if vocab.get(PAD_TOKEN) != 0 or vocab.get(UNK_TOKEN) != 1:
+        raise ValueError(
+            f"vocab must map {PAD_TOKEN!r} to 0 and {UNK_TOKEN!r} to 1, got {vocab.get(PAD_TOKEN)} and "
+            f"{vocab.get(UNK_TOKEN)}"
+        )
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"vocab ids must be 0..{len(vocab) - 1}, each used once")
+
+
+def _answer_vocabulary(id2label: Mapping[int, str]) -> dict[int, str]:
+    """Checks an answer vocabulary; returns it with int ids (JSON turns them into strings), in id order."""
+    if not isinstance(id2label, Mapping):
+        raise ValueError(f"id2label must map answer ids to answers, got {type(id2label).__name__}")
+    answers_by_id = {}
+    for label_id, label in id2label.items():
+        if not str(label_id).isdigit() or not isinstance(label, str):
+            raise ValueError(f"id2label must map integer ids to strings, got {label_id!r}: {label!r}")
+        answers_by_id[int(label_id)] = label
+    if sorted(answers_by_id) != list(range(len(answers_by_id))):
+        raise ValueError(f"id2label ids must be 0..{len(answers_by_id) - 1}, each used once")
+    if len(set(answers_by_id.values())) != len(answers_by_id):
+        raise ValueError("id2label has repeated answers")
+    return dict(sorted(answers_by_id.items()))
+
+
+def _process_answer_punctuation(answer: str) -> str:
+    # Like the official code, the conditions look at the answer as given, not at the partly processed one.
+    has_digit_comma_digit = _DIGIT_COMMA_DIGIT.search(answer) is not None
+    processed = answer
+    for mark in _ANSWER_PUNCTUATION:
+        if has_digit_comma_digit or f"{mark} " in answer or f" {mark}" in answer:
+            processed = processed.replace(mark, "")
+        else:
+            processed = processed.replace(mark, " ")
+    return _STRIPPABLE_PERIOD.sub("", processed, count=_MAX_PERIODS_STRIPPED)
+
+
+def _check_answer_list(name: str, answers) -> None:
+    if isinstance(answers, str) or not isinstance(answers, Sequence):
+        raise ValueError(f"{name} must be a list of annotator answers, got {type(answers).__name__}")
+    for index, answer in enumerate(answers):
+        if not isinstance(answer, str):
+            raise ValueError(f"{name}[{index}] must be a string, got {type(answer).__name__}")
+
+
+def _soft_scores(answers: Sequence[str], label2id: Mapping[str, int]) -> dict[int, float]:
+    counts = Counter(normalize_answer(answer) for answer in answers)
+    return {label2id[label]: _SOFT_SCORES[min(n, 4)] for label, n in counts.items() if label in label2id}
+
+
+def _check_batch_sequence(name: str, batch) -> None:
+    if isinstance(batch, str) or not isinstance(batch, Sequence):
+        raise ValueError(f"{name} must be a list with one entry per question, got {type(batch).__name__}")
+
+
+def _check_batch_sizes(**batches) -> None:
+    sizes = {name: len(batch) for name, batch in batches.items() if batch is not None}
+    if len(set(sizes.values())) > 1:
+        described = ", ".join(f"{name} has {size}" for name, size in sizes.items())
+        raise ValueError(f"The inputs have different batch sizes: {described}")
+    if 0 in sizes.values():
+        raise ValueError("The batch is empty.")
+
+
+def _as_float32_array(name: str, values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        if not values.is_floating_point():
+            raise ValueError(f"{name} must hold floating-point values, got {values.dtype}")
+        return values.detach().to(device="cpu", dtype=torch.float32).numpy()
+    array = np.asarray(values)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name} must hold floating-point values, got {array.dtype}")
+    return array.astype(np.float32, copy=False)
+
+
+def _region_batch(name: str, batch, row_size: int) -> tuple[list[np.ndarray], list[int]]:
+    """Splits a batch of region rows into one float32 `(rows, row_size)` array per image, and counts the real
+    rows of each: all of them for a sequence of arrays, all but the trailing all-zero ones for a 3-D array."""
+    if isinstance(batch, (np.ndarray, torch.Tensor)):
+        if batch.ndim != 3:
+            raise ValueError(
+                f"{name} must be a sequence of (num_regions, {row_size}) arrays or one (batch_size, "
+                f"num_regions, {row_size}) array, got an array of shape {tuple(batch.shape)}"
+            )
+        items = list(_as_float32_array(name, batch))
+        has_zero_padding = True
+    else:
+        _check_batch_sequence(name, batch)
+        items = [_as_float32_array(f"{name}[{index}]", item) for index, item in enumerate(batch)]
+        has_zero_padding = False
+
+    num_real_rows = []
+    for index, item in enumerate(items):
+        if item.ndim != 2 or item.shape[1] != row_size:
+            raise ValueError(f"{name}[{index}] has shape {tuple(item.shape)}, expected (num_regions, {row_size})")
+        if not np.isfinite(item).all():
+            raise ValueError(f"{name}[{index}] contains NaN or infinite values")
+        num_real_rows.append(_num_rows_before_zero_padding(item) if has_zero_padding else len(item))
+        if num_real_rows[-1] == 0:
+            raise ValueError(f"{name}[{index}] has no regions")
+    return items, num_real_rows
+
+
+def _num_rows_before_zero_padding(rows: np.ndarray) -> int:
+    nonzero_rows = np.flatnonzero(rows.any(axis=1))
+    return int(nonzero_rows[-1]) + 1 if len(nonzero_rows) else 0
+
+
+def _pad_rows(items: list[np.ndarray], num_kept_rows: list[int], num_rows: int) -> np.ndarray:
+    padded = np.zeros((len(items), num_rows, items[0].shape[1]), dtype=np.float32)
+    for index, (item, num_kept) in enumerate(zip(items, num_kept_rows)):
+        padded[index, :num_kept] = item[:num_kept]
+    return padded
+
+
+def _parse_glove_vector(values: bytes, where: str) -> torch.Tensor:
+    try:
+        vector = torch.tensor([float(value) for value in values.split(b" ")])
+    except ValueError:
+        raise ValueError(f"{where}: the vector holds a value that is not a number") from None
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{where}: the vector holds NaN or infinite values")
+    return vector
+
+
+class RWSANProcessor(ProcessorMixin):
+    r"""
+    Builds RWSAN inputs from questions and pre-extracted region features of images (e.g. bottom-up attention
+    features), builds soft answer targets, and turns answer logits into answers.
+
+    Args:
+        tokenizer ([`PreTrainedTokenizerFast`]):
+            The question tokenizer, as built by [`build_question_tokenizer`] (pad id 0, unk id 1).
+        id2label (`Mapping[int, str]`, *optional*):
+            The answer vocabulary, answer id -> answer, with ids `0..num_answers - 1`; string ids (as in JSON
+            files) are accepted. Needed for `answers=` and [`~RWSANProcessor.post_process`].
+        max_question_length (`int`, *optional*, defaults to 16):
+            Questions are cut to this many words; `padding="max_length"` pads them to it.
+        max_regions (`int`, *optional*, defaults to 100):
+            Regions beyond this many are cut; `padding="max_length"` pads the regions to it.
+        image_feature_size (`int`, *optional*, defaults to 2048):
+            Size of the feature vector of a region.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        id2label: Mapping[int, str] | None = None,
+        max_question_length: int = 16,
+        max_regions: int = 100,
+        image_feature_size: int = 2048,
+    ):
+        super().__init__(tokenizer)
+        if tokenizer.pad_token_id != 0 or tokenizer.unk_token_id != 1:
+            raise ValueError(
+                "The tokenizer must have pad token id 0 and unk token id 1 (see `build_question_tokenizer`), "
+                f"got {tokenizer.pad_token_id} and {tokenizer.unk_token_id}"
+            )
+        _check_positive_int("max_question_length", max_question_length)
+        _check_positive_int("max_regions", max_regions)
+        _check_positive_int("image_feature_size", image_feature_size)
+        self.id2label = None if id2label is None else _answer_vocabulary(id2label)
+        self.max_question_length = max_question_length
+        self.max_regions = max_regions
+        self.image_feature_size = image_feature_size
+
+    @property
+    def model_input_names(self) -> list[str]:
+        # Region boxes are returned for display only: the model does not take them.
+        return ["input_ids", "attention_mask", "image_features", "image_attention_mask"]
+
+    @property
+    def label2id(self) -> dict[str, int] | None:
+        if self.id2label is None:
+            return None
+        return {label: label_id for label_id, label in self.id2label.items()}
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        image_features=None,
+        image_boxes=None,
+        answers: Sequence[Sequence[str]] | None = None,
+        return_tensors: str = "pt",
+        padding: str = "longest",
+    ) -> BatchFeature:
+        """
+        Prepares a batch.
+
+        Args:
+            text (`str` or `Sequence[str]`, *optional*):
+                The questions.
+            image_features (*optional*):
+                The region features of each image: a sequence of `(num_regions_i, image_feature_size)` arrays
+                or tensors (numpy or torch, any floating dtype), or one `(batch_size, num_regions,
+                image_feature_size)` array or tensor whose trailing all-zero rows are padding. Regions beyond
+                `max_regions` are cut.
+            image_boxes (*optional*):
+                The region boxes, given like `image_features` with 4 values per region, and with as many rows
+                as the features of the same image.
+            answers (`Sequence[Sequence[str]]`, *optional*):
+                The annotator answers of each question, turned into soft targets as by [`answer_scores`].
+            return_tensors (`str`, *optional*, defaults to `"pt"`):
+                `"pt"` for torch tensors, `"np"` for numpy arrays.
+            padding (`str`, *optional*, defaults to `"longest"`):
+                `"longest"` pads questions and regions to the longest of the batch (questions to at least
+                one position, so that a batch of questions without words still has a PAD); `"max_length"`
+                pads them to `max_question_length` and `max_regions`, like the original.
+
+        Returns:
+            [`BatchFeature`] with, for the inputs given:
+            - `input_ids`, `attention_mask`: int64, `(batch_size, question_length)`;
+            - `image_features`: float32, `(batch_size, num_regions, image_feature_size)`, zero padding rows;
+            - `image_attention_mask`: int64, `(batch_size, num_regions)`, 1 for real regions;
+            - `image_boxes`: float32, `(batch_size, num_regions, 4)`, zero padding rows (not a model input);
+            - `labels`: float32, `(batch_size, num_answers)`.
+        """
+        if padding not in PADDING_STRATEGIES:
+            raise ValueError(f"padding must be one of {PADDING_STRATEGIES}, got {padding!r}")
+        if return_tensors not in TENSOR_TYPES:
+            raise ValueError(f"return_tensors must be one of {TENSOR_TYPES}, got {return_tensors!r}")
+        if text is None and image_features is None:
+            raise ValueError("Give `text`, `image_features` or both.")
+        if image_boxes is not None and image_features is None:
+            raise ValueError("`image_boxes` were given without `image_features`.")
+
+        if isinstance(text, str):
+            text = [text]
+        if text is not None:
+            _check_batch_sequence("text", text)
+        if answers is not None:
+            _check_batch_sequence("answers", answers)
+        num_real_regions = None
+        if image_features is not None:
+            image_features, num_real_regions = _region_batch("image_features", image_features, self.image_feature_size)
+        if image_boxes is not None:
+            image_boxes, _ = _region_batch("image_boxes", image_boxes, 4)
+        _check_batch_sizes(text=text, image_features=image_features, image_boxes=image_boxes, answers=answers)
+
+        data = {}
+        if text is not None:
+            data.update(self._encode_questions(text, padding))
+        if image_features is not None:
+            data.update(self._pad_regions(image_features, num_real_regions, image_boxes, padding))
+        if answers is not None:
+            data["labels"] = self._soft_labels(answers)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def post_process(self, logits, top_k: int = 5) -> list[list[dict[str, str | float]]]:
+        """
+        Turns answer logits into the `top_k` most likely answers of each question, best first.
+
+        Args:
+            logits (`torch.Tensor` or `np.ndarray` of shape `(batch_size, num_answers)`):
+                The model's answer logits. Scores are their sigmoids: the model is trained with binary
+                cross-entropy.
+            top_k (`int`, *optional*, defaults to 5):
+                How many answers to give per question; more than `num_answers` gives all of them.
+
+        Returns:
+            `list[list[dict]]`: per question, `{"answer": str, "score": float}` dicts by decreasing score.
+        """
+        id2label = self._require_answer_vocabulary("post_process")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        scores = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float32).sigmoid()
+        if scores.ndim != 2 or scores.shape[1] != len(id2label):
+            raise ValueError(f"logits must have shape (batch_size, {len(id2label)}), got {tuple(scores.shape)}")
+        if scores.isnan().any():
+            raise ValueError("logits contain NaN values")
+        top_scores, top_ids = scores.topk(min(top_k, len(id2label)), dim=-1)
+        return [
+            [{"answer": id2label[label_id], "score": score} for score, label_id in zip(row_scores, row_ids)]
+            for row_scores, row_ids in zip(top_scores.tolist(), top_ids.tolist())
+        ]
+
+    def _encode_questions(self, questions: Sequence[str], padding: str) -> dict[str, np.ndarray]:
+        for index, question in enumerate(questions):
+            if not isinstance(question, str):
+                raise ValueError(f"text[{index}] must be a string, got {type(question).__name__}")
+        encoded = self.tokenizer(list(questions), truncation=True, max_length=self.max_question_length)
+        if padding == "max_length":
+            length = self.max_question_length
+        else:
+            length = max(1, *(len(input_ids) for input_ids in encoded["input_ids"]))
+        padded = self.tokenizer.pad(encoded, padding="max_length", max_length=length, return_tensors="np")
+        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+    def _pad_regions(
+        self,
+        image_features: list[np.ndarray],
+        num_real_regions: list[int],
+        image_boxes: list[np.ndarray] | None,
+        padding: str,
+    ) -> dict[str, np.ndarray]:
+        if image_boxes is not None:
+            for index, (features, boxes) in enumerate(zip(image_features, image_boxes)):
+                if len(boxes) != len(features):
+                    raise ValueError(
+                        f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has "
+                        f"{len(features)} rows"
+                    )
+        num_kept_regions = [min(num_regions, self.max_regions) for num_regions in num_real_regions]
+        num_rows = self.max_regions if padding == "max_length" else max(num_kept_regions)
+        region_is_real = np.arange(num_rows) < np.array(num_kept_regions)[:, None]
+        batch = {
+            "image_features": _pad_rows(image_features, num_kept_regions, num_rows),
+            "image_attention_mask": region_is_real.astype(np.int64),
+        }
+        if image_boxes is not None:
+            batch["image_boxes"] = _pad_rows(image_boxes, num_kept_regions, num_rows)
+        return batch
+
+    def _soft_labels(self, answers: Sequence[Sequence[str]]) -> np.ndarray:
+        id2label = self._require_answer_vocabulary("answers")
+        label2id = self.label2id
+        labels = np.zeros((len(answers), len(id2label)), dtype=np.float32)
+        for index, question_answers in enumerate(answers):
+            _check_answer_list(f"answers[{index}]", question_answers)
+            for label_id, score in _soft_scores(question_answers, label2id).items():
+                labels[index, label_id] = score
+        return labels
+
+    def _require_answer_vocabulary(self, needed_by: str) -> dict[int, str]:
+        if self.id2label is None:
+            raise ValueError(f"`{needed_by}` needs an answer vocabulary: give the processor an `id2label`.")
+        return self.id2label
+
+
+# Saving a processor then copies this file beside it and records it in `auto_map`, so that
+# `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works where `rwsan` is not installed.
+RWSANProcessor.register_for_auto_class("AutoProcessor")

@@ -1,0 +1,341 @@
+"""The "vqa-features" pipeline: answers questions about images given as pre-extracted region features.
+
+This file is also copied beside saved models (`RWSANVQAPipeline.save_pretrained`) and imported there by
+transformers' dynamic module loader (`pipeline(model=folder, trust_remote_code=True)`), where the `rwsan` package
+may not be installed: it imports only the standard library, numpy, torch and transformers.
+"""
+
+import os
+import zipfile
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from transformers import AutoModelForVisualQuestionAnswering, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TASK = "vqa-features"
+# The task name a saved folder's config.json gives the pipeline. It differs from TASK because transformers asks for
+# trust_remote_code whenever the requested task is one the folder's config names, even where `rwsan` is installed
+# and has registered TASK itself; this way `pipeline("vqa-features", model=folder)` runs the installed code, and
+# `pipeline(model=folder, trust_remote_code=True)` (task read off the config) runs the folder's copy.
+SAVED_TASK = "rwsan-vqa-features"
+ALL_WORDS_UNKNOWN_WARNING = "all question words are unknown to the vocabulary"
+INPUT_KEYS = ("question", "image_features", "boxes")
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "image_features", "image_attention_mask")
+# Everything np.load raises for a corrupt, truncated or foreign file.
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+class _NumberedInput:
+    """An item of a list given to the pipeline, with its position, so that errors can name it."""
+
+    def __init__(self, index: int, value):
+        self.index = index
+        self.value = value
+
+
+def _rows_array(where: str, field: str, values, row_size: int) -> np.ndarray:
+    """Checks that `values` are `(num_regions, row_size)` finite real numbers; returns them as float32 numpy."""
+    if isinstance(values, torch.Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise ValueError(f"{where}: {field} must hold real numbers, got {values.dtype}")
+        rows = values.detach().to(device="cpu", dtype=torch.float32).numpy()
+    else:
+        try:
+            rows = np.asarray(values)
+        except ValueError:
+            raise ValueError(f"{where}: {field} is not a rectangular array") from None
+        if rows.dtype.kind not in "fiu":
+            raise ValueError(f"{where}: {field} must hold real numbers, got dtype {rows.dtype}")
+        rows = rows.astype(np.float32, copy=False)
+    if rows.ndim != 2 or rows.shape[1] != row_size:
+        raise ValueError(
+            f"{where}: {field} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})"
+        )
+    if len(rows) == 0:
+        raise ValueError(f"{where}: {field} has no regions")
+    if not np.isfinite(rows).all():
+        raise ValueError(f"{where}: {field} contains NaN or infinite values")
+    return rows
+
+
+def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
+    """
+    Reads one image's region features from a `.npz` file in the layout of the original RWSAN release.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            The file. `x` holds the features, `(feature_size, num_regions)` as the original ships them or
+            `(num_regions, feature_size)` (when both axes equal `feature_size`, the original's layout is assumed);
+            `bbox` the `(num_regions, 4)` boxes and `image_h` / `image_w` the image size, all optional.
+        feature_size (`int`, *optional*, defaults to 2048):
+            Size of one region feature.
+
+    Returns:
+        `dict` with `image_features` `(num_regions, feature_size)` float32, `boxes` `(num_regions, 4)` float32
+        or None, and `image_size` `(width, height)` or None.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"region feature file not found: {path}")
+    try:
+        archive = np.load(path)
+        if isinstance(archive, np.ndarray):
+            raise ValueError("it holds a single array, not an .npz archive")
+        with archive:
+            arrays = {name: archive[name] for name in ("x", "bbox", "image_w", "image_h") if name in archive}
+            has_size = "image_w" in arrays and "image_h" in arrays
+            image_size = (int(arrays["image_w"]), int(arrays["image_h"])) if has_size else None
+    except NPZ_READ_ERRORS as error:
+        raise ValueError(f"cannot read the region feature file {path}: {error}") from None
+    if "x" not in arrays:
+        raise ValueError(f"{path} has no 'x' array of region features")
+
+    features, boxes = arrays["x"], arrays.get("bbox")
+    if features.ndim != 2 or feature_size not in features.shape:
+        raise ValueError(
+            f"{path}: x has shape {features.shape}, expected ({feature_size}, num_regions) or "
+            f"(num_regions, {feature_size})"
+        )
+    if features.shape[0] == feature_size:
+        features = features.T
+    features = _rows_array(path, "x", features, feature_size)
+    if boxes is not None:
+        boxes = _rows_array(path, "bbox", boxes, 4)
+        if len(boxes) != len(features):
+            raise ValueError(f"{path}: bbox has {len(boxes)} boxes but x has {len(features)} regions")
+    return {"image_features": features, "boxes": boxes, "image_size": image_size}
+
+
+class RWSANVQAPipeline(Pipeline):
+    """
+    Visual question answering on pre-extracted region features (bottom-up attention features) with an RWSAN
+    model (`RWSANForVQA`) and its `RWSANProcessor`.
+
+    An input is a dict:
+    - `"question"` (`str`);
+    - `"image_features"`: the image's `(num_regions, feature_size)` region features (numpy array or torch
+      tensor), or the path of a `.npz` file in the original release's layout (see [`load_region_file`]), whose
+      boxes and image size then come with the attention weights;
+    - `"boxes"` (*optional*): the `(num_regions, 4)` region boxes, for the attention weights.
+
+    Call parameters:
+    - `top_k` (`int`, defaults to 5): how many answers to return.
+    - `output_attentions` (or its alias `return_attention`, `bool`, defaults to `False`): also return the
+      attention-flattening weights over the regions and over the question words.
+
+    Returns, for one input, the `top_k` answers, best first: `[{"answer": str, "score": float}, ...]`, the score
+    being the answer's sigmoid probability; a list of inputs gives a list of those. When every question word is
+    unknown to the vocabulary, each answer also has `"warning": "all question words are unknown to the
+    vocabulary"` (it is still answered, as by the original). With `output_attentions=True`, a result is a dict:
+    `answers` (the list above), `question`, `words` (the question words the model saw), `word_weights`,
+    `region_weights` (one per region the model saw), `boxes` (or None) and `image_size` (`(width, height)` or
+    None).
+
+    Example (`trust_remote_code=True` because the folder's config.json names this pipeline, as saved by
+    [`save_for_pipeline`]; transformers then asks for it even where the `rwsan` package is installed):
+
+    ```python
+    >>> from transformers import pipeline
+    >>> vqa = pipeline("vqa-features", model="path/to/rwsan", trust_remote_code=True)
+    >>> vqa({"question": "What color is the cube?", "image_features": "COCO_val2014_000000000042.jpg.npz"}, top_k=3)
+    [{'answer': 'red', 'score': 0.93}, {'answer': 'blue', 'score': 0.05}, {'answer': 'green', 'score': 0.01}]
+    ```
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "RWSANVQAPipeline needs the RWSANProcessor: save it beside the model "
+                "(processor.save_pretrained(model_folder)) or pass processor=..."
+            )
+
+    def __call__(self, inputs, **kwargs):
+        if isinstance(inputs, list):
+            if not inputs:
+                raise ValueError("The list of inputs is empty.")
+            inputs = [_NumberedInput(index, item) for index, item in enumerate(inputs)]
+        return super().__call__(inputs, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Saves the model with `custom_pipelines` in its config.json and this file beside it, and the processor,
+        so that `pipeline(model=save_directory, trust_remote_code=True)` works without the `rwsan` package.
+
+        The model's own config is left as it was: the base class sets `custom_pipelines` on it, and every later
+        `model.save_pretrained` (a training checkpoint, say) would then name a pipeline file it does not write.
+        """
+        # The base class writes `custom_pipelines` from the class's registration, one entry per task name.
+        register_pipeline()
+        self._registered_impl = {SAVED_TASK: PIPELINE_REGISTRY.supported_tasks[TASK]}
+        config = self.model.config
+        had_custom_pipelines = hasattr(config, "custom_pipelines")
+        previous_custom_pipelines = getattr(config, "custom_pipelines", None)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            del self._registered_impl
+            if had_custom_pipelines:
+                config.custom_pipelines = previous_custom_pipelines
+            elif hasattr(config, "custom_pipelines"):
+                del config.custom_pipelines
+        self.processor.save_pretrained(save_directory)
+
+    def _sanitize_parameters(self, top_k=None, output_attentions=None, return_attention=None):
+        forward_parameters, postprocess_parameters = {}, {}
+        if top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+                raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+            postprocess_parameters["top_k"] = top_k
+        if (
+            output_attentions is not None
+            and return_attention is not None
+            and output_attentions != return_attention
+        ):
+            raise ValueError(
+                f"output_attentions={output_attentions} and return_attention={return_attention} disagree; "
+                "they are the same option"
+            )
+        output_attentions = output_attentions if output_attentions is not None else return_attention
+        if output_attentions is not None:
+            forward_parameters["output_attentions"] = bool(output_attentions)
+            postprocess_parameters["output_attentions"] = bool(output_attentions)
+        return {}, forward_parameters, postprocess_parameters
+
+    def preprocess(self, inputs) -> dict:
+        where = "input"
+        if isinstance(inputs, _NumberedInput):
+            where, inputs = f"inputs[{inputs.index}]", inputs.value
+        if not isinstance(inputs, Mapping):
+            raise ValueError(
+                f"{where}: expected a dict with 'question' and 'image_features', got {type(inputs).__name__}"
+            )
+        unknown_keys = sorted(set(inputs) - set(INPUT_KEYS), key=str)
+        if unknown_keys:
+            raise ValueError(
+                f"{where}: unknown keys {', '.join(map(repr, unknown_keys))}; an input has 'question', "
+                "'image_features' and optionally 'boxes'"
+            )
+        for key in ("question", "image_features"):
+            if key not in inputs:
+                raise ValueError(f"{where}: missing {key!r}")
+
+        question = inputs["question"]
+        if not isinstance(question, str):
+            raise ValueError(f"{where}: question must be a string, got {type(question).__name__}")
+        if not question.strip():
+            raise ValueError(f"{where}: question is empty")
+        words = self._question_words(question)
+        if not words:
+            raise ValueError(f"{where}: question {question!r} has no words once its punctuation is removed")
+
+        region_data = self._region_data(where, inputs["image_features"])
+        if inputs.get("boxes") is not None:
+            region_data["boxes"] = _rows_array(where, "boxes", inputs["boxes"], 4)
+        boxes = region_data["boxes"]
+        if boxes is not None and len(boxes) != len(region_data["image_features"]):
+            raise ValueError(
+                f"{where}: boxes has {len(boxes)} rows but image_features has "
+                f"{len(region_data['image_features'])} regions"
+            )
+
+        model_inputs = self.processor(text=question, image_features=[region_data["image_features"]])
+        all_words_unknown = bool((model_inputs["input_ids"] == self.tokenizer.unk_token_id).all())
+        return {
+            **model_inputs,
+            "question": question,
+            "words": words[: model_inputs["input_ids"].shape[1]],
+            # Plain lists: batching collates them into per-question lists and hands them back unchanged.
+            "boxes": None if boxes is None else boxes[: self.processor.max_regions].tolist(),
+            "image_size": region_data["image_size"],
+            "warning": ALL_WORDS_UNKNOWN_WARNING if all_words_unknown else None,
+        }
+
+    def _forward(self, model_inputs: dict, output_attentions: bool = False) -> dict:
+        if self.model.training:
+            logger.warning_once(
+                "The model is in training mode: dropout makes the answers random. Call model.eval()."
+            )
+        outputs = self.model(
+            **{name: model_inputs[name] for name in MODEL_INPUT_NAMES}, output_attentions=output_attentions
+        )
+        # "logits" comes first: batched pipelines read the batch size from the first entry.
+        return {
+            "logits": outputs.logits,
+            "question_flattening_weights": outputs.question_flattening_weights,
+            "image_flattening_weights": outputs.image_flattening_weights,
+            **{name: value for name, value in model_inputs.items() if name != "image_features"},
+        }
+
+    def postprocess(self, model_outputs: dict, top_k: int = 5, output_attentions: bool = False):
+        answers = self.processor.post_process(model_outputs["logits"], top_k=top_k)[0]
+        if model_outputs["warning"] is not None:
+            for answer in answers:
+                answer["warning"] = model_outputs["warning"]
+        if not output_attentions:
+            return answers
+
+        # Batches are padded: keep the weights of the real words and regions only.
+        num_words = int(model_outputs["attention_mask"].sum())
+        num_regions = int(model_outputs["image_attention_mask"].sum())
+        return {
+            "answers": answers,
+            "question": model_outputs["question"],
+            "words": model_outputs["words"],
+            "word_weights": model_outputs["question_flattening_weights"][0, :num_words].float().tolist(),
+            "region_weights": model_outputs["image_flattening_weights"][0, :num_regions].float().tolist(),
+            "boxes": model_outputs["boxes"],
+            "image_size": model_outputs["image_size"],
+        }
+
+    def _question_words(self, question: str) -> list[str]:
+        """The words the processor's tokenizer makes of the question (unknown ones included, by their text)."""
+        tokenizer = self.tokenizer.backend_tokenizer
+        normalized = tokenizer.normalizer.normalize_str(question)
+        return [word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized)]
+
+    def _region_data(self, where: str, image_features) -> dict:
+        feature_size = self.processor.image_feature_size
+        if isinstance(image_features, (str, os.PathLike)):
+            try:
+                return load_region_file(image_features, feature_size)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        return {
+            "image_features": _rows_array(where, "image_features", image_features, feature_size),
+            "boxes": None,
+            "image_size": None,
+        }
+
+
+def register_pipeline():
+    """Registers [`RWSANVQAPipeline`] as the "vqa-features" task of `transformers.pipeline`; saving a pipeline then
+    records it in the model's config.json (`custom_pipelines`)."""
+    if PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl") is RWSANVQAPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK,
+        pipeline_class=RWSANVQAPipeline,
+        # A transformers class, by name: remote loading looks the model class up in `transformers`.
+        pt_model=AutoModelForVisualQuestionAnswering,
+        type="multimodal",
+    )
+
+
+def save_for_pipeline(model, processor, save_directory: str | os.PathLike):
+    """Saves `model` and `processor` in `save_directory` with this pipeline: config.json then names it in
+    `custom_pipelines` and this file is copied beside the weights, so that `pipeline(model=save_directory,
+    trust_remote_code=True)` works where the `rwsan` package is not installed. The model is left where it is and
+    in the mode it is in."""
+    RWSANVQAPipeline(model=model, processor=processor, device=model.device).save_pretrained(save_directory)

@@ -1,0 +1,257 @@
+"""Answers questions with a trained RWSAN: one question about one image, or a whole prepared split.
+
+    # one question about an image's region features (.npz in the original release's layout)
+    python -m rwsan.predict --model runs/rwsan --features COCO_val2014_000000000042.jpg.npz \\
+        --question "What color is the bus?" --top_k 5 --plot attention.png [--image photo.jpg]
+
+    # a split prepared by data_scripts/prepare_vqa.py, into the evaluation server's format
+    python -m rwsan.predict --model runs/rwsan --dataset_dir data/vqa --split test-dev --output predictions.json
+"""
+
+import argparse
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.image import imread
+from tqdm.auto import tqdm
+
+from .data import VQACollator, load_vqa_dataset
+from .modeling_rwsan import RWSANForVQA
+from .pipeline_rwsan import RWSANVQAPipeline
+from .processing_rwsan import RWSANProcessor
+from .visualization import plot_attention
+
+
+class PredictionError(Exception):
+    """A problem with the command-line inputs, reported as `error: ...` without a traceback."""
+
+
+def write_predictions(
+    question_ids: Sequence[int],
+    answer_indices: Sequence[int],
+    id2label: Mapping[int, str],
+    path: str | os.PathLike,
+) -> list[dict]:
+    """
+    Writes answers in the format of the VQA evaluation server: `[{"question_id": int, "answer": str}, ...]`.
+
+    Args:
+        question_ids (`Sequence[int]`): the questions, each exactly once (a list, numpy array or tensor).
+        answer_indices (`Sequence[int]`): the index of each question's answer in `id2label` (e.g. the argmax of the
+            logits).
+        id2label (`Mapping[int, str]`): the answer vocabulary, e.g. `model.config.id2label`.
+        path (`str` or `os.PathLike`): the JSON file to write; missing parent folders are created.
+
+    Returns:
+        `list[dict]`: what was written.
+    """
+    question_ids = np.asarray(question_ids).reshape(-1)
+    answer_indices = np.asarray(answer_indices).reshape(-1)
+    if len(question_ids) != len(answer_indices):
+        raise ValueError(f"{len(question_ids)} question ids but {len(answer_indices)} answers")
+    repeated = [question_id for question_id, count in Counter(question_ids.tolist()).items() if count > 1]
+    if repeated:
+        raise ValueError(
+            f"{len(repeated)} question ids appear more than once (e.g. {', '.join(map(str, repeated[:5]))}); the "
+            "evaluation server wants each question exactly once"
+        )
+    unknown = sorted({int(index) for index in answer_indices.tolist()} - set(id2label))
+    if unknown:
+        raise ValueError(
+            f"answer indices {unknown[:5]} are not in id2label (answer ids 0..{len(id2label) - 1})"
+        )
+    predictions = [
+        {"question_id": int(question_id), "answer": id2label[int(index)]}
+        for question_id, index in zip(question_ids.tolist(), answer_indices.tolist())
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(predictions))
+    return predictions
+
+
+def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple[RWSANForVQA, RWSANProcessor]:
+    """Loads a saved `RWSANForVQA` and the `RWSANProcessor` saved beside it, the model in eval mode on `device`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise PredictionError(f"model folder not found: {model_dir}")
+    for file_name, saved_by in (
+        ("config.json", "model.save_pretrained"),
+        ("processor_config.json", "processor.save_pretrained"),
+    ):
+        if not (model_dir / file_name).is_file():
+            raise PredictionError(
+                f"{model_dir} has no {file_name}; save one there with {saved_by}({model_dir})"
+            )
+    model = RWSANForVQA.from_pretrained(model_dir).to(device).eval()
+    return model, RWSANProcessor.from_pretrained(model_dir)
+
+
+def answer_question(
+    model: RWSANForVQA,
+    processor: RWSANProcessor,
+    features_path: str | os.PathLike,
+    question: str,
+    top_k: int = 5,
+    output_attentions: bool = False,
+):
+    """Answers one question about the image whose region features are in `features_path` (see the pipeline)."""
+    if not Path(features_path).is_file():
+        raise PredictionError(f"features file not found: {features_path}")
+    vqa = RWSANVQAPipeline(model=model, processor=processor, device=model.device)
+    return vqa(
+        {"question": question, "image_features": str(features_path)},
+        top_k=top_k,
+        output_attentions=output_attentions,
+    )
+
+
+def predict_split(
+    model: RWSANForVQA,
+    processor: RWSANProcessor,
+    dataset_dir: str | os.PathLike,
+    split: str = "test-dev",
+    batch_size: int = 128,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Answers every question of a split prepared by `data_scripts/prepare_vqa.py`.
+
+    Returns:
+        `(question_ids, answer_indices)`, numpy arrays in the order of the split, for [`write_predictions`].
+    """
+    if not Path(dataset_dir).is_dir():
+        raise PredictionError(f"dataset folder not found: {dataset_dir}")
+    dataset = load_vqa_dataset(
+        dataset_dir,
+        split,
+        max_question_length=processor.max_question_length,
+        max_regions=processor.max_regions,
+    )
+    _check_same_vocabularies(processor, dataset.processor, dataset_dir)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=VQACollator(model.config.num_labels, max_regions=processor.max_regions),
+        num_workers=num_workers,
+    )
+    question_ids, answer_indices = [], []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=f"Answering {split}", unit="batch"):
+            question_ids.append(batch.pop("question_id"))
+            batch.pop("labels", None)
+            logits = model(**{name: tensor.to(model.device) for name, tensor in batch.items()}).logits
+            answer_indices.append(logits.argmax(-1).cpu())
+    return torch.cat(question_ids).numpy(), torch.cat(answer_indices).numpy()
+
+
+def _check_same_vocabularies(model_processor: RWSANProcessor, dataset_processor: RWSANProcessor, dataset_dir):
+    # A dataset prepared with other vocabularies would feed the model the wrong words and name the wrong answers.
+    if model_processor.tokenizer.get_vocab() != dataset_processor.tokenizer.get_vocab():
+        raise PredictionError(f"{dataset_dir} was prepared with another question vocabulary than the model's")
+    if model_processor.id2label != dataset_processor.id2label:
+        raise PredictionError(f"{dataset_dir} was prepared with another answer vocabulary than the model's")
+
+
+def save_attention_plot(result: dict, path: str | os.PathLike, image_path: str | os.PathLike | None = None):
+    """Plots a pipeline result with attention weights (see `rwsan.visualization.plot_attention`), on the image of
+    `image_path` when given, else on a blank canvas of the stored image size."""
+    if result["boxes"] is None:
+        raise PredictionError("the features file has no 'bbox' array: the regions cannot be drawn")
+    boxes = np.asarray(result["boxes"])
+    image = result["image_size"]
+    if image_path is not None:
+        if not Path(image_path).is_file():
+            raise PredictionError(f"image file not found: {image_path}")
+        try:
+            image = imread(image_path)
+        except (OSError, ValueError) as error:
+            raise PredictionError(f"cannot read the image {image_path}: {error}") from None
+        if result["image_size"] is not None:
+            # The boxes are in the pixels of the image the features were extracted from.
+            stored_width, stored_height = result["image_size"]
+            x_scale, y_scale = image.shape[1] / stored_width, image.shape[0] / stored_height
+            boxes = boxes * np.array([x_scale, y_scale, x_scale, y_scale])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plot_attention(
+        image,
+        boxes,
+        result["region_weights"],
+        result["words"],
+        result["word_weights"],
+        result["answers"],
+        question=result["question"],
+        path=path,
+    )
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m rwsan.predict",
+        description="Answer questions with a trained RWSAN model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="Folder of the saved model and processor.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    single = parser.add_argument_group("one question")
+    single.add_argument("--features", help="The image's region features (.npz: x, bbox, image_h, image_w).")
+    single.add_argument("--question")
+    single.add_argument("--top_k", type=int, default=5, help="How many answers to print.")
+    single.add_argument("--plot", help="Write a picture of the attention weights here (e.g. attention.png).")
+    single.add_argument("--image", help="The photo to draw the --plot regions on (default: a blank canvas).")
+    split = parser.add_argument_group("a prepared split")
+    split.add_argument("--dataset_dir", help="A folder written by data_scripts/prepare_vqa.py.")
+    split.add_argument("--split", default="test-dev")
+    split.add_argument("--output", help="The predictions file, [{question_id, answer}, ...].")
+    split.add_argument("--batch_size", type=int, default=128)
+    split.add_argument("--num_workers", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if (args.dataset_dir is None) == (args.features is None):
+        parser.error("give either --features and --question, or --dataset_dir and --output")
+    if args.features is not None and args.question is None:
+        parser.error("--features needs --question")
+    if args.dataset_dir is not None and args.output is None:
+        parser.error("--dataset_dir needs --output")
+    if args.image is not None and args.plot is None:
+        parser.error("--image is only used with --plot")
+    for name in ("top_k", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None):
+    args = parse_arguments(argv)
+    model, processor = load_model_and_processor(args.model, args.device)
+    if args.dataset_dir is not None:
+        question_ids, answer_indices = predict_split(
+            model, processor, args.dataset_dir, args.split, args.batch_size, args.num_workers
+        )
+        write_predictions(question_ids, answer_indices, model.config.id2label, args.output)
+        print(f"Wrote {len(question_ids)} answers to {args.output}")
+        return
+
+    result = answer_question(
+        model, processor, args.features, args.question, args.top_k, output_attentions=args.plot is not None
+    )
+    answers = result["answers"] if args.plot is not None else result
+    for rank, answer in enumerate(answers, start=1):
+        print(f"{rank}. {answer['answer']}\t{answer['score']:.4f}")
+    if "warning" in answers[0]:
+        print(f"warning: {answers[0]['warning']}")
+    if args.plot is not None:
+        save_attention_plot(result, args.plot, args.image)
+        print(f"Wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (PredictionError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,430 @@
+"""The "vqa-features" pipeline: answers against the model on processor outputs, batching, attention weights, bad
+inputs, and loading a saved folder with and without the `rwsan` package."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, pipeline
+from transformers.testing_utils import CaptureLogger
+
+from rwsan import RWSANConfig, RWSANForVQA, pipeline_rwsan
+from rwsan.pipeline_rwsan import (
+    ALL_WORDS_UNKNOWN_WARNING,
+    RWSANVQAPipeline,
+    register_pipeline,
+    save_for_pipeline,
+)
+from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer
+
+FEATURE_SIZE = 24
+MAX_QUESTION_LENGTH = 6
+MAX_REGIONS = 10
+WORDS = ["what", "color", "is", "the", "cube", "how", "many", "balls", "are", "there", "left", "of"]
+ANSWERS = ["red", "blue", "green", "yes", "no", "0", "1", "2", "3"]
+
+
+def tiny_model_for(processor: RWSANProcessor, seed: int = 0) -> RWSANForVQA:
+    """A random RWSAN small enough for tests, with the vocabularies and feature size of `processor`."""
+    torch.manual_seed(seed)
+    config = RWSANConfig(
+        vocab_size=len(processor.tokenizer.get_vocab()),
+        word_embedding_size=12,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_feature_size=processor.image_feature_size,
+        flat_mlp_size=16,
+        flat_output_size=48,
+        text_self_attention_rank=2,
+        image_self_attention_rank=4,
+        guided_attention_rank=8,
+        id2label=processor.id2label,
+    )
+    return RWSANForVQA(config).eval()
+
+
+def register_for_tests():
+    """What importing `rwsan` will register once rwsan/__init__.py calls it."""
+    register_pipeline()
+    AutoProcessor.register(RWSANConfig, RWSANProcessor, exist_ok=True)
+
+
+@pytest.fixture(scope="module")
+def processor() -> RWSANProcessor:
+    vocab = {"PAD": 0, "UNK": 1, **{word: index for index, word in enumerate(WORDS, start=2)}}
+    return RWSANProcessor(
+        build_question_tokenizer(vocab, max_length=MAX_QUESTION_LENGTH),
+        id2label=dict(enumerate(ANSWERS)),
+        max_question_length=MAX_QUESTION_LENGTH,
+        max_regions=MAX_REGIONS,
+        image_feature_size=FEATURE_SIZE,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(processor) -> RWSANForVQA:
+    return tiny_model_for(processor)
+
+
+@pytest.fixture(scope="module")
+def vqa(model, processor) -> RWSANVQAPipeline:
+    return RWSANVQAPipeline(model=model, processor=processor, device="cpu")
+
+
+def region_features(num_regions: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(num_regions, FEATURE_SIZE)).astype(np.float32)
+
+
+def region_boxes(num_regions: int) -> np.ndarray:
+    corners = np.arange(num_regions, dtype=np.float32)[:, None] * 10
+    return np.hstack([corners, corners, corners + 50, corners + 40])
+
+
+def model_answers(model, processor, questions, features, top_k) -> list[list[dict]]:
+    """The answers of the model called directly on the processor's batch."""
+    batch = processor(text=questions, image_features=features)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    return processor.post_process(logits, top_k=top_k)
+
+
+def assert_same_answers(actual: list[dict], expected: list[dict]):
+    assert [answer["answer"] for answer in actual] == [answer["answer"] for answer in expected]
+    assert [answer["score"] for answer in actual] == pytest.approx(
+        [answer["score"] for answer in expected], abs=1e-6
+    )
+
+
+def write_original_npz(
+    path: Path, features: np.ndarray, boxes: np.ndarray | None, regions_first: bool = False
+):
+    """An image's features in the original release's layout: `x` is (feature_size, num_regions)."""
+    arrays = {
+        "x": features if regions_first else features.T,
+        "image_h": np.array(480),
+        "image_w": np.array(640),
+    }
+    if boxes is not None:
+        arrays["bbox"] = boxes
+    np.savez(path, **arrays)
+    return path
+
+
+def test_single_input_gives_the_model_answers_on_the_processor_outputs(vqa, model, processor):
+    features = region_features(7, seed=1)
+    question = "What color is the cube?"
+    result = vqa({"question": question, "image_features": features}, top_k=len(ANSWERS))
+
+    assert_same_answers(result, model_answers(model, processor, [question], [features], len(ANSWERS))[0])
+    scores = [answer["score"] for answer in result]
+    assert scores == sorted(scores, reverse=True) and all(0 < score < 1 for score in scores)
+    assert all(answer.keys() == {"answer", "score"} for answer in result)
+    # top_k defaults to 5.
+    assert vqa({"question": question, "image_features": features}) == result[:5]
+
+
+def test_tensors_and_feature_files_in_either_layout_give_the_same_answers(vqa, tmp_path):
+    features = region_features(5, seed=2)
+    question = "how many balls are there"
+    expected = vqa({"question": question, "image_features": features})
+    inputs = [
+        torch.from_numpy(features),
+        torch.from_numpy(features).double(),
+        write_original_npz(tmp_path / "original.npz", features, region_boxes(5)),
+        str(write_original_npz(tmp_path / "regions_first.npz", features, None, regions_first=True)),
+    ]
+    for image_features in inputs:
+        assert_same_answers(vqa({"question": question, "image_features": image_features}), expected)
+
+
+def test_batches_give_the_model_answers_on_the_padded_batches(vqa, model, processor):
+    questions = ["what color is the cube", "how many balls are there left of the cube", "is there"]
+    features = [region_features(count, seed) for seed, count in enumerate((3, 8, 5))]
+    inputs = [{"question": q, "image_features": f} for q, f in zip(questions, features)]
+
+    results = vqa(inputs, batch_size=2, top_k=3)
+
+    # batch_size=2 runs the first two inputs in one padded batch, then the third alone.
+    expected = model_answers(model, processor, questions[:2], features[:2], 3)
+    expected += model_answers(model, processor, questions[2:], features[2:], 3)
+    assert len(results) == 3
+    for result, expected_answers in zip(results, expected):
+        assert_same_answers(result, expected_answers)
+    # Padding changes nothing.
+    for result, single_input in zip(results, inputs):
+        assert_same_answers(result, vqa(single_input, top_k=3))
+
+
+def test_attention_weights_of_the_words_and_regions_the_model_saw(vqa, model, processor):
+    # Seven words, of which the processor keeps six; twelve regions, of which it keeps ten.
+    question = "How many balls are there, left-of the cube?"
+    features, boxes = region_features(12, seed=3), region_boxes(12)
+    result = vqa({"question": question, "image_features": features, "boxes": boxes}, output_attentions=True)
+
+    assert result.keys() == {
+        "answers", "question", "words", "word_weights", "region_weights", "boxes", "image_size"
+    }  # fmt: skip
+    assert result["question"] == question
+    assert result["words"] == ["how", "many", "balls", "are", "there", "left"]
+    assert result["boxes"] == boxes[:MAX_REGIONS].tolist() and result["image_size"] is None
+    batch = processor(text=[question], image_features=[features])
+    with torch.no_grad():
+        outputs = model(**batch, output_attentions=True)
+    assert result["word_weights"] == pytest.approx(outputs.question_flattening_weights[0].tolist(), abs=1e-6)
+    assert result["region_weights"] == pytest.approx(outputs.image_flattening_weights[0].tolist(), abs=1e-6)
+    assert sum(result["word_weights"]) == pytest.approx(1)
+    assert sum(result["region_weights"]) == pytest.approx(1)
+    assert_same_answers(result["answers"], processor.post_process(outputs.logits)[0])
+    with_alias = vqa({"question": question, "image_features": features}, return_attention=True)
+    assert with_alias["words"] == result["words"]
+
+
+def test_attention_weights_of_a_padded_batch_cover_only_real_words_and_regions(vqa):
+    inputs = [
+        {"question": "what color", "image_features": region_features(2, seed=4)},
+        {"question": "is the cube left of the balls", "image_features": region_features(9, seed=5)},
+    ]
+    batched = vqa(inputs, batch_size=2, output_attentions=True)
+    for result, single_input in zip(batched, inputs):
+        single = vqa(single_input, output_attentions=True)
+        assert result["words"] == single["words"]
+        assert result["word_weights"] == pytest.approx(single["word_weights"], abs=1e-6)
+        assert result["region_weights"] == pytest.approx(single["region_weights"], abs=1e-6)
+    assert [len(result["region_weights"]) for result in batched] == [2, 9]
+    assert [len(result["word_weights"]) for result in batched] == [2, 6]
+
+
+def test_feature_file_brings_its_boxes_and_image_size(vqa, tmp_path):
+    features, boxes = region_features(4, seed=6), region_boxes(4)
+    path = write_original_npz(tmp_path / "image.npz", features, boxes)
+    result = vqa({"question": "what color", "image_features": path}, output_attentions=True)
+    assert result["boxes"] == boxes.tolist() and result["image_size"] == (640, 480)
+    # Boxes given with the input replace the file's.
+    result = vqa(
+        {"question": "what color", "image_features": path, "boxes": boxes + 1}, output_attentions=True
+    )
+    assert result["boxes"] == (boxes + 1).tolist()
+
+
+def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, processor):
+    features = region_features(4, seed=7)
+    result = vqa({"question": "Zebra giraffe?", "image_features": features}, top_k=3)
+    # Answered as the original would: every word is UNK.
+    assert_same_answers(result, model_answers(model, processor, ["unk unk"], [features], 3)[0])
+    assert all(answer["warning"] == ALL_WORDS_UNKNOWN_WARNING for answer in result)
+    # One known word is enough.
+    assert all(
+        "warning" not in answer for answer in vqa({"question": "zebra color", "image_features": features})
+    )
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ({"question": "what color", "image_features": np.zeros((3, 10))}, r"image_features has shape \(3, 10\), "
+         r"expected \(num_regions, 24\)"),
+        ({"question": "what color", "image_features": np.zeros((3, 2, FEATURE_SIZE))},
+         r"image_features has shape \(3, 2, 24\)"),
+        ({"question": "what color", "image_features": np.zeros((0, FEATURE_SIZE))}, "image_features has no regions"),
+        ({"question": "what color", "image_features": np.full((2, FEATURE_SIZE), np.nan)},
+         "image_features contains NaN or infinite values"),
+        ({"question": "what color", "image_features": torch.full((2, FEATURE_SIZE), float("inf"))},
+         "image_features contains NaN or infinite values"),
+        ({"question": "what color", "image_features": np.full((2, FEATURE_SIZE), "a")},
+         "image_features must hold real numbers, got dtype <U1"),
+        ({"question": "what color", "image_features": [[1.0] * FEATURE_SIZE, [1.0]]},
+         "image_features is not a rectangular array"),
+        ({"question": "", "image_features": np.ones((2, FEATURE_SIZE))}, "question is empty"),
+        ({"question": " \t", "image_features": np.ones((2, FEATURE_SIZE))}, "question is empty"),
+        ({"question": 42, "image_features": np.ones((2, FEATURE_SIZE))}, "question must be a string, got int"),
+        ({"question": "?!", "image_features": np.ones((2, FEATURE_SIZE))},
+         r"question '\?!' has no words once its punctuation is removed"),
+        ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((2, 4))},
+         "boxes has 2 rows but image_features has 3 regions"),
+        ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((3, 5))},
+         r"boxes has shape \(3, 5\), expected \(num_regions, 4\)"),
+        ({"question": "what", "image": np.ones((3, FEATURE_SIZE))},
+         "unknown keys 'image'; an input has 'question', 'image_features' and optionally 'boxes'"),
+        ({"question": "what"}, "missing 'image_features'"),
+        ("what color", "expected a dict with 'question' and 'image_features', got str"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_are_refused_with_the_item_and_the_problem(vqa, item, message):
+    with pytest.raises(ValueError, match=f"^input: {message}"):
+        vqa(item)
+    good = {"question": "what color", "image_features": np.ones((2, FEATURE_SIZE))}
+    with pytest.raises(ValueError, match=f"^inputs\\[1\\]: {message}"):
+        vqa([good, item], batch_size=2)
+
+
+def test_unreadable_feature_files_are_refused(vqa, tmp_path):
+    def ask(path):
+        return vqa({"question": "what color", "image_features": path})
+
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(ValueError, match=f"^input: region feature file not found: {missing}$"):
+        ask(missing)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=f"^input: cannot read the region feature file {garbage}: "):
+        ask(garbage)
+    single_array = tmp_path / "single.npy"
+    np.save(single_array, region_features(2, seed=0))
+    with pytest.raises(ValueError, match="it holds a single array, not an .npz archive"):
+        ask(single_array)
+    without_x = tmp_path / "without_x.npz"
+    np.savez(without_x, features=region_features(2, seed=0))
+    with pytest.raises(ValueError, match=f"^input: {without_x} has no 'x' array of region features$"):
+        ask(without_x)
+    wrong_size = write_original_npz(tmp_path / "wrong_size.npz", np.ones((3, 7), np.float32), None)
+    with pytest.raises(
+        ValueError,
+        match=r"wrong_size.npz: x has shape \(7, 3\), expected \(24, num_regions\) or \(num_regions, 24\)$",
+    ):
+        ask(wrong_size)
+    few_boxes = write_original_npz(tmp_path / "few_boxes.npz", region_features(3, seed=0), region_boxes(2))
+    with pytest.raises(ValueError, match="few_boxes.npz: bbox has 2 boxes but x has 3 regions"):
+        ask(few_boxes)
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({"top_k": 0}, "top_k must be a positive integer, got 0"),
+        ({"top_k": 2.5}, "top_k must be a positive integer, got 2.5"),
+        ({"output_attentions": True, "return_attention": False}, "disagree; they are the same option"),
+    ],
+)
+def test_bad_parameters_are_refused(vqa, parameters, message):
+    with pytest.raises(ValueError, match=message):
+        vqa({"question": "what color", "image_features": np.ones((2, FEATURE_SIZE))}, **parameters)
+
+
+def test_an_empty_list_of_inputs_is_refused(vqa):
+    with pytest.raises(ValueError, match="The list of inputs is empty"):
+        vqa([])
+
+
+def test_a_model_in_training_mode_is_reported(processor):
+    model = tiny_model_for(processor).train()
+    vqa = RWSANVQAPipeline(model=model, processor=processor, device="cpu")
+    with CaptureLogger(pipeline_rwsan.logger) as captured:
+        vqa({"question": "what color", "image_features": np.ones((2, FEATURE_SIZE))})
+    assert "The model is in training mode" in captured.out
+    assert model.training
+
+
+def test_a_pipeline_without_processor_is_refused(model):
+    with pytest.raises(ValueError, match="RWSANVQAPipeline needs the RWSANProcessor"):
+        RWSANVQAPipeline(model=model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def saved_folder(model, processor, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "rwsan-vqa"
+    save_for_pipeline(model, processor, folder)
+    return folder
+
+
+def test_saved_folder_holds_the_pipeline_code_and_the_processor(saved_folder, model):
+    config = json.loads((saved_folder / "config.json").read_text())
+    assert config["custom_pipelines"] == {
+        "rwsan-vqa-features": {
+            "impl": "pipeline_rwsan.RWSANVQAPipeline",
+            "pt": ["AutoModelForVisualQuestionAnswering"],
+            "type": "multimodal",
+        }
+    }
+    for file_name in (
+        "pipeline_rwsan.py",
+        "modeling_rwsan.py",
+        "processing_rwsan.py",
+        "processor_config.json",
+    ):
+        assert (saved_folder / file_name).is_file()
+    # Later checkpoints of the model, saved without the pipeline file, must not name it.
+    assert not hasattr(model.config, "custom_pipelines")
+
+
+def test_pipeline_factory_loads_the_saved_folder(saved_folder, vqa):
+    register_for_tests()
+    item = {"question": "what color is the cube", "image_features": region_features(6, seed=8)}
+    expected = vqa(item)
+
+    remote = pipeline(model=str(saved_folder), trust_remote_code=True, device="cpu")
+    assert type(remote).__module__.startswith("transformers_modules.")
+    assert_same_answers(remote(item), expected)
+    # The registered task runs the installed code, without trust_remote_code.
+    local = pipeline("vqa-features", model=str(saved_folder), device="cpu")
+    assert type(local) is RWSANVQAPipeline and type(local.processor) is RWSANProcessor
+    assert_same_answers(local(item), expected)
+
+
+def test_pipeline_factory_loads_a_folder_saved_without_the_pipeline(model, processor, vqa, tmp_path):
+    register_for_tests()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    item = {"question": "how many balls", "image_features": region_features(4, seed=9)}
+    loaded = pipeline("vqa-features", model=str(tmp_path), device="cpu")
+    assert type(loaded) is RWSANVQAPipeline
+    assert_same_answers(loaded(item), vqa(item))
+
+
+def test_saved_folder_runs_where_rwsan_cannot_be_imported(saved_folder, vqa, tmp_path):
+    features_path = tmp_path / "features.npy"
+    features = region_features(5, seed=10)
+    np.save(features_path, features)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["rwsan"] = None  # `import rwsan` now fails
+        import numpy as np
+        from transformers import AutoModelForVisualQuestionAnswering, AutoProcessor, pipeline
+
+        folder = {str(saved_folder)!r}
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True)
+        vqa = pipeline(model=folder, trust_remote_code=True, device="cpu")
+        item = {{"question": "what color is the cube", "image_features": np.load({str(features_path)!r})}}
+        print(json.dumps({{
+            "classes": [type(vqa).__module__, type(vqa.model).__module__, type(vqa.processor).__module__,
+                        type(processor).__module__, type(model).__module__],
+            "task": vqa.task,
+            "answers": vqa(item, top_k=3),
+        }}))
+        """
+    )
+    # A private module cache, so that the copied code comes from this folder only.
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert all(module.startswith("transformers_modules.") for module in report["classes"]), report["classes"]
+    assert report["task"] == "rwsan-vqa-features"
+    assert_same_answers(
+        report["answers"], vqa({"question": "what color is the cube", "image_features": features}, top_k=3)
+    )
+
+
+def test_register_pipeline_is_idempotent():
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    register_pipeline()
+    register_pipeline()
+    task = PIPELINE_REGISTRY.supported_tasks["vqa-features"]
+    assert task["impl"] is RWSANVQAPipeline and task["type"] == "multimodal"
+    assert "vqa-features" in PIPELINE_REGISTRY.get_supported_tasks()

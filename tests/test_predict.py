@@ -1,0 +1,222 @@
+"""`python -m rwsan.predict`: one question (with its attention plot) and a whole prepared toy split, the prediction
+file, and the command-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread, imsave
+from test_pipeline import tiny_model_for
+
+from data_scripts.make_toy_vqa import make_toy_vqa
+from data_scripts.prepare_vqa import prepare_vqa
+from rwsan import RWSANForVQA
+from rwsan.data import VQACollator, load_vqa_dataset
+from rwsan.pipeline_rwsan import MODEL_INPUT_NAMES, RWSANVQAPipeline, save_for_pipeline
+from rwsan.predict import PredictionError, main, write_predictions
+from rwsan.processing_rwsan import RWSANProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOY_FEATURE_SIZE = 24
+
+
+@pytest.fixture(scope="session")
+def toy_vqa(tmp_path_factory) -> Path:
+    """A toy VQA set of 20 images, prepared; returns the prepared folder (the raw files are in `../raw`)."""
+    root = tmp_path_factory.mktemp("toy_vqa")
+    make_toy_vqa(root / "raw", seed=0, num_images=20, feature_size=TOY_FEATURE_SIZE, questions_per_image=3)
+    prepare_vqa(root / "raw", root / "prepared", feature_size=TOY_FEATURE_SIZE)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(toy_vqa, tmp_path_factory) -> Path:
+    """A tiny random RWSAN with the toy set's vocabularies, saved with its processor and the pipeline."""
+    processor = RWSANProcessor.from_pretrained(toy_vqa / "processor")
+    folder = tmp_path_factory.mktemp("toy_model")
+    save_for_pipeline(tiny_model_for(processor), processor, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_features_file(toy_vqa) -> Path:
+    """A toy image's features as the original release ships them: `x` (feature_size, N), bbox, image_h/w."""
+    return sorted((toy_vqa.parent / "raw" / "coco_extract" / "val2014").glob("*.npz"))[0]
+
+
+def run_main(*arguments: str):
+    main([*arguments, "--device", "cpu"])
+
+
+@pytest.mark.parametrize("split", ["test-dev", "val"])
+def test_a_split_is_answered_once_per_question_in_the_server_format(toy_vqa, toy_model_dir, tmp_path, split):
+    output = tmp_path / "out" / "predictions.json"
+    run_main("--model", str(toy_model_dir), "--dataset_dir", str(toy_vqa), "--split", split,
+             "--output", str(output), "--batch_size", "3")  # fmt: skip
+
+    predictions = json.loads(output.read_text())
+    dataset = load_vqa_dataset(toy_vqa, split)
+    assert len(dataset) > 3
+    assert [prediction["question_id"] for prediction in predictions] == dataset.question_ids.tolist()
+    assert all(prediction.keys() == {"question_id", "answer"} for prediction in predictions)
+    assert all(type(prediction["question_id"]) is int for prediction in predictions)
+    # Batches of three padded questions give the answer of each question alone.
+    model = RWSANForVQA.from_pretrained(toy_model_dir).eval()
+    collator = VQACollator(model.config.num_labels)
+    for index, prediction in enumerate(predictions):
+        batch = collator([dataset[index]])
+        with torch.no_grad():
+            logits = model(**{name: batch[name] for name in MODEL_INPUT_NAMES}).logits
+        assert prediction["answer"] == model.config.id2label[logits.argmax().item()]
+
+
+def test_one_question_prints_the_pipeline_answers_and_plots_them(
+    toy_model_dir, toy_features_file, tmp_path, capsys
+):
+    question = "What color is the ball?"
+    plot = tmp_path / "attention.png"
+    run_main("--model", str(toy_model_dir), "--features", str(toy_features_file), "--question", question,
+             "--top_k", "3", "--plot", str(plot))  # fmt: skip
+
+    vqa = RWSANVQAPipeline(
+        model=RWSANForVQA.from_pretrained(toy_model_dir),
+        processor=RWSANProcessor.from_pretrained(toy_model_dir),
+        device="cpu",
+    )
+    expected = vqa({"question": question, "image_features": str(toy_features_file)}, top_k=3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        *(
+            f"{rank}. {answer['answer']}\t{answer['score']:.4f}"
+            for rank, answer in enumerate(expected, start=1)
+        ),
+        f"Wrote {plot}",
+    ]
+    # A blank canvas of the stored image size (640 x 480 or so), with the words and answers beside and below.
+    picture = imread(plot)
+    assert picture.shape[:2] == (750, 1100)
+    assert picture[..., :3].std() > 0.1
+
+
+def test_the_plot_is_drawn_on_the_photo(toy_model_dir, toy_features_file, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    # Half the size of the image the features come from: the boxes are scaled to it.
+    with np.load(toy_features_file) as archive:
+        height, width = int(archive["image_h"]) // 2, int(archive["image_w"]) // 2
+    imsave(photo, np.random.default_rng(0).random((height, width, 3)))
+    plot = tmp_path / "plots" / "on_photo.png"
+    run_main("--model", str(toy_model_dir), "--features", str(toy_features_file), "--question", "is there a cube",
+             "--plot", str(plot), "--image", str(photo))  # fmt: skip
+    assert capsys.readouterr().out.endswith(f"Wrote {plot}\n")
+    assert plot.stat().st_size > 10_000
+
+
+def test_a_question_of_unknown_words_prints_the_warning(toy_model_dir, toy_features_file, capsys):
+    run_main("--model", str(toy_model_dir), "--features", str(toy_features_file), "--question", "Xylophone?")
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line == "warning: all question words are unknown to the vocabulary"
+
+
+def test_write_predictions_writes_the_server_format(tmp_path):
+    path = tmp_path / "predictions.json"
+    id2label = {0: "yes", 1: "no", 2: "red"}
+    written = write_predictions(torch.tensor([30, 10, 20]), np.array([2, 0, 0]), id2label, path)
+    expected = [
+        {"question_id": 30, "answer": "red"},
+        {"question_id": 10, "answer": "yes"},
+        {"question_id": 20, "answer": "yes"},
+    ]
+    assert written == expected and json.loads(path.read_text()) == expected
+
+
+@pytest.mark.parametrize(
+    "question_ids, answer_indices, message",
+    [
+        ([1, 2, 1, 3], [0, 0, 0, 0], "1 question ids appear more than once \\(e.g. 1\\)"),
+        ([1, 2], [0], "2 question ids but 1 answers"),
+        ([1, 2], [0, 5], "answer indices \\[5\\] are not in id2label \\(answer ids 0..2\\)"),
+    ],
+)
+def test_write_predictions_refuses_bad_predictions(tmp_path, question_ids, answer_indices, message):
+    with pytest.raises(ValueError, match=message):
+        write_predictions(question_ids, answer_indices, {0: "yes", 1: "no", 2: "red"}, tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_features_file, tmp_path):
+    single = ["--question", "what color", "--features"]
+    with pytest.raises(PredictionError, match=f"^model folder not found: {tmp_path / 'absent'}$"):
+        run_main("--model", str(tmp_path / "absent"), *single, str(toy_features_file))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        PredictionError, match=r"empty has no config.json; save one there with model.save_pretrained"
+    ):
+        run_main("--model", str(empty), *single, str(toy_features_file))
+    model_only = tmp_path / "model_only"
+    RWSANForVQA.from_pretrained(toy_model_dir).save_pretrained(model_only)
+    with pytest.raises(PredictionError, match=r"has no processor_config.json; save one there with processor"):
+        run_main("--model", str(model_only), *single, str(toy_features_file))
+    with pytest.raises(PredictionError, match=f"^features file not found: {tmp_path / 'absent.npz'}$"):
+        run_main("--model", str(toy_model_dir), *single, str(tmp_path / "absent.npz"))
+    with pytest.raises(PredictionError, match=f"^image file not found: {tmp_path / 'absent.jpg'}$"):
+        run_main("--model", str(toy_model_dir), *single, str(toy_features_file), "--plot", str(tmp_path / "p.png"),
+                 "--image", str(tmp_path / "absent.jpg"))  # fmt: skip
+    not_an_image = tmp_path / "photo.jpg"
+    not_an_image.write_text("not an image")
+    with pytest.raises(PredictionError, match=f"^cannot read the image {not_an_image}: "):
+        run_main("--model", str(toy_model_dir), *single, str(toy_features_file), "--plot", str(tmp_path / "p.png"),
+                 "--image", str(not_an_image))  # fmt: skip
+    with pytest.raises(PredictionError, match=f"^dataset folder not found: {tmp_path / 'absent'}$"):
+        run_main(
+            "--model", str(toy_model_dir), "--dataset_dir", str(tmp_path / "absent"), "--output", "p.json"
+        )
+
+
+def test_a_dataset_with_other_vocabularies_is_refused(toy_vqa, toy_model_dir, tmp_path):
+    processor = RWSANProcessor.from_pretrained(toy_model_dir)
+    processor.id2label = {index: f"{label}!" for index, label in processor.id2label.items()}
+    model = RWSANForVQA.from_pretrained(toy_model_dir)
+    save_for_pipeline(model, processor, tmp_path)
+    with pytest.raises(PredictionError, match="was prepared with another answer vocabulary than the model's"):
+        run_main(
+            "--model", str(tmp_path), "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "p.json")
+        )
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--question", "what"], "give either --features and --question, or --dataset_dir and --output"),
+        (["--features", "f.npz"], "--features needs --question"),
+        (["--features", "f.npz", "--question", "q", "--dataset_dir", "d"], "give either"),
+        (["--dataset_dir", "d"], "--dataset_dir needs --output"),
+        (
+            ["--features", "f.npz", "--question", "q", "--image", "photo.jpg"],
+            "--image is only used with --plot",
+        ),
+        (["--features", "f.npz", "--question", "q", "--top_k", "0"], "--top_k must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_refused(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_module_reports_errors_without_a_traceback(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "rwsan.predict", "--model", str(tmp_path / "absent"), "--features", "f.npz",
+         "--question", "what color"],
+        capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 1
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: model folder not found: {tmp_path / 'absent'}"
+    assert "Traceback" not in completed.stderr

@@ -1,0 +1,124 @@
+"""`plot_attention`: what the figure shows (top regions by weight, words, answers), where it is saved, bad inputs."""
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from matplotlib.patches import Rectangle
+
+from rwsan.visualization import plot_attention
+
+BOXES = np.array(
+    [[50, 60, 200, 220], [300, 100, 420, 260], [100, 300, 500, 460], [10, 10, 630, 470], [420, 40, 600, 200]],
+    dtype=np.float32,
+)
+REGION_WEIGHTS = [0.05, 0.40, 0.10, 0.15, 0.30]
+WORDS = ["what", "color", "is", "the", "cube"]
+WORD_WEIGHTS = [0.1, 0.3, 0.05, 0.05, 0.5]
+ANSWERS = [
+    {"answer": "red", "score": 0.91},
+    {"answer": "blue", "score": 0.06},
+    {"answer": "green", "score": 0.02},
+]
+
+
+def plot(**overrides):
+    arguments = dict(
+        image=(640, 480),
+        boxes=BOXES,
+        region_weights=REGION_WEIGHTS,
+        words=WORDS,
+        word_weights=WORD_WEIGHTS,
+        answers=ANSWERS,
+        question="What color is the cube?",
+        top_k_regions=3,
+    )
+    arguments.update(overrides)
+    return plot_attention(**arguments)
+
+
+def region_rectangles(axes) -> list[Rectangle]:
+    """The region boxes drawn on the image panel (the blank canvas is the patch at zorder 0)."""
+    return [patch for patch in axes.patches if isinstance(patch, Rectangle) and patch.get_zorder() > 0]
+
+
+def test_the_top_regions_are_drawn_best_on_top_and_labelled_by_rank(tmp_path):
+    figure = plot(path=tmp_path / "attention.png")
+    image_axes, answer_axes, word_axes = figure.axes[:3]
+
+    rectangles = region_rectangles(image_axes)
+    # Regions 1 (0.40), 4 (0.30) and 3 (0.15), drawn from the third to the best.
+    drawn = [
+        (rectangle.get_x(), rectangle.get_y(), rectangle.get_width(), rectangle.get_height())
+        for rectangle in rectangles
+    ]
+    assert drawn == [(10, 10, 620, 460), (420, 40, 180, 160), (300, 100, 120, 160)]
+    assert [text.get_text() for text in image_axes.texts] == ["3: 0.15", "2: 0.30", "1: 0.40"]
+    # The best region is the most saturated colour of the scale, and the shading grows with the weight.
+    fills = [rectangle.get_facecolor() for rectangle in rectangles]
+    assert fills[0] != fills[2]
+    assert image_axes.get_xlim() == (0, 640) and image_axes.get_ylim() == (480, 0)
+    assert image_axes.get_title() == "top 3 of 5 regions by attention weight"
+
+    assert [label.get_text() for label in answer_axes.get_yticklabels()] == ["red", "blue", "green"]
+    assert [bar.get_width() for bar in answer_axes.patches] == pytest.approx([0.91, 0.06, 0.02])
+
+    word_texts = [text.get_text() for text in word_axes.texts]
+    assert word_texts == ["what", "0.10", "color", "0.30", "is", "0.05", "the", "0.05", "cube", "0.50"]
+    assert figure.get_suptitle() == "What color is the cube?"
+
+    picture = imread(tmp_path / "attention.png")
+    assert picture.shape[:2] == (750, 1100) and picture[..., :3].std() > 0.1
+
+
+def test_word_shading_follows_the_weights():
+    word_axes = plot().axes[2]
+    words = [text for text in word_axes.texts if text.get_text() in WORDS]
+    darkness = [1 - np.mean(text.get_bbox_patch().get_facecolor()[:3]) for text in words]
+    assert np.argsort(darkness, kind="stable").tolist() == np.argsort(WORD_WEIGHTS, kind="stable").tolist()
+
+
+def test_long_questions_wrap():
+    words = ["supercalifragilistic"] * 12
+    word_axes = plot(words=words, word_weights=[1 / 12] * 12).axes[2]
+    heights = sorted({text.get_position()[1] for text in word_axes.texts if text.get_text() == words[0]})
+    assert len(heights) > 1
+    assert all(0 <= text.get_position()[0] < 1 for text in word_axes.texts)
+
+
+def test_an_image_is_shown_under_the_boxes():
+    photo = np.random.default_rng(0).random((480, 640, 3))
+    image_axes = plot(image=photo).axes[0]
+    assert len(image_axes.images) == 1
+    assert image_axes.images[0].get_extent() == [0, 640, 480, 0]
+
+
+def test_without_image_or_size_the_canvas_holds_every_box():
+    image_axes = plot(image=None).axes[0]
+    assert image_axes.get_xlim() == (0, 630) and image_axes.get_ylim() == (470, 0)
+
+
+def test_warnings_of_the_answers_are_shown():
+    warning = "all question words are unknown to the vocabulary"
+    answer_axes = plot(answers=[{**answer, "warning": warning} for answer in ANSWERS]).axes[1]
+    assert warning in [text.get_text() for text in answer_axes.texts]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"boxes": BOXES[:, :3]}, r"boxes must be a \(num_regions, 4\) array with at least one region, got shape "
+         r"\(5, 3\)"),
+        ({"boxes": BOXES[:4]}, "boxes has 4 entries but region_weights has 5"),
+        ({"words": WORDS[:4]}, "words has 4 entries but word_weights has 5"),
+        ({"region_weights": [0.1, -0.2, 0.3, 0.4, 0.4]}, "region_weights must be finite and non-negative"),
+        ({"word_weights": [0.1, np.nan, 0.3, 0.4, 0.4]}, "word_weights must be finite and non-negative"),
+        ({"word_weights": [], "words": []}, "word_weights must be a non-empty list of numbers"),
+        ({"answers": []}, "answers is empty"),
+        ({"top_k_regions": 0}, "top_k_regions must be a positive integer, got 0"),
+        ({"image": (640, 0)}, r"image size must be a positive \(width, height\), got \(640, 0\)"),
+        ({"image": np.zeros((4, 4, 2))}, r"got an array of shape \(4, 4, 2\)"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        plot(**overrides)

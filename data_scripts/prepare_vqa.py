@@ -1,0 +1,1007 @@
+"""Converts the raw VQA-v2 (and Visual Genome) files of the original RWSAN release into `datasets` Arrow
+tables, once, so that training reads memory-mapped arrays instead of one `.npz` file per question.
+
+Input layout (the original README's):
+
+    DATA_ROOT/vqa/v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
+    DATA_ROOT/vqa/v2_mscoco_{train2014,val2014}_annotations.json
+    DATA_ROOT/vqa/VG_{questions,annotations}.json                  (optional; VG questions use COCO images)
+    DATA_ROOT/coco_extract/{train2014,val2014,test2015}/COCO_<split>_<image id>.jpg.npz
+        (`x` (2048, N) or (N, 2048), `bbox` (N, 4), `num_bbox`, `image_h`, `image_w`)
+
+and/or bottom-up-attention TSV files given with `--features_tsv` (columns image_id, image_w, image_h,
+num_boxes, boxes, features; the last two base64 float32 of shapes (N, 4) and (N, 2048)). Splits whose files
+are absent are skipped and said so.
+
+Output layout (`OUTPUT_DIR/`):
+
+    images/              one row per image: image_id, features (num_regions, feature_size) float16, boxes
+                         (num_regions, 4), image_width, image_height, num_regions
+    questions/<split>/   one row per question of train, val, test, test-dev, vg: question_id, image_id,
+                         image_index (its row in images/), question, input_ids and, for annotated splits,
+                         question_type, answer_type, answers (the annotators'), multiple_choice_answer,
+                         label_ids / label_scores (the sparse soft scores)
+    processor/           the `RWSANProcessor` with the question and answer vocabularies
+    report.json          counts, a summary of the regions per image, and every problem found
+
+Both vocabularies reproduce the original's, order included. Images whose features cannot be used (unreadable
+file, another feature size, NaN/inf values, ...) are listed in report.json and their questions left out;
+`--strict` stops at the first such problem instead. The output is written into a temporary sibling folder that
+replaces OUTPUT_DIR only once everything succeeded.
+
+Usage:
+    python data_scripts/prepare_vqa.py --data_root datasets --output_dir data/vqa --num_proc 2
+"""
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import zipfile
+import zlib
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+from datasets import DatasetInfo, Features, List, Value
+from datasets.fingerprint import generate_random_fingerprint
+from tqdm.auto import tqdm
+
+from rwsan.processing_rwsan import (
+    PAD_TOKEN,
+    UNK_TOKEN,
+    RWSANProcessor,
+    answer_scores,
+    build_question_tokenizer,
+    normalize_answer,
+    split_question,
+)
+
+QUESTIONS_FOLDER = "vqa"
+FEATURES_FOLDER = "coco_extract"
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """Where the original release keeps one split (cfgs/path_cfgs.py), and which feature folders hold its
+    images."""
+
+    questions: str
+    annotations: str | None
+    feature_folders: tuple[str, ...]
+
+
+SPLIT_FILES = {
+    "train": SplitFiles(
+        "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json", ("train2014",)
+    ),
+    "val": SplitFiles("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", ("val2014",)),
+    "test": SplitFiles("v2_OpenEnded_mscoco_test2015_questions.json", None, ("test2015",)),
+    "test-dev": SplitFiles("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, ("test2015",)),
+    "vg": SplitFiles("VG_questions.json", "VG_annotations.json", ("train2014", "val2014")),
+}
+FEATURE_FOLDERS = ("train2014", "val2014", "test2015")
+
+# utils/proc_ansdict.py of the original counts the multiple-choice answers of train then val (not VG) and
+# keeps those seen more than 8 times, in order of first occurrence.
+ANSWER_VOCABULARY_SPLITS = ("train", "val")
+MIN_ANSWER_OCCURRENCES = 9
+# data/load_data.py of the original numbers question words in order of first occurrence over train, val,
+# test2015 and VG questions (`stat_ques_list`); test-dev is a subset of test2015 and is not read.
+QUESTION_VOCABULARY_SPLITS = ("train", "val", "test", "vg")
+
+FEATURE_DTYPES = ("float16", "float32")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# The original pads and cuts every image to 100 regions; the processor records it for the loader.
+MAX_REGIONS = 100
+# Decoded images travel from the workers and into Arrow in groups of about this size, which bounds memory.
+WRITE_BATCH_BYTES = 16 * 2**20
+MAX_SHARD_BYTES = 500 * 2**20
+# Enough to keep a few dozen workers busy; a TSV line of 100 regions is about 1 MB.
+MAX_IMAGES_IN_FLIGHT = 128
+QUESTIONS_PER_BATCH = 10_000
+REGION_HISTOGRAM_EDGES = (1, 11, 21, 31, 41, 51, 61, 71, 81, 91, 101)
+
+
+def build_answer_vocabulary(answer_lists: Iterable[Iterable[str]]) -> list[str]:
+    """The original's answer vocabulary: normalised multiple-choice answers seen more than 8 times, in order of
+    first occurrence over the lists (those of train, then val)."""
+    occurrences = Counter()
+    for answers in answer_lists:
+        occurrences.update(normalize_answer(answer) for answer in answers)
+    # Counter keeps first-occurrence order, which is the order of the original's dict.
+    return [answer for answer, count in occurrences.items() if count >= MIN_ANSWER_OCCURRENCES]
+
+
+def build_question_vocabulary(question_lists: Iterable[Iterable[str]]) -> dict[str, int]:
+    """The original's question vocabulary: PAD=0, UNK=1, then every word of `split_question` in order of first
+    occurrence over the lists of questions (those of train, val, test2015, VG)."""
+    vocabulary = {PAD_TOKEN: 0, UNK_TOKEN: 1}
+    for questions in question_lists:
+        for question in questions:
+            for word in split_question(question):
+                vocabulary.setdefault(word, len(vocabulary))
+    return vocabulary
+
+
+@dataclass
+class Problem:
+    """One bad input that was left out. `kind` groups problems on screen; `reason` says what is wrong."""
+
+    kind: str
+    path: str
+    reason: str
+    image_id: int | None = None
+    question_id: int | None = None
+
+
+class ProblemLog:
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.problems: list[Problem] = []
+
+    def add(self, problem: Problem):
+        if self.strict:
+            raise ValueError(f"{problem.path}: {problem.reason} (stopped by --strict)")
+        self.problems.append(problem)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(problem.kind for problem in self.problems))
+
+
+@dataclass
+class RawInputs:
+    data_root: Path
+    question_files: dict[str, Path] = field(default_factory=dict)
+    annotation_files: dict[str, Path] = field(default_factory=dict)
+    feature_folders: list[Path] = field(default_factory=list)
+    features_tsv: list[Path] = field(default_factory=list)
+    # split -> why it is not converted (its questions may still count for the question vocabulary)
+    skipped_splits: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def converted_splits(self) -> list[str]:
+        return [split for split in self.question_files if split not in self.skipped_splits]
+
+
+def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
+    """Finds the raw files, stopping with the path of any required file that is missing."""
+    questions_dir = data_root / QUESTIONS_FOLDER
+    if not questions_dir.is_dir():
+        raise FileNotFoundError(f"{questions_dir} not found: it should hold the VQA-v2 question files")
+    inputs = RawInputs(data_root)
+    for split, files in SPLIT_FILES.items():
+        questions_path = questions_dir / files.questions
+        annotations_path = questions_dir / files.annotations if files.annotations else None
+        if not questions_path.is_file():
+            if annotations_path is not None and annotations_path.is_file():
+                raise FileNotFoundError(f"{questions_path} not found, but its annotations {annotations_path} are")
+            inputs.skipped_splits[split] = f"{questions_path} not found"
+            continue
+        if annotations_path is not None:
+            if not annotations_path.is_file():
+                raise FileNotFoundError(
+                    f"{annotations_path} not found: the {split} questions {questions_path} need their annotations"
+                )
+            inputs.annotation_files[split] = annotations_path
+        inputs.question_files[split] = questions_path
+    if not inputs.question_files:
+        raise FileNotFoundError(
+            f"no question files in {questions_dir} (expected e.g. {SPLIT_FILES['train'].questions})"
+        )
+    if not any(split in inputs.annotation_files for split in ANSWER_VOCABULARY_SPLITS):
+        raise FileNotFoundError(
+            f"neither {questions_dir / SPLIT_FILES['train'].annotations} nor "
+            f"{questions_dir / SPLIT_FILES['val'].annotations} found: the answer vocabulary comes from them"
+        )
+
+    for path in features_tsv:
+        # Not is_file(): a named pipe is a valid source too.
+        if not path.exists():
+            raise FileNotFoundError(f"feature file {path} not found")
+    inputs.features_tsv = list(features_tsv)
+    features_dir = data_root / FEATURES_FOLDER
+    inputs.feature_folders = [features_dir / name for name in FEATURE_FOLDERS if (features_dir / name).is_dir()]
+    if not inputs.feature_folders and not inputs.features_tsv:
+        raise FileNotFoundError(
+            f"no image features: none of {', '.join(FEATURE_FOLDERS)} exists in {features_dir} "
+            "and no --features_tsv was given"
+        )
+    if not inputs.features_tsv:
+        for split in inputs.question_files:
+            folders = [features_dir / name for name in SPLIT_FILES[split].feature_folders]
+            if not any(folder.is_dir() for folder in folders):
+                inputs.skipped_splits[split] = f"no image features: {' and '.join(map(str, folders))} not found"
+    return inputs
+
+
+class QuestionRecord(NamedTuple):
+    question_id: int
+    image_id: int
+    question: str
+
+
+class AnnotationRecord(NamedTuple):
+    question_id: int
+    question_type: str | None
+    answer_type: str | None
+    multiple_choice_answer: str
+    answers: tuple[str, ...]
+
+
+REQUIRED_FIELDS = {
+    QuestionRecord: "question_id, image_id and question",
+    AnnotationRecord: 'question_id, multiple_choice_answer and answers (a list of {"answer": ...} objects)',
+}
+
+
+def _interned(value):
+    return sys.intern(value) if isinstance(value, str) else value
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def compact_json_object(content: dict):
+    """`json.load` object hook that turns questions, annotations and annotators' answers into compact records
+    as soon as they are parsed: VQA files hold millions of these small objects, which would take gigabytes as
+    dicts. Incomplete objects stay dicts, for `load_records` to report."""
+    if "question_id" not in content:
+        # An annotator's answer; the many repeated answers share one string.
+        return _interned(content["answer"]) if isinstance(content.get("answer"), str) else content
+    answers = content.get("answers")
+    if "multiple_choice_answer" in content and isinstance(answers, list) and all(map(_is_str, answers)):
+        return AnnotationRecord(
+            content["question_id"],
+            _interned(content.get("question_type")),
+            _interned(content.get("answer_type")),
+            _interned(content["multiple_choice_answer"]),
+            tuple(answers),
+        )
+    if "question" in content and "image_id" in content:
+        return QuestionRecord(content["question_id"], content["image_id"], content["question"])
+    return content
+
+
+def load_records(path: Path, key: str, record_type: type) -> list:
+    """The `key` list of a VQA JSON file as records, checking that every entry has the fields used here."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file, object_hook=compact_json_object)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(content, dict) or not isinstance(content.get(key), list):
+        raise ValueError(f"{path} has no '{key}' list")
+    records = content[key]
+    for position, record in enumerate(records):
+        if not isinstance(record, record_type):
+            raise ValueError(f"{path}: {key}[{position}] is incomplete: it needs {REQUIRED_FIELDS[record_type]}")
+    return records
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    feature_size: int
+    feature_dtype: str
+
+
+@dataclass
+class DecodedImage:
+    image_id: int
+    features: np.ndarray  # (num_regions, feature_size) in the output dtype
+    boxes: np.ndarray  # (num_regions, 4) float32
+    width: int
+    height: int
+    path: str
+
+
+def checked_image(
+    image_id: int,
+    features: np.ndarray,
+    boxes: np.ndarray,
+    width: int,
+    height: int,
+    path: str,
+    settings: DecodeSettings,
+) -> DecodedImage | Problem:
+    """Validates an image's region features (num_regions, feature_size); converts them to the output dtype."""
+
+    def problem(kind: str, reason: str) -> Problem:
+        return Problem(kind, path, reason, image_id=image_id)
+
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
+    if len(features) != len(boxes):
+        return problem("unreadable", f"{len(features)} feature rows but {len(boxes)} boxes")
+    if len(features) == 0:
+        return problem("no_regions", "no regions")
+    if not np.isfinite(features).all():
+        return problem("non_finite", f"{np.count_nonzero(~np.isfinite(features))} NaN or infinite feature values")
+    if settings.feature_dtype == "float16" and np.abs(features).max() > FLOAT16_MAX:
+        return problem(
+            "float16_overflow",
+            f"feature values up to {np.abs(features).max():g} overflow float16; use --feature_dtype float32",
+        )
+    return DecodedImage(
+        image_id,
+        np.ascontiguousarray(features, dtype=settings.feature_dtype),
+        np.ascontiguousarray(boxes, dtype=np.float32),
+        width,
+        height,
+        path,
+    )
+
+
+# Everything np.load raises for a corrupt, truncated or foreign file.
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+
+
+@dataclass
+class NpzImage:
+    """An image's `.npz` from coco_extract/: `x` is (feature_size, N) as the original ships it, or (N,
+    feature_size)."""
+
+    path: str
+    image_id: int
+
+    def decode(self, settings: DecodeSettings) -> DecodedImage | Problem:
+        try:
+            with np.load(self.path) as archive:
+                region_features = archive["x"]
+                boxes = archive["bbox"]
+                width, height = int(archive["image_w"]), int(archive["image_h"])
+                num_boxes = int(archive["num_bbox"]) if "num_bbox" in archive else len(boxes)
+        except NPZ_READ_ERRORS as error:
+            return Problem("unreadable", self.path, f"cannot read: {error!r}", image_id=self.image_id)
+        if region_features.ndim != 2 or settings.feature_size not in region_features.shape:
+            return Problem(
+                "feature_size",
+                self.path,
+                f"x has shape {region_features.shape}, expected ({settings.feature_size}, num_regions)",
+                image_id=self.image_id,
+            )
+        if num_boxes != len(boxes):
+            return Problem(
+                "unreadable",
+                self.path,
+                f"num_bbox is {num_boxes} but bbox has {len(boxes)}",
+                image_id=self.image_id,
+            )
+        # When both axes equal the feature size, the original's orientation (feature_size, N) wins.
+        if region_features.shape[0] == settings.feature_size:
+            region_features = region_features.T
+        return checked_image(self.image_id, region_features, boxes, width, height, self.path, settings)
+
+
+TSV_COLUMNS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+
+
+@dataclass
+class TsvImage:
+    """One line of a bottom-up-attention TSV file."""
+
+    path: str
+    line_number: int
+    line: str
+    image_id: int
+
+    def decode(self, settings: DecodeSettings) -> DecodedImage | Problem:
+        where = f"{self.path}:{self.line_number}"
+        fields = self.line.rstrip("\r\n").split("\t")
+        if len(fields) != len(TSV_COLUMNS):
+            return Problem(
+                "unreadable",
+                where,
+                f"{len(fields)} tab-separated columns, expected {len(TSV_COLUMNS)}: {', '.join(TSV_COLUMNS)}",
+                image_id=self.image_id,
+            )
+        try:
+            width, height, num_boxes = int(fields[1]), int(fields[2]), int(fields[3])
+            boxes = np.frombuffer(base64.b64decode(fields[4], validate=True), dtype=np.float32)
+            region_features = np.frombuffer(base64.b64decode(fields[5], validate=True), dtype=np.float32)
+        except (ValueError, binascii.Error) as error:
+            return Problem("unreadable", where, f"cannot decode: {error}", image_id=self.image_id)
+        if boxes.size != 4 * num_boxes:
+            return Problem(
+                "unreadable", where, f"{boxes.size} box values for {num_boxes} boxes", image_id=self.image_id
+            )
+        if region_features.size != num_boxes * settings.feature_size:
+            return Problem(
+                "feature_size",
+                where,
+                f"{region_features.size} feature values for {num_boxes} boxes, expected {num_boxes} x "
+                f"{settings.feature_size}",
+                image_id=self.image_id,
+            )
+        return checked_image(
+            self.image_id,
+            region_features.reshape(num_boxes, settings.feature_size),
+            boxes.reshape(num_boxes, 4),
+            width,
+            height,
+            where,
+            settings,
+        )
+
+
+def image_id_from_file_name(path: Path) -> int:
+    """The original's parsing (data/load_data.py): COCO_train2014_000000000009.jpg.npz -> 9."""
+    return int(path.name.split("_")[-1].split(".")[0])
+
+
+def list_images(
+    inputs: RawInputs, wanted_image_ids: set[int], problems: ProblemLog, skipped: Counter
+) -> Iterator[NpzImage | TsvImage]:
+    """The images to convert, in a fixed order (feature folders, then TSV files). Images no question refers to
+    are counted in `skipped` instead of being decoded."""
+    for folder in inputs.feature_folders:
+        for path in sorted(folder.glob("*.npz")):
+            try:
+                image_id = image_id_from_file_name(path)
+            except ValueError:
+                problems.add(Problem("bad_file_name", str(path), "no image id in the file name"))
+                continue
+            if image_id in wanted_image_ids:
+                yield NpzImage(str(path), image_id)
+            else:
+                skipped["unreferenced"] += 1
+    for path in inputs.features_tsv:
+        with open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, start=1):
+                try:
+                    image_id = int(line[: line.find("\t")])
+                except ValueError:
+                    problems.add(Problem("unreadable", f"{path}:{line_number}", "no image id in the first column"))
+                    continue
+                if image_id in wanted_image_ids:
+                    yield TsvImage(str(path), line_number, line, image_id)
+                else:
+                    skipped["unreferenced"] += 1
+
+
+def decode_image(image: NpzImage | TsvImage, settings: DecodeSettings) -> DecodedImage | Problem:
+    return image.decode(settings)
+
+
+def decode_images(
+    images: Iterable[NpzImage | TsvImage], settings: DecodeSettings, workers: ProcessPoolExecutor | None
+) -> Iterator[DecodedImage | Problem]:
+    """Decodes images in input order, in the worker processes if given, with a bounded number in flight so
+    that memory does not grow with the number of images."""
+    if workers is None:
+        for image in images:
+            yield decode_image(image, settings)
+        return
+    pending = deque()
+    for image in images:
+        pending.append(workers.submit(decode_image, image, settings))
+        if len(pending) >= MAX_IMAGES_IN_FLIGHT:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def image_features_schema(feature_size: int, feature_dtype: str) -> Features:
+    # A list of fixed-size rows keeps each image's features one contiguous (num_regions, feature_size) block,
+    # which the loader reads as a zero-copy slice of the memory-mapped file.
+    return Features(
+        {
+            "image_id": Value("int64"),
+            "features": List(List(Value(feature_dtype), length=feature_size)),
+            "boxes": List(List(Value("float32"), length=4)),
+            "image_width": Value("int32"),
+            "image_height": Value("int32"),
+            "num_regions": Value("int32"),
+        }
+    )
+
+
+def regions_column(rows: list[np.ndarray]) -> pa.ListArray:
+    """A list<fixed_size_list> column from per-image (num_regions, width) arrays."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    values = np.concatenate(rows)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    )
+
+
+class StreamedDatasetWriter:
+    """Writes a folder that `datasets.load_from_disk` reads (what `Dataset.save_to_disk` writes: Arrow
+    stream shards, state.json, dataset_info.json) one record batch at a time. `save_to_disk` itself would
+    have to read a whole table back, which pages all of it into this process."""
+
+    def __init__(self, folder: Path, features: Features):
+        self.folder = folder
+        self.features = features
+        self.schema = features.arrow_schema
+        self.shard_paths: list[Path] = []
+        self.shard_bytes = 0
+        self.writer = None
+        self.sink = None
+        folder.mkdir(parents=True)
+
+    def write_batch(self, columns: dict[str, pa.Array | list]):
+        batch = pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        if self.writer is None or self.shard_bytes >= MAX_SHARD_BYTES:
+            self._open_shard()
+        self.writer.write_batch(batch)
+        self.shard_bytes += batch.nbytes
+
+    def _open_shard(self):
+        self._close_shard()
+        path = self.folder / f"shard-{len(self.shard_paths)}.arrow"
+        self.shard_paths.append(path)
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.shard_bytes = 0
+
+    def _close_shard(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+            self.writer = None
+
+    def close(self):
+        if not self.shard_paths:
+            self._open_shard()
+        self._close_shard()
+        num_shards = len(self.shard_paths)
+        file_names = [f"data-{index:05d}-of-{num_shards:05d}.arrow" for index in range(num_shards)]
+        for path, file_name in zip(self.shard_paths, file_names):
+            path.rename(self.folder / file_name)
+        state = {
+            "_data_files": [{"filename": file_name} for file_name in file_names],
+            "_fingerprint": generate_random_fingerprint(),
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": None,
+        }
+        (self.folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        info = asdict(DatasetInfo(features=self.features))
+        (self.folder / "dataset_info.json").write_text(json.dumps({key: info[key] for key in sorted(info)}, indent=2))
+
+
+@dataclass
+class ImageTable:
+    """What the question tables need from the converted images."""
+
+    row_of_image: dict[int, int] = field(default_factory=dict)
+    num_regions: list[int] = field(default_factory=list)
+    # image id -> the problem that left it out
+    left_out: dict[int, Problem] = field(default_factory=dict)
+    unreferenced: int = 0
+
+
+def write_images(
+    inputs: RawInputs,
+    wanted_image_ids: set[int],
+    folder: Path,
+    settings: DecodeSettings,
+    workers: ProcessPoolExecutor | None,
+    problems: ProblemLog,
+) -> ImageTable:
+    table = ImageTable()
+    skipped = Counter()
+    writer = StreamedDatasetWriter(folder, image_features_schema(settings.feature_size, settings.feature_dtype))
+    pending: list[DecodedImage] = []
+
+    def flush():
+        writer.write_batch(
+            {
+                "image_id": [image.image_id for image in pending],
+                "features": regions_column([image.features for image in pending]),
+                "boxes": regions_column([image.boxes for image in pending]),
+                "image_width": [image.width for image in pending],
+                "image_height": [image.height for image in pending],
+                "num_regions": [len(image.features) for image in pending],
+            }
+        )
+        pending.clear()
+
+    first_path_of_image: dict[int, str] = {}
+    images = list_images(inputs, wanted_image_ids, problems, skipped)
+    with contextlib.closing(decode_images(images, settings, workers)) as decoded_images:
+        for decoded in tqdm(decoded_images, desc="Image features", unit=" images"):
+            if isinstance(decoded, Problem):
+                problems.add(decoded)
+                table.left_out[decoded.image_id] = decoded
+                continue
+            if decoded.image_id in first_path_of_image:
+                problems.add(
+                    Problem(
+                        "duplicate_image",
+                        decoded.path,
+                        f"image {decoded.image_id} already read from {first_path_of_image[decoded.image_id]}",
+                        image_id=decoded.image_id,
+                    )
+                )
+                continue
+            first_path_of_image[decoded.image_id] = decoded.path
+            table.row_of_image[decoded.image_id] = len(table.num_regions)
+            table.num_regions.append(len(decoded.features))
+            pending.append(decoded)
+            if sum(image.features.nbytes for image in pending) >= WRITE_BATCH_BYTES:
+                flush()
+    if pending:
+        flush()
+    writer.close()
+    table.unreferenced = skipped["unreferenced"]
+    return table
+
+
+def question_schema(annotated: bool) -> Features:
+    columns = {
+        "question_id": Value("int64"),
+        "image_id": Value("int64"),
+        "image_index": Value("int64"),
+        "question": Value("string"),
+        "input_ids": List(Value("int32")),
+    }
+    if annotated:
+        columns |= {
+            "question_type": Value("string"),
+            "answer_type": Value("string"),
+            "answers": List(Value("string")),
+            "multiple_choice_answer": Value("string"),
+            "label_ids": List(Value("int32")),
+            "label_scores": List(Value("float32")),
+        }
+    return Features(columns)
+
+
+def joined_questions(
+    split: str,
+    questions: list[QuestionRecord],
+    annotations: list[AnnotationRecord] | None,
+    inputs: RawInputs,
+    images: ImageTable,
+    problems: ProblemLog,
+) -> list[tuple[QuestionRecord, AnnotationRecord | None]]:
+    """The questions of a split whose image was converted, each with its annotation (None for test splits)."""
+    questions_path = str(inputs.question_files[split])
+    annotation_of = None
+    if annotations is not None:
+        annotation_of = {annotation.question_id: annotation for annotation in annotations}
+        question_ids = {question.question_id for question in questions}
+        for annotation in annotations:
+            if annotation.question_id not in question_ids:
+                problems.add(
+                    Problem(
+                        "missing_question",
+                        str(inputs.annotation_files[split]),
+                        f"question {annotation.question_id} is annotated but not in {questions_path}",
+                        question_id=annotation.question_id,
+                    )
+                )
+    kept = []
+    for question in questions:
+        annotation = None
+        if annotation_of is not None:
+            annotation = annotation_of.get(question.question_id)
+            if annotation is None:
+                problems.add(
+                    Problem(
+                        "missing_annotation",
+                        questions_path,
+                        f"question {question.question_id} has no annotation in {inputs.annotation_files[split]}",
+                        question_id=question.question_id,
+                    )
+                )
+                continue
+        if question.image_id not in images.row_of_image:
+            image_problem = images.left_out.get(question.image_id)
+            reason = (
+                f"its image {question.image_id} was left out ({image_problem.kind}: {image_problem.path})"
+                if image_problem
+                else f"its image {question.image_id} has no features"
+            )
+            problems.add(
+                Problem(
+                    "missing_image",
+                    questions_path,
+                    reason,
+                    image_id=question.image_id,
+                    question_id=question.question_id,
+                )
+            )
+            continue
+        kept.append((question, annotation))
+    return kept
+
+
+def question_columns(
+    joined: list[tuple[QuestionRecord, AnnotationRecord | None]],
+    tokenizer,
+    max_question_length: int,
+    label2id: dict[str, int],
+    images: ImageTable,
+) -> dict[str, list]:
+    questions = [question for question, _ in joined]
+    texts = [question.question for question in questions]
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_question_length)
+    columns = {
+        "question_id": [question.question_id for question in questions],
+        "image_id": [question.image_id for question in questions],
+        "image_index": [images.row_of_image[question.image_id] for question in questions],
+        "question": texts,
+        "input_ids": encoded["input_ids"],
+    }
+    annotations = [annotation for _, annotation in joined]
+    if annotations[0] is None:
+        return columns
+    scores = [sorted(answer_scores(annotation.answers, label2id).items()) for annotation in annotations]
+    return columns | {
+        "question_type": [annotation.question_type for annotation in annotations],
+        "answer_type": [annotation.answer_type for annotation in annotations],
+        "answers": [annotation.answers for annotation in annotations],
+        "multiple_choice_answer": [annotation.multiple_choice_answer for annotation in annotations],
+        "label_ids": [[answer_id for answer_id, _ in pairs] for pairs in scores],
+        "label_scores": [[score for _, score in pairs] for pairs in scores],
+    }
+
+
+def write_questions(
+    folder: Path,
+    joined: list[tuple[QuestionRecord, AnnotationRecord | None]],
+    annotated: bool,
+    tokenizer,
+    max_question_length: int,
+    label2id: dict[str, int],
+    images: ImageTable,
+):
+    writer = StreamedDatasetWriter(folder, question_schema(annotated))
+    for start in range(0, len(joined), QUESTIONS_PER_BATCH):
+        chunk = joined[start : start + QUESTIONS_PER_BATCH]
+        writer.write_batch(question_columns(chunk, tokenizer, max_question_length, label2id, images))
+    writer.close()
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        pass
+    return True
+
+
+def check_output_dir(output_dir: Path, overwrite: bool):
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def partial_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `output_dir` to write into. It replaces `output_dir` when the block succeeds and
+    is removed when it fails, so that a stopped conversion never leaves a half-written dataset."""
+    check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed outright (SIGKILL) cannot clean up; its leftovers are recognised by their dead process id.
+    for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_is_alive(int(pid)):
+            print(f"Removing {stale}, left by an interrupted conversion")
+            shutil.rmtree(stale)
+    work_dir = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
+    work_dir.mkdir()
+    try:
+        yield work_dir
+        if output_dir.exists():
+            replaced = output_dir.parent / f".{output_dir.name}.replaced-{os.getpid()}"
+            output_dir.rename(replaced)
+            work_dir.rename(output_dir)
+            shutil.rmtree(replaced)
+        else:
+            work_dir.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+
+
+def regions_summary(num_regions: list[int]) -> dict:
+    if not num_regions:
+        return {}
+    counts = np.asarray(num_regions)
+    edges = (*REGION_HISTOGRAM_EDGES, max(counts.max() + 1, REGION_HISTOGRAM_EDGES[-1] + 1))
+    histogram, _ = np.histogram(counts, bins=edges)
+    labels = [f"{low}-{high - 1}" for low, high in zip(edges[:-2], edges[1:-1])] + [f">{edges[-2] - 1}"]
+    return {
+        "min": int(counts.min()),
+        "max": int(counts.max()),
+        "mean": round(float(counts.mean()), 2),
+        "median": float(np.median(counts)),
+        f"over_{MAX_REGIONS}_cut": int(np.count_nonzero(counts > MAX_REGIONS)),
+        "histogram": dict(zip(labels, histogram.tolist())),
+    }
+
+
+@dataclass
+class RawQuestions:
+    """The parsed question and annotation files, and the vocabularies built from them."""
+
+    questions: dict[str, list[QuestionRecord]]
+    annotations: dict[str, list[AnnotationRecord]]
+    answers: list[str]
+    vocabulary: dict[str, int]
+
+
+def load_raw_questions(inputs: RawInputs) -> RawQuestions:
+    questions = {
+        split: load_records(path, "questions", QuestionRecord) for split, path in inputs.question_files.items()
+    }
+    annotations = {
+        split: load_records(path, "annotations", AnnotationRecord) for split, path in inputs.annotation_files.items()
+    }
+    answers = build_answer_vocabulary(
+        [annotation.multiple_choice_answer for annotation in annotations[split]]
+        for split in ANSWER_VOCABULARY_SPLITS
+        if split in annotations
+    )
+    vocabulary = build_question_vocabulary(
+        [question.question for question in questions[split]]
+        for split in QUESTION_VOCABULARY_SPLITS
+        if split in questions
+    )
+    return RawQuestions(questions, annotations, answers, vocabulary)
+
+
+def write_prepared_dataset(
+    work_dir: Path,
+    inputs: RawInputs,
+    raw: RawQuestions,
+    settings: DecodeSettings,
+    max_question_length: int,
+    workers: ProcessPoolExecutor | None,
+    problems: ProblemLog,
+) -> dict:
+    """Writes images/, questions/, processor/ and report.json into `work_dir`; returns the report."""
+    wanted_image_ids = {question.image_id for split in inputs.converted_splits for question in raw.questions[split]}
+    images = write_images(inputs, wanted_image_ids, work_dir / "images", settings, workers, problems)
+    if not images.num_regions:
+        raise ValueError(f"none of the {len(wanted_image_ids)} images the questions refer to has usable features")
+
+    label2id = {answer: answer_id for answer_id, answer in enumerate(raw.answers)}
+    tokenizer = build_question_tokenizer(raw.vocabulary, max_length=max_question_length)
+    split_counts = {}
+    for split in inputs.converted_splits:
+        joined = joined_questions(split, raw.questions[split], raw.annotations.get(split), inputs, images, problems)
+        annotated = split in inputs.annotation_files
+        write_questions(
+            work_dir / "questions" / split, joined, annotated, tokenizer, max_question_length, label2id, images
+        )
+        split_counts[split] = {"questions": len(raw.questions[split]), "kept": len(joined)}
+    processor = RWSANProcessor(
+        tokenizer=tokenizer,
+        id2label=dict(enumerate(raw.answers)),
+        max_question_length=max_question_length,
+        max_regions=MAX_REGIONS,
+        image_feature_size=settings.feature_size,
+    )
+    processor.save_pretrained(str(work_dir / "processor"))
+    report = {
+        "data_root": str(inputs.data_root),
+        "features_tsv": [str(path) for path in inputs.features_tsv],
+        "splits": split_counts,
+        "skipped_splits": inputs.skipped_splits,
+        "images": {
+            "converted": len(images.num_regions),
+            "left_out": len(images.left_out),
+            "unreferenced_not_converted": images.unreferenced,
+            "feature_size": settings.feature_size,
+            "feature_dtype": settings.feature_dtype,
+        },
+        "regions_per_image": regions_summary(images.num_regions),
+        "vocabularies": {"answers": len(raw.answers), "question_words": len(raw.vocabulary)},
+        "max_question_length": max_question_length,
+        "problem_counts": problems.counts(),
+        "problems": [asdict(problem) for problem in problems.problems],
+    }
+    (work_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+@contextlib.contextmanager
+def decoding_workers(num_proc: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`num_proc` processes that decode feature files (None for decoding in this process)."""
+    if num_proc == 1:
+        yield None
+        return
+    executor = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"))
+    try:
+        # With "fork" the executor starts all its processes at the first task: start them now.
+        executor.submit(int).result()
+        yield executor
+    finally:
+        executor.shutdown(cancel_futures=True)
+
+
+def prepare_vqa(
+    data_root: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    features_tsv: list[str | os.PathLike] | None = None,
+    num_proc: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    max_question_length: int = 16,
+    feature_size: int = 2048,
+    feature_dtype: str = "float16",
+) -> dict:
+    """Converts the raw VQA files under `data_root` into `output_dir` (see the module docstring) and returns
+    the report also saved as `output_dir/report.json`."""
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be at least 1, got {num_proc}")
+    if max_question_length < 1:
+        raise ValueError(f"max_question_length must be at least 1, got {max_question_length}")
+    if feature_size < 1:
+        raise ValueError(f"feature_size must be at least 1, got {feature_size}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
+    data_root, output_dir = Path(data_root), Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    inputs = locate_inputs(data_root, [Path(path) for path in features_tsv or []])
+    for split, reason in inputs.skipped_splits.items():
+        print(f"Skipping {split}: {reason}")
+
+    # Forked before the question files are parsed, the decoding workers hold none of them, and they start
+    # without importing anything again.
+    with decoding_workers(num_proc) as workers:
+        raw = load_raw_questions(inputs)
+        with partial_output(output_dir, overwrite) as work_dir:
+            settings = DecodeSettings(feature_size, feature_dtype)
+            report = write_prepared_dataset(
+                work_dir, inputs, raw, settings, max_question_length, workers, ProblemLog(strict)
+            )
+    print_summary(report, output_dir)
+    return report
+
+
+def print_summary(report: dict, output_dir: Path):
+    for split, counts in report["splits"].items():
+        print(f"{split}: {counts['kept']} of {counts['questions']} questions")
+    images = report["images"]
+    print(f"images: {images['converted']} converted, {images['left_out']} left out")
+    for kind, count in report["problem_counts"].items():
+        print(f"problems: {count} x {kind}")
+    print(f"Wrote {output_dir} (details in {output_dir / 'report.json'})")
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_root", required=True, help="Folder with vqa/ and coco_extract/.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--features_tsv", nargs="+", default=None, help="Bottom-up-attention TSV feature files.")
+    parser.add_argument("--num_proc", type=int, default=1, help="Processes that decode the feature files.")
+    parser.add_argument("--strict", action="store_true", help="Stop at the first bad input, do not list it.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output_dir.")
+    parser.add_argument("--max_question_length", type=int, default=16)
+    parser.add_argument("--feature_size", type=int, default=2048)
+    parser.add_argument("--feature_dtype", choices=FEATURE_DTYPES, default="float16")
+    args = parser.parse_args(argv)
+    # Turned into an exception, a termination request still removes the partial output.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        prepare_vqa(**vars(args))
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        parser.exit(1, f"error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Reads the VQA data prepared by `data_scripts/prepare_vqa.py` and batches it for RWSAN.
+
+The region features stay in the memory-mapped Arrow files of `images/`: a question refers to its image by row,
+and fetching a batch is a few numpy slices of those files, copied once into the padded batch by the collator.
+"""
+
+import operator
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import load_from_disk
+
+from .processing_rwsan import RWSANProcessor
+
+PREPARED_DATASET_PARTS = ("images", "questions", "processor")
+
+
+def _flat_list_column(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The values of a list column as one flat array, and the `(num_rows + 1,)` offsets of each row in it."""
+    combined = column.combine_chunks()
+    offsets = combined.offsets.to_numpy().astype(np.int64)
+    return combined.flatten().to_numpy(), offsets - offsets[0]
+
+
+def _ragged_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The positions in the flat values of the given rows, concatenated, and how many belong to each row."""
+    starts = offsets[rows]
+    counts = offsets[rows + 1] - starts
+    ends_before = np.cumsum(counts) - counts
+    return np.repeat(starts - ends_before, counts) + np.arange(counts.sum()), counts
+
+
+class RegionFeatures:
+    """Every image's `(num_regions, feature_size)` features as zero-copy numpy views of the memory-mapped
+    Arrow record batches of `images/`."""
+
+    def __init__(self, images: pa.Table):
+        features = images.column("features")
+        self.feature_size = features.type.value_type.list_size
+        self.blocks: list[np.ndarray] = []
+        block_of_image, first_region, num_regions = [], [], []
+        for chunk in features.chunks:
+            offsets = chunk.offsets.to_numpy()
+            # Two flattens give the chunk's own float values, wherever the record batch starts in the file.
+            values = chunk.flatten().flatten().to_numpy(zero_copy_only=True)
+            self.blocks.append(values.reshape(-1, self.feature_size))
+            block_of_image.append(np.full(len(chunk), len(self.blocks) - 1))
+            first_region.append(offsets[:-1] - offsets[0])
+            num_regions.append(np.diff(offsets))
+        self.block_of_image = np.concatenate(block_of_image).tolist()
+        self.first_region = np.concatenate(first_region).tolist()
+        self.num_regions = np.concatenate(num_regions)
+
+    def of_image(self, image_index: int, max_regions: int) -> np.ndarray:
+        """A read-only view of the image's first `max_regions` region features."""
+        start = self.first_region[image_index]
+        count = min(int(self.num_regions[image_index]), max_regions)
+        return self.blocks[self.block_of_image[image_index]][start : start + count]
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """Questions of one or more prepared splits joined to their images' region features.
+
+    An item is a dict of numpy arrays named like the model's inputs: `input_ids` `(question_length,)` int64,
+    `image_features` `(num_regions, feature_size)` in the stored dtype (a read-only view of the memory-mapped
+    file), `labels` `(num_answers,)` float32 soft scores (annotated splits only), and `question_id`.
+    `__getitems__` fetches a whole batch at once, for `torch.utils.data.DataLoader`; pad batches with
+    [`VQACollator`]. Create with [`load_vqa_dataset`].
+    """
+
+    def __init__(self, folder: Path, splits: list[str], max_question_length: int, max_regions: int):
+        self.folder = folder
+        self.splits = splits
+        self.max_question_length = max_question_length
+        self.max_regions = max_regions
+        self.processor = RWSANProcessor.from_pretrained(str(folder / "processor"))
+        if max_question_length > self.processor.max_question_length:
+            raise ValueError(
+                f"The questions of {folder} were cut to {self.processor.max_question_length} words when "
+                f"prepared; prepare them again with --max_question_length {max_question_length} to keep more"
+            )
+        self._regions = RegionFeatures(load_from_disk(str(folder / "images")).data.table)
+        self._questions = [load_from_disk(str(folder / "questions" / split)).data.table for split in splits]
+        annotated = ["label_ids" in table.column_names for table in self._questions]
+        if len(set(annotated)) > 1:
+            with_answers = [split for split, has_answers in zip(splits, annotated) if has_answers]
+            without_answers = [split for split, has_answers in zip(splits, annotated) if not has_answers]
+            raise ValueError(
+                f"Cannot join splits with answers ({', '.join(with_answers)}) and without answers "
+                f"({', '.join(without_answers)})"
+            )
+        self.has_answers = annotated[0]
+
+        self.question_ids = self._column("question_id").to_numpy()
+        self.image_ids = self._column("image_id").to_numpy()
+        self._image_index = self._column("image_index").to_numpy()
+        self.num_regions = np.minimum(self._regions.num_regions[self._image_index], max_regions)
+        self._input_ids, self._question_lengths = self._padded_input_ids()
+        if self.has_answers:
+            self._label_ids, self._label_scores, self._label_offsets = self._sparse_labels()
+
+    def _column(self, name: str) -> pa.ChunkedArray:
+        """A question column over all the splits."""
+        chunks = [chunk for table in self._questions for chunk in table.column(name).chunks]
+        return pa.chunked_array(chunks, type=self._questions[0].schema.field(name).type)
+
+    def _padded_input_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        values, offsets = _flat_list_column(self._column("input_ids"))
+        lengths = np.minimum(np.diff(offsets), self.max_question_length)
+        positions = np.arange(self.max_question_length)
+        is_word = positions < lengths[:, None]
+        input_ids = np.zeros((len(lengths), self.max_question_length), dtype=np.int64)
+        input_ids[is_word] = values[(offsets[:-1, None] + positions)[is_word]]
+        return input_ids, lengths
+
+    def _sparse_labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        label_ids, offsets = _flat_list_column(self._column("label_ids"))
+        label_scores, _ = _flat_list_column(self._column("label_scores"))
+        return label_ids.astype(np.int64), label_scores, offsets
+
+    def _require_answers(self, name: str):
+        if not self.has_answers:
+            raise ValueError(f"{name} is not known for the unannotated split {'+'.join(self.splits)}")
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.processor.id2label)
+
+    @property
+    def feature_size(self) -> int:
+        return self._regions.feature_size
+
+    @cached_property
+    def questions(self) -> list[str]:
+        return self._column("question").to_pylist()
+
+    @cached_property
+    def answers(self) -> list[list[str]]:
+        """The annotators' answers of each question (the ground truth of the VQA accuracy)."""
+        self._require_answers("answers")
+        return self._column("answers").to_pylist()
+
+    @cached_property
+    def answer_types(self) -> list[str]:
+        self._require_answers("answer_types")
+        return self._column("answer_type").to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.question_ids)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = operator.index(index)
+        return self.__getitems__([index + len(self) if index < 0 else index])[0]
+
+    def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"question indices must be in [0, {len(self)}), got {indices.tolist()}")
+        labels = self._dense_labels(indices) if self.has_answers else None
+        items = []
+        for position, (question, image) in enumerate(zip(indices.tolist(), self._image_index[indices].tolist())):
+            item = {
+                "input_ids": self._input_ids[question, : self._question_lengths[question]],
+                "image_features": self._regions.of_image(image, self.max_regions),
+                "question_id": self.question_ids[question],
+            }
+            if labels is not None:
+                item["labels"] = labels[position]
+            items.append(item)
+        return items
+
+    def _dense_labels(self, indices: np.ndarray) -> np.ndarray:
+        positions, counts = _ragged_rows(self._label_offsets, indices)
+        labels = np.zeros((len(indices), self.num_answers), dtype=np.float32)
+        labels[np.repeat(np.arange(len(indices)), counts), self._label_ids[positions]] = self._label_scores[positions]
+        return labels
+
+    def __reduce__(self):
+        # DataLoader workers started with "spawn" reopen the memory-mapped files instead of receiving copies.
+        return load_vqa_dataset, (
+            self.folder,
+            "+".join(self.splits),
+            self.max_question_length,
+            self.max_regions,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"VQADataset(folder={str(self.folder)!r}, split={'+'.join(self.splits)!r}, "
+            f"num_questions={len(self)}, max_question_length={self.max_question_length}, "
+            f"max_regions={self.max_regions})"
+        )
+
+
+def load_vqa_dataset(
+    folder: str | os.PathLike,
+    split: str = "train+val+vg",
+    max_question_length: int = 16,
+    max_regions: int = 100,
+) -> VQADataset:
+    """Loads prepared VQA splits (`"train"`, `"train+val+vg"`, ...) of a folder written by
+    `data_scripts/prepare_vqa.py`.
+
+    Args:
+        folder: the prepared folder (with images/, questions/ and processor/).
+        split: split names joined with "+".
+        max_question_length: questions are cut to this many words (at most the length used when preparing).
+        max_regions: images are cut to this many regions, like the original (100).
+    """
+    folder = Path(folder)
+    missing = [part for part in PREPARED_DATASET_PARTS if not (folder / part).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{folder} is not a prepared VQA dataset: it has no {', '.join(missing)} folder; create one with "
+            "data_scripts/prepare_vqa.py"
+        )
+    for name, value in (("max_question_length", max_question_length), ("max_regions", max_regions)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    available = sorted(path.name for path in (folder / "questions").iterdir() if path.is_dir())
+    splits = split.split("+")
+    unknown = [name for name in splits if name not in available]
+    if unknown:
+        raise ValueError(
+            f"Unknown split {', '.join(map(repr, unknown))} in {split!r}; {folder} has {', '.join(available)}"
+        )
+    if len(set(splits)) != len(splits):
+        raise ValueError(f"split {split!r} names a split twice")
+    return VQADataset(folder, splits, max_question_length, max_regions)
+
+
+def _padded_length(length: int, multiple: int | None) -> int:
+    return length if multiple is None else -(-length // multiple) * multiple
+
+
+class VQACollator:
+    """Pads the items of [`VQADataset`] into a batch of torch tensors for [`RWSANForVQA`].
+
+    Returns `input_ids` and `attention_mask` `(batch, question_length)`, `image_features` `(batch,
+    num_regions, feature_size)` (in the stored dtype unless `image_features_dtype` is given; the model casts),
+    `image_attention_mask` `(batch, num_regions)` (1 = real), `labels` `(batch, num_answers)` when the items
+    have them, and `question_id` `(batch,)` when the items have it. Questions and regions are padded to the
+    longest of the batch, rounded up to a multiple of `pad_to_multiple_of` if given (so that compiled shapes
+    repeat).
+
+    `question_id` is not a model input. The `Trainer` drops it by itself (its default
+    `remove_unused_columns=True` keeps only the item keys named like `forward` arguments, before collation);
+    a hand-written loop pops it: `question_ids = batch.pop("question_id")`.
+
+    Args:
+        num_answers: size of the model's answer vocabulary; labels of another size are refused.
+        max_regions: regions beyond this many are cut.
+        pad_to_multiple_of: round padded lengths up to a multiple of this.
+        image_features_dtype: dtype of the returned `image_features` (default: as stored, float16 normally).
+    """
+
+    def __init__(
+        self,
+        num_answers: int,
+        max_regions: int = 100,
+        pad_to_multiple_of: int | None = None,
+        image_features_dtype: torch.dtype | None = None,
+    ):
+        for name, value in (("num_answers", num_answers), ("max_regions", max_regions)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
+        self.num_answers = num_answers
+        self.max_regions = max_regions
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.image_features_dtype = image_features_dtype
+
+    def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("Cannot collate an empty batch")
+        for key in ("input_ids", "image_features"):
+            if any(key not in item for item in items):
+                raise ValueError(f"Every item needs {key!r}")
+        region_features = [item["image_features"][: self.max_regions] for item in items]
+        feature_sizes = {features.shape[-1] for features in region_features}
+        if len(feature_sizes) > 1 or any(features.ndim != 2 for features in region_features):
+            raise ValueError(
+                "image_features must be (num_regions, feature_size) arrays of one feature size, got shapes "
+                f"{[features.shape for features in region_features]}"
+            )
+
+        question_lengths = np.array([len(item["input_ids"]) for item in items])
+        region_counts = np.array([len(features) for features in region_features])
+        question_length = _padded_length(max(1, question_lengths.max()), self.pad_to_multiple_of)
+        input_ids = np.zeros((len(items), question_length), dtype=np.int64)
+        padded_features = np.zeros(
+            (len(items), _padded_length(region_counts.max(), self.pad_to_multiple_of), feature_sizes.pop()),
+            dtype=region_features[0].dtype,
+        )
+        for row, (item, features) in enumerate(zip(items, region_features)):
+            input_ids[row, : len(item["input_ids"])] = item["input_ids"]
+            padded_features[row, : len(features)] = features
+
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(_real_positions(question_lengths, input_ids.shape[1])),
+            "image_features": torch.from_numpy(padded_features),
+            "image_attention_mask": torch.from_numpy(_real_positions(region_counts, padded_features.shape[1])),
+        }
+        if self.image_features_dtype is not None:
+            batch["image_features"] = batch["image_features"].to(self.image_features_dtype)
+        labels = self._stacked("labels", items)
+        if labels is not None:
+            if labels.shape[1] != self.num_answers:
+                raise ValueError(
+                    f"labels have {labels.shape[1]} answers but the collator was built for {self.num_answers}"
+                )
+            batch["labels"] = torch.from_numpy(labels.astype(np.float32, copy=False))
+        question_ids = self._stacked("question_id", items)
+        if question_ids is not None:
+            batch["question_id"] = torch.from_numpy(question_ids.astype(np.int64, copy=False))
+        return batch
+
+    @staticmethod
+    def _stacked(key: str, items: list[dict]) -> np.ndarray | None:
+        """The items' values of an optional key, stacked; None when no item has it."""
+        present = [key in item for item in items]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ValueError(f"{key!r} is given for some items of the batch but not for others")
+        return np.stack([item[key] for item in items])
+
+
+def _real_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
+    return (np.arange(padded_length) < lengths[:, None]).astype(np.int64)

@@ -1,0 +1,210 @@
+import inspect
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import RAW_IMAGES, raw_region_features, write_raw_vqa
+from transformers.trainer_utils import RemoveColumnsCollator
+
+from data_scripts.prepare_vqa import prepare_vqa
+from rwsan import RWSANConfig, RWSANForVQA
+from rwsan.data import VQACollator, load_vqa_dataset
+
+NUM_REGIONS = {image_id: count for images in RAW_IMAGES.values() for image_id, count in images.items()}
+# Soft scores of the fixture's annotated questions over its answers ("red", "2"), by multiple-choice answer:
+# five annotators give that answer and two "Two".
+FIXTURE_LABELS = {"red": [1.0, 0.6], "2": [0.0, 1.0], "yes": [0.0, 0.6], "no": [0.0, 0.6]}
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqa")
+    prepare_vqa(write_raw_vqa(root / "datasets"), root / "prepared", feature_size=6)
+    return root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def dataset(prepared_dir):
+    return load_vqa_dataset(prepared_dir, "train+val+vg")
+
+
+def test_items_join_questions_to_their_image_features(dataset):
+    assert len(dataset) == 24 + 12 + 2
+    answers = dataset.answers
+    for index in range(len(dataset)):
+        item = dataset[index]
+        image_id = dataset.image_ids[index]
+        assert item["image_features"].dtype == np.float16
+        np.testing.assert_array_equal(
+            item["image_features"], raw_region_features(image_id, NUM_REGIONS[image_id]).astype(np.float16)
+        )
+        assert dataset.num_regions[index] == NUM_REGIONS[image_id]
+        assert item["question_id"] == dataset.question_ids[index]
+        # The first annotator gives the multiple-choice answer.
+        np.testing.assert_allclose(item["labels"], FIXTURE_LABELS[answers[index][0]])
+
+    # The first train question, "What color is the car?" on image 9; the first VG question, on image 25.
+    first, vg = dataset[0], dataset[-2]
+    assert first["question_id"] == 90 and first["input_ids"].tolist() == [2, 3, 4, 5, 6]
+    assert dataset.image_ids[-2] == 25 and vg["question_id"] == 10**6 + 250
+    assert vg["input_ids"].tolist() == [20, 4, 5, 21, 22]
+    assert dataset.answer_types[:3] == ["other", "yes/no", "other"]
+    assert dataset.questions[:2] == ["What color is the car?", "Is this a cat?"] and dataset.feature_size == 6
+    assert answers[0] == ["red"] * 5 + ["Two"] * 2 + ["blue"] * 3
+
+
+def test_getitems_gives_the_items_of_getitem(dataset):
+    indices = [5, 0, 37, 5]
+    for batched, single in zip(dataset.__getitems__(indices), (dataset[index] for index in indices)):
+        assert batched.keys() == single.keys()
+        for key in batched:
+            np.testing.assert_array_equal(batched[key], single[key])
+    assert dataset[-1]["question_id"] == dataset.question_ids[-1]
+    with pytest.raises(IndexError, match=r"question indices must be in \[0, 38\), got \[38\]"):
+        dataset[38]
+
+
+def test_regions_and_questions_are_cut(prepared_dir):
+    dataset = load_vqa_dataset(prepared_dir, "train", max_question_length=3, max_regions=2)
+    assert dataset[0]["input_ids"].tolist() == [2, 3, 4]
+    # Image 9 has 3 regions.
+    np.testing.assert_array_equal(dataset[0]["image_features"], raw_region_features(9, 3)[:2].astype(np.float16))
+    assert dataset.num_regions.max() == 2
+    with pytest.raises(ValueError, match="were cut to 16 words when prepared; prepare them again with"):
+        load_vqa_dataset(prepared_dir, "train", max_question_length=20)
+
+
+def test_test_splits_have_no_labels(prepared_dir):
+    dataset = load_vqa_dataset(prepared_dir, "test+test-dev")
+    assert dataset.question_ids.tolist() == [10, 190, 570, 195]
+    assert "labels" not in dataset[0] and dataset[3]["input_ids"].tolist() == [1, 4, 5, 1]
+    with pytest.raises(ValueError, match="answers is not known for the unannotated split test\\+test-dev"):
+        _ = dataset.answers
+    batch = VQACollator(num_answers=2)(dataset.__getitems__([0, 1]))
+    assert "labels" not in batch
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        (
+            "train+nope",
+            r"Unknown split 'nope' in 'train\+nope'; .*prepared has test, test-dev, train, val, vg",
+        ),
+        ("train+test", r"Cannot join splits with answers \(train\) and without answers \(test\)"),
+        ("train+train", r"split 'train\+train' names a split twice"),
+    ],
+)
+def test_bad_split_is_refused(prepared_dir, split, message):
+    with pytest.raises(ValueError, match=message):
+        load_vqa_dataset(prepared_dir, split)
+
+
+def test_folder_that_is_not_prepared_is_refused(tmp_path):
+    (tmp_path / "questions").mkdir()
+    with pytest.raises(ValueError, match="is not a prepared VQA dataset: it has no images, processor folder"):
+        load_vqa_dataset(tmp_path)
+
+
+def hand_items() -> list[dict]:
+    return [
+        {
+            "input_ids": np.array([5, 6, 7]),
+            "image_features": np.arange(6, dtype=np.float16).reshape(2, 3),
+            "labels": np.array([0.0, 0.3, 1.0], np.float32),
+            "question_id": np.int64(11),
+        },
+        {
+            "input_ids": np.array([8]),
+            "image_features": np.full((1, 3), 9, np.float16),
+            "labels": np.array([0.6, 0.0, 0.0], np.float32),
+            "question_id": np.int64(12),
+        },
+    ]
+
+
+def test_collator_pads_and_masks_by_hand():
+    batch = VQACollator(num_answers=3)(hand_items())
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["image_features"].dtype == torch.float16
+    assert batch["image_features"].tolist() == [[[0, 1, 2], [3, 4, 5]], [[9, 9, 9], [0, 0, 0]]]
+    assert batch["image_attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert torch.equal(batch["labels"], torch.tensor([[0.0, 0.3, 1.0], [0.6, 0.0, 0.0]]))
+    assert batch["question_id"].tolist() == [11, 12]
+    assert {value.dtype for key, value in batch.items() if key not in ("image_features", "labels")} == {torch.int64}
+
+
+def test_collator_rounds_padding_up_cuts_regions_and_casts():
+    collator = VQACollator(num_answers=3, max_regions=1, pad_to_multiple_of=4, image_features_dtype=torch.float32)
+    batch = collator(hand_items())
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["image_features"].dtype == torch.float32
+    assert batch["image_features"].tolist() == [[[0, 1, 2], *[[0, 0, 0]] * 3], [[9, 9, 9], *[[0, 0, 0]] * 3]]
+    assert batch["image_attention_mask"].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
+
+
+def test_collator_refuses_inconsistent_items():
+    with pytest.raises(ValueError, match="labels have 3 answers but the collator was built for 4"):
+        VQACollator(num_answers=4)(hand_items())
+    items = hand_items()
+    del items[1]["labels"]
+    with pytest.raises(ValueError, match="'labels' is given for some items of the batch but not for others"):
+        VQACollator(num_answers=3)(items)
+    with pytest.raises(ValueError, match="Cannot collate an empty batch"):
+        VQACollator(num_answers=3)([])
+
+
+def test_dataloader_batches(dataset):
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=5, shuffle=True, num_workers=0, collate_fn=VQACollator(dataset.num_answers)
+    )
+    seen = []
+    for batch in loader:
+        for row, question_id in enumerate(batch["question_id"].tolist()):
+            index = dataset.question_ids.tolist().index(question_id)
+            num_regions = dataset.num_regions[index]
+            assert batch["image_attention_mask"][row].sum() == num_regions
+            np.testing.assert_array_equal(
+                batch["image_features"][row, :num_regions].numpy(), dataset[index]["image_features"]
+            )
+            assert not batch["image_features"][row, num_regions:].any()
+            assert torch.equal(batch["labels"][row], torch.from_numpy(dataset[index]["labels"]))
+        seen += batch["question_id"].tolist()
+    assert sorted(seen) == sorted(dataset.question_ids.tolist())
+
+
+def test_pickled_dataset_reopens_the_same_data(dataset):
+    reopened = pickle.loads(pickle.dumps(dataset))
+    assert repr(reopened) == repr(dataset)
+    np.testing.assert_array_equal(reopened[7]["image_features"], dataset[7]["image_features"])
+
+
+def test_trainer_column_removal_gives_the_model_its_inputs(dataset):
+    # What `Trainer` does with a torch dataset when `remove_unused_columns=True` (the default).
+    signature_columns = [*inspect.signature(RWSANForVQA.forward).parameters, "label", "label_ids"]
+    collator = RemoveColumnsCollator(VQACollator(dataset.num_answers), signature_columns)
+    batch = collator(dataset.__getitems__([0, 1, 2]))
+    assert sorted(batch) == [
+        "attention_mask",
+        "image_attention_mask",
+        "image_features",
+        "input_ids",
+        "labels",
+    ]
+
+    config = RWSANConfig(
+        vocab_size=len(dataset.processor.tokenizer),
+        word_embedding_size=8,
+        hidden_size=8,
+        num_attention_heads=2,
+        intermediate_size=16,
+        image_feature_size=6,
+        flat_mlp_size=8,
+        flat_output_size=16,
+        id2label=dataset.processor.id2label,
+    )
+    outputs = RWSANForVQA(config).eval()(**batch)
+    assert outputs.logits.shape == (3, 2) and torch.isfinite(outputs.loss)

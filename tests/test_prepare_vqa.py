@@ -1,0 +1,428 @@
+import base64
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RAW_FEATURE_SIZE, RAW_IMAGES, coco_file_name, raw_boxes, raw_region_features, write_npz
+from datasets import load_from_disk
+
+from data_scripts import prepare_vqa as prepare_vqa_module
+from data_scripts.prepare_vqa import build_answer_vocabulary, build_question_vocabulary, prepare_vqa
+from rwsan.processing_rwsan import RWSANProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The question vocabulary of the raw_vqa_dir fixture: train words, then val, test2015 and VG words (test-dev's
+# "where" and "zebra" are not read).
+FIXTURE_QUESTION_WORDS = [
+    "PAD", "UNK", "what", "color", "is", "the", "car", "this", "a", "cat", "how", "many", "dogs", "are", "there",
+    "bus", "it", "raining",  # val
+    "sky", "blue",  # test2015
+    "why", "man", "smiling",  # VG
+]  # fmt: skip
+# train has "red", "yes" and "2" 8 times each, val "red", "no" and "2" 4 times each; VG's "yes" do not count.
+FIXTURE_ANSWERS = {0: "red", 1: "2"}
+
+
+def prepare(data_root: Path, output_dir: Path, **kwargs) -> dict:
+    return prepare_vqa(data_root, output_dir, feature_size=RAW_FEATURE_SIZE, **kwargs)
+
+
+def image_rows(output_dir: Path) -> dict[int, dict]:
+    images = load_from_disk(str(output_dir / "images"))
+    return {row["image_id"]: row for row in images}
+
+
+def stored_features(row: dict) -> np.ndarray:
+    return np.array(row["features"], dtype=np.float16)
+
+
+def tsv_line(image_id: int, num_regions: int) -> str:
+    arrays = raw_boxes(image_id, num_regions), raw_region_features(image_id, num_regions)
+    encoded = [base64.b64encode(array.tobytes()).decode() for array in arrays]
+    return "\t".join(map(str, [image_id, 640, 480, num_regions, *encoded])) + "\n"
+
+
+def all_tsv_lines() -> list[str]:
+    return [tsv_line(image_id, regions) for images in RAW_IMAGES.values() for image_id, regions in images.items()]
+
+
+def npz_path(data_root: Path, folder: str, image_id: int) -> Path:
+    return data_root / "coco_extract" / folder / coco_file_name(folder, image_id)
+
+
+def leftovers(output_dir: Path) -> list[Path]:
+    return list(output_dir.parent.glob(f".{output_dir.name}.*"))
+
+
+def test_answer_vocabulary_keeps_answers_seen_more_than_8_times_in_first_occurrence_order():
+    train = ["no", "Two", "yes", "fish", "no", "cat"] + ["yes"] * 8 + ["cat"] * 7 + ["fish"] * 7
+    val = ["dog"] * 9 + ["2"] * 8 + ["no"] * 7 + ["cat"]
+    vocabulary = build_answer_vocabulary([train, val])
+    # Counts: "no" 9, "2" 9 ("Two" is normalised to it), "yes" 9, "fish" 8, "cat" 9, "dog" 9.
+    assert vocabulary == ["no", "2", "yes", "cat", "dog"]
+
+
+def test_question_vocabulary_numbers_words_in_first_occurrence_order_across_lists():
+    lists = [["What is the man's name?", "IS it a dog-sled?"], ["What's on the table/desk?"]]
+    assert build_question_vocabulary(lists) == {
+        "PAD": 0, "UNK": 1, "what": 2, "is": 3, "the": 4, "mans": 5, "name": 6, "it": 7, "a": 8, "dog": 9,
+        "sled": 10, "whats": 11, "on": 12, "table": 13, "desk": 14,
+    }  # fmt: skip
+
+
+def test_prepares_splits_vocabularies_and_labels(raw_vqa_dir, tmp_path):
+    output_dir = tmp_path / "prepared"
+    report = prepare(raw_vqa_dir, output_dir)
+
+    processor = RWSANProcessor.from_pretrained(str(output_dir / "processor"))
+    assert processor.id2label == FIXTURE_ANSWERS
+    vocabulary = processor.tokenizer.get_vocab()
+    assert sorted(vocabulary, key=vocabulary.get) == FIXTURE_QUESTION_WORDS
+    assert processor.max_question_length == 16 and processor.max_regions == 100
+    assert processor.image_feature_size == RAW_FEATURE_SIZE
+
+    assert report["splits"] == {
+        "train": {"questions": 24, "kept": 24},
+        "val": {"questions": 12, "kept": 12},
+        "test": {"questions": 3, "kept": 3},
+        "test-dev": {"questions": 1, "kept": 1},
+        "vg": {"questions": 2, "kept": 2},
+    }
+    assert report["images"]["converted"] == 15
+    assert report["regions_per_image"]["max"] == 6 and report["regions_per_image"]["histogram"]["1-10"] == 15
+    assert report["problems"] == []
+    assert json.loads((output_dir / "report.json").read_text()) == report
+
+    train = load_from_disk(str(output_dir / "questions" / "train"))
+    first = train[0]
+    assert first["question_id"] == 90 and first["image_id"] == 9
+    assert first["question"] == "What color is the car?" and first["input_ids"] == [2, 3, 4, 5, 6]
+    assert first["multiple_choice_answer"] == "red" and first["answer_type"] == "other"
+    assert first["answers"] == ["red"] * 5 + ["Two"] * 2 + ["blue"] * 3
+    # "red" from 5 annotators -> 1.0, "Two" (-> "2") from 2 -> 0.6, "blue" is not an answer of the vocabulary.
+    assert first["label_ids"] == [0, 1] and first["label_scores"] == pytest.approx([1.0, 0.6])
+    assert train[2]["label_ids"] == [1] and train[2]["label_scores"] == [1.0]
+    assert load_from_disk(str(output_dir / "images"))[first["image_index"]]["image_id"] == 9
+
+    test_dev = load_from_disk(str(output_dir / "questions" / "test-dev"))
+    assert test_dev.column_names == ["question_id", "image_id", "image_index", "question", "input_ids"]
+    # "Where is the zebra?": test-dev words are not in the vocabulary.
+    assert test_dev[0]["input_ids"] == [1, 4, 5, 1]
+
+
+def test_questions_are_cut_to_max_question_length(raw_vqa_dir, tmp_path):
+    prepare(raw_vqa_dir, tmp_path / "prepared", max_question_length=3)
+    train = load_from_disk(str(tmp_path / "prepared" / "questions" / "train"))
+    assert train[0]["input_ids"] == [2, 3, 4]
+    assert RWSANProcessor.from_pretrained(str(tmp_path / "prepared" / "processor")).max_question_length == 3
+
+
+def test_image_features_are_the_npz_features_in_float16_either_orientation(raw_vqa_dir, tmp_path):
+    # One file in the (num_regions, feature_size) orientation, the others in the original's transpose.
+    write_npz(npz_path(raw_vqa_dir, "train2014", 30), raw_region_features(30, 5), raw_boxes(30, 5), True)
+    prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    rows = image_rows(tmp_path / "prepared")
+    for images in RAW_IMAGES.values():
+        for image_id, num_regions in images.items():
+            row = rows[image_id]
+            np.testing.assert_array_equal(
+                stored_features(row), raw_region_features(image_id, num_regions).astype(np.float16)
+            )
+            np.testing.assert_array_equal(np.array(row["boxes"]), raw_boxes(image_id, num_regions))
+            assert (row["num_regions"], row["image_width"], row["image_height"]) == (num_regions, 640, 480)
+
+
+def test_float32_features_are_kept_exactly(raw_vqa_dir, tmp_path):
+    prepare(raw_vqa_dir, tmp_path / "prepared", feature_dtype="float32")
+    images = load_from_disk(str(tmp_path / "prepared" / "images"))
+    assert images.features["features"].feature.feature.dtype == "float32"
+    np.testing.assert_array_equal(np.array(images[0]["features"], dtype=np.float32), raw_region_features(9, 3))
+
+
+def test_tsv_features_give_the_same_images_as_npz(raw_vqa_dir, tmp_path):
+    prepare(raw_vqa_dir, tmp_path / "from_npz")
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text("".join(all_tsv_lines()))
+    report = prepare(raw_vqa_dir, tmp_path / "from_tsv", features_tsv=[tsv_path])
+
+    assert report["images"]["converted"] == 15 and report["problems"] == []
+    from_npz, from_tsv = image_rows(tmp_path / "from_npz"), image_rows(tmp_path / "from_tsv")
+    assert from_tsv.keys() == from_npz.keys()
+    for image_id, row in from_tsv.items():
+        assert row == from_npz[image_id]
+
+
+def test_several_processes_give_the_same_dataset(raw_vqa_dir, tmp_path):
+    prepare(raw_vqa_dir, tmp_path / "one")
+    prepare(raw_vqa_dir, tmp_path / "two", num_proc=2)
+    for folder in ("images", "questions/train", "questions/vg"):
+        assert (
+            load_from_disk(str(tmp_path / "two" / folder)).to_dict()
+            == load_from_disk(str(tmp_path / "one" / folder)).to_dict()
+        )
+
+
+def write_bad_images(data_root: Path):
+    """Breaks five train images: 9 corrupt, 25 truncated, 30 of feature size 5, 42 with a NaN, 49 missing."""
+    npz_path(data_root, "train2014", 9).write_bytes(b"this is not a zip archive")
+    truncated = npz_path(data_root, "train2014", 25)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    write_npz(npz_path(data_root, "train2014", 30), np.ones((5, 5), np.float32), raw_boxes(30, 5))
+    with_nan = raw_region_features(42, 2)
+    with_nan[1, 3] = np.nan
+    write_npz(npz_path(data_root, "train2014", 42), with_nan, raw_boxes(42, 2))
+    npz_path(data_root, "train2014", 49).unlink()
+
+
+def test_bad_images_are_reported_and_their_questions_left_out(raw_vqa_dir, tmp_path, capsys):
+    write_bad_images(raw_vqa_dir)
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    problem_images = {problem["image_id"]: problem for problem in report["problems"] if problem["question_id"] is None}
+    assert {image_id: problem["kind"] for image_id, problem in problem_images.items()} == {
+        9: "unreadable",
+        25: "unreadable",
+        30: "feature_size",
+        42: "non_finite",
+    }
+    assert problem_images[9]["path"] == str(npz_path(raw_vqa_dir, "train2014", 9))
+    assert "x has shape (5, 5), expected (6, num_regions)" in problem_images[30]["reason"]
+    assert problem_images[42]["reason"] == "1 NaN or infinite feature values"
+
+    # Three train questions and one VG question (image 25) per bad image.
+    missing = [problem for problem in report["problems"] if problem["kind"] == "missing_image"]
+    assert sorted(problem["question_id"] for problem in missing) == sorted(
+        [image_id * 10 + position for image_id in (9, 25, 30, 42, 49) for position in range(3)] + [10**6 + 250]
+    )
+    by_question = {problem["question_id"]: problem for problem in missing}
+    assert by_question[490]["reason"] == "its image 49 has no features"
+    assert by_question[90]["reason"] == f"its image 9 was left out (unreadable: {problem_images[9]['path']})"
+    assert report["problem_counts"] == {
+        "unreadable": 2,
+        "feature_size": 1,
+        "non_finite": 1,
+        "missing_image": 16,
+    }
+    assert report["splits"]["train"] == {"questions": 24, "kept": 9}
+    assert report["splits"]["vg"] == {"questions": 2, "kept": 1}
+    assert set(image_rows(tmp_path / "prepared")) == {61, 72, 77, 133, 164, 192, 196, 1, 19, 57}
+    assert "problems: 16 x missing_image" in capsys.readouterr().out
+
+
+def test_an_image_read_twice_is_reported_and_the_first_copy_kept(raw_vqa_dir, tmp_path):
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text(tsv_line(9, 2))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
+    assert report["problems"] == [
+        {
+            "kind": "duplicate_image",
+            "path": f"{tsv_path}:1",
+            "reason": f"image 9 already read from {npz_path(raw_vqa_dir, 'train2014', 9)}",
+            "image_id": 9,
+            "question_id": None,
+        }
+    ]
+    assert image_rows(tmp_path / "prepared")[9]["num_regions"] == 3
+
+
+def test_tsv_problems_name_file_and_line(raw_vqa_dir, tmp_path):
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    lines = all_tsv_lines()
+    lines[0] = lines[0][: len(lines[0]) // 2] + "\n"  # truncated
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text("".join(lines))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
+    assert report["problems"][0]["path"] == f"{tsv_path}:1"
+    assert report["problems"][0]["image_id"] == 9
+    assert report["problems"][0]["kind"] == "unreadable"
+
+
+@pytest.mark.parametrize(
+    ("break_image", "message"),
+    [
+        (lambda path: path.write_bytes(b"garbage"), r"COCO_train2014_000000000009\.jpg\.npz: cannot read"),
+        (
+            lambda path: write_npz(path, np.full((3, 6), np.inf, np.float32), raw_boxes(9, 3)),
+            r"18 NaN or infinite feature values \(stopped by --strict\)",
+        ),
+        (
+            lambda path: write_npz(path, np.full((3, 6), 1e5, np.float32), raw_boxes(9, 3)),
+            r"feature values up to 100000 overflow float16; use --feature_dtype float32",
+        ),
+    ],
+)
+def test_strict_stops_at_the_first_problem(raw_vqa_dir, tmp_path, break_image, message):
+    break_image(npz_path(raw_vqa_dir, "train2014", 9))
+    with pytest.raises(ValueError, match=message):
+        prepare(raw_vqa_dir, tmp_path / "prepared", strict=True)
+    assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
+
+
+def test_strict_stops_at_a_question_without_image(raw_vqa_dir, tmp_path):
+    npz_path(raw_vqa_dir, "val2014", 164).unlink()
+    with pytest.raises(ValueError, match=r"val2014_questions\.json: its image 164 has no features"):
+        prepare(raw_vqa_dir, tmp_path / "prepared", strict=True)
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        (
+            "vqa/v2_mscoco_val2014_annotations.json",
+            r"v2_mscoco_val2014_annotations\.json not found: the val ",
+        ),
+        (
+            "vqa/v2_OpenEnded_mscoco_train2014_questions.json",
+            r"train2014_questions\.json not found, but its anno",
+        ),
+        ("coco_extract", r"no image features: none of train2014, val2014, test2015 exists in .*coco_extract"),
+        ("vqa", r"vqa not found: it should hold the VQA-v2 question files"),
+    ],
+)
+def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove, message):
+    path = raw_vqa_dir / remove
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(FileNotFoundError, match=message):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content", "message"),
+    [
+        ("VG_questions.json", '{"questions": [{"question_id": 1', r"VG_questions\.json is not valid JSON: "),
+        ("VG_annotations.json", '{"annotation": []}', r"VG_annotations\.json has no 'annotations' list"),
+        (
+            "v2_OpenEnded_mscoco_val2014_questions.json",
+            '{"questions": [{"question_id": 1, "question": "Why?"}]}',
+            r"val2014_questions\.json: questions\[0\] is incomplete: it needs question_id, image_id and question",
+        ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "multiple_choice_answer": "no", "answers": [{"answer": 0}]}]}',
+            r"annotations\[0\] is incomplete: it needs question_id, multiple_choice_answer and answers \(a list",
+        ),
+    ],
+)
+def test_malformed_question_files_are_refused(raw_vqa_dir, tmp_path, file_name, content, message):
+    (raw_vqa_dir / "vqa" / file_name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+
+
+def test_missing_tsv_file_stops_with_its_path(raw_vqa_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"feature file .*nowhere\.tsv not found"):
+        prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tmp_path / "nowhere.tsv"])
+
+
+def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):
+    for name in (
+        "VG_questions.json",
+        "VG_annotations.json",
+        "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+    ):
+        (raw_vqa_dir / "vqa" / name).unlink()
+    shutil.rmtree(raw_vqa_dir / "coco_extract" / "test2015")
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    assert set(report["splits"]) == {"train", "val"}
+    assert report["skipped_splits"]["vg"] == f"{raw_vqa_dir / 'vqa' / 'VG_questions.json'} not found"
+    assert report["skipped_splits"]["test"].startswith("no image features: ")
+    assert "Skipping test: no image features" in capsys.readouterr().out
+    # The test questions still count for the question vocabulary, as in the original.
+    vocabulary = RWSANProcessor.from_pretrained(str(tmp_path / "prepared" / "processor")).tokenizer.get_vocab()
+    assert "sky" in vocabulary and "smiling" not in vocabulary
+
+
+def test_existing_output_is_refused_without_overwrite(raw_vqa_dir, tmp_path):
+    output_dir = tmp_path / "prepared"
+    output_dir.mkdir()
+    (output_dir / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=f"{output_dir} already exists; pass --overwrite to replace it"):
+        prepare(raw_vqa_dir, output_dir)
+    assert (output_dir / "keep.txt").read_text() == "mine"
+
+    prepare(raw_vqa_dir, output_dir, overwrite=True)
+    assert not (output_dir / "keep.txt").exists() and (output_dir / "report.json").is_file()
+    assert not leftovers(output_dir)
+
+
+def test_failure_half_way_leaves_no_dataset(raw_vqa_dir, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    # Fails after the images are written, while the questions are.
+    monkeypatch.setattr(prepare_vqa_module, "write_questions", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
+
+
+def test_leftovers_of_a_killed_run_are_removed(raw_vqa_dir, tmp_path):
+    dead_pid = 2**22 + 1  # above the default pid_max
+    stale = tmp_path / f".prepared.partial-{dead_pid}"
+    stale.mkdir()
+    prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not stale.exists()
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    command = [sys.executable, str(REPO_ROOT / "data_scripts" / "prepare_vqa.py"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_cli_reports_bad_input_and_exits_with_an_error(raw_vqa_dir, tmp_path):
+    (tmp_path / "prepared").mkdir()
+    process = run_cli("--data_root", str(raw_vqa_dir), "--output_dir", str(tmp_path / "prepared"))
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert f"error: {tmp_path / 'prepared'} already exists; pass --overwrite to replace it" in output
+
+
+def open_fifo_for_writing(path: Path, process: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Opens the FIFO once the process reads it (opening it earlier fails with ENXIO)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno != errno.ENXIO:
+                raise
+            time.sleep(0.05)
+    raise TimeoutError(f"{path} was not opened for reading")
+
+
+def test_terminated_conversion_leaves_no_dataset(raw_vqa_dir, tmp_path):
+    # The features come through a FIFO that is left open after a few images, so the conversion is caught
+    # half-way through writing the images.
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    fifo = tmp_path / "features.tsv"
+    os.mkfifo(fifo)
+    output_dir = tmp_path / "prepared"
+    process = run_cli(
+        *("--data_root", str(raw_vqa_dir), "--output_dir", str(output_dir), "--features_tsv", str(fifo)),
+        *("--feature_size", str(RAW_FEATURE_SIZE)),
+    )
+    fifo_fd = open_fifo_for_writing(fifo, process)
+    try:
+        os.write(fifo_fd, "".join(all_tsv_lines()[:3]).encode())
+        assert leftovers(output_dir), "the conversion should be writing into a temporary folder"
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        os.close(fifo_fd)
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert not output_dir.exists() and not leftovers(output_dir)

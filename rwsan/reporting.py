@@ -1,0 +1,129 @@
+"""What a training run leaves beside its model: a plot of the training curves and a hub model card."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CITATION = """@article{qin2022rwsan,
+  author  = {Qin, Bosheng and Hu, Haoji and Zhuang, Yueting},
+  title   = {Deep Residual Weight-Sharing Attention Network with Low-Rank Attention for Visual Question Answering},
+  journal = {IEEE Transactions on Multimedia},
+  year    = {2022},
+  doi     = {10.1109/TMM.2022.3173131}
+}"""
+
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
+    """Training loss, learning rate and val VQA accuracy against epochs, from `trainer.state.log_history`."""
+    training = [entry for entry in log_history if "loss" in entry and "epoch" in entry]
+    evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
+    figure, (loss_axis, rate_axis, accuracy_axis) = plt.subplots(1, 3, figsize=(15, 4))
+
+    loss_axis.plot([entry["epoch"] for entry in training], [entry["loss"] for entry in training])
+    loss_axis.set(title="training loss", xlabel="epoch", ylabel="BCE (summed over answers)")
+    rate_axis.plot(
+        [entry["epoch"] for entry in training if "learning_rate" in entry],
+        [entry["learning_rate"] for entry in training if "learning_rate" in entry],
+    )
+    rate_axis.set(title="learning rate", xlabel="epoch")
+    rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    epochs = [entry["epoch"] for entry in evaluations]
+    accuracy_axis.plot(epochs, [entry["eval_accuracy"] for entry in evaluations], "o-", label="overall")
+    for answer_type in ANSWER_TYPES:
+        key = f"eval_accuracy_{answer_type}"
+        if evaluations and key in evaluations[0]:
+            accuracy_axis.plot(epochs, [entry[key] for entry in evaluations], ".--", label=answer_type)
+    accuracy_axis.set(title="val VQA accuracy", xlabel="epoch", ylabel="%")
+    if evaluations:
+        accuracy_axis.legend()
+    else:
+        accuracy_axis.text(0.5, 0.5, "no evaluation split", ha="center", transform=accuracy_axis.transAxes)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_model_card(output_dir: str | Path, config, dataset_dir: str, train_split: str, metrics: dict) -> Path:
+    """A hub model card (README.md with metadata) for a trained RWSANForVQA folder."""
+    accuracy_rows = "\n".join(
+        f"| {name.removeprefix('eval_')} | {value:.2f} |"
+        for name, value in metrics.items()
+        if name.startswith("eval_accuracy") or name.startswith("baseline_")
+    )
+    sizes = {
+        name: getattr(config, name)
+        for name in (
+            "hidden_size",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_srwsa_repeats",
+            "num_sgrwsa_repeats",
+            "text_self_attention_rank",
+            "image_self_attention_rank",
+            "guided_attention_rank",
+            "vocab_size",
+            "num_labels",
+        )
+    }
+    card = f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: visual-question-answering
+tags:
+- rwsan
+- vqa
+- visual-question-answering
+- bottom-up-attention
+datasets:
+- vqa_v2
+metrics:
+- accuracy
+---
+
+# RWSAN for visual question answering
+
+A Residual Weight-Sharing Attention Network with Low-Rank Attention (Qin, Hu & Zhuang, IEEE TMM 2022), trained
+with the `rwsan` package on `{train_split}` of the prepared dataset `{dataset_dir}`. It answers questions about an
+image from its precomputed bottom-up-attention region features (Faster R-CNN, up to {config.max_regions} regions of
+{config.image_feature_size} values).
+
+## Configuration
+
+```json
+{json.dumps(sizes, indent=2)}
+```
+
+## Results (official VQA accuracy, %)
+
+| metric | value |
+| --- | --- |
+{accuracy_rows or "| (no evaluation split) | |"}
+
+## How to use
+
+```python
+from transformers import pipeline
+
+# With `pip install rwsan` and `import rwsan`: pipeline("vqa-features", model=...), without remote code.
+answer = pipeline(model="{Path(output_dir).name}", trust_remote_code=True)
+# features: a (regions, {config.image_feature_size}) array, or the path of a per-image .npz
+answer({{"question": "what color is the cube?", "image_features": features}})
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+    path = Path(output_dir) / "README.md"
+    path.write_text(card)
+    return path

@@ -1,0 +1,247 @@
+"""train_vqa.py and rwsan.training: the paper's schedule, resuming, several processes, predictions, bad input."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rwsan.training import paper_lr_multiplier
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough that a few CPU steps take a second; the data is the toy set at feature size 32.
+TINY_MODEL = [
+    "--hidden_size", "32",
+    "--intermediate_size", "64",
+    "--word_embedding_size", "16",
+    "--flat_mlp_size", "16",
+    "--flat_output_size", "48",
+    "--num_srwsa_repeats", "1",
+    "--num_sgrwsa_repeats", "1",
+]  # fmt: skip
+
+
+def original_rate(step: int, steps_per_epoch: int, base: float = 1e-4) -> float:
+    """The original's WarmupOptimizer.rate(step) (1-based step) with adjust_lr(0.2) at epochs 12 and 14."""
+    epoch = (step - 1) // steps_per_epoch
+    lr_base = base * 0.2 ** sum(epoch >= decay for decay in (12, 14))
+    if step <= steps_per_epoch:
+        return lr_base / 4
+    if step <= 2 * steps_per_epoch:
+        return lr_base * 2 / 4
+    if step <= 3 * steps_per_epoch:
+        return lr_base * 3 / 4
+    return lr_base
+
+
+def test_schedule_equals_the_original_at_every_step():
+    steps_per_epoch = 7
+    for step in range(16 * steps_per_epoch):
+        ours = 1e-4 * paper_lr_multiplier(step, steps_per_epoch, 3, (12, 14), 0.2)
+        assert ours == pytest.approx(original_rate(step + 1, steps_per_epoch), rel=1e-12), step
+
+
+def run_training(*arguments, timeout=600, check=True, **kwargs):
+    command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *arguments]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def common_arguments(dataset: Path, output: Path, *extra):
+    return [
+        "--dataset_dir", str(dataset),
+        "--output_dir", str(output),
+        *TINY_MODEL,
+        "--per_device_train_batch_size", "16",
+        "--use_cpu",
+        "--seed", "3",
+        "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+def logged_rates(output: Path) -> list[tuple[int, float]]:
+    state = json.loads((output / "trainer_state.json").read_text())
+    return [(entry["step"], entry["learning_rate"]) for entry in state["log_history"] if "learning_rate" in entry]
+
+
+def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, tmp_path):
+    """Batch 16 x 2 accumulation: 210 train questions -> 14 batches -> 7 optimizer steps an epoch."""
+    output = tmp_path / "run"
+    run_training(
+        *common_arguments(tiny_prepared_vqa, output),
+        "--gradient_accumulation_steps", "2",
+        "--num_train_epochs", "4",
+        "--warmup_epochs", "2",
+        "--lr_decay_epochs", "3",
+        "--learning_rate", "1e-3",
+        "--logging_steps", "1",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+    )  # fmt: skip
+    rates = dict(logged_rates(output))
+    assert len(rates) == 28
+    for step, rate in rates.items():
+        # The logged rate is the one the step was taken with (0-based optimizer step = step - 1).
+        assert rate == pytest.approx(1e-3 * paper_lr_multiplier(step - 1, 7, 2, (3,), 0.2)), step
+
+
+def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_path):
+    arguments = [
+        "--num_train_epochs", "3",
+        "--warmup_epochs", "1",
+        "--lr_decay_epochs", "2",
+        "--eval_strategy", "no",
+        "--save_strategy", "epoch",
+    ]  # fmt: skip
+    run_training(*common_arguments(tiny_prepared_vqa, tmp_path / "straight"), *arguments)
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *common_arguments(tiny_prepared_vqa, interrupted)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [*command, *arguments], cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    first_checkpoint = interrupted / "checkpoint-14"  # 210 questions / batch 16 -> 14 steps an epoch
+    deadline = time.monotonic() + 300
+    while not (first_checkpoint / "trainer_state.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+    run_training(
+        *common_arguments(tiny_prepared_vqa, interrupted), *arguments, "--resume_from_checkpoint", str(first_checkpoint)
+    )
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(REPO_ROOT / "train_vqa.py"),
+        *common_arguments(tiny_prepared_vqa, tmp_path / "ddp"),
+        "--max_steps", "4",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
+    assert set(fingerprints) == {"0", "1"}, result.stdout[-2000:]
+    assert fingerprints["0"] == fingerprints["1"]
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
+    output = tmp_path / "predict"
+    run_training(
+        *common_arguments(tiny_prepared_vqa, output),
+        "--max_steps", "2",
+        "--do_train", "--do_predict",
+        "--predict_split", "test-dev",
+        "--save_logits",
+    )  # fmt: skip
+    from rwsan.data import load_vqa_dataset
+
+    test_dev = load_vqa_dataset(tiny_prepared_vqa, "test-dev")
+    answers = set(test_dev.processor.id2label.values())
+    predictions = json.loads((output / "predictions_test-dev.json").read_text())
+    assert sorted(item["question_id"] for item in predictions) == sorted(test_dev.question_ids.tolist())
+    assert all(set(item) == {"question_id", "answer"} and item["answer"] in answers for item in predictions)
+    assert all(isinstance(item["question_id"], int) for item in predictions)
+    import numpy as np
+
+    logits = np.load(output / "logits_test-dev.npy")
+    assert logits.dtype == np.float16 and logits.shape == (len(test_dev), len(answers))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset_dir", "/nonexistent/vqa"], "/nonexistent/vqa is not a prepared VQA dataset"),
+        (["--train_split", "train+nosuch"], "Unknown split 'nosuch'"),
+    ],
+)
+def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, extra, message):
+    result = run_training(*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *extra, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_model_that_does_not_fit_the_data_is_refused(tiny_prepared_vqa, tmp_path):
+    from rwsan import RWSANConfig, RWSANForVQA
+    from rwsan.data import load_vqa_dataset
+
+    processor = load_vqa_dataset(tiny_prepared_vqa, "val").processor
+    fitting = dict(
+        vocab_size=len(processor.tokenizer),
+        id2label=dict(processor.id2label),
+        hidden_size=32,
+        intermediate_size=64,
+        word_embedding_size=16,
+        flat_mlp_size=16,
+        flat_output_size=48,
+    )
+    RWSANForVQA(RWSANConfig(**{**fitting, "image_feature_size": 64})).save_pretrained(tmp_path / "wide")
+    result = run_training(
+        *common_arguments(tiny_prepared_vqa, tmp_path / "run"),
+        "--model_name_or_path",
+        str(tmp_path / "wide"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "region features have 32 values but the model expects 64" in result.stderr
+
+    other_answers = {index: f"other {index}" for index in range(len(processor.id2label))}
+    RWSANForVQA(RWSANConfig(**{**fitting, "image_feature_size": 32, "id2label": other_answers})).save_pretrained(
+        tmp_path / "other-answers"
+    )
+    result = run_training(
+        *common_arguments(tiny_prepared_vqa, tmp_path / "run"),
+        "--model_name_or_path",
+        str(tmp_path / "other-answers"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "are not those of the dataset's processor" in result.stderr
+
+
+def test_diverging_loss_stops_with_the_step_and_the_last_checkpoint(tiny_prepared_vqa, tmp_path):
+    result = run_training(
+        *common_arguments(tiny_prepared_vqa, tmp_path / "run"),
+        "--learning_rate", "1e12",
+        "--warmup_epochs", "0",
+        "--logging_steps", "1",
+        "--num_train_epochs", "3",
+        "--eval_strategy", "no",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert re.search(r"The training loss became (nan|inf) by optimizer step \d+", result.stderr), result.stderr[-3000:]
+    assert "The last checkpoint saved before it is" in result.stderr

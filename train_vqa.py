@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None):
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if training_args.do_train:
             plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
-            write_model_card(output_dir, model.config, data_args.dataset_dir, data_args.train_split, metrics)
+            provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
+            write_model_card(output_dir, model.config, provenance, metrics)
 
     if predict_dataset is not None:
         trainer.compute_metrics = None  # test splits have no answers to score against

@@ -1,7 +1,7 @@
 """Convert a checkpoint of the paper's code (`BrightQin/RWSAN`) into a `RWSANForVQA` folder.
 
     python -m rwsan.convert_original_checkpoint --checkpoint epoch16.pkl --output_dir rwsan-vqa \
-        [--answer_dict answer_dict.json]
+        [--answer_dict answer_dict.json] [--processor data/vqa/processor]
 
 The original saves `{'state_dict', 'optimizer', 'lr_base'}` with `torch.save` (keys prefixed `module.` when it
 trained under DataParallel). Sizes are read off the tensor shapes; the repeat counts are the paper's unless given.
@@ -19,6 +19,9 @@ import torch
 
 from .configuration_rwsan import RWSANConfig
 from .modeling_rwsan import RWSANForVQA
+from .pipeline_rwsan import save_for_pipeline
+from .processing_rwsan import RWSANProcessor
+from .reporting import write_model_card
 
 # Original module path -> this implementation's, applied in order to every key (the original's names appear only here).
 _KEY_RENAMES = [
@@ -181,16 +184,47 @@ def load_original_checkpoint(
     return model.eval()
 
 
-def convert(checkpoint: str, output_dir: str, answer_dict: str | None = None, **config_overrides) -> RWSANForVQA:
-    """Convert and save; the output folder appears whole or not at all."""
+def _read_processor(path: str | os.PathLike, model: RWSANForVQA) -> RWSANProcessor:
+    processor = RWSANProcessor.from_pretrained(str(path))
+    if dict(processor.id2label) != model.config.id2label:
+        raise CheckpointError(
+            f"The answers of the processor in {path} ({len(processor.id2label)}) are not the checkpoint's "
+            f"({model.config.num_labels}, named by --answer_dict): prepare the data with the original answer_dict."
+        )
+    if len(processor.tokenizer) != model.config.vocab_size:
+        raise CheckpointError(
+            f"The processor in {path} has {len(processor.tokenizer)} question tokens but the checkpoint embeds "
+            f"{model.config.vocab_size}: it was not prepared from the same questions."
+        )
+    return processor
+
+
+def convert(
+    checkpoint: str,
+    output_dir: str,
+    answer_dict: str | None = None,
+    processor: str | None = None,
+    **config_overrides,
+) -> RWSANForVQA:
+    """Convert and save; the output folder appears whole or not at all.
+
+    With `processor` (the `processor/` folder that `prepare_vqa.py` wrote), the folder also holds the processor and
+    the pipeline code: a complete, hub-ready folder that `pipeline(model=..., trust_remote_code=True)` loads.
+    """
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"Output folder {output} exists and is not empty; choose another or remove it.")
     model = load_original_checkpoint(checkpoint, answer_dict, **config_overrides)
+    question_processor = _read_processor(processor, model) if processor is not None else None
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        model.save_pretrained(staging)
+        if question_processor is None:
+            model.save_pretrained(staging)
+        else:
+            save_for_pipeline(model, question_processor, staging)
+            provenance = f"converted from `{Path(checkpoint).name}`, a checkpoint of the paper's code."
+            write_model_card(staging, model.config, provenance)
         if output.exists():
             output.rmdir()
         staging.rename(output)
@@ -205,6 +239,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="checkpoint of the original code (e.g. epoch16.pkl)")
     parser.add_argument("--output_dir", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--answer_dict", help="the original answer_dict.json, to name the answers")
+    parser.add_argument("--processor", help="a processor folder (prepare_vqa.py's OUT/processor) to save beside it")
     parser.add_argument("--num_srwsa_repeats", type=int, default=RWSANConfig.num_srwsa_repeats)
     parser.add_argument("--num_sgrwsa_repeats", type=int, default=RWSANConfig.num_sgrwsa_repeats)
     parser.add_argument("--num_attention_heads", type=int, default=RWSANConfig.num_attention_heads)
@@ -214,6 +249,7 @@ def main(argv=None):
             args.checkpoint,
             args.output_dir,
             args.answer_dict,
+            args.processor,
             num_srwsa_repeats=args.num_srwsa_repeats,
             num_sgrwsa_repeats=args.num_sgrwsa_repeats,
             num_attention_heads=args.num_attention_heads,

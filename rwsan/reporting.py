@@ -51,8 +51,12 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     return path
 
 
-def write_model_card(output_dir: str | Path, config, dataset_dir: str, train_split: str, metrics: dict) -> Path:
-    """A hub model card (README.md with metadata) for a trained RWSANForVQA folder."""
+def write_model_card(output_dir: str | Path, config, provenance: str, metrics: dict | None = None) -> Path:
+    """A hub model card (README.md with metadata) for an RWSANForVQA folder.
+
+    `provenance` is a sentence saying where the weights come from ("trained with ... on ...", "converted from ...").
+    """
+    metrics = metrics or {}
     accuracy_rows = "\n".join(
         f"| {name.removeprefix('eval_')} | {value:.2f} |"
         for name, value in metrics.items()
@@ -90,10 +94,9 @@ metrics:
 
 # RWSAN for visual question answering
 
-A Residual Weight-Sharing Attention Network with Low-Rank Attention (Qin, Hu & Zhuang, IEEE TMM 2022), trained
-with the `rwsan` package on `{train_split}` of the prepared dataset `{dataset_dir}`. It answers questions about an
-image from its precomputed bottom-up-attention region features (Faster R-CNN, up to {config.max_regions} regions of
-{config.image_feature_size} values).
+A Residual Weight-Sharing Attention Network with Low-Rank Attention (Qin, Hu & Zhuang, IEEE TMM 2022), {provenance}
+It answers questions about an image from its precomputed bottom-up-attention region features (Faster R-CNN, up to
+{config.max_regions} regions of {config.image_feature_size} values).
 
 ## Configuration
 

@@ -147,3 +147,48 @@ def test_answer_dict_of_the_wrong_size(tmp_path, golden):
     answer_dict.write_text(json.dumps([{"yes": 0}, {"0": "yes"}]))
     with pytest.raises(CheckpointError, match="has 1 answers .* classifier has 20 outputs"):
         load_original_checkpoint(checkpoint, answer_dict)
+
+
+def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
+    from transformers import pipeline
+
+    from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    answers = [f"answer {i}" for i in range(golden["answer_size"])]
+    answer_dict = tmp_path / "answer_dict.json"
+    answer_dict.write_text(
+        json.dumps([{a: i for i, a in enumerate(answers)}, {str(i): a for i, a in enumerate(answers)}])
+    )
+    vocab = {"PAD": 0, "UNK": 1, **{f"word{i}": i for i in range(2, golden["token_size"])}}
+    processor = RWSANProcessor(
+        build_question_tokenizer(vocab), id2label=dict(enumerate(answers)), image_feature_size=48
+    )
+    processor.save_pretrained(tmp_path / "processor")
+
+    main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--output_dir",
+            str(tmp_path / "hub"),
+            "--answer_dict",
+            str(answer_dict),
+            "--processor",
+            str(tmp_path / "processor"),
+        ]
+    )
+    config = json.loads((tmp_path / "hub" / "config.json").read_text())
+    assert "custom_pipelines" in config and (tmp_path / "hub" / "pipeline_rwsan.py").is_file()
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0") and "converted from `ckpt.pkl`" in card
+    vqa = pipeline("vqa-features", model=str(tmp_path / "hub"), device="cpu")
+    features = golden["img_feat"][0]
+    result = vqa({"question": "word5 word8 word2", "image_features": features}, top_k=2)
+    assert [item["answer"] for item in result][0] in answers
+
+    wrong = RWSANProcessor(build_question_tokenizer(vocab), id2label={0: "yes"}, image_feature_size=48)
+    wrong.save_pretrained(tmp_path / "wrong")
+    with pytest.raises(CheckpointError, match="are not the checkpoint's"):
+        convert(str(checkpoint), str(tmp_path / "out"), str(answer_dict), str(tmp_path / "wrong"))
+    assert not (tmp_path / "out").exists()

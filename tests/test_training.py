@@ -175,6 +175,14 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     assert all(isinstance(item["question_id"], int) for item in predictions)
     import numpy as np
 
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert {"eval_accuracy", "eval_accuracy_yes/no", "eval_accuracy_number", "eval_accuracy_other"} <= set(metrics)
+    assert 0 <= metrics["eval_accuracy"] <= 100
+    assert (output / "training_curves.png").stat().st_size > 10_000
+    card = (output / "README.md").read_text()
+    assert card.startswith("---\nlicense: apache-2.0") and "| accuracy |" in card
+    config = json.loads((output / "config.json").read_text())
+    assert "custom_pipelines" in config and "AutoModelForVisualQuestionAnswering" in config["auto_map"]
     logits = np.load(output / "logits_test-dev.npy")
     assert logits.dtype == np.float16 and logits.shape == (len(test_dev), len(answers))
 

@@ -19,61 +19,19 @@ Answers are compared after the official normalisation, quirks included:
 Other releases of the VQA API differ in such details; this module follows the copy in the RWSAN repository.
 """
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
+
+# The official evaluation and the original's answer preprocessing (`prep_ans`) share their steps, quirks included;
+# the processor, which must stay importable on its own, holds them.
+from .processing_rwsan import normalize_answer_punctuation as normalize_punctuation
+from .processing_rwsan import normalize_answer_words as normalize_words
 
 DEFAULT_PRECISION = 2
 
 # Number of agreeing annotators that earns full credit.
 _FULL_CREDIT_MATCHES = 3
-
-_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
-# The official pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but wrote a look-ahead that can never fail,
-# so what it really matches is any period not followed by a digit.
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-# The official code passes re.UNICODE (== 32) positionally to Pattern.sub, where it is taken as `count`.
-_MAX_PERIODS_DELETED = int(re.UNICODE)
-
-_NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}  # fmt: skip
-_ARTICLES = frozenset({"a", "an", "the"})
-# The official table, including its inverted "somebody'd" entry. Its capitalised keys ("Im", "Ive", "Id've",
-# "I'dve") can never match the lower-cased words and its identity entries ("let's", "she's") change nothing,
-# so they are left out.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
-    "it'dve": "it'd've", "itll": "it'll", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
-    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
-    "she'dve": "she'd've", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
-    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
-    "youve": "you've",
-}  # fmt: skip
 
 # Answers repeat a lot (a few thousand distinct predictions, mostly short ground truths), so per-epoch
 # evaluation mostly hits these caches.
@@ -83,21 +41,7 @@ _NORMALIZATION_CACHE_SIZE = 1 << 17
 _MAX_IDS_IN_ERRORS = 5
 
 
-@lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)
-def normalize_punctuation(text: str) -> str:
-    """The official `processPunctuation`: the only normalisation ground-truth answers receive."""
-    delete_all_marks = _DIGIT_COMMA_DIGIT.search(text) is not None
-    normalized = text
-    for mark in _PUNCTUATION:
-        touches_space = f"{mark} " in text or f" {mark}" in text
-        normalized = normalized.replace(mark, "" if delete_all_marks or touches_space else " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", normalized, count=_MAX_PERIODS_DELETED)
-
-
-def normalize_words(text: str) -> str:
-    """The official `processDigitArticle`: lower-case, number words to digits, no articles, contractions."""
-    words = (_NUMBER_WORDS.get(word, word) for word in text.lower().split())
-    return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
+_cached_punctuation = lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)(normalize_punctuation)
 
 
 @lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)
@@ -110,7 +54,7 @@ def normalize_answer(answer: str) -> str:
 def normalize_gt_answers(gt_answers: Sequence[str]) -> list[str]:
     """Normalise one question's annotator answers as the official script does (see the module docstring)."""
     if len(set(gt_answers)) > 1:
-        return [normalize_punctuation(answer) for answer in gt_answers]
+        return [_cached_punctuation(answer) for answer in gt_answers]
     return list(gt_answers)
 
 
@@ -137,9 +81,7 @@ def _leave_one_out_accuracy(
 
 def _as_answer_list(gt_answers: Any, where: str) -> list[str]:
     if isinstance(gt_answers, str) or not isinstance(gt_answers, Iterable):
-        raise TypeError(
-            f"{where}: ground-truth answers must be a list of strings, got {type(gt_answers).__name__}"
-        )
+        raise TypeError(f"{where}: ground-truth answers must be a list of strings, got {type(gt_answers).__name__}")
     answers = list(gt_answers)
     if not answers:
         raise ValueError(f"{where}: the list of ground-truth answers is empty")
@@ -278,13 +220,10 @@ def _check_same_questions(predicted_ids: Iterable[Any], annotated_ids: Iterable[
     unknown = predicted_ids - annotated_ids
     problems = []
     if unanswered:
-        problems.append(
-            f"{len(unanswered)} annotated question(s) have no prediction (e.g. {_example_ids(unanswered)})"
-        )
+        problems.append(f"{len(unanswered)} annotated question(s) have no prediction (e.g. {_example_ids(unanswered)})")
     if unknown:
         problems.append(
-            f"{len(unknown)} prediction(s) are for question ids not in the annotations "
-            f"(e.g. {_example_ids(unknown)})"
+            f"{len(unknown)} prediction(s) are for question ids not in the annotations (e.g. {_example_ids(unknown)})"
         )
     if problems:
         raise ValueError(
@@ -296,9 +235,7 @@ def _check_same_questions(predicted_ids: Iterable[Any], annotated_ids: Iterable[
 def _check_multiple_choice(predictions: Mapping[Any, str], questions: Mapping[str, Any]) -> None:
     """With a multiple-choice question file, the official script requires each answer to be a choice."""
     if not isinstance(questions, Mapping) or not isinstance(questions.get("questions"), Sequence):
-        raise ValueError(
-            "questions must be the official question file contents: a dict with a 'questions' list."
-        )
+        raise ValueError("questions must be the official question file contents: a dict with a 'questions' list.")
     if questions.get("task_type") != "Multiple Choice":
         return
     choices_by_id = {
@@ -308,18 +245,12 @@ def _check_multiple_choice(predictions: Mapping[Any, str], questions: Mapping[st
         if question_id not in choices_by_id:
             raise ValueError(f"Question id {question_id!r} is missing from the question file.")
         if answer not in choices_by_id[question_id]:
-            raise ValueError(
-                f"Predicted answer {answer!r} for question id {question_id!r} is not one of its choices."
-            )
+            raise ValueError(f"Predicted answer {answer!r} for question id {question_id!r} is not one of its choices.")
 
 
-def _identical_entry_counts(
-    answer_entries: Sequence[Mapping[str, Any]], normalized_answers: list[str]
-) -> list[int]:
+def _identical_entry_counts(answer_entries: Sequence[Mapping[str, Any]], normalized_answers: list[str]) -> list[int]:
     # Compared after normalisation, as the official code rewrites the entries in place before comparing them.
-    normalized_entries = [
-        {**entry, "answer": answer} for entry, answer in zip(answer_entries, normalized_answers)
-    ]
+    normalized_entries = [{**entry, "answer": answer} for entry, answer in zip(answer_entries, normalized_answers)]
     return [normalized_entries.count(entry) for entry in normalized_entries]
 
 

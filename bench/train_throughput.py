@@ -1,0 +1,948 @@
+"""Training samples/s of RWSANForVQA at the paper configuration: the original's way against the fast path, one run.
+
+    python bench/train_throughput.py --json bench/results/gpu.json           # a GPU: about 5 minutes
+    python bench/train_throughput.py --quick --json bench/results/cpu.json   # a CPU: under 5 minutes
+
+A training step is a forward pass with soft-score labels (binary cross-entropy), the backward pass and an Adam step
+(betas (0.9, 0.98), eps 1e-9), at the paper configuration (`RWSANConfig()`: 3,129 answers, 20,573 question tokens,
+19.5M parameters) and batch size 64. Rows:
+
+Synthetic batches, made on the host by `VQACollator` from items shaped like `VQADataset`'s (10-100 regions per
+image, mean about 42; questions of mostly 5-10 words, at most 16) and moved to the device once:
+  fp32 eager            no autocast, eager attention; every batch padded to its longest question and image.
+  original              the original's way: fp16 autocast + GradScaler, eager attention, padded to the batch's
+                        longest.
+  bf16 SDPA             bf16 autocast, SDPA attention, fused Adam.
+  compiled              + torch.compile (dynamic shapes), padded lengths rounded up to --pad_to_multiple_of so that
+                        only a few shapes occur. TorchDynamo leaves the LSTM out (`allow_rnn` stays off), so the
+                        question and image encoders compile as graphs of their own, once each, and the weight-shared
+                        repeats reuse them: a third of the compilation of one whole-model graph.
+  cuda_graphs           + CUDA graphs (torch.compile mode "reduce-overhead"; CUDA only): one graph per shape.
+  grouped               the fastest of the above on batches of similar region counts (the sampler of
+                        `--group_by_regions`).
+The real data pipeline, on a VQA-like set written in the original's raw formats and prepared by
+data_scripts/prepare_vqa.py (or the one in --dataset_dir):
+  loader                the DataLoader alone: VQADataset + VQACollator, worker processes, pinned memory.
+  loader_training       the fastest variant fed by that DataLoader.
+  trainer               train_vqa.py's path: VQATrainer with the fast-path arguments, for a fixed number of steps.
+
+Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
+timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
+own try/except, so a failure is reported and the other rows still run; rows that would overrun --time_budget are
+skipped. The most important rows run first: original, fp32_eager, bf16_sdpa, cuda_graphs, grouped, loader,
+loader_training, trainer, compiled.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import gc
+import itertools
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # data_scripts is a folder of the repository, not part of the installed package.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
+from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
+from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
+from rwsan.training import VQATrainer, VQATrainingArguments  # noqa: E402
+
+PAPER_BATCH_SIZE = 64
+ADAM_ARGUMENTS = {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-9}
+# Bottom-up-attention features keep 10-100 regions per image, most images 20-60: 10 + Gamma(2, 16), mean about 42.
+MIN_REGIONS, MAX_REGIONS = 10, 100
+REGION_GAMMA_SHAPE, REGION_GAMMA_SCALE = 2.0, 16.0
+# VQA-v2 questions have mostly 5-10 words: 3 + Poisson(4.5), mean 7.5, cut at max_question_length.
+MIN_QUESTION_WORDS, QUESTION_POISSON_MEAN = 3, 4.5
+SOFT_SCORES = (0.3, 0.6, 0.9, 1.0)
+MAX_ANSWERS_PER_QUESTION = 3
+# The answer vocabulary keeps the multiple-choice answers seen more than 8 times; each answer is that of 10 questions.
+QUESTIONS_PER_ANSWER = 10
+NUM_ANNOTATORS = 10
+QUESTION_WORD_POOL = 5000
+# Batches per mega-batch of the Trainer's length-grouped sampler (transformers' `get_length_grouped_indices`).
+TRAINER_MEGA_BATCHES = 50
+# A small model and data set for --tiny (a smoke test of this script, not a measurement).
+TINY_SIZES = {
+    "vocab_size": 60,
+    "word_embedding_size": 16,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "image_feature_size": 48,
+    "flat_mlp_size": 16,
+    "flat_output_size": 48,
+    "text_self_attention_rank": 2,
+    "image_self_attention_rank": 4,
+    "guided_attention_rank": 8,
+    "num_labels": 12,
+}
+ROWS = (
+    "fp32_eager",
+    "original",
+    "bf16_sdpa",
+    "compiled",
+    "cuda_graphs",
+    "grouped",
+    "loader",
+    "loader_training",
+    "trainer",
+)
+RUN_ORDER = (
+    "original",
+    "fp32_eager",
+    "bf16_sdpa",
+    "cuda_graphs",
+    "grouped",
+    "loader",
+    "loader_training",
+    "trainer",
+    "compiled",
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one synthetic row trains."""
+
+    title: str
+    attn_implementation: str
+    autocast_dtype: torch.dtype | None
+    grad_scaler: bool = False
+    fused_optimizer: bool = False
+    compile_mode: str | None = None
+    # Round padded lengths up to --pad_to_multiple_of (for compiled shapes); otherwise pad to the batch's longest.
+    bucketed: bool = False
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile_mode == "reduce-overhead"
+
+
+VARIANTS = {
+    "fp32_eager": Variant("fp32 eager", "eager", None),
+    "original": Variant(
+        "fp16 autocast + eager + GradScaler (the original's way)", "eager", torch.float16, grad_scaler=True
+    ),
+    "bf16_sdpa": Variant("bf16 autocast + SDPA + fused Adam", "sdpa", torch.bfloat16, fused_optimizer=True),
+    "compiled": Variant(
+        "bf16 + SDPA + torch.compile",
+        "sdpa",
+        torch.bfloat16,
+        fused_optimizer=True,
+        compile_mode="default",
+        bucketed=True,
+    ),
+    "cuda_graphs": Variant(
+        "bf16 + SDPA + torch.compile + CUDA graphs",
+        "sdpa",
+        torch.bfloat16,
+        fused_optimizer=True,
+        compile_mode="reduce-overhead",
+        bucketed=True,
+    ),
+}
+# The rows reusing the fastest synthetic variant pick the first of these that ran.
+FAST_PATH_PREFERENCE = ("cuda_graphs", "compiled", "bf16_sdpa")
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    section: str
+    samples_per_second: float | None = None
+    warmup_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    timed_steps: int | None = None
+    mean_padded_question_length: float | None = None
+    mean_padded_regions: float | None = None
+    note: str = ""
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------- synthetic data
+
+
+def sample_region_counts(rng: np.random.Generator, count: int) -> np.ndarray:
+    regions = MIN_REGIONS + rng.gamma(REGION_GAMMA_SHAPE, REGION_GAMMA_SCALE, count)
+    return np.clip(np.rint(regions), MIN_REGIONS, MAX_REGIONS).astype(np.int64)
+
+
+def sample_question_lengths(rng: np.random.Generator, count: int, max_length: int) -> np.ndarray:
+    return np.minimum(MIN_QUESTION_WORDS + rng.poisson(QUESTION_POISSON_MEAN, count), max_length)
+
+
+def synthetic_items(config: RWSANConfig, count: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """Items as `VQADataset` returns them: `input_ids` (words,), `image_features` (regions, features) float16 (the
+    prepared data's dtype) and `labels` (answers,) with 1-3 soft scores."""
+    items = []
+    question_lengths = sample_question_lengths(rng, count, config.max_question_length)
+    for words, regions in zip(question_lengths, sample_region_counts(rng, count)):
+        labels = np.zeros(config.num_labels, np.float32)
+        num_answers = rng.integers(1, MAX_ANSWERS_PER_QUESTION + 1)
+        labels[rng.choice(config.num_labels, num_answers, replace=False)] = rng.choice(SOFT_SCORES, num_answers)
+        features = rng.random((regions, config.image_feature_size), dtype=np.float32).astype(np.float16)
+        items.append(
+            {
+                "input_ids": rng.integers(2, config.vocab_size, words),
+                "image_features": features,
+                "labels": labels,
+            }
+        )
+    return items
+
+
+def collated_batches(
+    items: list[dict], batch_size: int, collator: VQACollator, group_by_regions: bool, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """Whole batches of the items in a random order, or in the order of the Trainer's `--group_by_regions`."""
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_regions:
+        lengths = [len(item["image_features"]) for item in items]
+        # Sorted within mega-batches of 50 batches, as the sampler does on a data set of 200+ batches.
+        order = get_length_grouped_indices(lengths, batch_size, TRAINER_MEGA_BATCHES, generator)
+    else:
+        order = torch.randperm(len(items), generator=generator).tolist()
+    return [
+        collator([items[index] for index in order[start : start + batch_size]])
+        for start in range(0, len(order) - batch_size + 1, batch_size)
+    ]
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def bucket_shapes(max_question_length: int, multiple: int) -> list[tuple[int, int]]:
+    """Every (question length, regions) a `VQACollator(pad_to_multiple_of=multiple)` batch can have."""
+    question_lengths = {round_up(length, multiple) for length in range(1, max_question_length + 1)}
+    region_counts = {round_up(regions, multiple) for regions in range(MIN_REGIONS, MAX_REGIONS + 1)}
+    return sorted(itertools.product(question_lengths, region_counts))
+
+
+def resized_batch(batch: dict[str, torch.Tensor], question_length: int, num_regions: int) -> dict[str, torch.Tensor]:
+    """`batch` padded or cut to the given lengths: a warm-up batch of that shape (only its shape matters)."""
+
+    def resize(tensor: torch.Tensor, length: int) -> torch.Tensor:
+        if tensor.shape[1] >= length:
+            return tensor[:, :length].contiguous()
+        return F.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, length - tensor.shape[1]])
+
+    return {
+        "input_ids": resize(batch["input_ids"], question_length),
+        "attention_mask": resize(batch["attention_mask"], question_length),
+        "image_features": resize(batch["image_features"], num_regions),
+        "image_attention_mask": resize(batch["image_attention_mask"], num_regions),
+        "labels": batch["labels"],
+    }
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch without `question_id`, on the device (asynchronously from pinned memory)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "question_id"}
+
+
+# ------------------------------------------------------------------------------------------------ raw VQA data
+
+
+def write_raw_vqa(root: Path, config: RWSANConfig, num_images: int, seed: int = 0):
+    """A train split in the original's raw formats (vqa/*.json, coco_extract/train2014/*.npz with `x` float32
+    (features, regions)), sized like the paper's: each of `config.num_labels` answers is the multiple-choice answer of
+    10 questions, so the prepared answer vocabulary has exactly that many answers; images have VQA-like region
+    counts, questions VQA-like lengths."""
+    rng = np.random.default_rng(seed)
+    features_dir = root / "coco_extract" / "train2014"
+    features_dir.mkdir(parents=True)
+    for image_id, num_regions in enumerate(sample_region_counts(rng, num_images), start=1):
+        np.savez(
+            features_dir / f"COCO_train2014_{image_id:012d}.jpg.npz",
+            x=rng.random((config.image_feature_size, num_regions), dtype=np.float32),
+            bbox=rng.random((num_regions, 4), dtype=np.float32) * 400,
+            num_bbox=np.array(num_regions),
+            image_h=np.array(480),
+            image_w=np.array(640),
+        )
+
+    answers = [f"answer{index}" for index in range(config.num_labels)]
+    num_words = min(QUESTION_WORD_POOL, config.vocab_size - 2)
+    num_questions = QUESTIONS_PER_ANSWER * config.num_labels
+    question_lengths = sample_question_lengths(rng, num_questions, config.max_question_length)
+    questions, annotations = [], []
+    for question_id, words in enumerate(question_lengths):
+        image_id = int(rng.integers(1, num_images + 1))
+        text = " ".join(f"word{index}" for index in rng.integers(0, num_words, words))
+        questions.append({"image_id": image_id, "question": f"{text}?", "question_id": question_id})
+        best = answers[question_id % len(answers)]
+        num_agreeing = int(rng.integers(4, NUM_ANNOTATORS + 1))
+        others = rng.integers(0, len(answers), NUM_ANNOTATORS - num_agreeing)
+        given = [best] * num_agreeing + [answers[index] for index in others]
+        annotations.append(
+            {
+                "question_id": question_id,
+                "image_id": image_id,
+                "question_type": "what",
+                "answer_type": "other",
+                "multiple_choice_answer": best,
+                "answers": [
+                    {"answer": answer, "answer_confidence": "yes", "answer_id": position + 1}
+                    for position, answer in enumerate(given)
+                ],
+            }
+        )
+    (root / "vqa").mkdir()
+    (root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps({"questions": questions}))
+    (root / "vqa" / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+
+
+class TrainingStep:
+    """One training step of a variant: forward with labels under autocast, backward, Adam step. Returns the loss
+    without reading it back."""
+
+    def __init__(self, model: RWSANForVQA, variant: Variant, device: torch.device):
+        self.model = model
+        self.variant = variant
+        self.device = device
+        self.forward = model
+        if variant.compile_mode is not None:
+            # Dynamic shapes: every padded length shares one compilation (CUDA graphs are still one per shape).
+            self.forward = torch.compile(model, mode=variant.compile_mode, dynamic=True)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), **ADAM_ARGUMENTS, fused=True if variant.fused_optimizer else None
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if variant.grad_scaler else None
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.variant.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        autocast = self.variant.autocast_dtype
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            loss = self.forward(**batch).loss
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def load_glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+GLIBC = load_glibc()
+
+
+def compiled_graph_count() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def resident_set_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+class PeakMemory:
+    """How far memory grew at most during a block, above what was in use when it began: allocated device memory
+    on CUDA; on Linux CPUs the resident set size of this process (its high-water mark is reset first); None
+    elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start: int | None = None
+        self.bytes: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+                self.start = resident_set_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            self.bytes = resident_set_kib("VmHWM") * 1024 - self.start
+
+
+class TimeBudget:
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+class SteadyStateTimer(TrainerCallback):
+    """Times the Trainer's optimizer steps after the first `warmup_steps` (compilation, graph recording, workers
+    starting), synchronising with the device only at those two points."""
+
+    def __init__(self, warmup_steps: int, synchronize: Callable[[], None]):
+        self.warmup_steps = warmup_steps
+        self.synchronize = synchronize
+        self.train_start = self.steady_start = self.end = None
+        self.graphs_at_steady_start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup_steps:
+            self.synchronize()
+            self.steady_start = time.perf_counter()
+            self.graphs_at_steady_start = compiled_graph_count()
+        elif state.global_step == state.max_steps:
+            self.synchronize()
+            self.end = time.perf_counter()
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args = args
+        self.device = device
+        self.budget = TimeBudget(args.time_budget)
+        self.rows: dict[str, Row] = {}
+        self.fast_path: tuple[str, TrainingStep] | None = None
+        self.work_dir = tempfile.TemporaryDirectory(prefix="rwsan-bench-")
+        rng = np.random.default_rng(0)
+        config = self.model_config()
+        self.items = synthetic_items(config, args.pool_batches * args.batch_size, rng)
+        self.pools = {
+            (bucketed, grouped): self.synthetic_pool(bucketed, grouped)
+            for bucketed, grouped in ((False, False), (True, False), (True, True), (False, True))
+        }
+        self._dataset = None
+
+    def model_config(self) -> RWSANConfig:
+        return RWSANConfig(**TINY_SIZES) if self.args.tiny else RWSANConfig()
+
+    def build_model(self, attn_implementation: str) -> RWSANForVQA:
+        torch.manual_seed(0)
+        model = RWSANForVQA(self.model_config())
+        model.set_attn_implementation(attn_implementation)
+        return model.to(self.device).train()
+
+    def collator(self, bucketed: bool) -> VQACollator:
+        return VQACollator(
+            self.model_config().num_labels,
+            max_regions=MAX_REGIONS,
+            pad_to_multiple_of=self.args.pad_to_multiple_of if bucketed else None,
+        )
+
+    def synthetic_pool(self, bucketed: bool, grouped: bool) -> list[dict[str, torch.Tensor]]:
+        batches = collated_batches(self.items, self.args.batch_size, self.collator(bucketed), grouped, seed=0)
+        return [model_inputs(batch, self.device) for batch in batches]
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- running rows
+
+    def run(self, keys: list[str]):
+        for key in RUN_ORDER:
+            if key in keys:
+                if key == "trainer":
+                    # The Trainer compiles its own model; the memory of the fast path would count in its row.
+                    self.release_compiled_state()
+                self.run_row(key)
+        self.release_compiled_state()
+
+    def run_row(self, key: str):
+        title = VARIANTS[key].title if key in VARIANTS else key
+        section = "data pipeline" if key.startswith("loader") else "train_vqa" if key == "trainer" else "synthetic"
+        needed = self.seconds_needed(key)
+        skip_reason = self.skip_reason(key)
+        if skip_reason is None and self.budget.left() < needed:
+            skip_reason = f"skipped: {self.budget.left():.0f} s of --time_budget left, it needs about {needed:.0f} s"
+        print(f"\n== {key}: {skip_reason or 'running'}", flush=True)
+        if skip_reason is not None:
+            self.rows[key] = Row(key, title, section, note=skip_reason)
+            return
+        measure = getattr(self, f"measure_{key}", None) or (lambda: self.measure_variant(key))
+        peak = PeakMemory(self.device)
+        try:
+            with peak:
+                row = measure()
+            row.peak_memory_bytes = peak.bytes
+        except Exception as error:  # one failing row must not stop the others
+            traceback.print_exc()
+            row = Row(key, title, section, error=f"{type(error).__name__}: {error}"[:500])
+            if key in ("compiled", "cuda_graphs", "trainer"):
+                # Nothing reuses the graphs (and CUDA graph memory pools) of a failed compiled row.
+                torch._dynamo.reset()
+        self.release_memory()
+        row.section = section
+        self.rows[key] = row
+        print(format_row(row, self.rows), flush=True)
+
+    def seconds_needed(self, key: str) -> float:
+        compiles = key in ("compiled", "cuda_graphs") or (key == "trainer" and self.device.type == "cuda")
+        return self.args.compile_seconds if compiles else self.args.seconds_per_row
+
+    def skip_reason(self, key: str) -> str | None:
+        if key == "cuda_graphs" and self.device.type != "cuda":
+            return "skipped: CUDA graphs need a CUDA device"
+        if key == "compiled" and self.device.type == "cpu" and not self.args.compile_on_cpu:
+            return "skipped: compiling takes minutes on a CPU (--compile_on_cpu runs it)"
+        if key in ("grouped", "loader_training") and self.fast_path is None:
+            return "skipped: no fast variant ran"
+        return None
+
+    # -- synthetic rows
+
+    def measure_variant(self, key: str) -> Row:
+        variant = VARIANTS[key]
+        step = TrainingStep(self.build_model(variant.attn_implementation), variant, self.device)
+        pool = self.pools[(variant.bucketed, False)]
+        # A compiled variant meets every padded shape once before timing (the data rows bring the rarer ones too).
+        warmup = [resized_batch(pool[0], *shape) for shape in self.bucket_shapes()] if variant.compile_mode else []
+        row = self.measure(key, variant.title, step, pool_rounds(pool), warmup, len(pool))
+        if key in FAST_PATH_PREFERENCE and (
+            self.fast_path is None or FAST_PATH_PREFERENCE.index(key) < FAST_PATH_PREFERENCE.index(self.fast_path[0])
+        ):
+            self.fast_path = (key, step)
+        return row
+
+    def measure_grouped(self) -> Row:
+        key, step = self.fast_path
+        pool = self.pools[(step.variant.bucketed, True)]
+        title = f"{step.variant.title} + region-grouped batches"
+        # The shapes of the grouped batches are among those the fast path has warmed up on.
+        return self.measure("grouped", title, step, pool_rounds(pool), [], len(pool))
+
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        return bucket_shapes(self.model_config().max_question_length, self.args.pad_to_multiple_of)
+
+    def measure(
+        self,
+        key: str,
+        title: str,
+        step: TrainingStep,
+        batches: Callable[[], Iterator[dict[str, torch.Tensor]]],
+        warmup_batches: list[dict[str, torch.Tensor]],
+        round_length: int = 1,
+    ) -> Row:
+        """Warms up on every batch of `warmup_batches` (each padded shape) and on `batches()`, then times as many
+        steps of a second `batches()` as fit in --seconds_per_row (at most --steps), a whole number of rounds of
+        `round_length` batches when that many fit (so that every variant times the same batches of a pool)."""
+        start = time.perf_counter()
+        for batch in warmup_batches:
+            for _ in range(self.args.warmup_steps):
+                step(batch)
+        warmup_stream = batches()
+        for _ in range(self.args.warmup_steps):
+            self.synchronize()
+            step_start = time.perf_counter()
+            step(next(warmup_stream))
+        self.synchronize()
+        # The last warm-up step tells how many timed steps fit in --seconds_per_row.
+        step_seconds = time.perf_counter() - step_start
+        warmup_seconds = time.perf_counter() - start
+        print(f"   warm-up (compilation included) {warmup_seconds:.1f} s", flush=True)
+        num_steps = max(1, min(self.args.steps, int(self.args.seconds_per_row / step_seconds)))
+        if num_steps >= round_length:
+            num_steps -= num_steps % round_length
+
+        graphs = compiled_graph_count()
+        shapes = []
+        timed_stream = batches()
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            batch = next(timed_stream)
+            shapes.append((batch["input_ids"].shape[1], batch["image_features"].shape[1]))
+            loss = step(batch)
+        self.synchronize()
+        elapsed = time.perf_counter() - start
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss of {title} became {loss.item()}")
+        question_lengths, region_counts = zip(*shapes)
+        note = "recompiled while timed" if compiled_graph_count() != graphs else ""
+        return Row(
+            key,
+            title,
+            "",
+            samples_per_second=num_steps * self.args.batch_size / elapsed,
+            warmup_seconds=warmup_seconds,
+            timed_steps=num_steps,
+            mean_padded_question_length=float(np.mean(question_lengths)),
+            mean_padded_regions=float(np.mean(region_counts)),
+            note=note,
+        )
+
+    def release_compiled_state(self):
+        """Drops the fast path kept for the rows reusing it, and every compiled graph (CUDA graph pools included)."""
+        self.fast_path = None
+        torch._dynamo.reset()
+        self.release_memory()
+
+    def release_memory(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif GLIBC is not None:
+            # Hands freed heap memory back to the system, so that the next row's resident set starts low again.
+            GLIBC.malloc_trim(0)
+
+    # -- real data pipeline
+
+    def dataset(self):
+        if self._dataset is None:
+            root = self.args.dataset_dir or Path(self.work_dir.name)
+            prepared = root / "prepared"
+            if not prepared.is_dir():
+                start = time.perf_counter()
+                if not (root / "raw").is_dir():
+                    write_raw_vqa(root / "raw", self.model_config(), self.args.num_images)
+                prepare_vqa(
+                    root / "raw",
+                    prepared,
+                    num_proc=min(8, os.cpu_count() or 1),
+                    feature_size=self.model_config().image_feature_size,
+                )
+                print(
+                    f"   generated and prepared the data set in {time.perf_counter() - start:.1f} s",
+                    flush=True,
+                )
+            dataset = load_vqa_dataset(prepared, "train")
+            if dataset.num_answers != self.model_config().num_labels:
+                raise ValueError(
+                    f"{prepared} has {dataset.num_answers} answers but the model {self.model_config().num_labels}; "
+                    "give another --dataset_dir (this one was made with or without --tiny)"
+                )
+            self._dataset = dataset
+        return self._dataset
+
+    def data_loader(self, dataset) -> DataLoader:
+        workers = self.args.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            collate_fn=self.collator(bucketed=True),
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def measure_loader(self) -> Row:
+        dataset = self.dataset()
+        batches = endless(self.data_loader(dataset))
+        start = time.perf_counter()
+        next(batches)
+        warmup_seconds = time.perf_counter() - start
+        num_batches = self.args.loader_batches
+        shapes = []
+        start = time.perf_counter()
+        for _ in range(num_batches):
+            batch = next(batches)
+            shapes.append((batch["input_ids"].shape[1], batch["image_features"].shape[1]))
+        elapsed = time.perf_counter() - start
+        question_lengths, region_counts = zip(*shapes)
+        return Row(
+            "loader",
+            f"DataLoader alone ({self.args.num_workers} workers, pad_to_multiple_of {self.args.pad_to_multiple_of})",
+            "",
+            samples_per_second=num_batches * self.args.batch_size / elapsed,
+            warmup_seconds=warmup_seconds,
+            timed_steps=num_batches,
+            mean_padded_question_length=float(np.mean(question_lengths)),
+            mean_padded_regions=float(np.mean(region_counts)),
+            note=f"{len(dataset)} questions",
+        )
+
+    def measure_loader_training(self) -> Row:
+        key, step = self.fast_path
+        loader = self.data_loader(self.dataset())
+        # One stream of batches for the warm-up and the timed steps alike.
+        stream = (model_inputs(batch, self.device) for batch in endless(loader))
+        title = f"{step.variant.title}, fed by the DataLoader"
+        return self.measure("loader_training", title, step, lambda: stream, [])
+
+    def measure_trainer(self) -> Row:
+        """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, torch.compile with CUDA graphs and
+        dynamic shapes, fused AdamW, bucketed padding, DataLoader workers with pinned memory)."""
+        cuda = self.device.type == "cuda"
+        dataset = self.dataset()
+        warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
+        training_args = VQATrainingArguments(
+            output_dir=str(Path(self.work_dir.name) / "trainer"),
+            per_device_train_batch_size=self.args.batch_size,
+            max_steps=warmup_steps + self.args.trainer_steps,
+            bf16=bf16_supported(self.device),
+            torch_compile=cuda,
+            torch_compile_mode="reduce-overhead" if cuda else None,
+            optim="adamw_torch_fused",
+            dataloader_num_workers=self.args.num_workers,
+            dataloader_pin_memory=cuda,
+            dataloader_persistent_workers=self.args.num_workers > 0,
+            dataloader_drop_last=True,
+            eval_strategy="no",
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=not cuda,
+            seed=0,
+        )
+        timer = SteadyStateTimer(warmup_steps, self.synchronize)
+        # accelerate reads this as the Trainer creates it: compile with dynamic shapes from the first batch on, so
+        # that a batch of another padded length does not recompile.
+        with environment_variable("ACCELERATE_DYNAMO_USE_DYNAMIC", "1"):
+            trainer = VQATrainer(
+                model=self.build_model("sdpa"),
+                args=training_args,
+                train_dataset=dataset,
+                data_collator=self.collator(bucketed=True),
+                callbacks=[timer],
+            )
+            trainer.train()
+        recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
+        options = (
+            "bf16, torch_compile reduce-overhead (dynamic), adamw_torch_fused"
+            if cuda
+            else "bf16, adamw_torch_fused, no compile"
+        )
+        row = Row(
+            "trainer",
+            f"train_vqa Trainer fast path ({options}, {self.args.num_workers} workers)",
+            "",
+            samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
+            warmup_seconds=timer.steady_start - timer.train_start,
+            timed_steps=self.args.trainer_steps,
+            note="recompiled while timed" if recompiled else "",
+        )
+        del trainer
+        self.release_compiled_state()
+        return row
+
+
+def pool_rounds(pool: list[dict[str, torch.Tensor]]) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+    """The pool's batches over and over, from the first, each time it is called."""
+    return lambda: itertools.cycle(pool)
+
+
+def endless(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+# ----------------------------------------------------------------------------------------------------- output
+
+
+def ratio(row: Row, rows: dict[str, Row], baseline: str) -> str:
+    reference = rows.get(baseline)
+    if row.samples_per_second is None or reference is None or not reference.samples_per_second:
+        return "-"
+    return f"{row.samples_per_second / reference.samples_per_second:.2f}x"
+
+
+def format_memory(num_bytes: int | None) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**30:.2f} GiB"
+
+
+def format_row(row: Row, rows: dict[str, Row]) -> str:
+    rate = "-" if row.samples_per_second is None else f"{row.samples_per_second:,.1f}"
+    warmup = "-" if row.warmup_seconds is None else f"{row.warmup_seconds:.1f}"
+    shape = (
+        "-"
+        if row.mean_padded_regions is None
+        else f"{row.mean_padded_question_length:.1f} x {row.mean_padded_regions:.1f}"
+    )
+    remark = (row.error or row.note)[:160]
+    return (
+        f"{row.title[:68]:68s} {rate:>10s} {ratio(row, rows, 'original'):>9s} {ratio(row, rows, 'fp32_eager'):>8s} "
+        f"{format_memory(row.peak_memory_bytes):>10s} {warmup:>8s} {shape:>12s}  {remark}"
+    )
+
+
+def print_table(rows: dict[str, Row], header: str):
+    print(f"\n{header}")
+    print(
+        f"{'variant':68s} {'samples/s':>10s} {'/original':>9s} {'/fp32':>8s} {'peak mem':>10s} {'warm-up':>8s} "
+        f"{'padded TxR':>12s}  note"
+    )
+    section = None
+    for key in ROWS:
+        if key in rows:
+            if rows[key].section != section:
+                section = rows[key].section
+                print(f"-- {section}")
+            print(format_row(rows[key], rows))
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="Small sizes for a CPU run under 5 minutes.")
+    parser.add_argument("--tiny", action="store_true", help="A tiny model and data set: a smoke test, no figures.")
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows to run, of {', '.join(ROWS)}.")
+    parser.add_argument("--batch_size", type=int, help=f"Default {PAPER_BATCH_SIZE} (the paper's); 32 with --quick.")
+    parser.add_argument("--steps", type=int, help="Most timed steps per row (default 200; 6 with --quick).")
+    parser.add_argument("--seconds_per_row", type=float, help="Timed seconds per row (default 5; 40 with --quick).")
+    parser.add_argument("--warmup_steps", type=int, help="Untimed steps per padded shape (default 3; 1 with --quick).")
+    parser.add_argument("--time_budget", type=float, default=270.0, help="Seconds for the rows (default 270).")
+    parser.add_argument(
+        "--compile_seconds",
+        type=float,
+        default=90.0,
+        help="Budget a compiled row needs to start (default 90).",
+    )
+    parser.add_argument(
+        "--pad_to_multiple_of",
+        type=int,
+        default=20,
+        help="VQACollator rounding of padded lengths (default 20).",
+    )
+    parser.add_argument("--pool_batches", type=int, help="Synthetic batches per pool (default 16; 4 with --quick).")
+    parser.add_argument("--num_workers", type=int, help="DataLoader workers (default 8 on CUDA, 0 on a CPU).")
+    parser.add_argument("--dataset_dir", type=Path, help="Keep the generated data set here and reuse it.")
+    parser.add_argument("--num_images", type=int, help="Images of the generated set (default 600; 100 with --quick).")
+    parser.add_argument("--loader_batches", type=int, help="Batches timed for the DataLoader (default 300; 10 quick).")
+    parser.add_argument("--trainer_steps", type=int, help="Timed Trainer steps (default 200; 3 with --quick).")
+    parser.add_argument("--compile_on_cpu", action="store_true", help="Also run the compiled row on a CPU.")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's).")
+    args = parser.parse_args(argv)
+
+    quick = args.quick or args.tiny
+    defaults = {
+        "batch_size": 32 if args.quick else PAPER_BATCH_SIZE,
+        "steps": 6 if quick else 200,
+        "seconds_per_row": 40.0 if quick else 5.0,
+        "warmup_steps": 1 if quick else 3,
+        "pool_batches": 4 if quick else 16,
+        "num_images": 100 if quick else 600,
+        "loader_batches": 10 if quick else 300,
+        "trainer_steps": 3 if quick else 200,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    unknown = sorted(set(args.rows.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    for name in (
+        "batch_size",
+        "steps",
+        "warmup_steps",
+        "pool_batches",
+        "num_images",
+        "loader_batches",
+        "trainer_steps",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 1 <= args.pad_to_multiple_of <= MAX_REGIONS:
+        parser.error(f"--pad_to_multiple_of must be in [1, {MAX_REGIONS}], got {args.pad_to_multiple_of}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    device = torch.device(args.device)
+    if args.num_workers is None:
+        # On a CPU the training threads need every core: a worker process there slows training more than loading
+        # in the main process does (a few milliseconds per batch).
+        args.num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+    start = time.perf_counter()
+    benchmark = Benchmark(args, device)
+    config = benchmark.model_config()
+    header = (
+        f"{device_description(device)}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"batch {args.batch_size}; {'tiny' if args.tiny else 'paper'} configuration "
+        f"({RWSANForVQA(config).num_parameters():,} parameters, {config.num_labels} answers); regions 10-100 "
+        f"(mean {np.mean([len(item['image_features']) for item in benchmark.items]):.1f}), question words mean "
+        f"{np.mean([len(item['input_ids']) for item in benchmark.items]):.1f}"
+    )
+    print(header, flush=True)
+    benchmark.run(args.rows.split(","))
+    print_table(benchmark.rows, header)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
+
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "arguments": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
+        "rows": [asdict(benchmark.rows[key]) for key in ROWS if key in benchmark.rows],
+        "total_seconds": time.perf_counter() - start,
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    benchmark.work_dir.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()

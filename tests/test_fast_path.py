@@ -1,0 +1,168 @@
+"""The fast training path (bf16 autocast + SDPA, bucketed padding, torch.compile) computes what the original's fp32
+eager path computes, and bench/train_throughput.py runs from end to end."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from rwsan import RWSANConfig, RWSANForVQA
+from rwsan.data import VQACollator
+from rwsan.modeling_rwsan import RWSANLayerNorm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# bfloat16 keeps 8 bits of mantissa: logits of magnitude ~1 agree to a few units of 2**-8 after the whole network.
+BF16_TOLERANCE = {"atol": 3e-2, "rtol": 2e-2}
+
+
+def load_bench_module():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO_ROOT / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench_module()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models spend their time in per-operator overhead, which a second thread only adds to."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(attn_implementation: str = "sdpa") -> RWSANForVQA:
+    torch.manual_seed(0)
+    model = RWSANForVQA(RWSANConfig(**bench.TINY_SIZES)).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+@pytest.fixture(scope="module")
+def items() -> list[dict[str, np.ndarray]]:
+    """Eight samples with VQA-like question lengths and region counts, as `VQADataset` returns them."""
+    return bench.synthetic_items(RWSANConfig(**bench.TINY_SIZES), 8, np.random.default_rng(0))
+
+
+def collate(items, pad_to_multiple_of=None) -> dict[str, torch.Tensor]:
+    batch = VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=pad_to_multiple_of)(items)
+    del batch["labels"]
+    return batch
+
+
+def test_layer_norm_is_the_original_formula_forward_and_backward():
+    torch.manual_seed(0)
+    norm = RWSANLayerNorm(8, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    hidden_states = (torch.randn(5, 8, dtype=torch.float64) * 3 + 1).requires_grad_()
+    with torch.no_grad():
+        hidden_states[0] = 2.5  # a constant row: zero standard deviation
+    upstream = torch.randn(5, 8, dtype=torch.float64)
+
+    output = norm(hidden_states)
+    (gradient,) = torch.autograd.grad(output, hidden_states, upstream)
+    mean, std = hidden_states.mean(-1, keepdim=True), hidden_states.std(-1, keepdim=True)
+    expected = norm.weight * (hidden_states - mean) / (std + 1e-6) + norm.bias
+    (expected_gradient,) = torch.autograd.grad(expected, hidden_states, upstream)
+
+    torch.testing.assert_close(output, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gradient, expected_gradient, atol=1e-9, rtol=1e-12)
+    torch.testing.assert_close(output[0], norm.bias, atol=1e-12, rtol=0)
+
+
+def test_bf16_sdpa_logits_match_fp32_eager_logits(items):
+    batch = collate(items)
+    with torch.no_grad():
+        reference = tiny_model("eager")(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = tiny_model("sdpa")(**batch).logits
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference, **BF16_TOLERANCE)
+
+
+def test_bucketed_padding_gives_the_logits_of_the_unpadded_batch(items):
+    unpadded, bucketed = collate(items), collate(items, pad_to_multiple_of=20)
+    assert unpadded["image_features"].shape[1] == max(len(item["image_features"]) for item in items) < 100
+    assert bucketed["input_ids"].shape[1] == 20 and bucketed["image_features"].shape[1] == 100
+    model = tiny_model()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**bucketed).logits, model(**unpadded).logits, atol=1e-5, rtol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = model(**bucketed).logits.float()
+            reference = model(**unpadded).logits.float()
+    torch.testing.assert_close(fast, reference, **BF16_TOLERANCE)
+
+
+def test_compiled_model_matches_eager_and_one_compilation_serves_every_bucket(items):
+    # The "eager" backend runs the graphs TorchDynamo captures (with their guards and dynamic shapes) as they are, in
+    # seconds; inductor's code generation is tested on CUDA below.
+    torch._dynamo.reset()
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    first, second = collate(items, pad_to_multiple_of=20), collate(items, pad_to_multiple_of=8)
+    assert first["image_features"].shape[:2] != second["image_features"].shape[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**first).logits, model(**first).logits, atol=1e-5, rtol=0)
+        graphs = counters["stats"]["unique_graphs"]
+        torch.testing.assert_close(compiled(**second).logits, model(**second).logits, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs, "the second padded shape was compiled again"
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="inductor needs about 3 minutes to compile the tiny model's training graphs on a 2-core CPU; "
+    "the test above covers the captured graphs",
+)
+def test_inductor_training_step_matches_eager_on_cuda(items):
+    batch = {key: value.cuda() for key, value in collate(items, pad_to_multiple_of=20).items()}
+    labels = torch.zeros(len(items), bench.TINY_SIZES["num_labels"], device="cuda")
+    labels[:, 3] = 0.9
+    gradients = []
+    for compile_model in (False, True):
+        model = RWSANForVQA(RWSANConfig(**bench.TINY_SIZES, dropout=0.0)).cuda().train()
+        model.load_state_dict(tiny_model().state_dict())
+        forward = torch.compile(model, dynamic=True) if compile_model else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            forward(**batch, labels=labels).loss.backward()
+        gradients.append(model.classifier.weight.grad.float())
+    torch.testing.assert_close(gradients[1], gradients[0], **BF16_TOLERANCE)
+
+
+def test_synthetic_sizes_are_vqa_like():
+    rng = np.random.default_rng(0)
+    regions = bench.sample_region_counts(rng, 10_000)
+    words = bench.sample_question_lengths(rng, 10_000, max_length=16)
+    assert regions.min() == 10 and regions.max() == 100 and 36 <= regions.mean() <= 50
+    assert words.max() <= 16 and np.mean((words >= 5) & (words <= 10)) > 0.75
+
+
+def test_bucket_shapes_are_those_the_collator_pads_to():
+    assert bench.bucket_shapes(16, 20) == [(20, 20), (20, 40), (20, 60), (20, 80), (20, 100)]
+    shapes = bench.bucket_shapes(16, 8)
+    assert {length for length, _ in shapes} == {8, 16}
+    assert {regions for _, regions in shapes} == set(range(16, 105, 8))
+
+
+def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
+    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_training,trainer"
+    # One round of the four pool batches per row, so that the rows time the same samples.
+    sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
+    bench.main(["--tiny", *sizes, "--trainer_steps", "1", "--rows", rows, "--json", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    measured = {row["key"]: row for row in results["rows"]}
+    assert list(measured) == rows.split(",")
+    for row in measured.values():
+        assert row["error"] is None and row["samples_per_second"] > 0, row
+    # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
+    assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
+    assert measured["loader"]["mean_padded_question_length"] == 20

@@ -253,3 +253,15 @@ def test_diverging_loss_stops_with_the_step_and_the_last_checkpoint(tiny_prepare
     assert result.returncode == 1
     assert re.search(r"The training loss became (nan|inf) by optimizer step \d+", result.stderr), result.stderr[-3000:]
     assert "The last checkpoint saved before it is" in result.stderr
+
+
+def test_region_grouped_batches_train(tiny_prepared_vqa, tmp_path):
+    output = tmp_path / "grouped"
+    run_training(
+        *common_arguments(tiny_prepared_vqa, output),
+        "--group_by_regions", "true",
+        "--max_steps", "3",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+    )  # fmt: skip
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None):
 
     if trainer.is_world_process_zero() and eval_dataset is not None:
         print(f"Final val VQA accuracy: {metrics['eval_accuracy']:.2f}")
-        if toy:
+        if "baseline_question_only" in metrics:
             print(
                 f"Baselines on the same split: majority answer {metrics['baseline_majority_answer']:.2f}, "
                 f"question only {metrics['baseline_question_only']:.2f}"

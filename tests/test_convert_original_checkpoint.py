@@ -44,6 +44,12 @@ def save_checkpoint(path: Path, state_dict: dict) -> Path:
     return path
 
 
+def write_answer_dict(path: Path, answers: list[str]) -> Path:
+    """An answer dictionary in the original's `[ans_to_ix, ix_to_ans]` format."""
+    path.write_text(json.dumps([{a: i for i, a in enumerate(answers)}, {str(i): a for i, a in enumerate(answers)}]))
+    return path
+
+
 def test_every_original_key_maps_onto_the_paper_model_with_its_shape():
     layout = read_original_layout()
     model = RWSANForVQA(RWSANConfig(vocab_size=20573, num_labels=3129))
@@ -56,10 +62,7 @@ def test_every_original_key_maps_onto_the_paper_model_with_its_shape():
 def test_answer_dict_names_the_answers(tmp_path, golden):
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     answers = [f"answer-{i}" for i in range(golden["answer_size"])]
-    answer_dict = tmp_path / "answer_dict.json"
-    answer_dict.write_text(
-        json.dumps([{a: i for i, a in enumerate(answers)}, {str(i): a for i, a in enumerate(answers)}])
-    )
+    answer_dict = write_answer_dict(tmp_path / "answer_dict.json", answers)
     model = load_original_checkpoint(checkpoint, answer_dict)
     assert model.config.id2label[3] == "answer-3" and model.config.label2id["answer-7"] == 7
 
@@ -156,10 +159,7 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
 
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     answers = [f"answer {i}" for i in range(golden["answer_size"])]
-    answer_dict = tmp_path / "answer_dict.json"
-    answer_dict.write_text(
-        json.dumps([{a: i for i, a in enumerate(answers)}, {str(i): a for i, a in enumerate(answers)}])
-    )
+    answer_dict = write_answer_dict(tmp_path / "answer_dict.json", answers)
     vocab = {"PAD": 0, "UNK": 1, **{f"word{i}": i for i in range(2, golden["token_size"])}}
     processor = RWSANProcessor(
         build_question_tokenizer(vocab), id2label=dict(enumerate(answers)), image_feature_size=48

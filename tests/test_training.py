@@ -49,11 +49,15 @@ def test_schedule_equals_the_original_at_every_step():
         assert ours == pytest.approx(original_rate(step + 1, steps_per_epoch), rel=1e-12), step
 
 
+# One thread per process: the suite runs training subprocesses side by side on two cores, and spin-waiting OpenMP
+# threads that share a core slow each other down many times over.
+TRAINING_ENVIRONMENT = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def run_training(*arguments, timeout=600, check=True, **kwargs):
     command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *arguments]
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout, **kwargs
+        command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True, timeout=timeout, **kwargs
     )
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -112,9 +116,12 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
 
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *common_arguments(tiny_prepared_vqa, interrupted)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [*command, *arguments], cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*command, *arguments],
+        cwd=REPO_ROOT,
+        env=TRAINING_ENVIRONMENT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     first_checkpoint = interrupted / "checkpoint-14"  # 210 questions / batch 16 -> 14 steps an epoch
     deadline = time.monotonic() + 300
@@ -146,8 +153,9 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
         "--save_strategy", "no",
         "--ddp_backend", "gloo",
     ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
     assert set(fingerprints) == {"0", "1"}, result.stdout[-2000:]

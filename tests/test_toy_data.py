@@ -261,6 +261,23 @@ def test_feature_files_have_the_original_layout(toy_dir):
             assert np.all(boxes[:, 2] < scene["image_w"]) and np.all(boxes[:, 3] < scene["image_h"])
 
 
+@pytest.mark.parametrize("feature_size", [256, 2048])
+def test_feature_norms_do_not_grow_with_the_feature_size(tmp_path, feature_size):
+    # Each code slot is a unit-length direction and the noise vector has length `feature_noise` (0.5), so a
+    # region's squared norm is about |code|^2 + 0.25 at any size. Unit-variance values (norms ~sqrt(size)) made
+    # the model memorise the toy images instead of reading them.
+    data_dir = make_toy_vqa(tmp_path, seed=0, num_images=20, feature_size=feature_size)
+    feature_norms, expected_norms = [], []
+    for scene in load_json(data_dir / "toy_scenes.json")["scenes"]:
+        feature_norms += list(np.sum(region_features(data_dir, scene) ** 2, axis=1))
+        for region in scene["regions"]:
+            x1, y1, x2, y2 = region["bbox"]
+            centre = ((x1 + x2) / scene["image_w"] - 1) ** 2 + ((y1 + y2) / scene["image_h"] - 1) ** 2
+            one_hot_slots = 5 if region["kind"] == "object" else 1
+            expected_norms.append(one_hot_slots + centre + 0.25)
+    assert np.mean(feature_norms) == pytest.approx(np.mean(expected_norms), rel=0.1)
+
+
 def test_same_seed_gives_identical_files_and_another_seed_does_not(toy_dir, tmp_path):
     again = make_toy_vqa(tmp_path / "again", seed=0, num_images=NUM_IMAGES, feature_size=FEATURE_SIZE, num_proc=2)
     other = make_toy_vqa(tmp_path / "other", seed=1, num_images=NUM_IMAGES, feature_size=FEATURE_SIZE)

@@ -94,6 +94,26 @@ def float16_logits(logits: torch.Tensor, labels=None) -> torch.Tensor:
     return logits.half()
 
 
+class RegionGroupedSampler(LengthGroupedSampler):
+    """`LengthGroupedSampler` over region counts whose order depends only on the seed and the epoch.
+
+    The Trainer calls `set_epoch` before every epoch, so a run resumed from a checkpoint draws the same batches as
+    an uninterrupted one (a generator seeded once would continue from wherever the killed process left it).
+    """
+
+    def __init__(self, batch_size: int, region_counts: list[int], seed: int):
+        super().__init__(batch_size, lengths=region_counts)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 class VQATrainer(Trainer):
     """The `Trainer` with the paper's schedule, region bucketing and question-id-keyed evaluation.
 
@@ -117,13 +137,10 @@ class VQATrainer(Trainer):
         if not self.args.group_by_regions:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        generator = torch.Generator().manual_seed(
-            self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        )
-        return LengthGroupedSampler(
+        return RegionGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            lengths=dataset.num_regions.tolist(),
-            generator=generator,
+            region_counts=dataset.num_regions.tolist(),
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rwsan.training import paper_lr_multiplier
+from rwsan.training import RegionGroupedSampler, paper_lr_multiplier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,13 +104,15 @@ def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, t
         assert rate == pytest.approx(1e-3 * paper_lr_multiplier(step - 1, 7, 2, (3,), 0.2)), step
 
 
-def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["--group_by_regions", "true"]], ids=["shuffled", "grouped_by_regions"])
+def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_path, sampling):
     arguments = [
         "--num_train_epochs", "3",
         "--warmup_epochs", "1",
         "--lr_decay_epochs", "2",
         "--eval_strategy", "no",
         "--save_strategy", "epoch",
+        *sampling,
     ]  # fmt: skip
     run_training(*common_arguments(tiny_prepared_vqa, tmp_path / "straight"), *arguments)
 
@@ -261,6 +263,27 @@ def test_diverging_loss_stops_with_the_step_and_the_last_checkpoint(tiny_prepare
     assert result.returncode == 1
     assert re.search(r"The training loss became (nan|inf) by optimizer step \d+", result.stderr), result.stderr[-3000:]
     assert "The last checkpoint saved before it is" in result.stderr
+
+
+def test_region_grouped_order_depends_only_on_seed_and_epoch():
+    region_counts = [10 + (index * 37) % 91 for index in range(512)]
+
+    def epoch_order(epoch, seed=0):
+        sampler = RegionGroupedSampler(64, region_counts, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    # A sampler that went through epochs 0 and 1 gives epoch 2 the order a fresh one (a resumed run) gives it.
+    sampler = RegionGroupedSampler(64, region_counts, seed=0)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+    assert order == epoch_order(2)
+    assert sorted(order) == list(range(512))
+    assert epoch_order(1) != epoch_order(2) and epoch_order(2, seed=1) != epoch_order(2)
+    # Batches of 64 hold similar region counts: far less spread than in a random order.
+    batches = [[region_counts[index] for index in order[start : start + 64]] for start in range(0, 512, 64)]
+    assert sum(max(batch) - min(batch) for batch in batches) / len(batches) < 45
 
 
 def test_region_grouped_batches_train(tiny_prepared_vqa, tmp_path):

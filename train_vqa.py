@@ -50,7 +50,7 @@ TOY_CACHE = Path(".cache") / "toy_vqa"
 
 # The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 1M parameters instead
 # of 19.5M) on the toy set, so that it trains on two CPU cores in minutes. The schedule keeps the paper's shape
-# (warm-up, then two decays) over 8 epochs; everything here can be overridden on the command line.
+# (warm-up, then two decays) over 10 epochs; everything here can be overridden on the command line.
 TOY_ARGUMENTS = [
     "--hidden_size", "128",
     "--intermediate_size", "256",
@@ -59,10 +59,10 @@ TOY_ARGUMENTS = [
     "--flat_output_size", "256",
     "--num_srwsa_repeats", "1",
     "--num_sgrwsa_repeats", "1",
-    "--num_train_epochs", "8",
+    "--num_train_epochs", "10",
     "--learning_rate", "1e-3",
     "--warmup_epochs", "1",
-    "--lr_decay_epochs", "6", "7",
+    "--lr_decay_epochs", "8", "9",
     "--logging_steps", "50",
     "--save_total_limit", "2",
     "--use_cpu",

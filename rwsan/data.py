@@ -245,7 +245,7 @@ class VQACollator:
     `image_attention_mask` `(batch, num_regions)` (1 = real), `labels` `(batch, num_answers)` when the items
     have them, and `question_id` `(batch,)` when the items have it. Questions and regions are padded to the
     longest of the batch, rounded up to a multiple of `pad_to_multiple_of` if given (so that compiled shapes
-    repeat).
+    repeat; regions never beyond `max_regions`).
 
     `question_id` is not a model input. The `Trainer` drops it by itself (its default
     `remove_unused_columns=True` keeps only the item keys named like `forward` arguments, before collation);
@@ -293,8 +293,11 @@ class VQACollator:
         region_counts = np.array([len(features) for features in region_features])
         question_length = _padded_length(max(1, question_lengths.max()), self.pad_to_multiple_of)
         input_ids = np.zeros((len(items), question_length), dtype=np.int64)
+        # Rounding up never goes past max_regions: a model trained on at most that many regions gains nothing from
+        # more padding, and the largest bucket stays the shape of a full batch.
+        region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
         padded_features = np.zeros(
-            (len(items), _padded_length(region_counts.max(), self.pad_to_multiple_of), feature_sizes.pop()),
+            (len(items), region_length, feature_sizes.pop()),
             dtype=region_features[0].dtype,
         )
         for row, (item, features) in enumerate(zip(items, region_features)):

@@ -136,14 +136,22 @@ def test_collator_pads_and_masks_by_hand():
     assert {value.dtype for key, value in batch.items() if key not in ("image_features", "labels")} == {torch.int64}
 
 
-def test_collator_rounds_padding_up_cuts_regions_and_casts():
-    collator = VQACollator(num_answers=3, max_regions=1, pad_to_multiple_of=4, image_features_dtype=torch.float32)
+def test_collator_rounds_padding_up_and_casts():
+    collator = VQACollator(num_answers=3, max_regions=5, pad_to_multiple_of=4, image_features_dtype=torch.float32)
     batch = collator(hand_items())
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert batch["image_features"].dtype == torch.float32
-    assert batch["image_features"].tolist() == [[[0, 1, 2], *[[0, 0, 0]] * 3], [[9, 9, 9], *[[0, 0, 0]] * 3]]
-    assert batch["image_attention_mask"].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
+    assert batch["image_features"].tolist() == [[[0, 1, 2], [3, 4, 5], *[[0, 0, 0]] * 2], [[9, 9, 9], *[[0, 0, 0]] * 3]]
+    assert batch["image_attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+def test_collator_cuts_regions_and_never_pads_them_past_max_regions():
+    batch = VQACollator(num_answers=3, max_regions=1, pad_to_multiple_of=4)(hand_items())
+    assert batch["image_features"].tolist() == [[[0, 1, 2]], [[9, 9, 9]]]
+    assert batch["image_attention_mask"].tolist() == [[1], [1]]
+    batch = VQACollator(num_answers=3, max_regions=3, pad_to_multiple_of=4)(hand_items())
+    assert batch["image_attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
 
 
 def test_collator_refuses_inconsistent_items():

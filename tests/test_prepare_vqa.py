@@ -420,9 +420,9 @@ def test_terminated_conversion_leaves_no_dataset(raw_vqa_dir, tmp_path):
         os.write(fifo_fd, "".join(all_tsv_lines()[:3]).encode())
         assert leftovers(output_dir), "the conversion should be writing into a temporary folder"
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        output, _ = process.communicate(timeout=60)
     finally:
         os.close(fifo_fd)
         process.kill()
-    assert process.returncode == 128 + signal.SIGTERM
-    assert not output_dir.exists() and not leftovers(output_dir)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert not output_dir.exists() and not leftovers(output_dir), output

@@ -24,13 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rwsan.data import VQACollator, load_vqa_dataset
-from rwsan.processing_rwsan import answer_scores, split_question
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # bench is a folder of the repository, not part of the installed package.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
+from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
+from rwsan.processing_rwsan import answer_scores, split_question  # noqa: E402
+
 MIN_REGIONS, MAX_REGIONS = 10, 100
 QUESTIONS_PER_IMAGE = 3
-NUM_ANNOTATORS = 10
 ANSWER_POOL = ("yes", "no", "1", "2", "3", "red", "blue", "white", "dog", "cat", "tennis", "pizza")
 QUESTION_WORDS = (
     "what",
@@ -60,15 +64,7 @@ def write_raw_vqa(root: Path, num_images: int, feature_size: int, seed: int = 0)
     features_dir.mkdir(parents=True)
     questions, annotations = [], []
     for image_id in range(1, num_images + 1):
-        num_regions = int(rng.integers(MIN_REGIONS, MAX_REGIONS + 1))
-        np.savez(
-            features_dir / f"COCO_train2014_{image_id:012d}.jpg.npz",
-            x=rng.random((feature_size, num_regions), dtype=np.float32),
-            bbox=rng.random((num_regions, 4), dtype=np.float32) * 400,
-            num_bbox=np.array(num_regions),
-            image_h=np.array(480),
-            image_w=np.array(640),
-        )
+        write_random_image(features_dir, image_id, int(rng.integers(MIN_REGIONS, MAX_REGIONS + 1)), feature_size, rng)
         for position in range(QUESTIONS_PER_IMAGE):
             question_id = image_id * 10 + position
             words = rng.choice(QUESTION_WORDS, size=int(rng.integers(4, 12)))
@@ -80,22 +76,8 @@ def write_raw_vqa(root: Path, num_images: int, feature_size: int, seed: int = 0)
                     "question_id": question_id,
                 }
             )
-            annotations.append(
-                {
-                    "question_id": question_id,
-                    "image_id": image_id,
-                    "question_type": "what",
-                    "answer_type": "other",
-                    "multiple_choice_answer": Counter(given).most_common(1)[0][0],
-                    "answers": [
-                        {"answer": answer, "answer_confidence": "yes", "answer_id": index + 1}
-                        for index, answer in enumerate(given)
-                    ],
-                }
-            )
-    (root / "vqa").mkdir()
-    (root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps({"questions": questions}))
-    (root / "vqa" / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+            annotations.append(annotation(question_id, image_id, list(given), Counter(given).most_common(1)[0][0]))
+    write_train_split(root, questions, annotations)
 
 
 class OriginalStyleDataset(torch.utils.data.Dataset):

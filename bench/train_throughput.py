@@ -64,6 +64,7 @@ if str(REPO_ROOT) not in sys.path:
     # data_scripts is a folder of the repository, not part of the installed package.
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
@@ -80,7 +81,6 @@ SOFT_SCORES = (0.3, 0.6, 0.9, 1.0)
 MAX_ANSWERS_PER_QUESTION = 3
 # The answer vocabulary keeps the multiple-choice answers seen more than 8 times; each answer is that of 10 questions.
 QUESTIONS_PER_ANSWER = 10
-NUM_ANNOTATORS = 10
 QUESTION_WORD_POOL = 5000
 # Batches per mega-batch of the Trainer's length-grouped sampler (transformers' `get_length_grouped_indices`).
 TRAINER_MEGA_BATCHES = 50
@@ -276,14 +276,7 @@ def write_raw_vqa(root: Path, config: RWSANConfig, num_images: int, seed: int = 
     features_dir = root / "coco_extract" / "train2014"
     features_dir.mkdir(parents=True)
     for image_id, num_regions in enumerate(sample_region_counts(rng, num_images), start=1):
-        np.savez(
-            features_dir / f"COCO_train2014_{image_id:012d}.jpg.npz",
-            x=rng.random((config.image_feature_size, num_regions), dtype=np.float32),
-            bbox=rng.random((num_regions, 4), dtype=np.float32) * 400,
-            num_bbox=np.array(num_regions),
-            image_h=np.array(480),
-            image_w=np.array(640),
-        )
+        write_random_image(features_dir, image_id, int(num_regions), config.image_feature_size, rng)
 
     answers = [f"answer{index}" for index in range(config.num_labels)]
     num_words = min(QUESTION_WORD_POOL, config.vocab_size - 2)
@@ -298,22 +291,8 @@ def write_raw_vqa(root: Path, config: RWSANConfig, num_images: int, seed: int = 
         num_agreeing = int(rng.integers(4, NUM_ANNOTATORS + 1))
         others = rng.integers(0, len(answers), NUM_ANNOTATORS - num_agreeing)
         given = [best] * num_agreeing + [answers[index] for index in others]
-        annotations.append(
-            {
-                "question_id": question_id,
-                "image_id": image_id,
-                "question_type": "what",
-                "answer_type": "other",
-                "multiple_choice_answer": best,
-                "answers": [
-                    {"answer": answer, "answer_confidence": "yes", "answer_id": position + 1}
-                    for position, answer in enumerate(given)
-                ],
-            }
-        )
-    (root / "vqa").mkdir()
-    (root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps({"questions": questions}))
-    (root / "vqa" / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+        annotations.append(annotation(question_id, image_id, given, best))
+    write_train_split(root, questions, annotations)
 
 
 # ----------------------------------------------------------------------------------------------- measurement

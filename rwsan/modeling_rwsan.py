@@ -335,6 +335,21 @@ class RWSANPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["RWSANSelfAttentionBlock", "RWSANGuidedAttentionBlock"]
 
+    def compile_blocks(self, **compile_kwargs) -> "RWSANPreTrainedModel":
+        """Compiles the weight-shared attention blocks in place: `torch.compile(**compile_kwargs)` on each (regional
+        compilation); returns the model.
+
+        The two blocks do nearly all of the computation, each applied several times a forward pass with the same
+        shapes (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with
+        every application unrolled, and compiles for less time than `torch.compile(model)`. The rest (embedding,
+        LSTM, projection, pooling, classifier) stays eager. Parameter names and saved weights do not change. Pass
+        `dynamic=True` when batches come in several padded shapes, so that one compilation serves them all.
+        """
+        for module in self.modules():
+            if isinstance(module, (RWSANSelfAttentionBlock, RWSANGuidedAttentionBlock)):
+                module.compile(**compile_kwargs)
+        return self
+
     def _init_weights(self, module: nn.Module):
         """PyTorch's default initialisation of each layer, which the original code relies on.
 
@@ -423,6 +438,9 @@ class RWSANModel(RWSANPreTrainedModel):
 
         question_states, _ = self.question_lstm(self.word_embeddings(input_ids))
         image_states = self.image_projection(image_features)
+        # Both are views of other tensors, the blocks' later inputs are not; a compiled block (`compile_blocks`)
+        # would compile a second graph for its first application. Two small copies spare that compilation.
+        question_states, image_states = question_states.clone(), image_states.clone()
         # Biases in the dtype the attention computes in (autocast's, when active), broadcast over heads and queries.
         compute_dtype = (
             torch.get_autocast_dtype(image_states.device.type)

@@ -118,6 +118,22 @@ def test_compiled_model_matches_eager_and_one_compilation_serves_every_bucket(it
     torch._dynamo.reset()
 
 
+def test_compiled_blocks_match_eager_with_one_graph_per_block_for_every_shape(items):
+    torch._dynamo.reset()
+    graphs_before = counters["stats"]["unique_graphs"]
+    model = tiny_model()
+    compiled = tiny_model().compile_blocks(backend="eager", dynamic=True)
+    first, second = collate(items, pad_to_multiple_of=20), collate(items, pad_to_multiple_of=8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**first).logits, model(**first).logits, atol=1e-5, rtol=0)
+        # Every application of the two shared blocks (9 each here) runs the block's one graph.
+        assert counters["stats"]["unique_graphs"] - graphs_before == 2
+        torch.testing.assert_close(compiled(**second).logits, model(**second).logits, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2, "a second padded shape was compiled again"
+    assert compiled.state_dict().keys() == model.state_dict().keys()
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="inductor needs about 3 minutes to compile the tiny model's training graphs on a 2-core CPU; "

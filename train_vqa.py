@@ -17,6 +17,7 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
 
 Every `TrainingArguments` option works (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
 `--resume_from_checkpoint last`, `--torch_compile`, `--push_to_hub`, ...); the defaults are the paper's.
+`--compile_blocks MODE` compiles only the two weight-shared attention blocks, faster than `--torch_compile`.
 """
 
 import hashlib
@@ -117,7 +118,7 @@ class DataArguments:
     max_regions: int = field(default=100, metadata={"help": "Regions kept per image (paper: 100)."})
     max_question_length: int = field(default=16, metadata={"help": "Words kept per question (paper: 16)."})
     pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Round padded lengths up to a multiple (fewer shapes for --torch_compile)."}
+        default=None, metadata={"help": "Round padded lengths up to a multiple (fewer shapes to compile or record)."}
     )
     toy_num_images: int = field(default=2000, metadata={"help": "Images of the built-in toy set."})
     # More questions per image than VQA-v2's ~5: they cost no feature storage, and a model that sees each image

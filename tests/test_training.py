@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rwsan.training import RegionGroupedSampler, paper_lr_multiplier
+from rwsan.training import RegionGroupedSampler, VQATrainingArguments, paper_lr_multiplier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +54,11 @@ def test_schedule_equals_the_original_at_every_step():
 TRAINING_ENVIRONMENT = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_training(*arguments, timeout=600, check=True, **kwargs):
+def run_training(*arguments, timeout=600, check=True, environment=None, **kwargs):
     command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *arguments]
+    environment = {**TRAINING_ENVIRONMENT, **(environment or {})}
     result = subprocess.run(
-        command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True, timeout=timeout, **kwargs
+        command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout, **kwargs
     )
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -296,3 +297,50 @@ def test_region_grouped_batches_train(tiny_prepared_vqa, tmp_path):
         "--save_strategy", "no",
     )  # fmt: skip
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def logged(output: Path, name: str) -> list[float]:
+    state = json.loads((output / "trainer_state.json").read_text())
+    return [entry[name] for entry in state["log_history"] if name in entry]
+
+
+def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path):
+    """--compile_blocks (inductor, on the CPU here) follows the eager run step for step, evaluates alike, and saves
+    the same weight names."""
+    arguments = [
+        "--dropout", "0",  # inductor draws dropout masks from its own random stream
+        "--pad_to_multiple_of", "20",
+        "--max_steps", "4",
+        "--logging_steps", "1",
+        "--eval_strategy", "steps",
+        "--eval_steps", "4",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    eager, compiled, inductor_cache = tmp_path / "eager", tmp_path / "compiled", tmp_path / "inductor"
+    run_training(*common_arguments(tiny_prepared_vqa, eager), *arguments)
+    run_training(
+        *common_arguments(tiny_prepared_vqa, compiled),
+        *arguments,
+        "--compile_blocks", "default",
+        environment={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)},
+    )  # fmt: skip
+    assert list(inductor_cache.rglob("*.py")), "inductor generated no code: the blocks were not compiled"
+    assert len(logged(eager, "loss")) == 4
+    assert logged(compiled, "loss") == pytest.approx(logged(eager, "loss"), rel=1e-4)
+    assert logged(compiled, "eval_loss") == pytest.approx(logged(eager, "eval_loss"), rel=1e-4)
+    assert load_file(compiled / "model.safetensors").keys() == load_file(eager / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"compile_blocks": "fast"}, "--compile_blocks 'fast' is not a torch.compile mode; choose one of default"),
+        (
+            {"compile_blocks": "default", "torch_compile": True},
+            "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile",
+        ),
+    ],
+)
+def test_bad_compile_arguments_are_refused(tmp_path, arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, **arguments)

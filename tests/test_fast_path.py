@@ -154,6 +154,70 @@ def test_inductor_training_step_matches_eager_on_cuda(items):
     torch.testing.assert_close(gradients[1], gradients[0], **BF16_TOLERANCE)
 
 
+class EmulatedStepGraphs(bench.TrainingStep):
+    """The graphed training step with CUDA graph recording emulated on the CPU: "replaying" runs the step on the
+    recorded input tensors, which is all a graph can read, so whether each batch reaches its graph's inputs shows."""
+
+    def __init__(self, model, variant, device):
+        super().__init__(model, variant, device)
+        self.optimizer = torch.optim.Adam(model.parameters(), **bench.ADAM_ARGUMENTS)  # capturable is CUDA-only
+        self.recorded_shapes = []
+
+    def record(self, batch):
+        inputs = {name: tensor.clone() for name, tensor in batch.items()}
+        loss = torch.zeros(())
+        step = self
+
+        class Graph:
+            def replay(self):
+                # A recorded backward writes the gradients rather than adding to them.
+                step.optimizer.zero_grad(set_to_none=True)
+                loss.copy_(step.forward_backward_update(inputs))
+
+        self.recorded_shapes.append(tuple(batch["image_features"].shape))
+        return Graph(), inputs, loss
+
+
+def test_step_graphs_replay_each_batch_in_the_graph_of_its_shape(items):
+    config = RWSANConfig(**bench.TINY_SIZES, dropout=0.0)
+    variant = bench.Variant("emulated step graphs", "sdpa", None, step_graphs=True, bucketed=True)
+    plain_variant = bench.Variant("plain", "sdpa", None)
+    collator = VQACollator(config.num_labels, pad_to_multiple_of=20)
+    # 60 regions, 100, then 60 again with other samples: the third batch must replace the first's inputs in the
+    # first graph.
+    by_regions = sorted(items, key=lambda item: len(item["image_features"]))
+    batches = [collator(by_regions[2:4]), collator(by_regions[-2:]), collator(by_regions[3:5])]
+    assert [batch["image_features"].shape[1] for batch in batches] == [60, 100, 60]
+    steps = []
+    for step_variant in (variant, plain_variant):
+        torch.manual_seed(0)
+        model = RWSANForVQA(config).train()
+        step_class = EmulatedStepGraphs if step_variant.step_graphs else bench.TrainingStep
+        steps.append(step_class(model, step_variant, torch.device("cpu")))
+    graphed, plain = steps
+    for batch in batches:
+        torch.testing.assert_close(graphed(batch).clone(), plain(batch), atol=1e-6, rtol=1e-5)
+    assert graphed.recorded_shapes == [(2, 60, 48), (2, 100, 48)]
+    torch.testing.assert_close(graphed.model.state_dict(), plain.model.state_dict(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_step_graphs_train_like_eager_steps_on_cuda(items):
+    """Recorded whole-step graphs give the eager steps' losses (the warm-up steps before recording train too, so the
+    eager side takes them as well)."""
+    config = RWSANConfig(**bench.TINY_SIZES, dropout=0.0)
+    batch = {key: value.cuda() for key, value in VQACollator(config.num_labels, pad_to_multiple_of=20)(items).items()}
+    losses = []
+    for step_graphs in (True, False):
+        torch.manual_seed(0)
+        model = RWSANForVQA(config).cuda().train()
+        variant = bench.Variant("", "sdpa", torch.bfloat16, fused_optimizer=True, step_graphs=step_graphs)
+        step = bench.TrainingStep(model, variant, torch.device("cuda"))
+        steps = 3 if step_graphs else 3 + bench.STEP_GRAPH_WARMUP_STEPS
+        losses.append([step(batch).item() for _ in range(steps)][-3:])
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
 def test_synthetic_sizes_are_vqa_like():
     rng = np.random.default_rng(0)
     regions = bench.sample_region_counts(rng, 10_000)

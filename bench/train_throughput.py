@@ -123,11 +123,11 @@ RUN_ORDER = (
     "bf16_sdpa",
     "step_graphs",
     "blocks_cuda_graphs",
-    "blocks_step_graphs",
     "grouped",
     "loader",
     "loader_training",
     "trainer",
+    "blocks_step_graphs",
     "compiled_blocks",
     "cuda_graphs",
     "compiled",
@@ -768,12 +768,15 @@ class Benchmark:
         return self.measure("loader_training", title, step, lambda: stream, [])
 
     def trainer_compile_mode(self) -> str | None:
-        """The mode of the faster compiled-block row that ran (reduce-overhead before any ran); None on a CPU."""
+        """The mode of the faster compiled-block row that was measured, else of the first that did not fail; None
+        on a CPU."""
         if self.device.type != "cuda":
             return None
         measured = [key for key in TRAINER_COMPILE_ROWS if key in self.rows and self.rows[key].samples_per_second]
-        fastest = max(measured, key=lambda key: self.rows[key].samples_per_second, default=TRAINER_COMPILE_ROWS[0])
-        return VARIANTS[fastest].compile_mode
+        if measured:
+            return VARIANTS[max(measured, key=lambda key: self.rows[key].samples_per_second)].compile_mode
+        not_failed = [key for key in TRAINER_COMPILE_ROWS if key not in self.rows or self.rows[key].error is None]
+        return VARIANTS[(not_failed or TRAINER_COMPILE_ROWS)[0]].compile_mode
 
     def measure_trainer(self) -> Row:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,

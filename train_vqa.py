@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None):
         training_args.eval_strategy = "no"
 
     collator = VQACollator(
-        model.config.num_labels, max_regions=data_args.max_regions, pad_to_multiple_of=data_args.pad_to_multiple_of
+        model.config.num_labels,
+        max_regions=data_args.max_regions,
+        max_question_length=data_args.max_question_length,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
     )
     trainer = VQATrainer(
         model=model,

@@ -273,8 +273,10 @@ def round_up(length: int, multiple: int) -> int:
 
 def bucket_shapes(max_question_length: int, multiple: int) -> list[tuple[int, int]]:
     """Every (question length, regions) a `VQACollator(pad_to_multiple_of=multiple)` batch can have."""
-    question_lengths = {round_up(length, multiple) for length in range(1, max_question_length + 1)}
-    region_counts = {round_up(regions, multiple) for regions in range(MIN_REGIONS, MAX_REGIONS + 1)}
+    question_lengths = {
+        min(round_up(length, multiple), max_question_length) for length in range(1, max_question_length + 1)
+    }
+    region_counts = {min(round_up(regions, multiple), MAX_REGIONS) for regions in range(MIN_REGIONS, MAX_REGIONS + 1)}
     return sorted(itertools.product(question_lengths, region_counts))
 
 
@@ -528,6 +530,7 @@ class Benchmark:
         return VQACollator(
             self.model_config().num_labels,
             max_regions=MAX_REGIONS,
+            max_question_length=self.model_config().max_question_length,
             pad_to_multiple_of=self.args.pad_to_multiple_of if bucketed else None,
         )
 

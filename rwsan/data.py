@@ -245,7 +245,7 @@ class VQACollator:
     `image_attention_mask` `(batch, num_regions)` (1 = real), `labels` `(batch, num_answers)` when the items
     have them, and `question_id` `(batch,)` when the items have it. Questions and regions are padded to the
     longest of the batch, rounded up to a multiple of `pad_to_multiple_of` if given (so that compiled shapes
-    repeat; regions never beyond `max_regions`).
+    repeat), but never beyond `max_question_length` / `max_regions` (or the longest, if longer).
 
     `question_id` is not a model input. The `Trainer` drops it by itself (its default
     `remove_unused_columns=True` keeps only the item keys named like `forward` arguments, before collation);
@@ -254,6 +254,8 @@ class VQACollator:
     Args:
         num_answers: size of the model's answer vocabulary; labels of another size are refused.
         max_regions: regions beyond this many are cut.
+        max_question_length: questions are not padded beyond this many tokens (the processor's cut; longer
+            questions are kept whole).
         pad_to_multiple_of: round padded lengths up to a multiple of this.
         image_features_dtype: dtype of the returned `image_features` (default: as stored, float16 normally).
     """
@@ -262,16 +264,22 @@ class VQACollator:
         self,
         num_answers: int,
         max_regions: int = 100,
+        max_question_length: int = 16,
         pad_to_multiple_of: int | None = None,
         image_features_dtype: torch.dtype | None = None,
     ):
-        for name, value in (("num_answers", num_answers), ("max_regions", max_regions)):
+        for name, value in (
+            ("num_answers", num_answers),
+            ("max_regions", max_regions),
+            ("max_question_length", max_question_length),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
         self.num_answers = num_answers
         self.max_regions = max_regions
+        self.max_question_length = max_question_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.image_features_dtype = image_features_dtype
 
@@ -291,10 +299,13 @@ class VQACollator:
 
         question_lengths = np.array([len(item["input_ids"]) for item in items])
         region_counts = np.array([len(features) for features in region_features])
-        question_length = _padded_length(max(1, question_lengths.max()), self.pad_to_multiple_of)
-        input_ids = np.zeros((len(items), question_length), dtype=np.int64)
-        # Rounding up never goes past max_regions: a model trained on at most that many regions gains nothing from
+        # Rounding up never goes past the longest a question or an image can be: the model gains nothing from
         # more padding, and the largest bucket stays the shape of a full batch.
+        longest_question = max(1, question_lengths.max())
+        question_length = min(
+            _padded_length(longest_question, self.pad_to_multiple_of), max(longest_question, self.max_question_length)
+        )
+        input_ids = np.zeros((len(items), question_length), dtype=np.int64)
         region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
         padded_features = np.zeros(
             (len(items), region_length, feature_sizes.pop()),

@@ -137,7 +137,11 @@ def predict_split(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        collate_fn=VQACollator(model.config.num_labels, max_regions=processor.max_regions),
+        collate_fn=VQACollator(
+            model.config.num_labels,
+            max_regions=processor.max_regions,
+            max_question_length=processor.max_question_length,
+        ),
         num_workers=num_workers,
     )
     question_ids, answer_indices = [], []

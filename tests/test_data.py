@@ -154,6 +154,16 @@ def test_collator_cuts_regions_and_never_pads_them_past_max_regions():
     assert batch["image_attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
 
 
+def test_collator_never_pads_questions_past_max_question_length():
+    items = [{**item, "input_ids": np.arange(2, 2 + length)} for item, length in zip(hand_items(), (5, 2))]
+    batch = VQACollator(num_answers=3, max_question_length=6, pad_to_multiple_of=4)(items)
+    assert batch["input_ids"].shape == (2, 6)
+    assert batch["attention_mask"].tolist() == [[1] * 5 + [0], [1, 1, 0, 0, 0, 0]]
+    # A question longer than max_question_length is kept whole, and padding still stops at the longest.
+    batch = VQACollator(num_answers=3, max_question_length=4, pad_to_multiple_of=4)(items)
+    assert batch["input_ids"][0].tolist() == [2, 3, 4, 5, 6]
+
+
 def test_collator_refuses_inconsistent_items():
     with pytest.raises(ValueError, match="labels have 3 answers but the collator was built for 4"):
         VQACollator(num_answers=4)(hand_items())

@@ -92,7 +92,8 @@ def test_bf16_sdpa_logits_match_fp32_eager_logits(items):
 def test_bucketed_padding_gives_the_logits_of_the_unpadded_batch(items):
     unpadded, bucketed = collate(items), collate(items, pad_to_multiple_of=20)
     assert unpadded["image_features"].shape[1] == max(len(item["image_features"]) for item in items) < 100
-    assert bucketed["input_ids"].shape[1] == 20 and bucketed["image_features"].shape[1] == 100
+    assert unpadded["input_ids"].shape[1] < 16
+    assert bucketed["input_ids"].shape[1] == 16 and bucketed["image_features"].shape[1] == 100
     model = tiny_model()
     with torch.no_grad():
         torch.testing.assert_close(model(**bucketed).logits, model(**unpadded).logits, atol=1e-5, rtol=0)
@@ -227,10 +228,16 @@ def test_synthetic_sizes_are_vqa_like():
 
 
 def test_bucket_shapes_are_those_the_collator_pads_to():
-    assert bench.bucket_shapes(16, 20) == [(20, 20), (20, 40), (20, 60), (20, 80), (20, 100)]
+    assert bench.bucket_shapes(16, 20) == [(16, 20), (16, 40), (16, 60), (16, 80), (16, 100)]
     shapes = bench.bucket_shapes(16, 8)
     assert {length for length, _ in shapes} == {8, 16}
-    assert {regions for _, regions in shapes} == set(range(16, 105, 8))
+    assert {regions for _, regions in shapes} == {*range(16, 100, 8), 100}
+    # The collator pads to one of them, whatever the lengths.
+    collator = VQACollator(12, max_regions=100, max_question_length=16, pad_to_multiple_of=8)
+    for words, regions in ((16, 100), (9, 97), (1, 10)):
+        item = {"input_ids": np.ones(words, np.int64), "image_features": np.ones((regions, 4), np.float16)}
+        batch = collator([item])
+        assert (batch["input_ids"].shape[1], batch["image_features"].shape[1]) in shapes
 
 
 def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
@@ -245,4 +252,4 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
         assert row["error"] is None and row["samples_per_second"] > 0, row
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
-    assert measured["loader"]["mean_padded_question_length"] == 20
+    assert measured["loader"]["mean_padded_question_length"] == 16

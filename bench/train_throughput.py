@@ -18,8 +18,6 @@ The variants below pad to multiples of --pad_to_multiple_of, so that only a few 
                         per padded shape and replayed: one launch a step instead of thousands (CUDA only).
   compiled_blocks       bf16 SDPA with the two weight-shared attention blocks compiled (`model.compile_blocks`,
                         dynamic shapes): two small graphs instead of one with 18 block applications unrolled.
-  blocks_cuda_graphs    the same in torch.compile mode "reduce-overhead": each block application a CUDA graph, as
-                        `train_vqa.py --compile_blocks reduce-overhead` runs (CUDA only).
   blocks_step_graphs    compiled blocks inside whole-step CUDA graphs (CUDA only).
   compiled              torch.compile of the whole model (dynamic shapes); minutes of compilation.
   cuda_graphs           the same in mode "reduce-overhead" (CUDA only).
@@ -108,7 +106,6 @@ ROWS = (
     "bf16_sdpa",
     "step_graphs",
     "compiled_blocks",
-    "blocks_cuda_graphs",
     "blocks_step_graphs",
     "compiled",
     "cuda_graphs",
@@ -122,13 +119,12 @@ RUN_ORDER = (
     "fp32_eager",
     "bf16_sdpa",
     "step_graphs",
-    "blocks_cuda_graphs",
+    "compiled_blocks",
     "grouped",
     "loader",
     "loader_training",
     "trainer",
     "blocks_step_graphs",
-    "compiled_blocks",
     "cuda_graphs",
     "compiled",
 )
@@ -179,12 +175,6 @@ VARIANTS = {
     "compiled_blocks": bf16_variant(
         "bf16 + SDPA + compiled blocks", compile_mode="default", compile_scope="blocks", bucketed=True
     ),
-    "blocks_cuda_graphs": bf16_variant(
-        "bf16 + SDPA + compiled blocks, reduce-overhead",
-        compile_mode="reduce-overhead",
-        compile_scope="blocks",
-        bucketed=True,
-    ),
     "blocks_step_graphs": bf16_variant(
         "bf16 + SDPA + compiled blocks + whole-step CUDA graphs",
         compile_mode="default",
@@ -199,8 +189,8 @@ VARIANTS = {
 }
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
-# The compiled-block rows whose mode the trainer row takes (the faster that ran).
-TRAINER_COMPILE_ROWS = ("blocks_cuda_graphs", "compiled_blocks")
+# The rows reusing the fast path; it is kept only while one of them is still to run.
+FAST_PATH_REUSERS = ("grouped", "loader_training")
 
 
 @dataclass
@@ -411,8 +401,12 @@ class TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         # The warm-up's stream (its cuBLAS workspace is set up); "thread_local": DataLoader pin-memory threads may
-        # query CUDA events while this thread captures.
-        with torch.cuda.graph(graph, stream=side_stream, capture_error_mode="thread_local"):
+        # query CUDA events while this thread captures. The outer stream context restores the current stream even
+        # when a failed capture makes `torch.cuda.graph` raise before restoring it.
+        with (
+            torch.cuda.stream(side_stream),
+            torch.cuda.graph(graph, stream=side_stream, capture_error_mode="thread_local"),
+        ):
             loss = self.forward_backward_update(inputs).detach()
         return graph, inputs, loss
 
@@ -507,6 +501,8 @@ class Benchmark:
         self.rows: dict[str, Row] = {}
         # The fastest synthetic variant so far: its key, its step (model, optimizer, graphs) and its samples/s.
         self.fast_path: tuple[str, TrainingStep, float] | None = None
+        # The rows still to run, in order.
+        self.pending: list[str] = []
         self.work_dir = tempfile.TemporaryDirectory(prefix="rwsan-bench-")
         rng = np.random.default_rng(0)
         config = self.model_config()
@@ -545,13 +541,17 @@ class Benchmark:
     # -- running rows
 
     def run(self, keys: list[str]):
-        for key in RUN_ORDER:
-            if key in keys:
-                if key == "trainer":
-                    # The Trainer compiles its own model; the memory of the fast path would count in its row.
-                    self.release_compiled_state()
-                self.run_row(key)
+        self.pending = [key for key in RUN_ORDER if key in keys]
+        while self.pending:
+            key = self.pending.pop(0)
+            if key == "trainer":
+                # The Trainer compiles its own model; the memory of the fast path would count in its row.
+                self.release_compiled_state()
+            self.run_row(key)
         self.release_compiled_state()
+
+    def fast_path_needed(self) -> bool:
+        return any(key in self.pending for key in FAST_PATH_REUSERS)
 
     def run_row(self, key: str):
         title = VARIANTS[key].title if key in VARIANTS else key
@@ -583,7 +583,7 @@ class Benchmark:
 
     def seconds_needed(self, key: str) -> float:
         compiles = (key in VARIANTS and VARIANTS[key].compile_mode is not None) or (
-            key == "trainer" and self.trainer_compile_mode() is not None
+            key == "trainer" and self.device.type == "cuda"
         )
         return self.args.compile_seconds if compiles else self.args.seconds_per_row
 
@@ -594,7 +594,7 @@ class Benchmark:
         compiles = variant is not None and variant.compile_mode is not None
         if compiles and self.device.type == "cpu" and not self.args.compile_on_cpu:
             return "skipped: compiling takes minutes on a CPU (--compile_on_cpu runs it)"
-        if key in ("grouped", "loader_training") and self.fast_path is None:
+        if key in FAST_PATH_REUSERS and self.fast_path is None:
             return "skipped: no fast variant ran"
         return None
 
@@ -608,7 +608,8 @@ class Benchmark:
         # rarer ones too.
         warmup = [resized_batch(pool[0], *shape) for shape in self.bucket_shapes()] if variant.bucketed else []
         row = self.measure(key, variant.title, step, pool_rounds(pool), warmup, len(pool))
-        if key in FAST_PATH_CANDIDATES and (self.fast_path is None or row.samples_per_second > self.fast_path[2]):
+        faster = self.fast_path is None or row.samples_per_second > self.fast_path[2]
+        if key in FAST_PATH_CANDIDATES and faster and self.fast_path_needed():
             self.fast_path = (key, step, row.samples_per_second)
         return row
 
@@ -770,22 +771,11 @@ class Benchmark:
         title = f"{step.variant.title}, fed by the DataLoader"
         return self.measure("loader_training", title, step, lambda: stream, [])
 
-    def trainer_compile_mode(self) -> str | None:
-        """The mode of the faster compiled-block row that was measured, else of the first that did not fail; None
-        on a CPU."""
-        if self.device.type != "cuda":
-            return None
-        measured = [key for key in TRAINER_COMPILE_ROWS if key in self.rows and self.rows[key].samples_per_second]
-        if measured:
-            return VARIANTS[max(measured, key=lambda key: self.rows[key].samples_per_second)].compile_mode
-        not_failed = [key for key in TRAINER_COMPILE_ROWS if key not in self.rows or self.rows[key].error is None]
-        return VARIANTS[(not_failed or TRAINER_COMPILE_ROWS)[0]].compile_mode
-
     def measure_trainer(self) -> Row:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,
-        DataLoader workers with pinned memory, and on CUDA `--compile_blocks` in the mode that measured faster)."""
+        DataLoader workers with pinned memory, and on CUDA `--compile_blocks default`)."""
         cuda = self.device.type == "cuda"
-        compile_mode = self.trainer_compile_mode()
+        compile_mode = "default" if cuda else None
         dataset = self.dataset()
         warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
         training_args = VQATrainingArguments(

@@ -25,6 +25,8 @@ from .configuration_rwsan import RWSANConfig
 # The original fills masked attention scores with -5e4 rather than -inf or the dtype's minimum: it is finite in
 # float16, so padded positions get exactly zero weight under fp16/bf16 autocast without overflowing to -inf.
 MASKED_SCORE = -5e4
+# Compilations TorchDynamo may keep for the blocks' shared forward wrapper (see `compile_blocks`).
+BLOCK_RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -343,8 +345,16 @@ class RWSANPreTrainedModel(PreTrainedModel):
         shapes (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with
         every application unrolled, and compiles for less time than `torch.compile(model)`. The rest (embedding,
         LSTM, projection, pooling, classifier) stays eager. Parameter names and saved weights do not change. Pass
-        `dynamic=True` when batches come in several padded shapes, so that one compilation serves them all.
+        `dynamic=True` when batches come in several padded shapes, so that one compilation serves them all. Modes
+        that record CUDA graphs (`reduce-overhead`) break inference: one application's output, the next one's
+        input, is overwritten (pytorch/pytorch#152887).
+
+        Both blocks run through one function of transformers (`GradientCheckpointingLayer`'s forward wrapper),
+        whose compilations TorchDynamo counts together: training, evaluation and autocast variants of the two
+        blocks can pass its default limit of 8, after which the blocks would silently run eagerly. The limit
+        (`torch._dynamo.config.recompile_limit`, process-wide) is raised to at least 64.
         """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
         for module in self.modules():
             if isinstance(module, (RWSANSelfAttentionBlock, RWSANGuidedAttentionBlock)):
                 module.compile(**compile_kwargs)

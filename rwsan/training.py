@@ -21,7 +21,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from .evaluation import compute_vqa_accuracy
 from .modeling_rwsan import RWSANForVQAOutput
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes for --compile_blocks. Not those that record CUDA graphs (reduce-overhead, max-autotune): with
+# the blocks compiled apart, one application's output is the next one's input, which CUDA graph trees overwrite when
+# no backward pass is pending, i.e. in evaluation (pytorch/pytorch#152887).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -72,8 +75,8 @@ class VQATrainingArguments(TrainingArguments):
         if self.compile_blocks is not None:
             if self.compile_blocks not in COMPILE_MODES:
                 raise ValueError(
-                    f"--compile_blocks {self.compile_blocks!r} is not a torch.compile mode; choose one of "
-                    f"{', '.join(COMPILE_MODES)}"
+                    f"--compile_blocks {self.compile_blocks!r} is not one of {', '.join(COMPILE_MODES)} (the modes "
+                    "that record CUDA graphs break evaluation when the blocks are compiled apart)"
                 )
             if self.torch_compile:
                 raise ValueError(
@@ -148,9 +151,18 @@ class VQATrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.compile_blocks is not None:
+        if self.model_init is None:
+            self._compile_blocks_if_asked(self.model)
+
+    def call_model_init(self, trial=None):
+        return self._compile_blocks_if_asked(super().call_model_init(trial))
+
+    def _compile_blocks_if_asked(self, model):
+        mode = getattr(self.args, "compile_blocks", None)
+        if mode is not None:
             # Dynamic shapes: batches padded to different lengths share one compilation of each block.
-            self.model.compile_blocks(mode=self.args.compile_blocks, dynamic=True)
+            model.compile_blocks(mode=mode, dynamic=True)
+        return model
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)

@@ -334,7 +334,8 @@ def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path)
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"compile_blocks": "fast"}, "--compile_blocks 'fast' is not a torch.compile mode; choose one of default"),
+        ({"compile_blocks": "fast"}, "--compile_blocks 'fast' is not one of default, max-autotune-no-cudagraphs"),
+        ({"compile_blocks": "reduce-overhead"}, "the modes that record CUDA graphs break evaluation"),
         (
             {"compile_blocks": "default", "torch_compile": True},
             "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile",
@@ -344,3 +345,22 @@ def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path)
 def test_bad_compile_arguments_are_refused(tmp_path, arguments, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, **arguments)
+
+
+def test_trainer_takes_plain_training_arguments_and_model_init(tmp_path):
+    from transformers import TrainingArguments
+
+    from rwsan import RWSANConfig, RWSANForVQA
+    from rwsan.training import VQATrainer
+
+    def tiny_model():
+        return RWSANForVQA(RWSANConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_labels=3))
+
+    trainer = VQATrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+    assert trainer.model.rwsan.question_encoder.block._compiled_call_impl is None
+    arguments = VQATrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, eval_strategy="no", compile_blocks="default"
+    )
+    trainer = VQATrainer(model_init=tiny_model, args=arguments)
+    for block in (trainer.model.rwsan.question_encoder.block, trainer.model.rwsan.image_encoder.block):
+        assert block._compiled_call_impl is not None

@@ -17,7 +17,7 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
 
 Every `TrainingArguments` option works (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
 `--resume_from_checkpoint last`, `--torch_compile`, `--push_to_hub`, ...); the defaults are the paper's.
-`--compile_blocks MODE` compiles only the two weight-shared attention blocks, faster than `--torch_compile`.
+`--compile_blocks` compiles only the two weight-shared attention blocks, faster than `--torch_compile`.
 """
 
 import hashlib

@@ -773,9 +773,8 @@ class Benchmark:
 
     def measure_trainer(self) -> Row:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,
-        DataLoader workers with pinned memory, and on CUDA `--compile_blocks default`)."""
+        DataLoader workers with pinned memory, and on CUDA `--compile_blocks`)."""
         cuda = self.device.type == "cuda"
-        compile_mode = "default" if cuda else None
         dataset = self.dataset()
         warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
         training_args = VQATrainingArguments(
@@ -783,7 +782,7 @@ class Benchmark:
             per_device_train_batch_size=self.args.batch_size,
             max_steps=warmup_steps + self.args.trainer_steps,
             bf16=bf16_supported(self.device),
-            compile_blocks=compile_mode,
+            compile_blocks=cuda,
             optim="adamw_torch_fused",
             dataloader_num_workers=self.args.num_workers,
             dataloader_pin_memory=cuda,
@@ -805,7 +804,7 @@ class Benchmark:
         )
         trainer.train()
         recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
-        options = f"bf16, --compile_blocks {compile_mode}" if compile_mode else "bf16, no compile"
+        options = "bf16, --compile_blocks" if cuda else "bf16, no compile"
         row = Row(
             "trainer",
             f"train_vqa Trainer fast path ({options}, adamw_torch_fused, {self.args.num_workers} workers)",

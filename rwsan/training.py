@@ -21,11 +21,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from .evaluation import compute_vqa_accuracy
 from .modeling_rwsan import RWSANForVQAOutput
 
-# torch.compile modes for --compile_blocks. Not those that record CUDA graphs (reduce-overhead, max-autotune): with
-# the blocks compiled apart, one application's output is the next one's input, which CUDA graph trees overwrite when
-# no backward pass is pending, i.e. in evaluation (pytorch/pytorch#152887).
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
 
 @dataclass
 class VQATrainingArguments(TrainingArguments):
@@ -61,28 +56,21 @@ class VQATrainingArguments(TrainingArguments):
     group_by_regions: bool = field(
         default=False, metadata={"help": "Batch questions with similar region counts, so padding costs less."}
     )
-    compile_blocks: str | None = field(
-        default=None,
+    compile_blocks: bool = field(
+        default=False,
         metadata={
-            "help": "Compile the two weight-shared attention blocks (regional compilation, dynamic shapes) with this "
-            f"torch.compile mode: {', '.join(COMPILE_MODES)}. Compiles faster than --torch_compile; not together "
-            "with it."
+            "help": "Compile only the two weight-shared attention blocks (torch.compile, dynamic shapes): less "
+            "compilation than --torch_compile; not together with it."
         },
     )
 
     def __post_init__(self):
         super().__post_init__()
-        if self.compile_blocks is not None:
-            if self.compile_blocks not in COMPILE_MODES:
-                raise ValueError(
-                    f"--compile_blocks {self.compile_blocks!r} is not one of {', '.join(COMPILE_MODES)} (the modes "
-                    "that record CUDA graphs break evaluation when the blocks are compiled apart)"
-                )
-            if self.torch_compile:
-                raise ValueError(
-                    "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both "
-                    "compile the model; give one of them"
-                )
+        if self.compile_blocks and self.torch_compile:
+            raise ValueError(
+                "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile "
+                "the model; give one of them"
+            )
 
 
 def paper_lr_multiplier(
@@ -158,10 +146,9 @@ class VQATrainer(Trainer):
         return self._compile_blocks_if_asked(super().call_model_init(trial))
 
     def _compile_blocks_if_asked(self, model):
-        mode = getattr(self.args, "compile_blocks", None)
-        if mode is not None:
+        if getattr(self.args, "compile_blocks", False):
             # Dynamic shapes: batches padded to different lengths share one compilation of each block.
-            model.compile_blocks(mode=mode, dynamic=True)
+            model.compile_blocks(dynamic=True)
         return model
 
     def set_initial_training_values(self, args, dataloader):

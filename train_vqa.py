@@ -17,7 +17,8 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
 
 Every `TrainingArguments` option works (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
 `--resume_from_checkpoint last`, `--torch_compile`, `--push_to_hub`, ...); the defaults are the paper's.
-`--compile_blocks` compiles only the two weight-shared attention blocks, faster than `--torch_compile`.
+`--compile_blocks` compiles only the two weight-shared attention blocks, faster than `--torch_compile`;
+`--cuda_graphs` (with `--pad_to_multiple_of`) replays each step's passes as a CUDA graph.
 """
 
 import hashlib
@@ -264,6 +265,10 @@ def main(argv: list[str] | None = None):
     toy = not any(arg.split("=")[0] == "--dataset_dir" for arg in argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, VQATrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses((TOY_ARGUMENTS if toy else []) + argv)
+    if training_args.cuda_graphs and data_args.pad_to_multiple_of is None:
+        raise UsageError(
+            "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of (20 makes 5 shapes)"
+        )
     set_seed(training_args.seed)
     # Adam's moments of rarely-used embedding rows decay into subnormal floats, which make CPU arithmetic up to a
     # hundred times slower; flushing them to zero changes no result that matters (GPUs flush them anyway).

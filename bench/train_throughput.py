@@ -14,11 +14,12 @@ image, mean about 42; questions of mostly 5-10 words, at most 16) and moved to t
                         longest.
   bf16 SDPA             bf16 autocast, SDPA attention, fused Adam.
 The variants below pad to multiples of --pad_to_multiple_of, so that only a few shapes occur (5 at the default 20):
-  step_graphs           bf16 SDPA with the whole training step (forward, backward, Adam) recorded as one CUDA graph
-                        per padded shape and replayed: one launch a step instead of thousands (CUDA only).
+  graphed_passes        bf16 SDPA with the forward and backward passes recorded as one CUDA graph per padded shape
+                        and replayed, Adam eager: a few launches a step instead of thousands (train_vqa.py
+                        --cuda_graphs; CUDA only).
   compiled_blocks       bf16 SDPA with the two weight-shared attention blocks compiled (`model.compile_blocks`,
                         dynamic shapes): two small graphs instead of one with 18 block applications unrolled.
-  blocks_step_graphs    compiled blocks inside whole-step CUDA graphs (CUDA only).
+  blocks_graphed_passes compiled blocks inside the recorded passes (CUDA only).
   compiled              torch.compile of the whole model (dynamic shapes); minutes of compilation.
   cuda_graphs           the same in mode "reduce-overhead" (CUDA only).
   grouped               the fastest of the above on batches of similar region counts (the sampler of
@@ -27,7 +28,9 @@ The real data pipeline, on a VQA-like set written in the original's raw formats 
 data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   loader                the DataLoader alone: VQADataset + VQACollator, worker processes, pinned memory.
   loader_training       the fastest variant fed by that DataLoader.
-  trainer               train_vqa.py's path: VQATrainer with the fast-path arguments, for a fixed number of steps.
+  trainer_graphs        train_vqa.py's path: VQATrainer with the fast-path arguments and --cuda_graphs, for a fixed
+                        number of steps (CUDA only).
+  trainer               the same with --compile_blocks (on CUDA) instead of --cuda_graphs.
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -70,7 +73,7 @@ from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, 
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
-from rwsan.training import VQATrainer, VQATrainingArguments  # noqa: E402
+from rwsan.training import GraphedForwardBackward, VQATrainer, VQATrainingArguments  # noqa: E402
 
 PAPER_BATCH_SIZE = 64
 ADAM_ARGUMENTS = {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-9}
@@ -104,32 +107,34 @@ ROWS = (
     "fp32_eager",
     "original",
     "bf16_sdpa",
-    "step_graphs",
+    "graphed_passes",
     "compiled_blocks",
-    "blocks_step_graphs",
+    "blocks_graphed_passes",
     "compiled",
     "cuda_graphs",
     "grouped",
     "loader",
     "loader_training",
+    "trainer_graphs",
     "trainer",
 )
 RUN_ORDER = (
     "original",
     "fp32_eager",
     "bf16_sdpa",
-    "step_graphs",
+    "graphed_passes",
     "compiled_blocks",
     "grouped",
     "loader",
     "loader_training",
+    "trainer_graphs",
     "trainer",
-    "blocks_step_graphs",
+    "blocks_graphed_passes",
     "cuda_graphs",
     "compiled",
 )
-# Warm-up steps on a side stream before a whole-step CUDA graph is recorded (cuBLAS workspaces, Adam's state).
-STEP_GRAPH_WARMUP_STEPS = 3
+# Eager passes on a side stream before the passes of a shape are recorded as a CUDA graph.
+GRAPH_WARMUP_PASSES = 3
 # Several models are compiled one after the other in one process; each compiles its blocks again.
 DYNAMO_RECOMPILE_LIMIT = 64
 
@@ -146,8 +151,8 @@ class Variant:
     compile_mode: str | None = None
     # What is compiled: "model" (`torch.compile(model)`) or "blocks" (`model.compile_blocks`).
     compile_scope: str = "model"
-    # The whole step recorded as one CUDA graph per padded shape and replayed.
-    step_graphs: bool = False
+    # Forward and backward recorded as one CUDA graph per padded shape and replayed (`GraphedForwardBackward`).
+    graphed_passes: bool = False
     # Round padded lengths up to --pad_to_multiple_of (for compiled shapes); otherwise pad to the batch's longest.
     bucketed: bool = False
 
@@ -157,7 +162,7 @@ class Variant:
 
     @property
     def needs_cuda(self) -> bool:
-        return self.cuda_graphs or self.step_graphs
+        return self.cuda_graphs or self.graphed_passes
 
 
 def bf16_variant(title: str, **options) -> Variant:
@@ -171,15 +176,15 @@ VARIANTS = {
         "fp16 autocast + eager + GradScaler (the original's way)", "eager", torch.float16, grad_scaler=True
     ),
     "bf16_sdpa": bf16_variant("bf16 autocast + SDPA + fused Adam"),
-    "step_graphs": bf16_variant("bf16 + SDPA + whole-step CUDA graphs", step_graphs=True, bucketed=True),
+    "graphed_passes": bf16_variant("bf16 + SDPA + CUDA-graphed passes", graphed_passes=True, bucketed=True),
     "compiled_blocks": bf16_variant(
         "bf16 + SDPA + compiled blocks", compile_mode="default", compile_scope="blocks", bucketed=True
     ),
-    "blocks_step_graphs": bf16_variant(
-        "bf16 + SDPA + compiled blocks + whole-step CUDA graphs",
+    "blocks_graphed_passes": bf16_variant(
+        "bf16 + SDPA + compiled blocks + CUDA-graphed passes",
         compile_mode="default",
         compile_scope="blocks",
-        step_graphs=True,
+        graphed_passes=True,
         bucketed=True,
     ),
     "compiled": bf16_variant("bf16 + SDPA + torch.compile of the whole model", compile_mode="default", bucketed=True),
@@ -189,6 +194,7 @@ VARIANTS = {
 }
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
+TRAINER_ROWS = ("trainer_graphs", "trainer")
 # The rows reusing the fast path; it is kept only while one of them is still to run.
 FAST_PATH_REUSERS = ("grouped", "loader_training")
 
@@ -342,73 +348,32 @@ class TrainingStep:
             else:
                 self.forward = torch.compile(model, mode=variant.compile_mode, dynamic=True)
         self.optimizer = torch.optim.Adam(
-            model.parameters(),
-            **ADAM_ARGUMENTS,
-            fused=True if variant.fused_optimizer else None,
-            capturable=variant.step_graphs,
+            model.parameters(), **ADAM_ARGUMENTS, fused=True if variant.fused_optimizer else None
         )
         self.scaler = torch.amp.GradScaler(device.type) if variant.grad_scaler else None
-        # (graph, its input tensors, its loss tensor) by the shapes of the batch's tensors.
-        self.step_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.passes = self.forward_backward
+        if variant.graphed_passes:
+            # What train_vqa.py --cuda_graphs runs.
+            self.passes = GraphedForwardBackward(self.forward_backward, model.parameters(), GRAPH_WARMUP_PASSES)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.variant.step_graphs:
-            return self.replay(batch)
-        loss = self.forward_backward_update(batch)
+        loss = self.passes(batch)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
-    def forward_backward_update(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The step without clearing the gradients afterwards."""
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.variant.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         autocast = self.variant.autocast_dtype
         with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
             loss = self.forward(**batch).loss
-        if self.scaler is None:
-            loss.backward()
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        return loss
-
-    def replay(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Copies the batch into the inputs of its shape's graph (recorded on first sight) and replays it."""
-        shapes = tuple((name, tuple(tensor.shape)) for name, tensor in batch.items())
-        if shapes not in self.step_graphs:
-            self.step_graphs[shapes] = self.record(batch)
-        graph, inputs, loss = self.step_graphs[shapes]
-        for name, tensor in batch.items():
-            inputs[name].copy_(tensor, non_blocking=True)
-        graph.replay()
-        return loss
-
-    def record(self, batch: dict[str, torch.Tensor]):
-        """Records one step on tensors shaped like `batch` as a CUDA graph. The warm-up steps before it (on a side
-        stream, as CUDA graph capture requires) are training steps like any other."""
-        inputs = {name: tensor.clone() for name, tensor in batch.items()}
-        side_stream = torch.cuda.Stream(self.device)
-        side_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side_stream):
-            for _ in range(STEP_GRAPH_WARMUP_STEPS):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.forward_backward_update(inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side_stream)
-        # With no gradients at capture, the recorded backward writes them (in the graph's memory) rather than adding
-        # to whatever another shape's graph left there.
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        # The warm-up's stream (its cuBLAS workspace is set up); "thread_local": DataLoader pin-memory threads may
-        # query CUDA events while this thread captures. The outer stream context restores the current stream even
-        # when a failed capture makes `torch.cuda.graph` raise before restoring it.
-        with (
-            torch.cuda.stream(side_stream),
-            torch.cuda.graph(graph, stream=side_stream, capture_error_mode="thread_local"),
-        ):
-            loss = self.forward_backward_update(inputs).detach()
-        return graph, inputs, loss
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        return loss.detach()
 
 
 def load_glibc() -> ctypes.CDLL | None:
@@ -544,8 +509,8 @@ class Benchmark:
         self.pending = [key for key in RUN_ORDER if key in keys]
         while self.pending:
             key = self.pending.pop(0)
-            if key == "trainer":
-                # The Trainer compiles its own model; the memory of the fast path would count in its row.
+            if key in TRAINER_ROWS:
+                # The Trainer builds its own model; the memory of the fast path would count in its row.
                 self.release_compiled_state()
             self.run_row(key)
         self.release_compiled_state()
@@ -555,7 +520,7 @@ class Benchmark:
 
     def run_row(self, key: str):
         title = VARIANTS[key].title if key in VARIANTS else key
-        section = "data pipeline" if key.startswith("loader") else "train_vqa" if key == "trainer" else "synthetic"
+        section = "data pipeline" if key.startswith("loader") else "train_vqa" if key in TRAINER_ROWS else "synthetic"
         needed = self.seconds_needed(key)
         skip_reason = self.skip_reason(key)
         if skip_reason is None and self.budget.left() < needed:
@@ -573,7 +538,7 @@ class Benchmark:
         except Exception as error:  # one failing row must not stop the others
             traceback.print_exc()
             row = Row(key, title, section, error=f"{type(error).__name__}: {error}"[:500])
-            if key == "trainer" or (key in VARIANTS and VARIANTS[key].compile_mode is not None):
+            if key in TRAINER_ROWS or (key in VARIANTS and VARIANTS[key].compile_mode is not None):
                 # Nothing reuses the graphs (and CUDA graph memory pools) of a failed compiled row.
                 torch._dynamo.reset()
         self.release_memory()
@@ -589,7 +554,8 @@ class Benchmark:
 
     def skip_reason(self, key: str) -> str | None:
         variant = VARIANTS.get(key)
-        if variant is not None and variant.needs_cuda and self.device.type != "cuda":
+        needs_cuda = key == "trainer_graphs" or (variant is not None and variant.needs_cuda)
+        if needs_cuda and self.device.type != "cuda":
             return "skipped: CUDA graphs need a CUDA device"
         compiles = variant is not None and variant.compile_mode is not None
         if compiles and self.device.type == "cpu" and not self.args.compile_on_cpu:
@@ -774,15 +740,23 @@ class Benchmark:
     def measure_trainer(self) -> Row:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,
         DataLoader workers with pinned memory, and on CUDA `--compile_blocks`)."""
+        return self.measure_trainer_with("trainer", compile_blocks=self.device.type == "cuda")
+
+    def measure_trainer_graphs(self) -> Row:
+        """The same with `--cuda_graphs` instead of `--compile_blocks` (CUDA only)."""
+        return self.measure_trainer_with("trainer_graphs", cuda_graphs=True)
+
+    def measure_trainer_with(self, key: str, compile_blocks: bool = False, cuda_graphs: bool = False) -> Row:
         cuda = self.device.type == "cuda"
         dataset = self.dataset()
         warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
         training_args = VQATrainingArguments(
-            output_dir=str(Path(self.work_dir.name) / "trainer"),
+            output_dir=str(Path(self.work_dir.name) / key),
             per_device_train_batch_size=self.args.batch_size,
             max_steps=warmup_steps + self.args.trainer_steps,
             bf16=bf16_supported(self.device),
-            compile_blocks=cuda,
+            compile_blocks=compile_blocks,
+            cuda_graphs=cuda_graphs,
             optim="adamw_torch_fused",
             dataloader_num_workers=self.args.num_workers,
             dataloader_pin_memory=cuda,
@@ -804,10 +778,10 @@ class Benchmark:
         )
         trainer.train()
         recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
-        options = "bf16, --compile_blocks" if cuda else "bf16, no compile"
+        options = ["bf16"] + ["--compile_blocks"] * compile_blocks + ["--cuda_graphs"] * cuda_graphs
         row = Row(
-            "trainer",
-            f"train_vqa Trainer fast path ({options}, adamw_torch_fused, {self.args.num_workers} workers)",
+            key,
+            f"train_vqa Trainer ({', '.join(options)}, adamw_torch_fused, {self.args.num_workers} workers)",
             "",
             samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
             warmup_seconds=timer.steady_start - timer.train_start,

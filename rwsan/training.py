@@ -9,6 +9,7 @@ machines, checkpoints) is the `Trainer`'s, through `accelerate`.
 import functools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -64,6 +65,15 @@ class VQATrainingArguments(TrainingArguments):
         },
     )
 
+    cuda_graphs: bool = field(
+        default=False,
+        metadata={
+            "help": "Record the forward and backward passes of a training step as a CUDA graph, one per padded batch "
+            "shape (give --pad_to_multiple_of), and replay it: one launch a step instead of thousands. One GPU, "
+            "no --fp16, no accumulation."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.compile_blocks and self.torch_compile:
@@ -71,6 +81,16 @@ class VQATrainingArguments(TrainingArguments):
                 "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile "
                 "the model; give one of them"
             )
+        if self.cuda_graphs:
+            unsupported = {
+                "--fp16 (its loss scaler reads the gradients on the host; use --bf16)": self.fp16,
+                "--gradient_accumulation_steps above 1": self.gradient_accumulation_steps > 1,
+                "--torch_compile (use --compile_blocks)": self.torch_compile,
+                "several processes": self.world_size > 1,
+            }
+            for what, given in unsupported.items():
+                if given:
+                    raise ValueError(f"--cuda_graphs does not work with {what}")
 
 
 def paper_lr_multiplier(
@@ -129,6 +149,75 @@ class RegionGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+class GraphedForwardBackward:
+    """The forward and backward passes of a training step, recorded as one CUDA graph per shape of the batch and
+    replayed.
+
+    `forward_backward(batch)` runs both passes and returns the detached loss. Calling this object with a batch copies
+    the batch into the inputs of its shape's graph (recorded on first sight, after `warmup_steps` eager passes on a
+    side stream, as capture requires), replays the graph, and points each parameter's `.grad` at the gradient the
+    graph writes; the optimizer then steps eagerly as usual. The gradients must be None on every call (the
+    `Trainer` clears them after each optimizer step): a recorded backward writes gradients rather than adding to
+    them. The warm-up passes change no weight. The loss returned is the graph's: the next replay overwrites it.
+    """
+
+    def __init__(
+        self, forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor], parameters, warmup_steps: int = 3
+    ):
+        self.forward_backward = forward_backward
+        self.parameters = [parameter for parameter in parameters if parameter.requires_grad]
+        self.warmup_steps = warmup_steps
+        # (replay, input tensors, loss, gradients) by the names, shapes and dtypes of the batch's tensors
+        self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], torch.Tensor, list]] = {}
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if any(parameter.grad is not None for parameter in self.parameters):
+            raise RuntimeError(
+                "CUDA-graphed training steps need the gradients cleared (None) before each step; they write the "
+                "gradients rather than add to them, so gradient accumulation is not possible"
+            )
+        key = tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items())
+        if key not in self.graphs:
+            self.graphs[key] = self.record(batch)
+        replay, inputs, loss, gradients = self.graphs[key]
+        for name, tensor in batch.items():
+            inputs[name].copy_(tensor, non_blocking=True)
+        replay()
+        for parameter, gradient in zip(self.parameters, gradients):
+            parameter.grad = gradient
+        return loss
+
+    def record(self, batch: dict[str, torch.Tensor]):
+        """Records the passes on tensors shaped like `batch`; returns (replay, its inputs, its loss, its gradients)."""
+        device = next(iter(batch.values())).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the batch on a CUDA device, got {device}")
+        inputs = {name: tensor.clone() for name, tensor in batch.items()}
+        side_stream = torch.cuda.Stream(device)
+        side_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side_stream):
+            for _ in range(self.warmup_steps):
+                self.forward_backward(inputs)
+                self._clear_gradients()
+        torch.cuda.current_stream(device).wait_stream(side_stream)
+        graph = torch.cuda.CUDAGraph()
+        # The warm-up's stream (its cuBLAS workspace is set up); "thread_local": DataLoader pin-memory threads may
+        # query CUDA events while this thread captures. The outer stream context restores the current stream even
+        # when a failed capture makes `torch.cuda.graph` raise before restoring it.
+        with (
+            torch.cuda.stream(side_stream),
+            torch.cuda.graph(graph, stream=side_stream, capture_error_mode="thread_local"),
+        ):
+            loss = self.forward_backward(inputs)
+        gradients = [parameter.grad for parameter in self.parameters]
+        self._clear_gradients()
+        return graph.replay, inputs, loss, gradients
+
+    def _clear_gradients(self):
+        for parameter in self.parameters:
+            parameter.grad = None
+
+
 class VQATrainer(Trainer):
     """The `Trainer` with the paper's schedule, region bucketing and question-id-keyed evaluation.
 
@@ -139,6 +228,8 @@ class VQATrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # --cuda_graphs: the model trained and its recorded passes
+        self.graphed_passes: tuple[torch.nn.Module, GraphedForwardBackward] | None = None
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -150,6 +241,23 @@ class VQATrainer(Trainer):
             # Dynamic shapes: batches padded to different lengths share one compilation of each block.
             model.compile_blocks(dynamic=True)
         return model
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not getattr(self.args, "cuda_graphs", False):
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.graphed_passes is None or self.graphed_passes[0] is not model:
+            passes = GraphedForwardBackward(functools.partial(self._forward_backward, model), model.parameters())
+            self.graphed_passes = (model, passes)
+        model.train()
+        inputs = {key: value for key, value in self._prepare_inputs(inputs).items() if key != "question_id"}
+        return self.graphed_passes[1](inputs)
+
+    def _forward_backward(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`Trainer.training_step`'s passes for one process without accumulation (what --cuda_graphs allows)."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        self.accelerator.backward(loss)
+        return loss.detach()
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)

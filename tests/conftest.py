@@ -152,3 +152,29 @@ def tiny_prepared_vqa(tmp_path_factory) -> Path:
     make_toy_vqa(root / "raw", seed=0, num_images=60, feature_size=TINY_FEATURE_SIZE)
     prepare_vqa(root / "raw", root / "prepared", feature_size=TINY_FEATURE_SIZE)
     return root / "prepared"
+
+
+def _emulated_graph_recording(self, batch):
+    """`GraphedForwardBackward.record` with the CUDA graph emulated: "replaying" runs the passes on the recorded
+    input tensors and writes the loss and the gradients into the recorded ones, which is all a graph can do."""
+    inputs = {name: tensor.clone() for name, tensor in batch.items()}
+    loss = self.forward_backward(inputs).clone()
+    gradients = [parameter.grad.clone() for parameter in self.parameters]
+    self._clear_gradients()
+
+    def replay():
+        loss.copy_(self.forward_backward(inputs))
+        for parameter, gradient in zip(self.parameters, gradients):
+            gradient.copy_(parameter.grad)
+        self._clear_gradients()
+
+    return replay, inputs, loss, gradients
+
+
+@pytest.fixture
+def emulated_cuda_graphs(monkeypatch):
+    """CUDA graph recording emulated on the CPU, to test everything around the recording of
+    `rwsan.training.GraphedForwardBackward` where there is no GPU."""
+    from rwsan.training import GraphedForwardBackward
+
+    monkeypatch.setattr(GraphedForwardBackward, "record", _emulated_graph_recording)

@@ -166,46 +166,25 @@ def three_batches_of_two_shapes(items, collator) -> list[dict[str, torch.Tensor]
     return batches
 
 
-class EmulatedStepGraphs(bench.TrainingStep):
-    """The graphed training step with CUDA graph recording emulated on the CPU: "replaying" runs the step on the
-    recorded input tensors, which is all a graph can read, so whether each batch reaches its graph's inputs shows."""
-
-    def __init__(self, model, variant, device):
-        super().__init__(model, variant, device)
-        self.optimizer = torch.optim.Adam(model.parameters(), **bench.ADAM_ARGUMENTS)  # capturable is CUDA-only
-        self.recorded_shapes = []
-
-    def record(self, batch):
-        inputs = {name: tensor.clone() for name, tensor in batch.items()}
-        loss = torch.zeros(())
-        step = self
-
-        class Graph:
-            def replay(self):
-                # A recorded backward writes the gradients rather than adding to them.
-                step.optimizer.zero_grad(set_to_none=True)
-                loss.copy_(step.forward_backward_update(inputs))
-
-        self.recorded_shapes.append(tuple(batch["image_features"].shape))
-        return Graph(), inputs, loss
-
-
-def test_step_graphs_replay_each_batch_in_the_graph_of_its_shape(items):
+def train_on(batches, graphed_passes: bool, device: str, autocast_dtype=None):
+    """Losses and final weights of the tiny model (no dropout) trained by a bench `TrainingStep` on `batches`."""
     config = RWSANConfig(**bench.TINY_SIZES, dropout=0.0)
-    variant = bench.Variant("emulated step graphs", "sdpa", None, step_graphs=True, bucketed=True)
-    plain_variant = bench.Variant("plain", "sdpa", None)
-    batches = three_batches_of_two_shapes(items, VQACollator(config.num_labels, pad_to_multiple_of=20))
-    steps = []
-    for step_variant in (variant, plain_variant):
-        torch.manual_seed(0)
-        model = RWSANForVQA(config).train()
-        step_class = EmulatedStepGraphs if step_variant.step_graphs else bench.TrainingStep
-        steps.append(step_class(model, step_variant, torch.device("cpu")))
-    graphed, plain = steps
-    for batch in batches:
-        torch.testing.assert_close(graphed(batch).clone(), plain(batch), atol=1e-6, rtol=1e-5)
-    assert graphed.recorded_shapes == [(2, 60, 48), (2, 100, 48)]
-    torch.testing.assert_close(graphed.model.state_dict(), plain.model.state_dict(), atol=1e-6, rtol=1e-5)
+    torch.manual_seed(0)
+    model = RWSANForVQA(config).to(device).train()
+    variant = bench.Variant("", "sdpa", autocast_dtype, fused_optimizer=True, graphed_passes=graphed_passes)
+    step = bench.TrainingStep(model, variant, torch.device(device))
+    losses = [step({key: value.to(device) for key, value in batch.items()}).item() for batch in batches]
+    graphs = len(step.passes.graphs) if graphed_passes else 0
+    return torch.tensor(losses), {name: value.detach().clone() for name, value in model.state_dict().items()}, graphs
+
+
+def test_graphed_passes_step_like_eager_steps_with_recording_emulated(items, emulated_cuda_graphs):
+    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
+    graphed_losses, graphed_weights, graphs = train_on(batches, graphed_passes=True, device="cpu")
+    eager_losses, eager_weights, _ = train_on(batches, graphed_passes=False, device="cpu")
+    assert graphs == 2
+    torch.testing.assert_close(graphed_losses, eager_losses, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(graphed_weights, eager_weights, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -214,31 +193,15 @@ def test_step_graphs_replay_each_batch_in_the_graph_of_its_shape(items):
     [(None, {"atol": 2e-6, "rtol": 1e-5}), (torch.bfloat16, BF16_TOLERANCE)],
     ids=["fp32", "bf16"],
 )
-def test_step_graphs_train_like_eager_steps_on_cuda(items, autocast_dtype, tolerance):
-    """Recorded whole-step graphs train as eager steps do: same losses, same weights after batches of two shapes.
-    Each first batch of a shape is trained on once per warm-up step before its graph is recorded, so the eager side
-    repeats it as often."""
-    config = RWSANConfig(**bench.TINY_SIZES, dropout=0.0)
-    collator = VQACollator(config.num_labels, pad_to_multiple_of=20)
-    batches = [
-        {key: value.cuda() for key, value in batch.items()} for batch in three_batches_of_two_shapes(items, collator)
-    ]
-    losses, weights = [], []
-    for step_graphs in (True, False):
-        torch.manual_seed(0)
-        model = RWSANForVQA(config).cuda().train()
-        variant = bench.Variant("", "sdpa", autocast_dtype, fused_optimizer=True, step_graphs=step_graphs)
-        step = bench.TrainingStep(model, variant, torch.device("cuda"))
-        step_losses = []
-        for index, batch in enumerate(batches):
-            if not step_graphs and index < 2:  # the warm-up steps before each of the two recordings
-                for _ in range(bench.STEP_GRAPH_WARMUP_STEPS):
-                    step(batch)
-            step_losses.append(step(batch).item())
-        losses.append(step_losses)
-        weights.append({name: value.detach().clone() for name, value in model.state_dict().items()})
-    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), **tolerance)
-    torch.testing.assert_close(weights[0], weights[1], **tolerance)
+def test_graphed_passes_step_like_eager_steps_on_cuda(items, autocast_dtype, tolerance):
+    """The real recording: batches of two shapes (the third replaces the first's inputs), same losses and weights
+    as eager steps (the eager warm-up passes before each recording change no weight)."""
+    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
+    graphed_losses, graphed_weights, graphs = train_on(batches, True, "cuda", autocast_dtype)
+    eager_losses, eager_weights, _ = train_on(batches, False, "cuda", autocast_dtype)
+    assert graphs == 2
+    torch.testing.assert_close(graphed_losses, eager_losses, **tolerance)
+    torch.testing.assert_close(graphed_weights, eager_weights, **tolerance)
 
 
 def test_synthetic_sizes_are_vqa_like():

@@ -203,6 +203,7 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     [
         (["--dataset_dir", "/nonexistent/vqa"], "/nonexistent/vqa is not a prepared VQA dataset"),
         (["--train_split", "train+nosuch"], "Unknown split 'nosuch'"),
+        (["--cuda_graphs"], "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of"),
     ],
 )
 def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, extra, message):
@@ -336,6 +337,85 @@ def test_compile_blocks_with_torch_compile_is_refused(tmp_path, other):
     message = "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile"
     with pytest.raises(ValueError, match=re.escape(message)):
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, compile_blocks=True, **other)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ({"gradient_accumulation_steps": 2}, "--cuda_graphs does not work with --gradient_accumulation_steps above 1"),
+        ({"torch_compile": True}, "--cuda_graphs does not work with --torch_compile (use --compile_blocks)"),
+    ],
+)
+def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
+
+
+def tiny_trainer(dataset_dir: Path, output: Path, **arguments):
+    """A VQATrainer in this process: the tiny model without dropout, 6 steps of 8 questions of the tiny toy set,
+    padded to multiples of 2 (so that batches come in several shapes)."""
+    from rwsan import RWSANConfig, RWSANForVQA
+    from rwsan.data import VQACollator, load_vqa_dataset
+    from rwsan.training import VQATrainer
+
+    dataset = load_vqa_dataset(dataset_dir, "train")
+    config = RWSANConfig(
+        vocab_size=len(dataset.processor.tokenizer),
+        id2label=dict(dataset.processor.id2label),
+        image_feature_size=dataset.feature_size,
+        **{name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])},
+        dropout=0.0,
+    )
+    torch.manual_seed(0)
+    training_args = VQATrainingArguments(
+        output_dir=str(output),
+        per_device_train_batch_size=8,
+        max_steps=6,
+        logging_steps=1,
+        learning_rate=1e-3,
+        warmup_epochs=0,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=3,
+        **arguments,
+    )
+    return VQATrainer(
+        model=RWSANForVQA(config),
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=VQACollator(config.num_labels, pad_to_multiple_of=2),
+    )
+
+
+def train_with_and_without_cuda_graphs(dataset_dir: Path, output: Path, **arguments):
+    trainers = []
+    for cuda_graphs in (True, False):
+        trainer = tiny_trainer(dataset_dir, output / str(cuda_graphs), cuda_graphs=cuda_graphs, **arguments)
+        trainer.train()
+        trainers.append(trainer)
+    return trainers
+
+
+def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
+    tiny_prepared_vqa, tmp_path, emulated_cuda_graphs
+):
+    """The Trainer side of --cuda_graphs (each batch into its shape's graph, the gradients handed to the eager
+    optimizer, cleared after each step) on the CPU, with the graph recording emulated."""
+    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, use_cpu=True)
+    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (graphed, eager)]
+    assert len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
+    assert len(graphed.graphed_passes[1].graphs) >= 2, "the batches should come in several padded shapes"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path):
+    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path)
+    assert len(graphed.graphed_passes[1].graphs) >= 2
+    torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-5, rtol=1e-4)
 
 
 def test_trainer_takes_plain_training_arguments_and_model_init(tmp_path):

@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None):
         raise UsageError(
             "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of (20 makes 5 shapes)"
         )
+    if training_args.cuda_graphs and training_args.device.type != "cuda":
+        raise UsageError(f"--cuda_graphs needs a CUDA device; this run is on {training_args.device}")
     set_seed(training_args.seed)
     # Adam's moments of rarely-used embedding rows decay into subnormal floats, which make CPU arithmetic up to a
     # hundred times slower; flushing them to zero changes no result that matters (GPUs flush them anyway).

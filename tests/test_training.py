@@ -204,6 +204,7 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
         (["--dataset_dir", "/nonexistent/vqa"], "/nonexistent/vqa is not a prepared VQA dataset"),
         (["--train_split", "train+nosuch"], "Unknown split 'nosuch'"),
         (["--cuda_graphs"], "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of"),
+        (["--cuda_graphs", "--pad_to_multiple_of", "4"], "--cuda_graphs needs a CUDA device; this run is on cpu"),
     ],
 )
 def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, extra, message):

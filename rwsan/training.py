@@ -6,11 +6,13 @@ after 14 completed epochs, for 16 epochs. Everything else (mixed precision, accu
 machines, checkpoints) is the `Trainer`'s, through `accelerate`.
 """
 
+import contextlib
 import functools
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +88,10 @@ class VQATrainingArguments(TrainingArguments):
                 "--fp16 (its loss scaler reads the gradients on the host; use --bf16)": self.fp16,
                 "--gradient_accumulation_steps above 1": self.gradient_accumulation_steps > 1,
                 "--torch_compile (use --compile_blocks)": self.torch_compile,
-                "several processes": self.world_size > 1,
+                "--gradient_checkpointing (it reads the random generators while recording)": (
+                    self.gradient_checkpointing
+                ),
+                "several processes or GPUs": self.world_size > 1 or self.n_gpu > 1,
             }
             for what, given in unsupported.items():
                 if given:
@@ -149,24 +154,69 @@ class RegionGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+class CUDAGraphRecorder:
+    """Where `GraphedForwardBackward` records: one side stream and one memory pool for all its graphs on a CUDA
+    device. Sharing the pool is safe because replays never overlap and each graph's outputs are used before the
+    next replay of any graph."""
+
+    def __init__(self):
+        self.stream: torch.cuda.Stream | None = None
+        self.pool = None
+
+    def check(self, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the batch on a CUDA device, got {device}")
+
+    @contextlib.contextmanager
+    def side_stream(self, device: torch.device):
+        """Runs the block on the side stream, ordered after and before the current stream's work."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+            self.pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def capture(self, function: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """Records what `function` launches as a CUDA graph; returns (replay, what `function` returned)."""
+        graph = torch.cuda.CUDAGraph()
+        # The side stream is the warm-up's (its cuBLAS workspace is set up); "thread_local": DataLoader pin-memory
+        # threads may query CUDA events while this thread captures. The outer stream context restores the current
+        # stream even when a failed capture makes `torch.cuda.graph` raise before restoring it.
+        with (
+            torch.cuda.stream(self.stream),
+            torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"),
+        ):
+            outputs = function()
+        return graph.replay, outputs
+
+
 class GraphedForwardBackward:
     """The forward and backward passes of a training step, recorded as one CUDA graph per shape of the batch and
     replayed.
 
     `forward_backward(batch)` runs both passes and returns the detached loss. Calling this object with a batch copies
-    the batch into the inputs of its shape's graph (recorded on first sight, after `warmup_steps` eager passes on a
+    the batch into the inputs of its shape's graph (recorded on first sight, after `warmup_passes` eager passes on a
     side stream, as capture requires), replays the graph, and points each parameter's `.grad` at the gradient the
     graph writes; the optimizer then steps eagerly as usual. The gradients must be None on every call (the
     `Trainer` clears them after each optimizer step): a recorded backward writes gradients rather than adding to
-    them. The warm-up passes change no weight. The loss returned is the graph's: the next replay overwrites it.
+    them. The warm-up passes change no weight and, as the random generators are restored after them, no dropout
+    mask either. The loss and gradients are valid until the next call, which overwrites them.
     """
 
     def __init__(
-        self, forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor], parameters, warmup_steps: int = 3
+        self,
+        forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        parameters,
+        warmup_passes: int = 3,
+        recorder: CUDAGraphRecorder | None = None,
     ):
         self.forward_backward = forward_backward
         self.parameters = [parameter for parameter in parameters if parameter.requires_grad]
-        self.warmup_steps = warmup_steps
+        self.warmup_passes = warmup_passes
+        self.recorder = recorder or CUDAGraphRecorder()
         # (replay, input tensors, loss, gradients) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], torch.Tensor, list]] = {}
 
@@ -190,28 +240,20 @@ class GraphedForwardBackward:
     def record(self, batch: dict[str, torch.Tensor]):
         """Records the passes on tensors shaped like `batch`; returns (replay, its inputs, its loss, its gradients)."""
         device = next(iter(batch.values())).device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the batch on a CUDA device, got {device}")
+        self.recorder.check(device)
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
-        side_stream = torch.cuda.Stream(device)
-        side_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side_stream):
-            for _ in range(self.warmup_steps):
-                self.forward_backward(inputs)
-                self._clear_gradients()
-        torch.cuda.current_stream(device).wait_stream(side_stream)
-        graph = torch.cuda.CUDAGraph()
-        # The warm-up's stream (its cuBLAS workspace is set up); "thread_local": DataLoader pin-memory threads may
-        # query CUDA events while this thread captures. The outer stream context restores the current stream even
-        # when a failed capture makes `torch.cuda.graph` raise before restoring it.
-        with (
-            torch.cuda.stream(side_stream),
-            torch.cuda.graph(graph, stream=side_stream, capture_error_mode="thread_local"),
-        ):
-            loss = self.forward_backward(inputs)
-        gradients = [parameter.grad for parameter in self.parameters]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with self.recorder.side_stream(device):
+                for _ in range(self.warmup_passes):
+                    self.forward_backward(inputs)
+                    self._clear_gradients()
+        replay, (loss, gradients) = self.recorder.capture(functools.partial(self._passes, inputs))
         self._clear_gradients()
-        return graph.replay, inputs, loss, gradients
+        return replay, inputs, loss, gradients
+
+    def _passes(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        loss = self.forward_backward(inputs)
+        return loss, [parameter.grad for parameter in self.parameters]
 
     def _clear_gradients(self):
         for parameter in self.parameters:
@@ -249,6 +291,8 @@ class VQATrainer(Trainer):
             passes = GraphedForwardBackward(functools.partial(self._forward_backward, model), model.parameters())
             self.graphed_passes = (model, passes)
         model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
         inputs = {key: value for key, value in self._prepare_inputs(inputs).items() if key != "question_id"}
         return self.graphed_passes[1](inputs)
 

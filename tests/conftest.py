@@ -1,11 +1,13 @@
-"""Shared fixtures: a tiny raw VQA set in the official file formats (`raw_vqa_dir`), and a small prepared toy
-set (`tiny_prepared_vqa`)."""
+"""Shared fixtures: a tiny raw VQA set in the official file formats (`raw_vqa_dir`), a small prepared toy set
+(`tiny_prepared_vqa`), and CUDA graph recording emulated on the CPU (`emulated_cuda_graphs`)."""
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 RAW_FEATURE_SIZE = 6
 TINY_FEATURE_SIZE = 32
@@ -154,27 +156,35 @@ def tiny_prepared_vqa(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
-def _emulated_graph_recording(self, batch):
-    """`GraphedForwardBackward.record` with the CUDA graph emulated: "replaying" runs the passes on the recorded
-    input tensors and writes the loss and the gradients into the recorded ones, which is all a graph can do."""
-    inputs = {name: tensor.clone() for name, tensor in batch.items()}
-    loss = self.forward_backward(inputs).clone()
-    gradients = [parameter.grad.clone() for parameter in self.parameters]
-    self._clear_gradients()
+class EmulatedCUDAGraphRecorder:
+    """`rwsan.training.CUDAGraphRecorder` emulated on the CPU: "capturing" runs the passes once to allocate their
+    outputs and leaves the random generator as it found it (a capture launches nothing); "replaying" runs them
+    again and writes the loss and the gradients into the recorded tensors, which is all a graph can do. Everything
+    else of `GraphedForwardBackward` (warm-up, generators, gradients handed over) runs as it does on a GPU."""
 
-    def replay():
-        loss.copy_(self.forward_backward(inputs))
-        for parameter, gradient in zip(self.parameters, gradients):
-            gradient.copy_(parameter.grad)
-        self._clear_gradients()
+    def check(self, device):
+        pass
 
-    return replay, inputs, loss, gradients
+    def side_stream(self, device):
+        return contextlib.nullcontext()
+
+    def capture(self, passes):
+        with torch.random.fork_rng(devices=[]):
+            loss, gradients = passes()
+
+        def replay():
+            new_loss, new_gradients = passes()
+            loss.copy_(new_loss)
+            for gradient, new_gradient in zip(gradients, new_gradients):
+                gradient.copy_(new_gradient)
+
+        return replay, (loss, gradients)
 
 
 @pytest.fixture
 def emulated_cuda_graphs(monkeypatch):
-    """CUDA graph recording emulated on the CPU, to test everything around the recording of
-    `rwsan.training.GraphedForwardBackward` where there is no GPU."""
-    from rwsan.training import GraphedForwardBackward
+    """CUDA graph recording emulated on the CPU (`EmulatedCUDAGraphRecorder`), to test everything around it where
+    there is no GPU."""
+    import rwsan.training
 
-    monkeypatch.setattr(GraphedForwardBackward, "record", _emulated_graph_recording)
+    monkeypatch.setattr(rwsan.training, "CUDAGraphRecorder", EmulatedCUDAGraphRecorder)

@@ -345,6 +345,7 @@ def test_compile_blocks_with_torch_compile_is_refused(tmp_path, other):
     [
         ({"gradient_accumulation_steps": 2}, "--cuda_graphs does not work with --gradient_accumulation_steps above 1"),
         ({"torch_compile": True}, "--cuda_graphs does not work with --torch_compile (use --compile_blocks)"),
+        ({"gradient_checkpointing": True}, "--cuda_graphs does not work with --gradient_checkpointing"),
     ],
 )
 def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message):
@@ -352,9 +353,9 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
 
 
-def tiny_trainer(dataset_dir: Path, output: Path, **arguments):
-    """A VQATrainer in this process: the tiny model without dropout, 6 steps of 8 questions of the tiny toy set,
-    padded to multiples of 2 (so that batches come in several shapes)."""
+def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, **arguments):
+    """A VQATrainer in this process: the tiny model, 6 steps of 8 questions of the tiny toy set, padded to
+    multiples of 2 (so that batches come in several shapes)."""
     from rwsan import RWSANConfig, RWSANForVQA
     from rwsan.data import VQACollator, load_vqa_dataset
     from rwsan.training import VQATrainer
@@ -365,7 +366,7 @@ def tiny_trainer(dataset_dir: Path, output: Path, **arguments):
         id2label=dict(dataset.processor.id2label),
         image_feature_size=dataset.feature_size,
         **{name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])},
-        dropout=0.0,
+        dropout=dropout,
     )
     torch.manual_seed(0)
     training_args = VQATrainingArguments(
@@ -391,10 +392,10 @@ def tiny_trainer(dataset_dir: Path, output: Path, **arguments):
     )
 
 
-def train_with_and_without_cuda_graphs(dataset_dir: Path, output: Path, **arguments):
+def train_with_and_without_cuda_graphs(dataset_dir: Path, output: Path, dropout: float, **arguments):
     trainers = []
     for cuda_graphs in (True, False):
-        trainer = tiny_trainer(dataset_dir, output / str(cuda_graphs), cuda_graphs=cuda_graphs, **arguments)
+        trainer = tiny_trainer(dataset_dir, output / str(cuda_graphs), dropout, cuda_graphs=cuda_graphs, **arguments)
         trainer.train()
         trainers.append(trainer)
     return trainers
@@ -404,8 +405,9 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
     tiny_prepared_vqa, tmp_path, emulated_cuda_graphs
 ):
     """The Trainer side of --cuda_graphs (each batch into its shape's graph, the gradients handed to the eager
-    optimizer, cleared after each step) on the CPU, with the graph recording emulated."""
-    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, use_cpu=True)
+    optimizer, cleared after each step, the warm-up passes leaving the dropout masks alone) on the CPU, with the
+    graph recording emulated."""
+    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, dropout=0.1, use_cpu=True)
     losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (graphed, eager)]
     assert len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
@@ -414,7 +416,7 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path):
-    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path)
+    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, dropout=0.0)
     assert len(graphed.graphed_passes[1].graphs) >= 2
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-5, rtol=1e-4)
 

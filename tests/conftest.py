@@ -177,6 +177,9 @@ class EmulatedCUDAGraphRecorder:
             loss.copy_(new_loss)
             for gradient, new_gradient in zip(gradients, new_gradients):
                 gradient.copy_(new_gradient)
+            # A replay sets no `.grad` attribute: `GraphedForwardBackward` (the owner of the `passes` partial) must
+            # hand the recorded gradients over itself.
+            passes.func.__self__._clear_gradients()
 
         return replay, (loss, gradients)
 

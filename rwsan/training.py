@@ -3,7 +3,8 @@
 The original trains with Adam (0.9, 0.98, eps 1e-9), base rate 1e-4, no weight decay and no gradient clipping; the
 rate is 1/4, 2/4, 3/4 of the base during the first three epochs, then the base, multiplied by 0.2 after 12 and again
 after 14 completed epochs, for 16 epochs. Everything else (mixed precision, accumulation, several processes or
-machines, checkpoints) is the `Trainer`'s, through `accelerate`.
+machines, checkpoints) is the `Trainer`'s, through `accelerate`. Two speed-ups of its own: `--compile_blocks`
+(regional compilation of the weight-shared blocks) and `--cuda_graphs` (`GraphedForwardBackward`).
 """
 
 import contextlib
@@ -66,7 +67,6 @@ class VQATrainingArguments(TrainingArguments):
             "compilation than --torch_compile; not together with it."
         },
     )
-
     cuda_graphs: bool = field(
         default=False,
         metadata={

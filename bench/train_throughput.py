@@ -135,8 +135,6 @@ RUN_ORDER = (
 )
 # Eager passes on a side stream before the passes of a shape are recorded as a CUDA graph.
 GRAPH_WARMUP_PASSES = 3
-# Several models are compiled one after the other in one process; each compiles its blocks again.
-DYNAMO_RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -192,6 +190,13 @@ VARIANTS = {
         "bf16 + SDPA + torch.compile of the whole model, reduce-overhead", compile_mode="reduce-overhead", bucketed=True
     ),
 }
+
+
+def compiles(key: str) -> bool:
+    """Whether the row of `key` is a synthetic variant that compiles."""
+    return key in VARIANTS and VARIANTS[key].compile_mode is not None
+
+
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
 TRAINER_ROWS = ("trainer_graphs", "trainer")
@@ -538,7 +543,7 @@ class Benchmark:
         except Exception as error:  # one failing row must not stop the others
             traceback.print_exc()
             row = Row(key, title, section, error=f"{type(error).__name__}: {error}"[:500])
-            if key in TRAINER_ROWS or (key in VARIANTS and VARIANTS[key].compile_mode is not None):
+            if key in TRAINER_ROWS or compiles(key):
                 # Nothing reuses the graphs (and CUDA graph memory pools) of a failed compiled row.
                 torch._dynamo.reset()
         self.release_memory()
@@ -547,18 +552,16 @@ class Benchmark:
         print(format_row(row, self.rows), flush=True)
 
     def seconds_needed(self, key: str) -> float:
-        compiles = (key in VARIANTS and VARIANTS[key].compile_mode is not None) or (
-            key == "trainer" and self.device.type == "cuda"
-        )
-        return self.args.compile_seconds if compiles else self.args.seconds_per_row
+        # The trainer row compiles the blocks on CUDA.
+        compiling = compiles(key) or (key == "trainer" and self.device.type == "cuda")
+        return self.args.compile_seconds if compiling else self.args.seconds_per_row
 
     def skip_reason(self, key: str) -> str | None:
         variant = VARIANTS.get(key)
         needs_cuda = key == "trainer_graphs" or (variant is not None and variant.needs_cuda)
         if needs_cuda and self.device.type != "cuda":
             return "skipped: CUDA graphs need a CUDA device"
-        compiles = variant is not None and variant.compile_mode is not None
-        if compiles and self.device.type == "cpu" and not self.args.compile_on_cpu:
+        if compiles(key) and self.device.type == "cpu" and not self.args.compile_on_cpu:
             return "skipped: compiling takes minutes on a CPU (--compile_on_cpu runs it)"
         if key in FAST_PATH_REUSERS and self.fast_path is None:
             return "skipped: no fast variant ran"
@@ -631,15 +634,21 @@ class Benchmark:
         elapsed = time.perf_counter() - start
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss of {title} became {loss.item()}")
-        question_lengths, region_counts = zip(*shapes)
         note = "recompiled while timed" if compiled_graph_count() != graphs else ""
+        return self.timed_row(key, title, shapes, elapsed, warmup_seconds, note)
+
+    def timed_row(
+        self, key: str, title: str, shapes: list[tuple[int, int]], elapsed: float, warmup_seconds: float, note: str
+    ) -> Row:
+        """The row of `len(shapes)` timed batches of --batch_size, padded to `shapes` (question length, regions)."""
+        question_lengths, region_counts = zip(*shapes)
         return Row(
             key,
             title,
             "",
-            samples_per_second=num_steps * self.args.batch_size / elapsed,
+            samples_per_second=len(shapes) * self.args.batch_size / elapsed,
             warmup_seconds=warmup_seconds,
-            timed_steps=num_steps,
+            timed_steps=len(shapes),
             mean_padded_question_length=float(np.mean(question_lengths)),
             mean_padded_regions=float(np.mean(region_counts)),
             note=note,
@@ -716,18 +725,8 @@ class Benchmark:
             batch = next(batches)
             shapes.append((batch["input_ids"].shape[1], batch["image_features"].shape[1]))
         elapsed = time.perf_counter() - start
-        question_lengths, region_counts = zip(*shapes)
-        return Row(
-            "loader",
-            f"DataLoader alone ({self.args.num_workers} workers, pad_to_multiple_of {self.args.pad_to_multiple_of})",
-            "",
-            samples_per_second=num_batches * self.args.batch_size / elapsed,
-            warmup_seconds=warmup_seconds,
-            timed_steps=num_batches,
-            mean_padded_question_length=float(np.mean(question_lengths)),
-            mean_padded_regions=float(np.mean(region_counts)),
-            note=f"{len(dataset)} questions",
-        )
+        title = f"DataLoader alone ({self.args.num_workers} workers, pad_to_multiple_of {self.args.pad_to_multiple_of})"
+        return self.timed_row("loader", title, shapes, elapsed, warmup_seconds, f"{len(dataset)} questions")
 
     def measure_loader_training(self) -> Row:
         key, step, _ = self.fast_path
@@ -934,7 +933,6 @@ def main(argv: list[str] | None = None) -> dict:
         # in the main process does (a few milliseconds per batch).
         args.num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
-    torch._dynamo.config.recompile_limit = DYNAMO_RECOMPILE_LIMIT
     start = time.perf_counter()
     benchmark = Benchmark(args, device)
     config = benchmark.model_config()

@@ -79,9 +79,10 @@ def common_arguments(dataset: Path, output: Path, *extra):
     ]  # fmt: skip
 
 
-def logged_rates(output: Path) -> list[tuple[int, float]]:
+def logged(output: Path, name: str) -> dict[int, float]:
+    """The value of `name` at each optimizer step that logged it, from the run's trainer_state.json."""
     state = json.loads((output / "trainer_state.json").read_text())
-    return [(entry["step"], entry["learning_rate"]) for entry in state["log_history"] if "learning_rate" in entry]
+    return {entry["step"]: entry[name] for entry in state["log_history"] if name in entry}
 
 
 def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, tmp_path):
@@ -98,7 +99,7 @@ def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, t
         "--eval_strategy", "no",
         "--save_strategy", "no",
     )  # fmt: skip
-    rates = dict(logged_rates(output))
+    rates = logged(output, "learning_rate")
     assert len(rates) == 28
     for step, rate in rates.items():
         # The logged rate is the one the step was taken with (0-based optimizer step = step - 1).
@@ -299,11 +300,6 @@ def test_region_grouped_batches_train(tiny_prepared_vqa, tmp_path):
         "--save_strategy", "no",
     )  # fmt: skip
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
-
-
-def logged(output: Path, name: str) -> list[float]:
-    state = json.loads((output / "trainer_state.json").read_text())
-    return [entry[name] for entry in state["log_history"] if name in entry]
 
 
 def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path):

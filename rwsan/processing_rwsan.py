@@ -39,14 +39,14 @@ _QUESTION_WORD_BREAKS = r"[-/\x1c-\x1f]"
 
 # The answer normalisation of the official VQA evaluation, which the original applies to training answers
 # (`prep_ans` in its data/ans_punct.py).
-ANSWER_NUMBER_WORDS = {
+_ANSWER_NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
-ANSWER_ARTICLES = frozenset({"a", "an", "the"})
+_ANSWER_ARTICLES = frozenset({"a", "an", "the"})
 # The official contraction table, less the entries that can never change an answer here: keys with capitals
 # (answers are lower-cased first) and entries that map a word to itself.
-ANSWER_CONTRACTIONS = {
+_ANSWER_CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
     "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
@@ -75,15 +75,15 @@ ANSWER_CONTRACTIONS = {
     "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
     "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # fmt: skip
-ANSWER_PUNCTUATION = (
+_ANSWER_PUNCTUATION = (
     ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
 )  # fmt: skip
-DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # The official pattern, "(?!<=\d)(\.)(?!\d)", was meant to spare periods between digits, but its "(?!<=\d)" is
 # a look-ahead that always succeeds in front of a period: only a following digit spares a period.
-STRIPPABLE_PERIOD = re.compile(r"\.(?!\d)")
+_STRIPPABLE_PERIOD = re.compile(r"\.(?!\d)")
 # The official code passes `re.UNICODE` (= 32) as the positional `count` argument of `sub`.
-MAX_PERIODS_STRIPPED = 32
+_MAX_PERIODS_STRIPPED = 32
 
 # Soft target of an answer given by `count` annotators (of usually ten), indexed by min(count, 4).
 _SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
@@ -140,8 +140,8 @@ def normalize_answer(answer: str) -> str:
 
 def normalize_answer_words(text: str) -> str:
     """The official `processDigitArticle`: lower-case, number words to digits, no articles, contractions."""
-    words = (ANSWER_NUMBER_WORDS.get(word, word) for word in text.lower().split())
-    return " ".join(ANSWER_CONTRACTIONS.get(word, word) for word in words if word not in ANSWER_ARTICLES)
+    words = (_ANSWER_NUMBER_WORDS.get(word, word) for word in text.lower().split())
+    return " ".join(_ANSWER_CONTRACTIONS.get(word, word) for word in words if word not in _ANSWER_ARTICLES)
 
 
 def answer_scores(answers: Sequence[str], label2id: Mapping[str, int]) -> dict[int, float]:
@@ -233,14 +233,14 @@ def _answer_vocabulary(id2label: Mapping[int, str]) -> dict[int, str]:
 def normalize_answer_punctuation(answer: str) -> str:
     """The official `processPunctuation` (the only normalisation the evaluation gives ground-truth answers)."""
     # Like the official code, the conditions look at the answer as given, not at the partly processed one.
-    has_digit_comma_digit = DIGIT_COMMA_DIGIT.search(answer) is not None
+    has_digit_comma_digit = _DIGIT_COMMA_DIGIT.search(answer) is not None
     processed = answer
-    for mark in ANSWER_PUNCTUATION:
+    for mark in _ANSWER_PUNCTUATION:
         if has_digit_comma_digit or f"{mark} " in answer or f" {mark}" in answer:
             processed = processed.replace(mark, "")
         else:
             processed = processed.replace(mark, " ")
-    return STRIPPABLE_PERIOD.sub("", processed, count=MAX_PERIODS_STRIPPED)
+    return _STRIPPABLE_PERIOD.sub("", processed, count=_MAX_PERIODS_STRIPPED)
 
 
 def _check_answer_list(name: str, answers) -> None:

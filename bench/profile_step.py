@@ -1,0 +1,150 @@
+"""Where the time of one training step of the fast path goes, and how its speed grows with the batch size.
+
+    python bench/profile_step.py           # a GPU: about a minute
+    python bench/profile_step.py --tiny    # a smoke test on any device
+
+The step is `bench/train_throughput.py`'s fast path (bf16 autocast, SDPA, fused Adam; on CUDA the forward and
+backward passes recorded as a CUDA graph) on batches padded to the largest bucketed shape (16 words, 100 regions):
+
+1. the device kernels of one step (on a CPU: the operators that do the work), grouped by name, with their count and
+   time per step; their total set against the step's wall time says whether the step is bound by the work or by
+   launching it;
+2. samples/s of the step at several batch sizes (--batch_sizes), and of the attention implementations at the first.
+"""
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.train_throughput import (  # noqa: E402
+    GRAPH_WARMUP_PASSES,
+    MAX_REGIONS,
+    TINY_SIZES,
+    TrainingStep,
+    Variant,
+    model_inputs,
+    resized_batch,
+    synthetic_items,
+)
+from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
+from rwsan.data import VQACollator  # noqa: E402
+
+PROFILED_STEPS = 3
+TABLE_ROWS = 30
+
+
+def build_step(config: RWSANConfig, attn_implementation: str, device: torch.device) -> TrainingStep:
+    torch.manual_seed(0)
+    model = RWSANForVQA(config)
+    model.set_attn_implementation(attn_implementation)
+    graphed = device.type == "cuda"
+    title = f"bf16 + {attn_implementation} attention" + (" + CUDA-graphed passes" if graphed else "")
+    variant = Variant(title, attn_implementation, torch.bfloat16, fused_optimizer=True, graphed_passes=graphed)
+    return TrainingStep(model.to(device).train(), variant, device)
+
+
+def full_batch(config: RWSANConfig, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of VQA-like items padded to the largest shape a bucketed batch has."""
+    items = synthetic_items(config, batch_size, np.random.default_rng(0))
+    collator = VQACollator(config.num_labels, max_regions=MAX_REGIONS, max_question_length=config.max_question_length)
+    return model_inputs(resized_batch(collator(items), config.max_question_length, MAX_REGIONS), device)
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_step(step: TrainingStep, batch: dict[str, torch.Tensor], steps: int) -> float:
+    for _ in range(GRAPH_WARMUP_PASSES + 2):
+        step(batch)
+    synchronize(step.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    synchronize(step.device)
+    return (time.perf_counter() - start) / steps
+
+
+def work_events(profiler: profile, device: torch.device) -> list[tuple[str, float]]:
+    """(name, microseconds) of each kernel (CUDA), or of each operator, its own time without the operators it
+    calls (CPU)."""
+    if device.type == "cuda":
+        return [
+            (event.name, event.time_range.elapsed_us())
+            for event in profiler.events()
+            if event.device_type == DeviceType.CUDA
+        ]
+    return [
+        (event.name, event.self_cpu_time_total)
+        for event in profiler.events()
+        if event.device_type == DeviceType.CPU and event.name.startswith("aten::")
+    ]
+
+
+def print_profile(step: TrainingStep, batch: dict[str, torch.Tensor], wall_seconds: float):
+    device = step.device
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
+        for _ in range(PROFILED_STEPS):
+            step(batch)
+        synchronize(device)
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for name, microseconds in work_events(profiler, device):
+        by_name[name].append(microseconds)
+    total = sum(sum(times) for times in by_name.values()) / PROFILED_STEPS
+    count = sum(len(times) for times in by_name.values()) / PROFILED_STEPS
+    what = "kernels" if device.type == "cuda" else "operators"
+    print(
+        f"\n{step.variant.title}, batch {len(batch['input_ids'])}: wall {wall_seconds * 1e3:.2f} ms a step; "
+        f"{count:.0f} {what} a step, {total / 1e3:.2f} ms of their time ({total / 1e6 / wall_seconds:.0%} of the wall)"
+    )
+    print(f"{'name':90s} {'count':>6s} {'ms':>8s} {'share':>6s}")
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    for name, times in ranked[:TABLE_ROWS]:
+        milliseconds = sum(times) / PROFILED_STEPS / 1e3
+        share = milliseconds * 1e3 / total
+        print(f"{name[:90]:90s} {len(times) / PROFILED_STEPS:6.0f} {milliseconds:8.3f} {share:6.1%}")
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--tiny", action="store_true", help="A tiny model: a smoke test, no figures.")
+    parser.add_argument("--batch_sizes", default="64,128,256", help="Comma-separated batch sizes (default 64,128,256).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps per figure (default 20).")
+    args = parser.parse_args(argv)
+    device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if device_name == "auto" else device_name)
+    config = RWSANConfig(**TINY_SIZES) if args.tiny else RWSANConfig()
+    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+
+    step = build_step(config, "sdpa", device)
+    batch = full_batch(config, batch_sizes[0], device)
+    print_profile(step, batch, seconds_per_step(step, batch, args.steps))
+
+    print(f"\n{'step':40s} {'batch':>6s} {'ms/step':>9s} {'samples/s':>10s}")
+    figures = [("sdpa", size) for size in batch_sizes] + [("eager", batch_sizes[0])]
+    for attn_implementation, batch_size in figures:
+        step = build_step(config, attn_implementation, device)
+        seconds = seconds_per_step(step, full_batch(config, batch_size, device), args.steps)
+        rate = batch_size / seconds
+        print(f"{step.variant.title:40s} {batch_size:6d} {seconds * 1e3:9.2f} {rate:10,.0f}", flush=True)
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,8 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   loader_training       the fastest variant fed by that DataLoader.
   trainer_graphs        train_vqa.py's path: VQATrainer with the fast-path arguments and --cuda_graphs, for a fixed
                         number of steps (CUDA only).
-  trainer               the same with --compile_blocks (on CUDA) instead of --cuda_graphs.
+  trainer               the same with its fastest options on CUDA: --compile_blocks --cuda_graphs
+                        --group_by_regions; on a CPU with none of these.
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -118,20 +119,20 @@ ROWS = (
     "trainer_graphs",
     "trainer",
 )
-# Rows that compile come after the Trainer with --cuda_graphs (the path train_vqa.py offers without compiling): a
-# compilation can take minutes of a GPU session's budget.
+# The fastest path (compiled blocks inside CUDA-graphed passes) runs early, for the rows that reuse it and for its
+# compilation to be cached for the Trainer's; the other compiling rows come last: each can take minutes.
 RUN_ORDER = (
     "original",
     "fp32_eager",
     "bf16_sdpa",
     "graphed_passes",
+    "blocks_graphed_passes",
     "grouped",
     "loader",
     "loader_training",
     "trainer_graphs",
-    "compiled_blocks",
     "trainer",
-    "blocks_graphed_passes",
+    "compiled_blocks",
     "cuda_graphs",
     "compiled",
 )
@@ -740,17 +741,24 @@ class Benchmark:
 
     def measure_trainer(self) -> Row:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,
-        DataLoader workers with pinned memory, and on CUDA `--compile_blocks`)."""
-        return self.measure_trainer_with("trainer", compile_blocks=self.device.type == "cuda")
+        DataLoader workers with pinned memory), on CUDA with its fastest: `--compile_blocks --cuda_graphs
+        --group_by_regions`."""
+        cuda = self.device.type == "cuda"
+        return self.measure_trainer_with("trainer", compile_blocks=cuda, cuda_graphs=cuda, group_by_regions=cuda)
 
     def measure_trainer_graphs(self) -> Row:
-        """The same with `--cuda_graphs` instead of `--compile_blocks` (CUDA only)."""
+        """The same with `--cuda_graphs` alone (CUDA only)."""
         return self.measure_trainer_with("trainer_graphs", cuda_graphs=True)
 
-    def measure_trainer_with(self, key: str, compile_blocks: bool = False, cuda_graphs: bool = False) -> Row:
+    def measure_trainer_with(
+        self, key: str, compile_blocks: bool = False, cuda_graphs: bool = False, group_by_regions: bool = False
+    ) -> Row:
         cuda = self.device.type == "cuda"
         dataset = self.dataset()
         warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
+        if group_by_regions:
+            # Batches come sorted by regions within mega-batches: one whole mega-batch meets every padded shape.
+            warmup_steps = max(warmup_steps, TRAINER_MEGA_BATCHES)
         training_args = VQATrainingArguments(
             output_dir=str(Path(self.work_dir.name) / key),
             per_device_train_batch_size=self.args.batch_size,
@@ -758,6 +766,7 @@ class Benchmark:
             bf16=bf16_supported(self.device),
             compile_blocks=compile_blocks,
             cuda_graphs=cuda_graphs,
+            group_by_regions=group_by_regions,
             optim="adamw_torch_fused",
             dataloader_num_workers=self.args.num_workers,
             dataloader_pin_memory=cuda,
@@ -779,7 +788,12 @@ class Benchmark:
         )
         trainer.train()
         recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
-        options = ["bf16"] + ["--compile_blocks"] * compile_blocks + ["--cuda_graphs"] * cuda_graphs
+        flags = {
+            "--compile_blocks": compile_blocks,
+            "--cuda_graphs": cuda_graphs,
+            "--group_by_regions": group_by_regions,
+        }
+        options = ["bf16"] + [flag for flag, given in flags.items() if given]
         row = Row(
             key,
             f"train_vqa Trainer ({', '.join(options)}, adamw_torch_fused, {self.args.num_workers} workers)",

@@ -166,11 +166,14 @@ def three_batches_of_two_shapes(items, collator) -> list[dict[str, torch.Tensor]
     return batches
 
 
-def train_on(batches, graphed_passes: bool, device: str, autocast_dtype=None):
-    """Losses and final weights of the tiny model (no dropout) trained by a bench `TrainingStep` on `batches`."""
+def train_on(batches, graphed_passes: bool, device: str, autocast_dtype=None, compile_blocks=None):
+    """Losses and final weights of the tiny model (no dropout) trained by a bench `TrainingStep` on `batches`;
+    `compile_blocks`: the keyword arguments of `compile_blocks`, to train with compiled blocks."""
     config = RWSANConfig(**bench.TINY_SIZES, dropout=0.0)
     torch.manual_seed(0)
     model = RWSANForVQA(config).to(device).train()
+    if compile_blocks is not None:
+        model.compile_blocks(**compile_blocks)
     variant = bench.Variant("", "sdpa", autocast_dtype, fused_optimizer=True, graphed_passes=graphed_passes)
     step = bench.TrainingStep(model, variant, torch.device(device))
     losses = [step({key: value.to(device) for key, value in batch.items()}).item() for batch in batches]
@@ -185,6 +188,35 @@ def test_graphed_passes_step_like_eager_steps_with_recording_emulated(items, emu
     assert graphs == 2
     torch.testing.assert_close(graphed_losses, eager_losses, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(graphed_weights, eager_weights, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_blocks_in_graphed_passes_step_like_eager_steps_with_recording_emulated(items, emulated_cuda_graphs):
+    """--compile_blocks with --cuda_graphs: the compiled blocks run in the warm-up and recorded passes."""
+    torch._dynamo.reset()
+    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = {"backend": "eager", "dynamic": True}
+    graphed_losses, graphed_weights, graphs = train_on(batches, True, "cpu", compile_blocks=compiled)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 2, "the blocks were not compiled, or compiled again"
+    eager_losses, eager_weights, _ = train_on(batches, graphed_passes=False, device="cpu")
+    assert graphs == 2
+    torch.testing.assert_close(graphed_losses, eager_losses, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(graphed_weights, eager_weights, atol=1e-6, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and inductor's GPU code need a CUDA device")
+def test_inductor_blocks_in_graphed_passes_step_like_eager_steps_on_cuda(items):
+    """The recording of inductor's kernels (the fastest path): same losses and weights as eager steps."""
+    torch._dynamo.reset()
+    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
+    compiled = {"dynamic": True}
+    graphed_losses, graphed_weights, graphs = train_on(batches, True, "cuda", torch.bfloat16, compile_blocks=compiled)
+    eager_losses, eager_weights, _ = train_on(batches, False, "cuda", torch.bfloat16)
+    assert graphs == 2
+    torch.testing.assert_close(graphed_losses, eager_losses, **BF16_TOLERANCE)
+    torch.testing.assert_close(graphed_weights, eager_weights, **BF16_TOLERANCE)
+    torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -121,6 +121,13 @@ class DataArguments:
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Round padded lengths up to a multiple (fewer shapes to compile or record)."}
     )
+    pack_regions: bool = field(
+        default=False,
+        metadata={
+            "help": "DataLoader workers send only the real regions, padded on the device: less than half the bytes "
+            "to move between processes and to the GPU (faster loading with workers on a GPU)."
+        },
+    )
     toy_num_images: int = field(default=2000, metadata={"help": "Images of the built-in toy set."})
     # More questions per image than VQA-v2's ~5: they cost no feature storage, and a model that sees each image
     # asked many things learns to read it rather than memorise it.
@@ -296,6 +303,7 @@ def main(argv: list[str] | None = None):
         max_regions=data_args.max_regions,
         max_question_length=data_args.max_question_length,
         pad_to_multiple_of=data_args.pad_to_multiple_of,
+        pack_regions=data_args.pack_regions,
     )
     trainer = VQATrainer(
         model=model,

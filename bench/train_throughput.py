@@ -27,11 +27,12 @@ The variants below pad to multiples of --pad_to_multiple_of, so that only a few 
 The real data pipeline, on a VQA-like set written in the original's raw formats and prepared by
 data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   loader                the DataLoader alone: VQADataset + VQACollator, worker processes, pinned memory.
-  loader_training       the fastest variant fed by that DataLoader.
+  loader_packed         the same with `VQACollator(pack_regions=True)`: the workers send only the real regions.
+  loader_training       the fastest variant fed by the DataLoader of packed regions, padded on the device.
   trainer_graphs        train_vqa.py's path: VQATrainer with the fast-path arguments and --cuda_graphs, for a fixed
                         number of steps (CUDA only).
   trainer               the same with its fastest options on CUDA: --compile_blocks --cuda_graphs
-                        --group_by_regions; on a CPU with none of these.
+                        --group_by_regions --pack_regions; on a CPU with none of these.
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -73,7 +74,7 @@ if str(REPO_ROOT) not in sys.path:
 from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
-from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
+from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features  # noqa: E402
 from rwsan.training import GraphedForwardBackward, VQATrainer, VQATrainingArguments  # noqa: E402
 
 PAPER_BATCH_SIZE = 64
@@ -115,6 +116,7 @@ ROWS = (
     "cuda_graphs",
     "grouped",
     "loader",
+    "loader_packed",
     "loader_training",
     "trainer_graphs",
     "trainer",
@@ -129,6 +131,7 @@ RUN_ORDER = (
     "blocks_graphed_passes",
     "grouped",
     "loader",
+    "loader_packed",
     "loader_training",
     "trainer_graphs",
     "trainer",
@@ -495,12 +498,13 @@ class Benchmark:
         model.set_attn_implementation(attn_implementation)
         return model.to(self.device).train()
 
-    def collator(self, bucketed: bool) -> VQACollator:
+    def collator(self, bucketed: bool, packed: bool = False) -> VQACollator:
         return VQACollator(
             self.model_config().num_labels,
             max_regions=MAX_REGIONS,
             max_question_length=self.model_config().max_question_length,
             pad_to_multiple_of=self.args.pad_to_multiple_of if bucketed else None,
+            pack_regions=packed,
         )
 
     def synthetic_pool(self, bucketed: bool, grouped: bool) -> list[dict[str, torch.Tensor]]:
@@ -631,7 +635,7 @@ class Benchmark:
         start = time.perf_counter()
         for _ in range(num_steps):
             batch = next(timed_stream)
-            shapes.append((batch["input_ids"].shape[1], batch["image_features"].shape[1]))
+            shapes.append(tuple(batch["input_ids"].shape[1:]) + tuple(batch["image_attention_mask"].shape[1:]))
             loss = step(batch)
         self.synchronize()
         elapsed = time.perf_counter() - start
@@ -700,7 +704,7 @@ class Benchmark:
             self._dataset = dataset
         return self._dataset
 
-    def data_loader(self, dataset) -> DataLoader:
+    def data_loader(self, dataset, packed: bool) -> DataLoader:
         workers = self.args.num_workers
         return DataLoader(
             dataset,
@@ -711,13 +715,13 @@ class Benchmark:
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            collate_fn=self.collator(bucketed=True),
+            collate_fn=self.collator(bucketed=True, packed=packed),
             generator=torch.Generator().manual_seed(0),
         )
 
-    def measure_loader(self) -> Row:
+    def measure_loader(self, key: str = "loader", packed: bool = False) -> Row:
         dataset = self.dataset()
-        batches = endless(self.data_loader(dataset))
+        batches = endless(self.data_loader(dataset, packed))
         start = time.perf_counter()
         next(batches)
         warmup_seconds = time.perf_counter() - start
@@ -726,32 +730,43 @@ class Benchmark:
         start = time.perf_counter()
         for _ in range(num_batches):
             batch = next(batches)
-            shapes.append((batch["input_ids"].shape[1], batch["image_features"].shape[1]))
+            shapes.append(tuple(batch["input_ids"].shape[1:]) + tuple(batch["image_attention_mask"].shape[1:]))
         elapsed = time.perf_counter() - start
-        title = f"DataLoader alone ({self.args.num_workers} workers, pad_to_multiple_of {self.args.pad_to_multiple_of})"
-        return self.timed_row("loader", title, shapes, elapsed, warmup_seconds, f"{len(dataset)} questions")
+        what = "packed regions" if packed else f"pad_to_multiple_of {self.args.pad_to_multiple_of}"
+        title = f"DataLoader alone ({self.args.num_workers} workers, {what})"
+        return self.timed_row(key, title, shapes, elapsed, warmup_seconds, f"{len(dataset)} questions")
+
+    def measure_loader_packed(self) -> Row:
+        return self.measure_loader("loader_packed", packed=True)
 
     def measure_loader_training(self) -> Row:
         key, step, _ = self.fast_path
-        loader = self.data_loader(self.dataset())
+        loader = self.data_loader(self.dataset(), packed=True)
         # One stream of batches for the warm-up and the timed steps alike.
-        stream = (model_inputs(batch, self.device) for batch in endless(loader))
+        stream = (unpack_image_features(model_inputs(batch, self.device)) for batch in endless(loader))
         title = f"{step.variant.title}, fed by the DataLoader"
         return self.measure("loader_training", title, step, lambda: stream, [])
 
     def measure_trainer(self) -> Row:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,
         DataLoader workers with pinned memory), on CUDA with its fastest: `--compile_blocks --cuda_graphs
-        --group_by_regions`."""
+        --group_by_regions --pack_regions`."""
         cuda = self.device.type == "cuda"
-        return self.measure_trainer_with("trainer", compile_blocks=cuda, cuda_graphs=cuda, group_by_regions=cuda)
+        return self.measure_trainer_with(
+            "trainer", compile_blocks=cuda, cuda_graphs=cuda, group_by_regions=cuda, pack_regions=cuda
+        )
 
     def measure_trainer_graphs(self) -> Row:
         """The same with `--cuda_graphs` alone (CUDA only)."""
         return self.measure_trainer_with("trainer_graphs", cuda_graphs=True)
 
     def measure_trainer_with(
-        self, key: str, compile_blocks: bool = False, cuda_graphs: bool = False, group_by_regions: bool = False
+        self,
+        key: str,
+        compile_blocks: bool = False,
+        cuda_graphs: bool = False,
+        group_by_regions: bool = False,
+        pack_regions: bool = False,
     ) -> Row:
         cuda = self.device.type == "cuda"
         dataset = self.dataset()
@@ -783,7 +798,7 @@ class Benchmark:
             model=self.build_model("sdpa"),
             args=training_args,
             train_dataset=dataset,
-            data_collator=self.collator(bucketed=True),
+            data_collator=self.collator(bucketed=True, packed=pack_regions),
             callbacks=[timer],
         )
         trainer.train()
@@ -792,6 +807,7 @@ class Benchmark:
             "--compile_blocks": compile_blocks,
             "--cuda_graphs": cuda_graphs,
             "--group_by_regions": group_by_regions,
+            "--pack_regions": pack_regions,
         }
         options = ["bf16"] + [flag for flag, given in flags.items() if given]
         row = Row(

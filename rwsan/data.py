@@ -247,6 +247,12 @@ class VQACollator:
     longest of the batch, rounded up to a multiple of `pad_to_multiple_of` if given (so that compiled shapes
     repeat), but never beyond `max_question_length` / `max_regions` (or the longest, if longer).
 
+    With `pack_regions=True`, `image_features` holds only the real regions, `(total_regions, feature_size)`, the
+    items' one after another, and `image_feature_positions` `(total_regions,)` the place of each in the flattened
+    `(batch * num_regions)` padded layout; [`unpack_image_features`] pads them where the batch is (on the GPU).
+    DataLoader workers then hand the main process less than half the bytes of padded VQA batches; moving those
+    bytes between processes, not reading them, is what bounds a loader with workers.
+
     `question_id` is not a model input. The `Trainer` drops it by itself (its default
     `remove_unused_columns=True` keeps only the item keys named like `forward` arguments, before collation);
     a hand-written loop pops it: `question_ids = batch.pop("question_id")`.
@@ -258,6 +264,7 @@ class VQACollator:
             questions are kept whole).
         pad_to_multiple_of: round padded lengths up to a multiple of this.
         image_features_dtype: dtype of the returned `image_features` (default: as stored, float16 normally).
+        pack_regions: return the real regions only, with their padded positions (see above).
     """
 
     def __init__(
@@ -267,6 +274,7 @@ class VQACollator:
         max_question_length: int = 16,
         pad_to_multiple_of: int | None = None,
         image_features_dtype: torch.dtype | None = None,
+        pack_regions: bool = False,
     ):
         for name, value in (
             ("num_answers", num_answers),
@@ -282,6 +290,7 @@ class VQACollator:
         self.max_question_length = max_question_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.image_features_dtype = image_features_dtype
+        self.pack_regions = pack_regions
 
     def __call__(self, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
         if not items:
@@ -306,21 +315,22 @@ class VQACollator:
             _padded_length(longest_question, self.pad_to_multiple_of), max(longest_question, self.max_question_length)
         )
         input_ids = np.zeros((len(items), question_length), dtype=np.int64)
-        region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
-        padded_features = np.zeros(
-            (len(items), region_length, feature_sizes.pop()),
-            dtype=region_features[0].dtype,
-        )
-        for row, (item, features) in enumerate(zip(items, region_features)):
+        for row, item in enumerate(items):
             input_ids[row, : len(item["input_ids"])] = item["input_ids"]
-            padded_features[row, : len(features)] = features
-
+        region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(_real_positions(question_lengths, input_ids.shape[1])),
-            "image_features": torch.from_numpy(padded_features),
-            "image_attention_mask": torch.from_numpy(_real_positions(region_counts, padded_features.shape[1])),
+            "image_attention_mask": torch.from_numpy(_real_positions(region_counts, region_length)),
         }
+        if self.pack_regions:
+            batch["image_features"] = torch.from_numpy(np.concatenate(region_features))
+            batch["image_feature_positions"] = torch.from_numpy(_padded_positions(region_counts, region_length))
+        else:
+            padded_features = np.zeros((len(items), region_length, feature_sizes.pop()), dtype=region_features[0].dtype)
+            for row, features in enumerate(region_features):
+                padded_features[row, : len(features)] = features
+            batch["image_features"] = torch.from_numpy(padded_features)
         if self.image_features_dtype is not None:
             batch["image_features"] = batch["image_features"].to(self.image_features_dtype)
         labels = self._stacked("labels", items)
@@ -348,3 +358,31 @@ class VQACollator:
 
 def _real_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
     return (np.arange(padded_length) < lengths[:, None]).astype(np.int64)
+
+
+def _padded_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
+    """For sequences of `lengths` laid one after another, the index of each element in `(len(lengths),
+    padded_length)` flattened."""
+    starts = np.cumsum(lengths) - lengths
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    return rows * padded_length + np.arange(lengths.sum()) - np.repeat(starts, lengths)
+
+
+def unpack_image_features(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of `VQACollator(pack_regions=True)` with its `image_features` padded to `(batch, num_regions,
+    feature_size)` (the shape of `image_attention_mask`, zeros at padding), on the device they are on, without
+    waiting for it; other batches are returned as they are."""
+    if "image_feature_positions" not in batch:
+        return batch
+    batch = dict(batch)
+    positions = batch.pop("image_feature_positions")
+    packed = batch["image_features"]
+    if packed.dim() != 2 or positions.shape != packed.shape[:1]:
+        raise ValueError(
+            "packed image_features must be (total_regions, feature_size) with one position per region, got "
+            f"features {tuple(packed.shape)} and positions {tuple(positions.shape)}"
+        )
+    batch_size, num_regions = batch["image_attention_mask"].shape
+    padded = packed.new_zeros(batch_size * num_regions, packed.shape[1]).index_copy_(0, positions, packed)
+    batch["image_features"] = padded.view(batch_size, num_regions, -1)
+    return batch

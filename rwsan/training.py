@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
+from .data import unpack_image_features
 from .evaluation import compute_vqa_accuracy
 from .modeling_rwsan import RWSANForVQAOutput
 
@@ -323,6 +324,10 @@ class VQATrainer(Trainer):
             region_counts=dataset.num_regions.tolist(),
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
+
+    def _prepare_inputs(self, inputs):
+        # Batches of `VQACollator(pack_regions=True)` are padded once on the device.
+        return unpack_image_features(super()._prepare_inputs(inputs))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key != "question_id"}

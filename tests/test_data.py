@@ -1,5 +1,6 @@
 import inspect
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from transformers.trainer_utils import RemoveColumnsCollator
 
 from data_scripts.prepare_vqa import prepare_vqa
 from rwsan import RWSANConfig, RWSANForVQA
-from rwsan.data import VQACollator, load_vqa_dataset
+from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 
 NUM_REGIONS = {image_id: count for images in RAW_IMAGES.values() for image_id, count in images.items()}
 # Soft scores of the fixture's annotated questions over its answers ("red", "2"), by multiple-choice answer:
@@ -162,6 +163,32 @@ def test_collator_never_pads_questions_past_max_question_length():
     # A question longer than max_question_length is kept whole, and padding still stops at the longest.
     batch = VQACollator(num_answers=3, max_question_length=4, pad_to_multiple_of=4)(items)
     assert batch["input_ids"][0].tolist() == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"max_regions": 1}, {"pad_to_multiple_of": 4, "image_features_dtype": torch.float32}]
+)
+def test_packed_regions_unpack_to_the_padded_batch(options):
+    padded = VQACollator(num_answers=3, **options)(hand_items())
+    packed = VQACollator(num_answers=3, pack_regions=True, **options)(hand_items())
+    regions = 2 if options.get("max_regions") == 1 else 3
+    assert packed["image_features"].shape == (regions, 3)
+    assert packed["image_feature_positions"].dtype == torch.int64
+    unpacked = unpack_image_features(packed)
+    assert "image_feature_positions" not in unpacked and "image_feature_positions" in packed
+    assert unpacked.keys() == padded.keys()
+    for key, value in padded.items():
+        assert unpacked[key].dtype == value.dtype and torch.equal(unpacked[key], value), key
+
+
+def test_unpacking_leaves_padded_batches_alone_and_refuses_mismatched_positions():
+    padded = VQACollator(num_answers=3)(hand_items())
+    assert unpack_image_features(padded) is padded
+    packed = VQACollator(num_answers=3, pack_regions=True)(hand_items())
+    packed["image_feature_positions"] = packed["image_feature_positions"][:2]
+    message = "packed image_features must be (total_regions, feature_size) with one position per region, got "
+    with pytest.raises(ValueError, match=re.escape(message + "features (3, 3) and positions (2,)")):
+        unpack_image_features(packed)
 
 
 def test_collator_refuses_inconsistent_items():

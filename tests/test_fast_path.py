@@ -258,7 +258,7 @@ def test_bucket_shapes_are_those_the_collator_pads_to():
 
 
 def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
-    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_training,trainer"
+    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_training,trainer"
     # One round of the four pool batches per row, so that the rows time the same samples.
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
     bench.main(["--tiny", *sizes, "--trainer_steps", "1", "--rows", rows, "--json", str(tmp_path / "results.json")])

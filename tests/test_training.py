@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -302,6 +303,22 @@ def test_region_grouped_batches_train(tiny_prepared_vqa, tmp_path):
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
 
 
+def test_pack_regions_with_workers_trains_like_padded_batches(tiny_prepared_vqa, tmp_path):
+    arguments = [
+        "--max_steps", "3",
+        "--logging_steps", "1",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    run_training(*common_arguments(tiny_prepared_vqa, padded), *arguments)
+    # Later arguments win: the workers replace common_arguments' none.
+    workers = ["--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true"]
+    run_training(*common_arguments(tiny_prepared_vqa, packed), *arguments, "--pack_regions", "true", *workers)
+    assert len(logged(padded, "loss")) == 3
+    assert logged(packed, "loss") == logged(padded, "loss")
+
+
 def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path):
     """--compile_blocks (inductor, on the CPU here) follows the eager run step for step, evaluates alike, and saves
     the same weight names."""
@@ -349,9 +366,9 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
 
 
-def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, **arguments):
+def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, pack_regions: bool = False, **arguments):
     """A VQATrainer in this process: the tiny model, 6 steps of 8 questions of the tiny toy set, padded to
-    multiples of 2 (so that batches come in several shapes)."""
+    multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`."""
     from rwsan import RWSANConfig, RWSANForVQA
     from rwsan.data import VQACollator, load_vqa_dataset
     from rwsan.training import VQATrainer
@@ -384,8 +401,23 @@ def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, **arguments):
         model=RWSANForVQA(config),
         args=training_args,
         train_dataset=dataset,
-        data_collator=VQACollator(config.num_labels, pad_to_multiple_of=2),
+        data_collator=VQACollator(config.num_labels, pad_to_multiple_of=2, pack_regions=pack_regions),
     )
+
+
+def test_packed_regions_train_and_predict_like_padded_batches(tiny_prepared_vqa, tmp_path):
+    """The Trainer pads packed batches on the device, in training and in prediction, to the same numbers."""
+    trainers = []
+    for pack in (True, False):
+        # Each trains before the next is built: building a Trainer seeds the random generators.
+        trainers.append(tiny_trainer(tiny_prepared_vqa, tmp_path / str(pack), 0.1, pack_regions=pack, use_cpu=True))
+        trainers[-1].train()
+    packed, padded = trainers
+    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (packed, padded)]
+    assert len(losses[1]) == 6 and losses[0] == losses[1]
+    torch.testing.assert_close(packed.model.state_dict(), padded.model.state_dict(), atol=0, rtol=0)
+    predictions = [trainer.predict(trainer.train_dataset).predictions for trainer in (packed, padded)]
+    np.testing.assert_array_equal(predictions[0], predictions[1])
 
 
 def train_with_and_without_cuda_graphs(dataset_dir: Path, output: Path, dropout: float, **arguments):

@@ -227,7 +227,8 @@ class GraphedForwardBackward:
                 "CUDA-graphed training steps need the gradients cleared (None) before each step; they write the "
                 "gradients rather than add to them, so gradient accumulation is not possible"
             )
-        key = tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items())
+        # By name: a batch whose dict lists the same tensors in another order replays the same graph.
+        key = tuple(sorted((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items()))
         if key not in self.graphs:
             self.graphs[key] = self.record(batch)
         replay, inputs, loss, gradients = self.graphs[key]

@@ -10,6 +10,8 @@ backward passes recorded as a CUDA graph) on batches padded to the largest bucke
    time per step; their total set against the step's wall time says whether the step is bound by the work or by
    launching it;
 2. samples/s of the step at several batch sizes (--batch_sizes), and of the attention implementations at the first.
+
+With --compile_blocks the two weight-shared blocks are compiled (`model.compile_blocks`, inductor) in every step.
 """
 
 import argparse
@@ -44,13 +46,24 @@ PROFILED_STEPS = 3
 TABLE_ROWS = 30
 
 
-def build_step(config: RWSANConfig, attn_implementation: str, device: torch.device) -> TrainingStep:
+def build_step(
+    config: RWSANConfig, attn_implementation: str, device: torch.device, compile_blocks: bool
+) -> TrainingStep:
     torch.manual_seed(0)
     model = RWSANForVQA(config)
     model.set_attn_implementation(attn_implementation)
     graphed = device.type == "cuda"
-    title = f"bf16 + {attn_implementation} attention" + (" + CUDA-graphed passes" if graphed else "")
-    variant = Variant(title, attn_implementation, torch.bfloat16, fused_optimizer=True, graphed_passes=graphed)
+    title = f"bf16 + {attn_implementation} attention"
+    title += " + compiled blocks" * compile_blocks + " + CUDA-graphed passes" * graphed
+    variant = Variant(
+        title,
+        attn_implementation,
+        torch.bfloat16,
+        fused_optimizer=True,
+        graphed_passes=graphed,
+        compile_mode="default" if compile_blocks else None,
+        compile_scope="blocks",
+    )
     return TrainingStep(model.to(device).train(), variant, device)
 
 
@@ -124,20 +137,23 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--tiny", action="store_true", help="A tiny model: a smoke test, no figures.")
     parser.add_argument("--batch_sizes", default="64,128,256", help="Comma-separated batch sizes (default 64,128,256).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps per figure (default 20).")
+    parser.add_argument(
+        "--compile_blocks", action="store_true", help="Compile the shared blocks (minutes, once per batch size)."
+    )
     args = parser.parse_args(argv)
     device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = torch.device("cpu" if device_name == "auto" else device_name)
     config = RWSANConfig(**TINY_SIZES) if args.tiny else RWSANConfig()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 
-    step = build_step(config, "sdpa", device)
+    step = build_step(config, "sdpa", device, args.compile_blocks)
     batch = full_batch(config, batch_sizes[0], device)
     print_profile(step, batch, seconds_per_step(step, batch, args.steps))
 
     print(f"\n{'step':40s} {'batch':>6s} {'ms/step':>9s} {'samples/s':>10s}")
     figures = [("sdpa", size) for size in batch_sizes] + [("eager", batch_sizes[0])]
     for attn_implementation, batch_size in figures:
-        step = build_step(config, attn_implementation, device)
+        step = build_step(config, attn_implementation, device, args.compile_blocks)
         seconds = seconds_per_step(step, full_batch(config, batch_size, device), args.steps)
         rate = batch_size / seconds
         print(f"{step.variant.title:40s} {batch_size:6d} {seconds * 1e3:9.2f} {rate:10,.0f}", flush=True)

@@ -28,11 +28,13 @@ The real data pipeline, on a VQA-like set written in the original's raw formats 
 data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   loader                the DataLoader alone: VQADataset + VQACollator, worker processes, pinned memory.
   loader_packed         the same with `VQACollator(pack_regions=True)`: the workers send only the real regions.
+  loader_in_process     packed regions gathered in the main process (no workers), pinned there.
   loader_training       the fastest variant fed by the DataLoader of packed regions, padded on the device.
   trainer_graphs        train_vqa.py's path: VQATrainer with the fast-path arguments and --cuda_graphs, for a fixed
                         number of steps (CUDA only).
   trainer               the same with its fastest options on CUDA: --compile_blocks --cuda_graphs
                         --group_by_regions --pack_regions; on a CPU with none of these.
+  trainer_in_process    the same loading in the main process (--dataloader_num_workers 0).
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -117,9 +119,11 @@ ROWS = (
     "grouped",
     "loader",
     "loader_packed",
+    "loader_in_process",
     "loader_training",
     "trainer_graphs",
     "trainer",
+    "trainer_in_process",
 )
 # The fastest path (compiled blocks inside CUDA-graphed passes) runs early, for the rows that reuse it and for its
 # compilation to be cached for the Trainer's; the other compiling rows come last: each can take minutes.
@@ -132,9 +136,11 @@ RUN_ORDER = (
     "grouped",
     "loader",
     "loader_packed",
+    "loader_in_process",
     "loader_training",
     "trainer_graphs",
     "trainer",
+    "trainer_in_process",
     "compiled_blocks",
     "cuda_graphs",
     "compiled",
@@ -205,7 +211,7 @@ def compiles(key: str) -> bool:
 
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
-TRAINER_ROWS = ("trainer_graphs", "trainer")
+TRAINER_ROWS = ("trainer_graphs", "trainer", "trainer_in_process")
 # The rows reusing the fast path; it is kept only while one of them is still to run.
 FAST_PATH_REUSERS = ("grouped", "loader_training")
 
@@ -559,8 +565,8 @@ class Benchmark:
         print(format_row(row, self.rows), flush=True)
 
     def seconds_needed(self, key: str) -> float:
-        # The trainer row compiles the blocks on CUDA.
-        compiling = compiles(key) or (key == "trainer" and self.device.type == "cuda")
+        # The trainer rows with the fastest options compile the blocks on CUDA.
+        compiling = compiles(key) or (key in ("trainer", "trainer_in_process") and self.device.type == "cuda")
         return self.args.compile_seconds if compiling else self.args.seconds_per_row
 
     def skip_reason(self, key: str) -> str | None:
@@ -704,8 +710,8 @@ class Benchmark:
             self._dataset = dataset
         return self._dataset
 
-    def data_loader(self, dataset, packed: bool) -> DataLoader:
-        workers = self.args.num_workers
+    def data_loader(self, dataset, packed: bool, workers: int | None = None) -> DataLoader:
+        workers = self.args.num_workers if workers is None else workers
         return DataLoader(
             dataset,
             batch_size=self.args.batch_size,
@@ -719,9 +725,10 @@ class Benchmark:
             generator=torch.Generator().manual_seed(0),
         )
 
-    def measure_loader(self, key: str = "loader", packed: bool = False) -> Row:
+    def measure_loader(self, key: str = "loader", packed: bool = False, workers: int | None = None) -> Row:
+        workers = self.args.num_workers if workers is None else workers
         dataset = self.dataset()
-        batches = endless(self.data_loader(dataset, packed))
+        batches = endless(self.data_loader(dataset, packed, workers))
         start = time.perf_counter()
         next(batches)
         warmup_seconds = time.perf_counter() - start
@@ -733,11 +740,14 @@ class Benchmark:
             shapes.append(tuple(batch["input_ids"].shape[1:]) + tuple(batch["image_attention_mask"].shape[1:]))
         elapsed = time.perf_counter() - start
         what = "packed regions" if packed else f"pad_to_multiple_of {self.args.pad_to_multiple_of}"
-        title = f"DataLoader alone ({self.args.num_workers} workers, {what})"
+        title = f"DataLoader alone ({workers} workers, {what})"
         return self.timed_row(key, title, shapes, elapsed, warmup_seconds, f"{len(dataset)} questions")
 
     def measure_loader_packed(self) -> Row:
         return self.measure_loader("loader_packed", packed=True)
+
+    def measure_loader_in_process(self) -> Row:
+        return self.measure_loader("loader_in_process", packed=True, workers=0)
 
     def measure_loader_training(self) -> Row:
         key, step, _ = self.fast_path
@@ -751,10 +761,15 @@ class Benchmark:
         """`VQATrainer` as train_vqa.py runs it with the fast-path options (bf16, fused AdamW, bucketed padding,
         DataLoader workers with pinned memory), on CUDA with its fastest: `--compile_blocks --cuda_graphs
         --group_by_regions --pack_regions`."""
+        return self.measure_trainer_with("trainer", **self.fastest_trainer_options())
+
+    def measure_trainer_in_process(self) -> Row:
+        """The same, loading in the main process."""
+        return self.measure_trainer_with("trainer_in_process", **self.fastest_trainer_options(), workers=0)
+
+    def fastest_trainer_options(self) -> dict[str, bool]:
         cuda = self.device.type == "cuda"
-        return self.measure_trainer_with(
-            "trainer", compile_blocks=cuda, cuda_graphs=cuda, group_by_regions=cuda, pack_regions=cuda
-        )
+        return {"compile_blocks": cuda, "cuda_graphs": cuda, "group_by_regions": cuda, "pack_regions": cuda}
 
     def measure_trainer_graphs(self) -> Row:
         """The same with `--cuda_graphs` alone (CUDA only)."""
@@ -767,8 +782,10 @@ class Benchmark:
         cuda_graphs: bool = False,
         group_by_regions: bool = False,
         pack_regions: bool = False,
+        workers: int | None = None,
     ) -> Row:
         cuda = self.device.type == "cuda"
+        workers = self.args.num_workers if workers is None else workers
         dataset = self.dataset()
         warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
         if group_by_regions:
@@ -783,9 +800,9 @@ class Benchmark:
             cuda_graphs=cuda_graphs,
             group_by_regions=group_by_regions,
             optim="adamw_torch_fused",
-            dataloader_num_workers=self.args.num_workers,
+            dataloader_num_workers=workers,
             dataloader_pin_memory=cuda,
-            dataloader_persistent_workers=self.args.num_workers > 0,
+            dataloader_persistent_workers=workers > 0,
             dataloader_drop_last=True,
             eval_strategy="no",
             save_strategy="no",
@@ -812,7 +829,7 @@ class Benchmark:
         options = ["bf16"] + [flag for flag, given in flags.items() if given]
         row = Row(
             key,
-            f"train_vqa Trainer ({', '.join(options)}, adamw_torch_fused, {self.args.num_workers} workers)",
+            f"train_vqa Trainer ({', '.join(options)}, adamw_torch_fused, {workers} workers)",
             "",
             samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
             warmup_seconds=timer.steady_start - timer.train_start,

@@ -3,6 +3,7 @@ eager path computes, and bench/train_throughput.py runs from end to end."""
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +260,9 @@ def test_bucket_shapes_are_those_the_collator_pads_to():
 
 
 def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
-    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_training,trainer"
+    rows = (
+        "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer,trainer_in_process"
+    )
     # One round of the four pool batches per row, so that the rows time the same samples.
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
     bench.main(["--tiny", *sizes, "--trainer_steps", "1", "--rows", rows, "--json", str(tmp_path / "results.json")])
@@ -271,3 +274,16 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16
+
+
+def test_step_profile_names_the_work_and_times_each_batch_size(capsys):
+    spec = importlib.util.spec_from_file_location("profile_step", REPO_ROOT / "bench" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    profile_step.main(["--tiny", "--device", "cpu", "--steps", "1", "--batch_sizes", "2,4"])
+    output = capsys.readouterr().out
+    operators, milliseconds = re.search(r"wall [\d.]+ ms a step; (\d+) operators a step, ([\d.]+) ms", output).groups()
+    assert int(operators) > 100 and float(milliseconds) > 0
+    assert re.search(r"^aten::addmm\s+\d+", output, re.MULTILINE), "the matrix products are missing from the table"
+    rates = re.findall(r"^bf16 \+ (sdpa|eager) attention\s+(\d+)\s+[\d.]+\s+[\d,]+$", output, re.MULTILINE)
+    assert rates == [("sdpa", "2"), ("sdpa", "4"), ("eager", "2")]

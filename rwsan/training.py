@@ -326,6 +326,15 @@ class VQATrainer(Trainer):
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
 
+    def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
+        # The Trainer's estimate (6 x question tokens x parameters) leaves out the image regions, most of the work.
+        if not hasattr(self.model, "training_flops"):
+            return super().floating_point_ops(inputs)
+        batch_size, question_length = inputs["input_ids"].shape
+        # The mask has the padded region count in packed batches too; a batch may come without it.
+        regions = inputs["image_attention_mask"] if "image_attention_mask" in inputs else inputs["image_features"]
+        return self.model.training_flops(batch_size, question_length, regions.shape[1])
+
     def _prepare_inputs(self, inputs):
         # Batches of `VQACollator(pack_regions=True)` are padded once on the device.
         return unpack_image_features(super()._prepare_inputs(inputs))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering
 
 from rwsan import RWSANConfig, RWSANForVQA, RWSANModel
@@ -219,6 +220,24 @@ def test_initialisation_is_pytorch_default():
     assert model.rwsan.question_lstm.bias_hh_l0.abs().max() <= lstm_bound
     assert model.rwsan.question_lstm.bias_hh_l0.abs().max() > 0.95 * lstm_bound
     assert torch.equal(model.rwsan.fusion_norm.weight, torch.ones(1024))
+
+
+@pytest.mark.parametrize(
+    "config, shape",
+    [(tiny_config(), (3, 6, 7)), (tiny_config(num_srwsa_repeats=1, num_attention_heads=2), (2, 5, 11))],
+    ids=["tiny", "other-sizes"],
+)
+def test_training_flops_are_those_of_the_matrix_products(config, shape):
+    """`training_flops` against the flop counter over a real forward and backward pass, plus the LSTM's products
+    (one fused operator, unseen by the counter)."""
+    batch_size, tokens, regions = shape
+    model = RWSANForVQA(config).train()
+    input_ids, image_features = tiny_inputs(config, batch_size, tokens, regions)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids, image_features, labels=torch.zeros(batch_size, config.num_labels)).loss.backward()
+    lstm = 3 * 2 * batch_size * tokens * (config.word_embedding_size + config.hidden_size) * 4 * config.hidden_size
+    assert model.training_flops(batch_size, tokens, regions) == counter.get_total_flops() + lstm
+    assert RWSANForVQA(RWSANConfig()).training_flops(1, 16, 100) == pytest.approx(20.33e9, rel=1e-3)
 
 
 def test_save_and_load_round_trip(tmp_path, tiny_model):

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import Trainer
 
+from rwsan.data import VQACollator
 from rwsan.training import RegionGroupedSampler, VQATrainingArguments, paper_lr_multiplier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -370,7 +372,7 @@ def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, pack_regions: 
     """A VQATrainer in this process: the tiny model, 6 steps of 8 questions of the tiny toy set, padded to
     multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`."""
     from rwsan import RWSANConfig, RWSANForVQA
-    from rwsan.data import VQACollator, load_vqa_dataset
+    from rwsan.data import load_vqa_dataset
     from rwsan.training import VQATrainer
 
     dataset = load_vqa_dataset(dataset_dir, "train")
@@ -403,6 +405,18 @@ def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, pack_regions: 
         train_dataset=dataset,
         data_collator=VQACollator(config.num_labels, pad_to_multiple_of=2, pack_regions=pack_regions),
     )
+
+
+def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_path):
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, use_cpu=True)
+    items = [trainer.train_dataset[index] for index in range(8)]
+    padded = trainer.data_collator(items)
+    packed = VQACollator(trainer.model.config.num_labels, pad_to_multiple_of=2, pack_regions=True)(items)
+    batch_size, tokens = padded["input_ids"].shape
+    expected = trainer.model.training_flops(batch_size, tokens, padded["image_features"].shape[1])
+    assert trainer.floating_point_ops(padded) == trainer.floating_point_ops(packed) == expected
+    # The Trainer's own estimate counts only the question tokens: less than half (a sixteenth at the paper's sizes).
+    assert trainer.floating_point_ops(padded) > 2 * Trainer.floating_point_ops(trainer, padded)
 
 
 def test_packed_regions_train_and_predict_like_padded_batches(tiny_prepared_vqa, tmp_path):

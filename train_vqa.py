@@ -297,6 +297,12 @@ def main(argv: list[str] | None = None):
         raise UsageError(str(error)) from error
     if eval_dataset is None:
         training_args.eval_strategy = "no"
+    if training_args.dataloader_drop_last and (eval_dataset is not None or predict_dataset is not None):
+        # The Trainer applies it to every DataLoader: questions of the last batch would go unanswered.
+        raise UsageError(
+            "--dataloader_drop_last also drops the last batch of evaluation and prediction, leaving its questions "
+            "unanswered; leave it out (with --cuda_graphs the last batch's shape is recorded once, not every epoch)"
+        )
 
     collator = VQACollator(
         model.config.num_labels,

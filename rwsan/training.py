@@ -357,6 +357,13 @@ def vqa_metrics(dataset, id2label: dict[int, str]):
 
     def compute_metrics(prediction) -> dict[str, float]:
         rows = [row_of_question[int(question_id)] for question_id in np.asarray(prediction.label_ids).reshape(-1)]
+        if len(set(rows)) != len(rows) or len(rows) != len(dataset):
+            # An accuracy over some of the questions would pass for the split's.
+            raise ValueError(
+                f"The evaluation answered {len(rows)} questions ({len(set(rows))} distinct) of the {len(dataset)} "
+                f"of {dataset!r}; every question must be answered once (a DataLoader with drop_last=True loses the "
+                "last batch)"
+            )
         answers = [id2label[int(index)] for index in np.asarray(prediction.predictions).reshape(-1)]
         return compute_vqa_accuracy(
             answers, [dataset.answers[row] for row in rows], [dataset.answer_types[row] for row in rows]

@@ -209,6 +209,7 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
         (["--train_split", "train+nosuch"], "Unknown split 'nosuch'"),
         (["--cuda_graphs"], "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of"),
         (["--cuda_graphs", "--pad_to_multiple_of", "4"], "--cuda_graphs needs a CUDA device; this run is on cpu"),
+        (["--dataloader_drop_last", "true"], "--dataloader_drop_last also drops the last batch of evaluation"),
     ],
 )
 def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, extra, message):
@@ -405,6 +406,28 @@ def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, pack_regions: 
         train_dataset=dataset,
         data_collator=VQACollator(config.num_labels, pad_to_multiple_of=2, pack_regions=pack_regions),
     )
+
+
+def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_vqa):
+    from transformers import EvalPrediction
+
+    from rwsan.data import load_vqa_dataset
+    from rwsan.training import vqa_metrics
+
+    dataset = load_vqa_dataset(tiny_prepared_vqa, "val")
+    compute_metrics = vqa_metrics(dataset, dataset.processor.id2label)
+    question_ids = dataset.question_ids[::-1].copy()  # any order
+    answers = np.zeros(len(question_ids), dtype=np.int64)
+    assert 0 <= compute_metrics(EvalPrediction(answers, question_ids))["accuracy"] <= 100
+    message = (
+        f"The evaluation answered {len(dataset) - 1} questions ({len(dataset) - 1} distinct) of the {len(dataset)}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compute_metrics(EvalPrediction(answers[1:], question_ids[1:]))
+    repeated = np.concatenate([question_ids[1:], question_ids[:1]])
+    repeated[-1] = question_ids[1]
+    with pytest.raises(ValueError, match=rf"answered {len(dataset)} questions \({len(dataset) - 1} distinct\)"):
+        compute_metrics(EvalPrediction(answers, repeated))
 
 
 def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_path):

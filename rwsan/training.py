@@ -194,13 +194,67 @@ class CUDAGraphRecorder:
         return graph.replay, outputs
 
 
-class GraphedForwardBackward:
+class CUDAGraphedFunction:
+    """`function(batch)` recorded as one CUDA graph per shape of the batch and replayed.
+
+    Calling this object with a batch (a dict of tensors) copies the batch into the inputs of its shape's graph
+    (recorded on first sight, after `warmup_passes` eager calls on a side stream, as capture requires), replays the
+    graph and returns what `function` returned when recorded: tensors the graph writes again at each replay, valid
+    until the next call. The warm-up calls restore the random generators, so that the recorded call draws what an
+    eager call would.
+    """
+
+    def __init__(
+        self,
+        function: Callable[[dict[str, torch.Tensor]], Any],
+        warmup_passes: int = 3,
+        recorder: CUDAGraphRecorder | None = None,
+    ):
+        self.function = function
+        self.warmup_passes = warmup_passes
+        self.recorder = recorder or CUDAGraphRecorder()
+        # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
+        self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
+        # By name: a batch whose dict lists the same tensors in another order replays the same graph.
+        key = tuple(sorted((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items()))
+        if key not in self.graphs:
+            self.graphs[key] = self.record(batch)
+        replay, inputs, outputs = self.graphs[key]
+        for name, tensor in batch.items():
+            inputs[name].copy_(tensor, non_blocking=True)
+        replay()
+        return outputs
+
+    def record(self, batch: dict[str, torch.Tensor]):
+        """Records `function` on tensors shaped like `batch`; returns (replay, its inputs, its outputs)."""
+        device = next(iter(batch.values())).device
+        self.recorder.check(device)
+        inputs = {name: tensor.clone() for name, tensor in batch.items()}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with self.recorder.side_stream(device):
+                for _ in range(self.warmup_passes):
+                    self.function(inputs)
+                    self.after_pass()
+        replay, outputs = self.recorder.capture(functools.partial(self.recorded_pass, inputs))
+        self.after_pass()
+        return replay, inputs, outputs
+
+    def recorded_pass(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """What the graph records: `function(inputs)`."""
+        return self.function(inputs)
+
+    def after_pass(self):
+        """Undoes what an eager call leaves behind and a replay would not: nothing, for a pure function."""
+
+
+class GraphedForwardBackward(CUDAGraphedFunction):
     """The forward and backward passes of a training step, recorded as one CUDA graph per shape of the batch and
     replayed.
 
-    `forward_backward(batch)` runs both passes and returns the detached loss. Calling this object with a batch copies
-    the batch into the inputs of its shape's graph (recorded on first sight, after `warmup_passes` eager passes on a
-    side stream, as capture requires), replays the graph, and points each parameter's `.grad` at the gradient the
+    `forward_backward(batch)` runs both passes and returns the detached loss. Calling this object with a batch
+    replays its shape's graph (see [`CUDAGraphedFunction`]) and points each parameter's `.grad` at the gradient the
     graph writes; the optimizer then steps eagerly as usual. The gradients must be None on every call (the
     `Trainer` clears them after each optimizer step): a recorded backward writes gradients rather than adding to
     them. The warm-up passes change no weight and, as the random generators are restored after them, no dropout
@@ -214,12 +268,8 @@ class GraphedForwardBackward:
         warmup_passes: int = 3,
         recorder: CUDAGraphRecorder | None = None,
     ):
-        self.forward_backward = forward_backward
+        super().__init__(forward_backward, warmup_passes, recorder)
         self.parameters = [parameter for parameter in parameters if parameter.requires_grad]
-        self.warmup_passes = warmup_passes
-        self.recorder = recorder or CUDAGraphRecorder()
-        # (replay, input tensors, loss, gradients) by the names, shapes and dtypes of the batch's tensors
-        self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], torch.Tensor, list]] = {}
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if any(parameter.grad is not None for parameter in self.parameters):
@@ -227,37 +277,16 @@ class GraphedForwardBackward:
                 "CUDA-graphed training steps need the gradients cleared (None) before each step; they write the "
                 "gradients rather than add to them, so gradient accumulation is not possible"
             )
-        # By name: a batch whose dict lists the same tensors in another order replays the same graph.
-        key = tuple(sorted((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items()))
-        if key not in self.graphs:
-            self.graphs[key] = self.record(batch)
-        replay, inputs, loss, gradients = self.graphs[key]
-        for name, tensor in batch.items():
-            inputs[name].copy_(tensor, non_blocking=True)
-        replay()
+        loss, gradients = super().__call__(batch)
         for parameter, gradient in zip(self.parameters, gradients):
             parameter.grad = gradient
         return loss
 
-    def record(self, batch: dict[str, torch.Tensor]):
-        """Records the passes on tensors shaped like `batch`; returns (replay, its inputs, its loss, its gradients)."""
-        device = next(iter(batch.values())).device
-        self.recorder.check(device)
-        inputs = {name: tensor.clone() for name, tensor in batch.items()}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            with self.recorder.side_stream(device):
-                for _ in range(self.warmup_passes):
-                    self.forward_backward(inputs)
-                    self._clear_gradients()
-        replay, (loss, gradients) = self.recorder.capture(functools.partial(self._passes, inputs))
-        self._clear_gradients()
-        return replay, inputs, loss, gradients
-
-    def _passes(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        loss = self.forward_backward(inputs)
+    def recorded_pass(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        loss = self.function(inputs)
         return loss, [parameter.grad for parameter in self.parameters]
 
-    def _clear_gradients(self):
+    def after_pass(self):
         for parameter in self.parameters:
             parameter.grad = None
 

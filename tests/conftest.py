@@ -156,11 +156,19 @@ def tiny_prepared_vqa(tmp_path_factory) -> Path:
     return root / "prepared"
 
 
+def _tensors(outputs) -> list[torch.Tensor]:
+    """The tensors of nested tuples and lists, in order; None entries left out."""
+    if isinstance(outputs, (tuple, list)):
+        return [tensor for output in outputs for tensor in _tensors(output)]
+    return [] if outputs is None else [outputs]
+
+
 class EmulatedCUDAGraphRecorder:
-    """`rwsan.training.CUDAGraphRecorder` emulated on the CPU: "capturing" runs the passes once to allocate their
-    outputs and leaves the random generator as it found it (a capture launches nothing); "replaying" runs them
-    again and writes the loss and the gradients into the recorded tensors, which is all a graph can do. Everything
-    else of `GraphedForwardBackward` (warm-up, generators, gradients handed over) runs as it does on a GPU."""
+    """`rwsan.training.CUDAGraphRecorder` emulated on the CPU: "capturing" runs the recorded call once to allocate
+    its outputs and leaves the random generator as it found it (a capture launches nothing); "replaying" runs it
+    again and writes its tensors into the recorded outputs, which is all a graph can do. Everything else of
+    `CUDAGraphedFunction` and `GraphedForwardBackward` (warm-up, generators, gradients handed over) runs as it does
+    on a GPU."""
 
     def check(self, device):
         pass
@@ -168,20 +176,19 @@ class EmulatedCUDAGraphRecorder:
     def side_stream(self, device):
         return contextlib.nullcontext()
 
-    def capture(self, passes):
+    def capture(self, recorded_call):
         with torch.random.fork_rng(devices=[]):
-            loss, gradients = passes()
+            outputs = recorded_call()
 
         def replay():
-            new_loss, new_gradients = passes()
-            loss.copy_(new_loss)
-            for gradient, new_gradient in zip(gradients, new_gradients):
-                gradient.copy_(new_gradient)
-            # A replay sets no `.grad` attribute: `GraphedForwardBackward` (the owner of the `passes` partial) must
-            # hand the recorded gradients over itself.
-            passes.func.__self__._clear_gradients()
+            new_outputs = recorded_call()
+            for output, new_output in zip(_tensors(outputs), _tensors(new_outputs)):
+                output.copy_(new_output)
+            # What the eager call left behind (a backward's `.grad` attributes) a replay would not leave: the
+            # owner of the recorded call (a `CUDAGraphedFunction`) undoes it.
+            recorded_call.func.__self__.after_pass()
 
-        return replay, (loss, gradients)
+        return replay, outputs
 
 
 @pytest.fixture

@@ -71,9 +71,9 @@ class VQATrainingArguments(TrainingArguments):
     cuda_graphs: bool = field(
         default=False,
         metadata={
-            "help": "Record the forward and backward passes of a training step as a CUDA graph, one per padded batch "
-            "shape (give --pad_to_multiple_of), and replay it: one launch a step instead of thousands. One GPU, "
-            "no --fp16, no accumulation."
+            "help": "Record the forward and backward passes of a training step (and the forward pass of evaluation) "
+            "as a CUDA graph, one per padded batch shape (give --pad_to_multiple_of), and replay it: one launch a "
+            "step instead of thousands. One GPU, no --fp16, no accumulation."
         },
     )
 
@@ -301,8 +301,9 @@ class VQATrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # --cuda_graphs: the model trained and its recorded passes
+        # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
         self.graphed_passes: tuple[torch.nn.Module, GraphedForwardBackward] | None = None
+        self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -374,10 +375,27 @@ class VQATrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         question_ids = inputs.pop("question_id")
+        if getattr(self.args, "cuda_graphs", False):
+            loss, logits = self._graphed_prediction(model, inputs)
+            return loss, None if prediction_loss_only else logits, question_ids
         # Only the logits leave the model: hidden states would be gathered over the whole split.
         ignore_keys = _OUTPUTS_BESIDE_LOGITS if ignore_keys is None else ignore_keys
         loss, predictions, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         return loss, predictions, question_ids
+
+    def _graphed_prediction(self, model, inputs) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The loss (None without labels) and logits of a batch, from its shape's recorded forward pass."""
+        if self.graphed_predictions is None or self.graphed_predictions[0] is not model:
+            self.graphed_predictions = (model, CUDAGraphedFunction(functools.partial(self._predict, model)))
+        loss, logits = self.graphed_predictions[1](self._prepare_inputs(inputs))
+        # The graph writes its outputs again at its next replay; the evaluation loop may keep them longer.
+        return None if loss is None else loss.clone(), logits.clone()
+
+    def _predict(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`Trainer.prediction_step`'s forward pass, for one process."""
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        return None if outputs.loss is None else outputs.loss.mean(), outputs.logits
 
 
 def vqa_metrics(dataset, id2label: dict[int, str]):

@@ -477,6 +477,7 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
     assert len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
     assert len(graphed.graphed_passes[1].graphs) >= 2, "the batches should come in several padded shapes"
+    assert_same_predictions(graphed, eager, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -484,6 +485,22 @@ def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp
     graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, dropout=0.0)
     assert len(graphed.graphed_passes[1].graphs) >= 2
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-5, rtol=1e-4)
+    assert_same_predictions(graphed, eager, rtol=1e-4, atol=1e-5)
+
+
+def assert_same_predictions(graphed, eager, **tolerance):
+    """--cuda_graphs replays recorded forward passes in prediction, with the loss and logits of the eager forward;
+    the logits of each batch outlive the next replay of its graph (the loop keeps every batch's own tensors)."""
+    for trainer in (graphed, eager):
+        trainer.args.per_device_eval_batch_size = 16
+        trainer.args.eval_do_concat_batches = False
+    predictions = [trainer.predict(trainer.train_dataset) for trainer in (graphed, eager)]
+    assert 2 <= len(graphed.graphed_predictions[1].graphs) < len(predictions[0].predictions)
+    for graphed_logits, eager_logits in zip(*(prediction.predictions for prediction in predictions), strict=True):
+        np.testing.assert_allclose(graphed_logits, eager_logits, **tolerance)
+    for graphed_ids, eager_ids in zip(*(prediction.label_ids for prediction in predictions), strict=True):
+        np.testing.assert_array_equal(graphed_ids, eager_ids)
+    np.testing.assert_allclose(predictions[0].metrics["test_loss"], predictions[1].metrics["test_loss"], **tolerance)
 
 
 def test_trainer_takes_plain_training_arguments_and_model_init(tmp_path):

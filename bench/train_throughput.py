@@ -35,6 +35,9 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   trainer               the same with its fastest options on CUDA: --compile_blocks --cuda_graphs
                         --group_by_regions --pack_regions; on a CPU with none of these.
   trainer_in_process    the same loading in the main process (--dataloader_num_workers 0).
+  evaluate              VQATrainer.evaluate as train_vqa.py runs it after each epoch (bf16, the answer of each
+                        question kept) over --eval_questions questions, eager.
+  evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -64,7 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -77,7 +80,7 @@ from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, 
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features  # noqa: E402
-from rwsan.training import GraphedForwardBackward, VQATrainer, VQATrainingArguments  # noqa: E402
+from rwsan.training import GraphedForwardBackward, VQATrainer, VQATrainingArguments, answer_indices  # noqa: E402
 
 PAPER_BATCH_SIZE = 64
 ADAM_ARGUMENTS = {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-9}
@@ -124,6 +127,8 @@ ROWS = (
     "trainer_graphs",
     "trainer",
     "trainer_in_process",
+    "evaluate",
+    "evaluate_graphs",
 )
 # The fastest path (compiled blocks inside CUDA-graphed passes) runs early, for the rows that reuse it and for its
 # compilation to be cached for the Trainer's; the other compiling rows come last: each can take minutes.
@@ -141,6 +146,8 @@ RUN_ORDER = (
     "trainer_graphs",
     "trainer",
     "trainer_in_process",
+    "evaluate",
+    "evaluate_graphs",
     "compiled_blocks",
     "cuda_graphs",
     "compiled",
@@ -211,7 +218,8 @@ def compiles(key: str) -> bool:
 
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
-TRAINER_ROWS = ("trainer_graphs", "trainer", "trainer_in_process")
+TRAINER_ROWS = ("trainer_graphs", "trainer", "trainer_in_process", "evaluate", "evaluate_graphs")
+CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "evaluate_graphs")
 # The rows reusing the fast path; it is kept only while one of them is still to run.
 FAST_PATH_REUSERS = ("grouped", "loader_training")
 
@@ -571,7 +579,7 @@ class Benchmark:
 
     def skip_reason(self, key: str) -> str | None:
         variant = VARIANTS.get(key)
-        needs_cuda = key == "trainer_graphs" or (variant is not None and variant.needs_cuda)
+        needs_cuda = key in CUDA_ONLY_TRAINER_ROWS or (variant is not None and variant.needs_cuda)
         if needs_cuda and self.device.type != "cuda":
             return "skipped: CUDA graphs need a CUDA device"
         if compiles(key) and self.device.type == "cpu" and not self.args.compile_on_cpu:
@@ -791,24 +799,14 @@ class Benchmark:
         if group_by_regions:
             # Batches come sorted by regions within mega-batches: one whole mega-batch meets every padded shape.
             warmup_steps = max(warmup_steps, TRAINER_MEGA_BATCHES)
-        training_args = VQATrainingArguments(
-            output_dir=str(Path(self.work_dir.name) / key),
-            per_device_train_batch_size=self.args.batch_size,
+        training_args = self.trainer_arguments(
+            key,
+            workers,
             max_steps=warmup_steps + self.args.trainer_steps,
-            bf16=bf16_supported(self.device),
             compile_blocks=compile_blocks,
             cuda_graphs=cuda_graphs,
             group_by_regions=group_by_regions,
-            optim="adamw_torch_fused",
-            dataloader_num_workers=workers,
-            dataloader_pin_memory=cuda,
-            dataloader_persistent_workers=workers > 0,
             dataloader_drop_last=True,
-            eval_strategy="no",
-            save_strategy="no",
-            disable_tqdm=True,
-            use_cpu=not cuda,
-            seed=0,
         )
         timer = SteadyStateTimer(warmup_steps, self.synchronize)
         trainer = VQATrainer(
@@ -839,6 +837,68 @@ class Benchmark:
         del trainer
         self.release_compiled_state()
         return row
+
+    def measure_evaluate(self) -> Row:
+        return self.measure_evaluation("evaluate", cuda_graphs=False)
+
+    def measure_evaluate_graphs(self) -> Row:
+        return self.measure_evaluation("evaluate_graphs", cuda_graphs=True)
+
+    def measure_evaluation(self, key: str, cuda_graphs: bool) -> Row:
+        """Two `VQATrainer.evaluate` passes over the first --eval_questions questions, the second timed (the first
+        records the graphs); packed regions with --cuda_graphs."""
+        dataset = self.dataset()
+        questions = Subset(dataset, range(min(len(dataset), self.args.eval_questions)))
+        arguments = self.trainer_arguments(key, self.args.num_workers, cuda_graphs=cuda_graphs)
+        trainer = VQATrainer(
+            model=self.build_model("sdpa"),
+            args=arguments,
+            eval_dataset=questions,
+            data_collator=self.collator(bucketed=True, packed=cuda_graphs),
+            # The answers are kept and moved to the host, as for the metric, which itself is left out.
+            compute_metrics=lambda prediction: {},
+            preprocess_logits_for_metrics=answer_indices,
+        )
+        start = time.perf_counter()
+        trainer.evaluate()
+        warmup_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        trainer.evaluate()
+        self.synchronize()
+        elapsed = time.perf_counter() - start
+        options = ["bf16"] + ["--cuda_graphs"] * cuda_graphs
+        row = Row(
+            key,
+            f"VQATrainer.evaluate ({', '.join(options)}, batch {arguments.per_device_eval_batch_size}, "
+            f"{self.args.num_workers} workers)",
+            "",
+            samples_per_second=len(questions) / elapsed,
+            warmup_seconds=warmup_seconds,
+            timed_steps=-(-len(questions) // arguments.per_device_eval_batch_size),
+            note=f"{len(questions)} questions",
+        )
+        del trainer
+        self.release_compiled_state()
+        return row
+
+    def trainer_arguments(self, key: str, workers: int, **options) -> VQATrainingArguments:
+        """The fast-path arguments of train_vqa.py (bf16, fused AdamW, pinned memory on CUDA) and `options`."""
+        cuda = self.device.type == "cuda"
+        return VQATrainingArguments(
+            output_dir=str(Path(self.work_dir.name) / key),
+            per_device_train_batch_size=self.args.batch_size,
+            bf16=bf16_supported(self.device),
+            optim="adamw_torch_fused",
+            dataloader_num_workers=workers,
+            dataloader_pin_memory=cuda,
+            dataloader_persistent_workers=workers > 0,
+            eval_strategy="no",
+            save_strategy="no",
+            disable_tqdm=True,
+            use_cpu=not cuda,
+            seed=0,
+            **options,
+        )
 
 
 def pool_rounds(pool: list[dict[str, torch.Tensor]]) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
@@ -931,6 +991,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, help="Images of the generated set (default 600; 100 with --quick).")
     parser.add_argument("--loader_batches", type=int, help="Batches timed for the DataLoader (default 300; 10 quick).")
     parser.add_argument("--trainer_steps", type=int, help="Timed Trainer steps (default 200; 3 with --quick).")
+    parser.add_argument(
+        "--eval_questions", type=int, help="Questions of the evaluation rows (default 12,800; 256 with --quick)."
+    )
     parser.add_argument("--compile_on_cpu", action="store_true", help="Also run the compiled row on a CPU.")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's).")
     args = parser.parse_args(argv)
@@ -945,6 +1008,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "num_images": 100 if quick else 600,
         "loader_batches": 10 if quick else 300,
         "trainer_steps": 3 if quick else 200,
+        "eval_questions": 256 if quick else 12_800,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -960,6 +1024,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "num_images",
         "loader_batches",
         "trainer_steps",
+        "eval_questions",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")

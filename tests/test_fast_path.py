@@ -260,12 +260,12 @@ def test_bucket_shapes_are_those_the_collator_pads_to():
 
 
 def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
-    rows = (
-        "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer,trainer_in_process"
-    )
+    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer"
+    rows += ",trainer_in_process,evaluate"
     # One round of the four pool batches per row, so that the rows time the same samples.
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
-    bench.main(["--tiny", *sizes, "--trainer_steps", "1", "--rows", rows, "--json", str(tmp_path / "results.json")])
+    sizes += ["--trainer_steps", "1", "--eval_questions", "40"]
+    bench.main(["--tiny", *sizes, "--rows", rows, "--json", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
     assert list(measured) == rows.split(",")

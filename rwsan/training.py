@@ -156,7 +156,7 @@ class RegionGroupedSampler(LengthGroupedSampler):
 
 
 class CUDAGraphRecorder:
-    """Where `GraphedForwardBackward` records: one side stream and one memory pool for all its graphs on a CUDA
+    """Where a `CUDAGraphedFunction` records: one side stream and one memory pool for all its graphs on a CUDA
     device. Sharing the pool is safe because replays never overlap and each graph's outputs are used before the
     next replay of any graph."""
 

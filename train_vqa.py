@@ -34,7 +34,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from rwsan import RWSANConfig, RWSANForVQA, save_for_pipeline
-from rwsan.data import VQACollator, load_vqa_dataset
+from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
 from rwsan.predict import write_predictions
 from rwsan.processing_rwsan import load_glove_embeddings
@@ -250,8 +250,9 @@ def show_sample_answers(model, dataset, collator, count=5):
     batch = collator(dataset.__getitems__(rows))
     batch.pop("question_id")
     batch.pop("labels", None)
+    batch = unpack_image_features({key: value.to(model.device) for key, value in batch.items()})
     with torch.no_grad():
-        logits = model(**{key: value.to(model.device) for key, value in batch.items()}).logits
+        logits = model(**batch).logits
     answers = dataset.processor.post_process(logits, top_k=1)
     for row, best in zip(rows, answers):
         truth = Counter(dataset.answers[row]).most_common(1)[0][0]
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None):
         )
     if training_args.cuda_graphs and training_args.device.type != "cuda":
         raise UsageError(f"--cuda_graphs needs a CUDA device; this run is on {training_args.device}")
+    accelerator = training_args.accelerator_config
+    if data_args.pack_regions and (accelerator.split_batches or accelerator.dispatch_batches):
+        raise UsageError(
+            "--pack_regions does not work with split_batches or dispatch_batches in --accelerator_config: the "
+            "packed regions of a batch cannot be cut between processes by sample"
+        )
     set_seed(training_args.seed)
     # Adam's moments of rarely-used embedding rows decay into subnormal floats, which make CPU arithmetic up to a
     # hundred times slower; flushing them to zero changes no result that matters (GPUs flush them anyway).

@@ -57,11 +57,11 @@ def test_schedule_equals_the_original_at_every_step():
 TRAINING_ENVIRONMENT = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_training(*arguments, timeout=600, check=True, environment=None, **kwargs):
+def run_training(*arguments, timeout=600, check=True, environment=None, cwd=REPO_ROOT, **kwargs):
     command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *arguments]
     environment = {**TRAINING_ENVIRONMENT, **(environment or {})}
     result = subprocess.run(
-        command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=timeout, **kwargs
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout, **kwargs
     )
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -218,6 +218,27 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_toy_run_ends_with_sample_answers_from_packed_regions(tmp_path):
+    """The built-in toy run (its set made in ./.cache, here under tmp_path) with --pack_regions, to the end."""
+    toy = ["--toy_num_images", "60", "--toy_questions_per_image", "4", "--max_steps", "2"]
+    result = run_training(*toy, "--pack_regions", "true", "--output_dir", "run", "--use_cpu", cwd=tmp_path)
+    answers = result.stdout.split("Sample answers:\n")[1].splitlines()
+    assert len(answers) == 5 and all(
+        re.match(r"  Q: .+\?  ->  .+ \(\d\.\d\d\); annotators: ", line) for line in answers
+    )
+
+
+def test_packed_regions_are_refused_where_accelerate_would_cut_batches(tiny_prepared_vqa, tmp_path):
+    config = tmp_path / "accelerator.json"
+    config.write_text(json.dumps({"split_batches": True}))
+    arguments = ["--pack_regions", "true", "--accelerator_config", str(config)]
+    result = run_training(*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *arguments, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        "--pack_regions does not work with split_batches or dispatch_batches in --accelerator_config" in result.stderr
+    )
 
 
 def test_model_that_does_not_fit_the_data_is_refused(tiny_prepared_vqa, tmp_path):

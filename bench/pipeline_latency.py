@@ -43,9 +43,7 @@ def p50_milliseconds(times: list[float]) -> float:
 
 def measure(vqa: RWSANVQAPipeline, num_regions: int, warmup: int, repeats: int) -> dict:
     model, processor = vqa.model, vqa.processor
-    features = np.random.default_rng(0).random(
-        (num_regions, model.config.image_feature_size), dtype=np.float32
-    )
+    features = np.random.default_rng(0).random((num_regions, model.config.image_feature_size), dtype=np.float32)
     item = {"question": QUESTION, "image_features": features}
     model_inputs = processor(text=[QUESTION], image_features=[features]).to(model.device)
 

@@ -118,7 +118,7 @@ def print_profile(step: TrainingStep, batch: dict[str, torch.Tensor], wall_secon
         by_name[name].append(microseconds)
     total = sum(sum(times) for times in by_name.values()) / PROFILED_STEPS
     count = sum(len(times) for times in by_name.values()) / PROFILED_STEPS
-    what = "kernels" if device.type == "cuda" else "operators"
+    what = "kernels and copies" if device.type == "cuda" else "operators"
     print(
         f"\n{step.variant.title}, batch {len(batch['input_ids'])}: wall {wall_seconds * 1e3:.2f} ms a step; "
         f"{count:.0f} {what} a step, {total / 1e3:.2f} ms of their time ({total / 1e6 / wall_seconds:.0%} of the wall)"
@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None):
         "--compile_blocks", action="store_true", help="Compile the shared blocks (minutes, once per batch size)."
     )
     args = parser.parse_args(argv)
-    device_name = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = torch.device("cpu" if device_name == "auto" else device_name)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     config = RWSANConfig(**TINY_SIZES) if args.tiny else RWSANConfig()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 

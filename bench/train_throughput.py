@@ -36,7 +36,7 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
                         --group_by_regions --pack_regions; on a CPU with none of these.
   trainer_in_process    the same loading in the main process (--dataloader_num_workers 0).
   evaluate              VQATrainer.evaluate as train_vqa.py runs it after each epoch (bf16, the answer of each
-                        question kept) over --eval_questions questions, eager.
+                        question kept; packed regions on CUDA) over --eval_questions questions, eager.
   evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
@@ -846,7 +846,7 @@ class Benchmark:
 
     def measure_evaluation(self, key: str, cuda_graphs: bool) -> Row:
         """Two `VQATrainer.evaluate` passes over the first --eval_questions questions, the second timed (the first
-        records the graphs); packed regions with --cuda_graphs."""
+        records the graphs); packed regions on CUDA, with or without graphs."""
         dataset = self.dataset()
         questions = Subset(dataset, range(min(len(dataset), self.args.eval_questions)))
         arguments = self.trainer_arguments(key, self.args.num_workers, cuda_graphs=cuda_graphs)
@@ -854,7 +854,7 @@ class Benchmark:
             model=self.build_model("sdpa"),
             args=arguments,
             eval_dataset=questions,
-            data_collator=self.collator(bucketed=True, packed=cuda_graphs),
+            data_collator=self.collator(bucketed=True, packed=self.device.type == "cuda"),
             # The answers are kept and moved to the host, as for the metric, which itself is left out.
             compute_metrics=lambda prediction: {},
             preprocess_logits_for_metrics=answer_indices,
@@ -866,7 +866,7 @@ class Benchmark:
         trainer.evaluate()
         self.synchronize()
         elapsed = time.perf_counter() - start
-        options = ["bf16"] + ["--cuda_graphs"] * cuda_graphs
+        options = ["bf16"] + ["--pack_regions"] * (self.device.type == "cuda") + ["--cuda_graphs"] * cuda_graphs
         row = Row(
             key,
             f"VQATrainer.evaluate ({', '.join(options)}, batch {arguments.per_device_eval_batch_size}, "

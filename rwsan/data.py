@@ -324,7 +324,9 @@ class VQACollator:
             "image_attention_mask": torch.from_numpy(_real_positions(region_counts, region_length)),
         }
         if self.pack_regions:
-            batch["image_features"] = torch.from_numpy(np.concatenate(region_features))
+            # In the first item's dtype, as the padded batch (items of other dtypes are cast, not promoted).
+            packed = np.concatenate(region_features, dtype=region_features[0].dtype, casting="unsafe")
+            batch["image_features"] = torch.from_numpy(packed)
             batch["image_feature_positions"] = torch.from_numpy(_padded_positions(region_counts, region_length))
         else:
             padded_features = np.zeros((len(items), region_length, feature_sizes.pop()), dtype=region_features[0].dtype)
@@ -362,10 +364,8 @@ def _real_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
 
 def _padded_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
     """For sequences of `lengths` laid one after another, the index of each element in `(len(lengths),
-    padded_length)` flattened."""
-    starts = np.cumsum(lengths) - lengths
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    return rows * padded_length + np.arange(lengths.sum()) - np.repeat(starts, lengths)
+    padded_length)` flattened: the real positions of the padded layout, in row-major order."""
+    return np.flatnonzero(_real_positions(lengths, padded_length))
 
 
 def unpack_image_features(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ The original trains with Adam (0.9, 0.98, eps 1e-9), base rate 1e-4, no weight d
 rate is 1/4, 2/4, 3/4 of the base during the first three epochs, then the base, multiplied by 0.2 after 12 and again
 after 14 completed epochs, for 16 epochs. Everything else (mixed precision, accumulation, several processes or
 machines, checkpoints) is the `Trainer`'s, through `accelerate`. Two speed-ups of its own: `--compile_blocks`
-(regional compilation of the weight-shared blocks) and `--cuda_graphs` (`GraphedForwardBackward`).
+(regional compilation of the weight-shared blocks) and `--cuda_graphs` (`GraphedForwardBackward` for the training
+steps, `CUDAGraphedFunction` for the forward passes of evaluation and prediction).
 """
 
 import contextlib
@@ -358,12 +359,11 @@ class VQATrainer(Trainer):
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
         # The Trainer's estimate (6 x question tokens x parameters) leaves out the image regions, most of the work.
-        if not hasattr(self.model, "training_flops"):
+        # The mask gives the padded region count of padded and packed batches alike.
+        if not hasattr(self.model, "training_flops") or "image_attention_mask" not in inputs:
             return super().floating_point_ops(inputs)
         batch_size, question_length = inputs["input_ids"].shape
-        # The mask has the padded region count in packed batches too; a batch may come without it.
-        regions = inputs["image_attention_mask"] if "image_attention_mask" in inputs else inputs["image_features"]
-        return self.model.training_flops(batch_size, question_length, regions.shape[1])
+        return self.model.training_flops(batch_size, question_length, inputs["image_attention_mask"].shape[1])
 
     def _prepare_inputs(self, inputs):
         # Batches of `VQACollator(pack_regions=True)` are padded once on the device.
@@ -408,8 +408,8 @@ def vqa_metrics(dataset, id2label: dict[int, str]):
             # An accuracy over some of the questions would pass for the split's.
             raise ValueError(
                 f"The evaluation answered {len(rows)} questions ({len(set(rows))} distinct) of the {len(dataset)} "
-                f"of {dataset!r}; every question must be answered once (a DataLoader with drop_last=True loses the "
-                "last batch)"
+                f"of {dataset!r}; every question must be answered exactly once (a DataLoader with drop_last=True "
+                "loses the last batch; joined splits must not share question ids)"
             )
         answers = [id2label[int(index)] for index in np.asarray(prediction.predictions).reshape(-1)]
         return compute_vqa_accuracy(

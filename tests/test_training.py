@@ -390,7 +390,9 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
 
 
-def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, pack_regions: bool = False, **arguments):
+def tiny_trainer(
+    dataset_dir: Path, output: Path, dropout: float, pack_regions: bool = False, pad_to_multiple_of=2, **arguments
+):
     """A VQATrainer in this process: the tiny model, 6 steps of 8 questions of the tiny toy set, padded to
     multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`."""
     from rwsan import RWSANConfig, RWSANForVQA
@@ -425,7 +427,7 @@ def tiny_trainer(dataset_dir: Path, output: Path, dropout: float, pack_regions: 
         model=RWSANForVQA(config),
         args=training_args,
         train_dataset=dataset,
-        data_collator=VQACollator(config.num_labels, pad_to_multiple_of=2, pack_regions=pack_regions),
+        data_collator=VQACollator(config.num_labels, pad_to_multiple_of=pad_to_multiple_of, pack_regions=pack_regions),
     )
 
 
@@ -452,15 +454,18 @@ def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_
 
 
 def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_path):
-    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, use_cpu=True)
+    # Padding rounded up past the longest question and image: every batch is padded to (16 words, 100 regions).
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, pad_to_multiple_of=1000, use_cpu=True)
     items = [trainer.train_dataset[index] for index in range(8)]
     padded = trainer.data_collator(items)
-    packed = VQACollator(trainer.model.config.num_labels, pad_to_multiple_of=2, pack_regions=True)(items)
-    batch_size, tokens = padded["input_ids"].shape
-    expected = trainer.model.training_flops(batch_size, tokens, padded["image_features"].shape[1])
-    assert trainer.floating_point_ops(padded) == trainer.floating_point_ops(packed) == expected
+    assert padded["input_ids"].shape == (8, 16) and padded["image_features"].shape[1] == 100
+    step_flops = trainer.model.training_flops(8, 16, 100)
+    packed = VQACollator(trainer.model.config.num_labels, pad_to_multiple_of=1000, pack_regions=True)(items)
+    assert trainer.floating_point_ops(padded) == trainer.floating_point_ops(packed) == step_flops
+    trainer.train()
+    assert trainer.state.total_flos == 6 * step_flops
     # The Trainer's own estimate counts only the question tokens: less than half (a sixteenth at the paper's sizes).
-    assert trainer.floating_point_ops(padded) > 2 * Trainer.floating_point_ops(trainer, padded)
+    assert step_flops > 2 * Trainer.floating_point_ops(trainer, padded)
 
 
 def test_packed_regions_train_and_predict_like_padded_batches(tiny_prepared_vqa, tmp_path):

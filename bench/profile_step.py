@@ -35,11 +35,13 @@ from bench.train_throughput import (  # noqa: E402
     TINY_SIZES,
     TrainingStep,
     Variant,
+    build_model,
     model_inputs,
     resized_batch,
+    synchronize,
     synthetic_items,
 )
-from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
+from rwsan import RWSANConfig  # noqa: E402
 from rwsan.data import VQACollator  # noqa: E402
 
 PROFILED_STEPS = 3
@@ -49,9 +51,6 @@ TABLE_ROWS = 30
 def build_step(
     config: RWSANConfig, attn_implementation: str, device: torch.device, compile_blocks: bool
 ) -> TrainingStep:
-    torch.manual_seed(0)
-    model = RWSANForVQA(config)
-    model.set_attn_implementation(attn_implementation)
     graphed = device.type == "cuda"
     title = f"bf16 + {attn_implementation} attention"
     title += " + compiled blocks" * compile_blocks + " + CUDA-graphed passes" * graphed
@@ -64,7 +63,7 @@ def build_step(
         compile_mode="default" if compile_blocks else None,
         compile_scope="blocks",
     )
-    return TrainingStep(model.to(device).train(), variant, device)
+    return TrainingStep(build_model(config, attn_implementation, device), variant, device)
 
 
 def full_batch(config: RWSANConfig, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -72,11 +71,6 @@ def full_batch(config: RWSANConfig, batch_size: int, device: torch.device) -> di
     items = synthetic_items(config, batch_size, np.random.default_rng(0))
     collator = VQACollator(config.num_labels, max_regions=MAX_REGIONS, max_question_length=config.max_question_length)
     return model_inputs(resized_batch(collator(items), config.max_question_length, MAX_REGIONS), device)
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds_per_step(step: TrainingStep, batch: dict[str, torch.Tensor], steps: int) -> float:

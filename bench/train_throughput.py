@@ -318,6 +318,11 @@ def resized_batch(batch: dict[str, torch.Tensor], question_length: int, num_regi
     }
 
 
+def padded_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(question length, regions) the batch is padded to; the mask has the regions of packed batches too."""
+    return batch["input_ids"].shape[1], batch["image_attention_mask"].shape[1]
+
+
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch without `question_id`, on the device (asynchronously from pinned memory)."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "question_id"}
@@ -355,6 +360,20 @@ def write_raw_vqa(root: Path, config: RWSANConfig, num_images: int, seed: int = 
 
 
 # ----------------------------------------------------------------------------------------------- measurement
+
+
+def build_model(config: RWSANConfig, attn_implementation: str, device: torch.device) -> RWSANForVQA:
+    """The model of every row: the same initial weights (seed 0), in training mode on `device`."""
+    torch.manual_seed(0)
+    model = RWSANForVQA(config)
+    model.set_attn_implementation(attn_implementation)
+    return model.to(device).train()
+
+
+def synchronize(device: torch.device):
+    """Waits for the device's queued work (timings end here)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class TrainingStep:
@@ -507,10 +526,7 @@ class Benchmark:
         return RWSANConfig(**TINY_SIZES) if self.args.tiny else RWSANConfig()
 
     def build_model(self, attn_implementation: str) -> RWSANForVQA:
-        torch.manual_seed(0)
-        model = RWSANForVQA(self.model_config())
-        model.set_attn_implementation(attn_implementation)
-        return model.to(self.device).train()
+        return build_model(self.model_config(), attn_implementation, self.device)
 
     def collator(self, bucketed: bool, packed: bool = False) -> VQACollator:
         return VQACollator(
@@ -526,8 +542,7 @@ class Benchmark:
         return [model_inputs(batch, self.device) for batch in batches]
 
     def synchronize(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     # -- running rows
 
@@ -649,7 +664,7 @@ class Benchmark:
         start = time.perf_counter()
         for _ in range(num_steps):
             batch = next(timed_stream)
-            shapes.append(tuple(batch["input_ids"].shape[1:]) + tuple(batch["image_attention_mask"].shape[1:]))
+            shapes.append(padded_shape(batch))
             loss = step(batch)
         self.synchronize()
         elapsed = time.perf_counter() - start
@@ -745,7 +760,7 @@ class Benchmark:
         start = time.perf_counter()
         for _ in range(num_batches):
             batch = next(batches)
-            shapes.append(tuple(batch["input_ids"].shape[1:]) + tuple(batch["image_attention_mask"].shape[1:]))
+            shapes.append(padded_shape(batch))
         elapsed = time.perf_counter() - start
         what = "packed regions" if packed else f"pad_to_multiple_of {self.args.pad_to_multiple_of}"
         title = f"DataLoader alone ({workers} workers, {what})"

@@ -318,16 +318,18 @@ class VQACollator:
         for row, item in enumerate(items):
             input_ids[row, : len(item["input_ids"])] = item["input_ids"]
         region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
+        image_attention_mask = _real_positions(region_counts, region_length)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(_real_positions(question_lengths, input_ids.shape[1])),
-            "image_attention_mask": torch.from_numpy(_real_positions(region_counts, region_length)),
+            "image_attention_mask": torch.from_numpy(image_attention_mask),
         }
         if self.pack_regions:
             # In the first item's dtype, as the padded batch (items of other dtypes are cast, not promoted).
             packed = np.concatenate(region_features, dtype=region_features[0].dtype, casting="unsafe")
             batch["image_features"] = torch.from_numpy(packed)
-            batch["image_feature_positions"] = torch.from_numpy(_padded_positions(region_counts, region_length))
+            # The real positions of the flattened mask, in row-major order: where each packed region goes.
+            batch["image_feature_positions"] = torch.from_numpy(np.flatnonzero(image_attention_mask))
         else:
             padded_features = np.zeros((len(items), region_length, feature_sizes.pop()), dtype=region_features[0].dtype)
             for row, features in enumerate(region_features):
@@ -360,12 +362,6 @@ class VQACollator:
 
 def _real_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
     return (np.arange(padded_length) < lengths[:, None]).astype(np.int64)
-
-
-def _padded_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
-    """For sequences of `lengths` laid one after another, the index of each element in `(len(lengths),
-    padded_length)` flattened: the real positions of the padded layout, in row-major order."""
-    return np.flatnonzero(_real_positions(lengths, padded_length))
 
 
 def unpack_image_features(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -470,26 +470,27 @@ def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_p
 
 def test_packed_regions_train_and_predict_like_padded_batches(tiny_prepared_vqa, tmp_path):
     """The Trainer pads packed batches on the device, in training and in prediction, to the same numbers."""
-    trainers = []
-    for pack in (True, False):
-        # Each trains before the next is built: building a Trainer seeds the random generators.
-        trainers.append(tiny_trainer(tiny_prepared_vqa, tmp_path / str(pack), 0.1, pack_regions=pack, use_cpu=True))
-        trainers[-1].train()
-    packed, padded = trainers
-    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (packed, padded)]
+    packed, padded = train_with_and_without("pack_regions", tiny_prepared_vqa, tmp_path, dropout=0.1, use_cpu=True)
+    losses = [training_losses(trainer) for trainer in (packed, padded)]
     assert len(losses[1]) == 6 and losses[0] == losses[1]
     torch.testing.assert_close(packed.model.state_dict(), padded.model.state_dict(), atol=0, rtol=0)
     predictions = [trainer.predict(trainer.train_dataset).predictions for trainer in (packed, padded)]
     np.testing.assert_array_equal(predictions[0], predictions[1])
 
 
-def train_with_and_without_cuda_graphs(dataset_dir: Path, output: Path, dropout: float, **arguments):
+def train_with_and_without(option: str, dataset_dir: Path, output: Path, dropout: float, **arguments):
+    """Two `tiny_trainer`s trained, with `option` True then False. Each trains before the next is built: building a
+    Trainer seeds the random generators."""
     trainers = []
-    for cuda_graphs in (True, False):
-        trainer = tiny_trainer(dataset_dir, output / str(cuda_graphs), dropout, cuda_graphs=cuda_graphs, **arguments)
+    for given in (True, False):
+        trainer = tiny_trainer(dataset_dir, output / f"{option}-{given}", dropout, **{option: given}, **arguments)
         trainer.train()
         trainers.append(trainer)
     return trainers
+
+
+def training_losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
@@ -498,8 +499,8 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
     """The Trainer side of --cuda_graphs (each batch into its shape's graph, the gradients handed to the eager
     optimizer, cleared after each step, the warm-up passes leaving the dropout masks alone) on the CPU, with the
     graph recording emulated."""
-    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, dropout=0.1, use_cpu=True)
-    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry] for trainer in (graphed, eager)]
+    graphed, eager = train_with_and_without("cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.1, use_cpu=True)
+    losses = [training_losses(trainer) for trainer in (graphed, eager)]
     assert len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
     assert len(graphed.graphed_passes[1].graphs) >= 2, "the batches should come in several padded shapes"
@@ -508,7 +509,7 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path):
-    graphed, eager = train_with_and_without_cuda_graphs(tiny_prepared_vqa, tmp_path, dropout=0.0)
+    graphed, eager = train_with_and_without("cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.0)
     assert len(graphed.graphed_passes[1].graphs) >= 2
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-5, rtol=1e-4)
     assert_same_predictions(graphed, eager, rtol=1e-4, atol=1e-5)

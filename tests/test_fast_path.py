@@ -183,27 +183,28 @@ def train_on(batches, graphed_passes: bool, device: str, autocast_dtype=None, co
     return torch.tensor(losses), {name: value.detach().clone() for name, value in model.state_dict().items()}, graphs
 
 
-def test_graphed_passes_step_like_eager_steps_with_recording_emulated(items, emulated_cuda_graphs):
+def assert_graphed_steps_like_eager_steps(items, device: str, tolerance, autocast_dtype=None, compile_blocks=None):
+    """Three batches of two shapes trained with graphed passes (two graphs) and eagerly: same losses and weights.
+    `compile_blocks` (keyword arguments of `compile_blocks`) compiles the graphed model's blocks."""
     batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
-    graphed_losses, graphed_weights, graphs = train_on(batches, graphed_passes=True, device="cpu")
-    eager_losses, eager_weights, _ = train_on(batches, graphed_passes=False, device="cpu")
+    graphed_losses, graphed_weights, graphs = train_on(batches, True, device, autocast_dtype, compile_blocks)
+    eager_losses, eager_weights, _ = train_on(batches, False, device, autocast_dtype)
     assert graphs == 2
-    torch.testing.assert_close(graphed_losses, eager_losses, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(graphed_weights, eager_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(graphed_losses, eager_losses, **tolerance)
+    torch.testing.assert_close(graphed_weights, eager_weights, **tolerance)
+
+
+def test_graphed_passes_step_like_eager_steps_with_recording_emulated(items, emulated_cuda_graphs):
+    assert_graphed_steps_like_eager_steps(items, "cpu", {"atol": 1e-6, "rtol": 1e-5})
 
 
 def test_compiled_blocks_in_graphed_passes_step_like_eager_steps_with_recording_emulated(items, emulated_cuda_graphs):
     """--compile_blocks with --cuda_graphs: the compiled blocks run in the warm-up and recorded passes."""
     torch._dynamo.reset()
-    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
     graphs_before = counters["stats"]["unique_graphs"]
     compiled = {"backend": "eager", "dynamic": True}
-    graphed_losses, graphed_weights, graphs = train_on(batches, True, "cpu", compile_blocks=compiled)
+    assert_graphed_steps_like_eager_steps(items, "cpu", {"atol": 1e-6, "rtol": 1e-5}, compile_blocks=compiled)
     assert counters["stats"]["unique_graphs"] - graphs_before == 2, "the blocks were not compiled, or compiled again"
-    eager_losses, eager_weights, _ = train_on(batches, graphed_passes=False, device="cpu")
-    assert graphs == 2
-    torch.testing.assert_close(graphed_losses, eager_losses, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(graphed_weights, eager_weights, atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
 
 
@@ -211,13 +212,8 @@ def test_compiled_blocks_in_graphed_passes_step_like_eager_steps_with_recording_
 def test_inductor_blocks_in_graphed_passes_step_like_eager_steps_on_cuda(items):
     """The recording of inductor's kernels (the fastest path): same losses and weights as eager steps."""
     torch._dynamo.reset()
-    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
     compiled = {"dynamic": True}
-    graphed_losses, graphed_weights, graphs = train_on(batches, True, "cuda", torch.bfloat16, compile_blocks=compiled)
-    eager_losses, eager_weights, _ = train_on(batches, False, "cuda", torch.bfloat16)
-    assert graphs == 2
-    torch.testing.assert_close(graphed_losses, eager_losses, **BF16_TOLERANCE)
-    torch.testing.assert_close(graphed_weights, eager_weights, **BF16_TOLERANCE)
+    assert_graphed_steps_like_eager_steps(items, "cuda", BF16_TOLERANCE, torch.bfloat16, compile_blocks=compiled)
     torch._dynamo.reset()
 
 
@@ -230,12 +226,7 @@ def test_inductor_blocks_in_graphed_passes_step_like_eager_steps_on_cuda(items):
 def test_graphed_passes_step_like_eager_steps_on_cuda(items, autocast_dtype, tolerance):
     """The real recording: batches of two shapes (the third replaces the first's inputs), same losses and weights
     as eager steps (the eager warm-up passes before each recording change no weight)."""
-    batches = three_batches_of_two_shapes(items, VQACollator(bench.TINY_SIZES["num_labels"], pad_to_multiple_of=20))
-    graphed_losses, graphed_weights, graphs = train_on(batches, True, "cuda", autocast_dtype)
-    eager_losses, eager_weights, _ = train_on(batches, False, "cuda", autocast_dtype)
-    assert graphs == 2
-    torch.testing.assert_close(graphed_losses, eager_losses, **tolerance)
-    torch.testing.assert_close(graphed_weights, eager_weights, **tolerance)
+    assert_graphed_steps_like_eager_steps(items, "cuda", tolerance, autocast_dtype)
 
 
 def test_synthetic_sizes_are_vqa_like():

@@ -35,6 +35,8 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   trainer               the same with its fastest options on CUDA: --compile_blocks --cuda_graphs
                         --group_by_regions --pack_regions; on a CPU with none of these.
   trainer_in_process    the same loading in the main process (--dataloader_num_workers 0).
+  trainer_blocking      trainer with the batches copied to the GPU as the Trainer does by default, waiting for the
+                        steps queued before them (VQATrainingArguments copies without waiting; CUDA only).
   evaluate              VQATrainer.evaluate as train_vqa.py runs it after each epoch (bf16, the answer of each
                         question kept; packed regions on CUDA) over --eval_questions questions, eager.
   evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
@@ -127,6 +129,7 @@ ROWS = (
     "trainer_graphs",
     "trainer",
     "trainer_in_process",
+    "trainer_blocking",
     "evaluate",
     "evaluate_graphs",
 )
@@ -146,6 +149,7 @@ RUN_ORDER = (
     "trainer_graphs",
     "trainer",
     "trainer_in_process",
+    "trainer_blocking",
     "evaluate",
     "evaluate_graphs",
     "compiled_blocks",
@@ -218,8 +222,10 @@ def compiles(key: str) -> bool:
 
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
-TRAINER_ROWS = ("trainer_graphs", "trainer", "trainer_in_process", "evaluate", "evaluate_graphs")
-CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "evaluate_graphs")
+TRAINER_ROWS = ("trainer_graphs", "trainer", "trainer_in_process", "trainer_blocking", "evaluate", "evaluate_graphs")
+CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "trainer_blocking", "evaluate_graphs")
+# The Trainer rows with its fastest options, which compile the blocks on CUDA.
+FASTEST_TRAINER_ROWS = ("trainer", "trainer_in_process", "trainer_blocking")
 # The rows reusing the fast path; it is kept only while one of them is still to run.
 FAST_PATH_REUSERS = ("grouped", "loader_training")
 
@@ -588,15 +594,14 @@ class Benchmark:
         print(format_row(row, self.rows), flush=True)
 
     def seconds_needed(self, key: str) -> float:
-        # The trainer rows with the fastest options compile the blocks on CUDA.
-        compiling = compiles(key) or (key in ("trainer", "trainer_in_process") and self.device.type == "cuda")
+        compiling = compiles(key) or (key in FASTEST_TRAINER_ROWS and self.device.type == "cuda")
         return self.args.compile_seconds if compiling else self.args.seconds_per_row
 
     def skip_reason(self, key: str) -> str | None:
         variant = VARIANTS.get(key)
         needs_cuda = key in CUDA_ONLY_TRAINER_ROWS or (variant is not None and variant.needs_cuda)
         if needs_cuda and self.device.type != "cuda":
-            return "skipped: CUDA graphs need a CUDA device"
+            return "skipped: needs a CUDA device"
         if compiles(key) and self.device.type == "cpu" and not self.args.compile_on_cpu:
             return "skipped: compiling takes minutes on a CPU (--compile_on_cpu runs it)"
         if key in FAST_PATH_REUSERS and self.fast_path is None:
@@ -790,6 +795,10 @@ class Benchmark:
         """The same, loading in the main process."""
         return self.measure_trainer_with("trainer_in_process", **self.fastest_trainer_options(), workers=0)
 
+    def measure_trainer_blocking(self) -> Row:
+        """The same, with each batch copied to the GPU only after the steps queued before it are done."""
+        return self.measure_trainer_with("trainer_blocking", **self.fastest_trainer_options(), blocking_copies=True)
+
     def fastest_trainer_options(self) -> dict[str, bool]:
         cuda = self.device.type == "cuda"
         return {"compile_blocks": cuda, "cuda_graphs": cuda, "group_by_regions": cuda, "pack_regions": cuda}
@@ -806,6 +815,7 @@ class Benchmark:
         group_by_regions: bool = False,
         pack_regions: bool = False,
         workers: int | None = None,
+        blocking_copies: bool = False,
     ) -> Row:
         cuda = self.device.type == "cuda"
         workers = self.args.num_workers if workers is None else workers
@@ -822,6 +832,8 @@ class Benchmark:
             cuda_graphs=cuda_graphs,
             group_by_regions=group_by_regions,
             dataloader_drop_last=True,
+            # None: VQATrainingArguments' default, copies that do not wait where batches are pinned.
+            accelerator_config={"non_blocking": False} if blocking_copies else None,
         )
         timer = SteadyStateTimer(warmup_steps, self.synchronize)
         trainer = VQATrainer(
@@ -840,6 +852,8 @@ class Benchmark:
             "--pack_regions": pack_regions,
         }
         options = ["bf16"] + [flag for flag, given in flags.items() if given]
+        if blocking_copies:
+            options.append("blocking copies")
         row = Row(
             key,
             f"train_vqa Trainer ({', '.join(options)}, adamw_torch_fused, {workers} workers)",

@@ -10,10 +10,12 @@ steps, `CUDAGraphedFunction` for the forward passes of evaluation and prediction
 
 import contextlib
 import functools
+import json
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +81,12 @@ class VQATrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        copies_left_alone = _names_non_blocking(self.accelerator_config)
         super().__post_init__()
+        # A blocking copy of each batch to the GPU waits for the steps queued before it: the host could not
+        # prepare the next step while the GPU runs this one. Copies from pinned memory need not wait.
+        if self.dataloader_pin_memory and not copies_left_alone:
+            self.accelerator_config.non_blocking = True
         if self.compile_blocks and self.torch_compile:
             raise ValueError(
                 "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile "
@@ -98,6 +105,20 @@ class VQATrainingArguments(TrainingArguments):
             for what, given in unsupported.items():
                 if given:
                     raise ValueError(f"--cuda_graphs does not work with {what}")
+
+
+def _names_non_blocking(accelerator_config) -> bool:
+    """Whether an `--accelerator_config` as given (None, a dict, a JSON text or file, an `AcceleratorConfig`) says
+    whether batches are copied to the device without blocking."""
+    if accelerator_config is None:
+        return False
+    if isinstance(accelerator_config, str):
+        text = accelerator_config
+        if not text.startswith("{"):
+            text = Path(accelerator_config).read_text()
+        accelerator_config = json.loads(text)
+    # An `AcceleratorConfig` built by the caller is taken as it is.
+    return not isinstance(accelerator_config, dict) or "non_blocking" in accelerator_config
 
 
 def paper_lr_multiplier(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from rwsan.data import VQACollator
 from rwsan.training import RegionGroupedSampler, VQATrainingArguments, paper_lr_multiplier
@@ -390,11 +390,32 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
 
 
+@pytest.mark.parametrize(
+    "given, non_blocking, even_batches",
+    [
+        ({}, True, True),
+        ({"accelerator_config": '{"even_batches": false}'}, True, False),
+        ({"accelerator_config": {"non_blocking": False}}, False, True),
+        ({"accelerator_config": "accelerator.json"}, False, False),
+        ({"dataloader_pin_memory": False}, False, True),
+        ({"use_cpu": True}, False, True),  # which pins no memory
+    ],
+)
+def test_batches_are_copied_to_the_device_without_blocking_unless_told(tmp_path, given, non_blocking, even_batches):
+    (tmp_path / "accelerator.json").write_text(json.dumps({"non_blocking": False, "even_batches": False}))
+    if given.get("accelerator_config") == "accelerator.json":
+        given = {"accelerator_config": str(tmp_path / "accelerator.json")}
+    arguments = VQATrainingArguments(output_dir=str(tmp_path), **given)
+    assert arguments.accelerator_config.non_blocking is non_blocking
+    assert arguments.accelerator_config.even_batches is even_batches  # the rest of a given configuration is kept
+
+
 def tiny_trainer(
     dataset_dir: Path, output: Path, dropout: float, pack_regions: bool = False, pad_to_multiple_of=2, **arguments
 ):
     """A VQATrainer in this process: the tiny model, 6 steps of 8 questions of the tiny toy set, padded to
-    multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`."""
+    multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`, over these
+    defaults."""
     from rwsan import RWSANConfig, RWSANForVQA
     from rwsan.data import load_vqa_dataset
     from rwsan.training import VQATrainer
@@ -408,8 +429,7 @@ def tiny_trainer(
         dropout=dropout,
     )
     torch.manual_seed(0)
-    training_args = VQATrainingArguments(
-        output_dir=str(output),
+    defaults = dict(
         per_device_train_batch_size=8,
         max_steps=6,
         logging_steps=1,
@@ -421,8 +441,8 @@ def tiny_trainer(
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=3,
-        **arguments,
     )
+    training_args = VQATrainingArguments(output_dir=str(output), **(defaults | arguments))
     return VQATrainer(
         model=RWSANForVQA(config),
         args=training_args,
@@ -513,6 +533,46 @@ def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp
     assert len(graphed.graphed_passes[1].graphs) >= 2
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-5, rtol=1e-4)
     assert_same_predictions(graphed, eager, rtol=1e-4, atol=1e-5)
+
+
+class FailOnDeviceSync(TrainerCallback):
+    """Makes every host-device synchronisation an error from the end of the step `first_step` to the beginning of
+    the last step: that span holds whole training steps, with the fetching and copying of their batches."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first_step:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps - 1:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphed_training_steps_never_wait_for_the_device_on_cuda(tiny_prepared_vqa, tmp_path):
+    """The fast path's loop (CUDA graphs, packed regions, pinned batches, workers) leaves the host free to prepare
+    the next step while the GPU runs this one: no step synchronises with the device."""
+    trainer = tiny_trainer(
+        tiny_prepared_vqa,
+        tmp_path,
+        dropout=0.1,
+        pack_regions=True,
+        pad_to_multiple_of=1000,  # one shape: its graph is recorded (which synchronises) in the first step
+        cuda_graphs=True,
+        bf16=True,
+        optim="adamw_torch_fused",
+        dataloader_num_workers=2,
+        logging_steps=100,
+    )
+    trainer.add_callback(FailOnDeviceSync(first_step=1))
+    try:
+        trainer.train()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.state.global_step == 6
 
 
 def assert_same_predictions(graphed, eager, **tolerance):

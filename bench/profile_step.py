@@ -11,7 +11,8 @@ backward passes recorded as a CUDA graph) on batches padded to the largest bucke
    launching it;
 2. samples/s of the step at several batch sizes (--batch_sizes), and of the attention implementations at the first.
 
-With --compile_blocks the two weight-shared blocks are compiled (`model.compile_blocks`, inductor) in every step.
+With --compile blocks the two weight-shared blocks are compiled (`model.compile_blocks`, inductor) in every step;
+with --compile encoders the two encoders that apply them (train_throughput.py's `encoders_graphed_passes`).
 """
 
 import argparse
@@ -49,19 +50,18 @@ TABLE_ROWS = 30
 
 
 def build_step(
-    config: RWSANConfig, attn_implementation: str, device: torch.device, compile_blocks: bool
+    config: RWSANConfig, attn_implementation: str, device: torch.device, compile_scope: str | None
 ) -> TrainingStep:
+    """The fast path's step; `compile_scope` "blocks" or "encoders" compiles those modules."""
     graphed = device.type == "cuda"
     title = f"bf16 + {attn_implementation} attention"
-    title += " + compiled blocks" * compile_blocks + " + CUDA-graphed passes" * graphed
+    compiled = {}
+    if compile_scope is not None:
+        title += f" + compiled {compile_scope}"
+        compiled = {"compile_mode": "default", "compile_scope": compile_scope}
+    title += " + CUDA-graphed passes" * graphed
     variant = Variant(
-        title,
-        attn_implementation,
-        torch.bfloat16,
-        fused_optimizer=True,
-        graphed_passes=graphed,
-        compile_mode="default" if compile_blocks else None,
-        compile_scope="blocks",
+        title, attn_implementation, torch.bfloat16, fused_optimizer=True, graphed_passes=graphed, **compiled
     )
     return TrainingStep(build_model(config, attn_implementation, device), variant, device)
 
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch_sizes", default="64,128,256", help="Comma-separated batch sizes (default 64,128,256).")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps per figure (default 20).")
     parser.add_argument(
-        "--compile_blocks", action="store_true", help="Compile the shared blocks (minutes, once per batch size)."
+        "--compile",
+        choices=("blocks", "encoders"),
+        help="Compile the shared blocks or the encoders applying them (minutes, once per batch size).",
     )
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -141,14 +143,14 @@ def main(argv: list[str] | None = None):
     config = RWSANConfig(**TINY_SIZES) if args.tiny else RWSANConfig()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 
-    step = build_step(config, "sdpa", device, args.compile_blocks)
+    step = build_step(config, "sdpa", device, args.compile)
     batch = full_batch(config, batch_sizes[0], device)
     print_profile(step, batch, seconds_per_step(step, batch, args.steps))
 
     print(f"\n{'step':40s} {'batch':>6s} {'ms/step':>9s} {'samples/s':>10s}")
     figures = [("sdpa", size) for size in batch_sizes] + [("eager", batch_sizes[0])]
     for attn_implementation, batch_size in figures:
-        step = build_step(config, attn_implementation, device, args.compile_blocks)
+        step = build_step(config, attn_implementation, device, args.compile)
         seconds = seconds_per_step(step, full_batch(config, batch_size, device), args.steps)
         rate = batch_size / seconds
         print(f"{step.variant.title:40s} {batch_size:6d} {seconds * 1e3:9.2f} {rate:10,.0f}", flush=True)

@@ -6,9 +6,10 @@
 The step is `bench/train_throughput.py`'s fast path (bf16 autocast, SDPA, fused Adam; on CUDA the forward and
 backward passes recorded as a CUDA graph) on batches padded to the largest bucketed shape (16 words, 100 regions):
 
-1. the device kernels of one step (on a CPU: the operators that do the work), grouped by name, with their count and
-   time per step; their total set against the step's wall time says whether the step is bound by the work or by
-   launching it;
+1. the device kernels of one step, grouped by name, with their count and time per step; their total set against the
+   step's wall time says whether the step is bound by the work or by launching it. On a CPU: every operator, with
+   its own time, and the kernels inductor generated; the count of those kernels and of the operators called from
+   outside any operator (views included) stands in for the kernels a GPU would run;
 2. samples/s of the step at several batch sizes (--batch_sizes), and of the attention implementations at the first.
 
 With --compile blocks the two weight-shared blocks are compiled (`model.compile_blocks`, inductor) in every step;
@@ -46,6 +47,8 @@ from rwsan import RWSANConfig  # noqa: E402
 from rwsan.data import VQACollator  # noqa: E402
 
 PROFILED_STEPS = 3
+# In the names of the C++ kernels inductor generates for the CPU (recorded with `cpp.enable_kernel_profile`).
+INDUCTOR_CPU_KERNEL = "_cpp_fused_"
 TABLE_ROWS = 30
 
 
@@ -84,20 +87,28 @@ def seconds_per_step(step: TrainingStep, batch: dict[str, torch.Tensor], steps: 
     return (time.perf_counter() - start) / steps
 
 
-def work_events(profiler: profile, device: torch.device) -> list[tuple[str, float]]:
-    """(name, microseconds) of each kernel (CUDA), or of each operator, its own time without the operators it
-    calls (CPU)."""
+def work_events(profiler: profile, device: torch.device) -> tuple[list[tuple[str, float]], int]:
+    """(name, microseconds) of each kernel (CUDA), or of each operator (its own time, without the operators it
+    calls) and each inductor kernel (CPU); and the number of launches: the kernels (CUDA), or the inductor kernels
+    and the operators not called by another operator (CPU)."""
     if device.type == "cuda":
-        return [
+        kernels = [
             (event.name, event.time_range.elapsed_us())
             for event in profiler.events()
             if event.device_type == DeviceType.CUDA
         ]
-    return [
-        (event.name, event.self_cpu_time_total)
+        return kernels, len(kernels)
+
+    def is_operator(event) -> bool:
+        return event is not None and event.name.startswith("aten::")
+
+    events = [
+        event
         for event in profiler.events()
-        if event.device_type == DeviceType.CPU and event.name.startswith("aten::")
+        if event.device_type == DeviceType.CPU and (is_operator(event) or INDUCTOR_CPU_KERNEL in event.name)
     ]
+    launches = sum(not is_operator(event.cpu_parent) for event in events)
+    return [(event.name, event.self_cpu_time_total) for event in events], launches
 
 
 def print_profile(step: TrainingStep, batch: dict[str, torch.Tensor], wall_seconds: float):
@@ -107,12 +118,13 @@ def print_profile(step: TrainingStep, batch: dict[str, torch.Tensor], wall_secon
         for _ in range(PROFILED_STEPS):
             step(batch)
         synchronize(device)
+    events, launches = work_events(profiler, device)
     by_name: dict[str, list[float]] = defaultdict(list)
-    for name, microseconds in work_events(profiler, device):
+    for name, microseconds in events:
         by_name[name].append(microseconds)
     total = sum(sum(times) for times in by_name.values()) / PROFILED_STEPS
-    count = sum(len(times) for times in by_name.values()) / PROFILED_STEPS
-    what = "kernels and copies" if device.type == "cuda" else "operators"
+    count = launches / PROFILED_STEPS
+    what = "kernels and copies" if device.type == "cuda" else "outermost operators and compiled kernels"
     print(
         f"\n{step.variant.title}, batch {len(batch['input_ids'])}: wall {wall_seconds * 1e3:.2f} ms a step; "
         f"{count:.0f} {what} a step, {total / 1e3:.2f} ms of their time ({total / 1e6 / wall_seconds:.0%} of the wall)"
@@ -140,6 +152,8 @@ def main(argv: list[str] | None = None):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch._inductor.config.cpp.enable_kernel_profile = True
     config = RWSANConfig(**TINY_SIZES) if args.tiny else RWSANConfig()
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
 

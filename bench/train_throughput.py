@@ -422,7 +422,7 @@ class TrainingStep:
         self.passes = self.forward_backward
         if variant.graphed_passes:
             # What train_vqa.py --cuda_graphs runs.
-            self.passes = GraphedForwardBackward(self.forward_backward, model.parameters(), GRAPH_WARMUP_PASSES)
+            self.passes = GraphedForwardBackward(self.forward_backward, model, GRAPH_WARMUP_PASSES)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loss = self.passes(batch)

@@ -10,6 +10,7 @@ steps, `CUDAGraphedFunction` for the forward passes of evaluation and prediction
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -24,10 +25,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 from .data import unpack_image_features
 from .evaluation import compute_vqa_accuracy
 from .modeling_rwsan import RWSANForVQAOutput
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -224,21 +228,44 @@ class CUDAGraphedFunction:
     graph and returns what `function` returned when recorded: tensors the graph writes again at each replay, valid
     until the next call. The warm-up calls restore the random generators, so that the recorded call draws what an
     eager call would.
+
+    A graph reads the memory its tensors had when it was recorded. `module` is the module whose parameters and
+    buffers `function` reads: when any of them has moved since (`model.to(...)`, `load_state_dict(...,
+    assign=True)`, a new `.data` or parameter) or changed `requires_grad`, every graph is recorded again, with a
+    warning, rather than replayed over memory the module no longer uses.
     """
 
     def __init__(
         self,
         function: Callable[[dict[str, torch.Tensor]], Any],
+        module: torch.nn.Module,
         warmup_passes: int = 3,
         recorder: CUDAGraphRecorder | None = None,
     ):
         self.function = function
+        self.module = module
         self.warmup_passes = warmup_passes
         self.recorder = recorder or CUDAGraphRecorder()
         # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
+        self.module_placement = self._placement()
+
+    def _placement(self) -> tuple:
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
+        return tuple((id(tensor), tensor.data_ptr(), tensor.requires_grad) for tensor in tensors)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
+        placement = self._placement()
+        if placement != self.module_placement:
+            if self.graphs:
+                logger.warning(
+                    "The parameters or buffers of the %s moved in memory (or changed requires_grad) after its CUDA "
+                    "graphs were recorded; recording them again",
+                    type(self.module).__name__,
+                )
+            self.graphs.clear()
+            self.module_placement = placement
+            self.module_changed()
         # By name: a batch whose dict lists the same tensors in another order replays the same graph.
         key = tuple(sorted((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items()))
         if key not in self.graphs:
@@ -270,6 +297,9 @@ class CUDAGraphedFunction:
     def after_pass(self):
         """Undoes what an eager call leaves behind and a replay would not: nothing, for a pure function."""
 
+    def module_changed(self):
+        """Takes note of the module's new parameters before recording again: nothing to note here."""
+
 
 class GraphedForwardBackward(CUDAGraphedFunction):
     """The forward and backward passes of a training step, recorded as one CUDA graph per shape of the batch and
@@ -280,18 +310,22 @@ class GraphedForwardBackward(CUDAGraphedFunction):
     graph writes; the optimizer then steps eagerly as usual. The gradients must be None on every call (the
     `Trainer` clears them after each optimizer step): a recorded backward writes gradients rather than adding to
     them. The warm-up passes change no weight and, as the random generators are restored after them, no dropout
-    mask either. The loss and gradients are valid until the next call, which overwrites them.
+    mask either. The loss and gradients are valid until the next call, which overwrites them. `model` is the module
+    trained: the gradients go to its parameters that require them.
     """
 
     def __init__(
         self,
         forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-        parameters,
+        model: torch.nn.Module,
         warmup_passes: int = 3,
         recorder: CUDAGraphRecorder | None = None,
     ):
-        super().__init__(forward_backward, warmup_passes, recorder)
-        self.parameters = [parameter for parameter in parameters if parameter.requires_grad]
+        super().__init__(forward_backward, model, warmup_passes, recorder)
+        self.module_changed()
+
+    def module_changed(self):
+        self.parameters = [parameter for parameter in self.module.parameters() if parameter.requires_grad]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if any(parameter.grad is not None for parameter in self.parameters):
@@ -300,7 +334,7 @@ class GraphedForwardBackward(CUDAGraphedFunction):
                 "gradients rather than add to them, so gradient accumulation is not possible"
             )
         loss, gradients = super().__call__(batch)
-        for parameter, gradient in zip(self.parameters, gradients):
+        for parameter, gradient in zip(self.parameters, gradients, strict=True):
             parameter.grad = gradient
         return loss
 
@@ -342,7 +376,7 @@ class VQATrainer(Trainer):
         if not getattr(self.args, "cuda_graphs", False):
             return super().training_step(model, inputs, num_items_in_batch)
         if self.graphed_passes is None or self.graphed_passes[0] is not model:
-            passes = GraphedForwardBackward(functools.partial(self._forward_backward, model), model.parameters())
+            passes = GraphedForwardBackward(functools.partial(self._forward_backward, model), model)
             self.graphed_passes = (model, passes)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -407,7 +441,7 @@ class VQATrainer(Trainer):
     def _graphed_prediction(self, model, inputs) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The loss (None without labels) and logits of a batch, from its shape's recorded forward pass."""
         if self.graphed_predictions is None or self.graphed_predictions[0] is not model:
-            self.graphed_predictions = (model, CUDAGraphedFunction(functools.partial(self._predict, model)))
+            self.graphed_predictions = (model, CUDAGraphedFunction(functools.partial(self._predict, model), model))
         loss, logits = self.graphed_predictions[1](self._prepare_inputs(inputs))
         # The graph writes its outputs again at its next replay; the evaluation loop may keep them longer.
         return None if loss is None else loss.clone(), logits.clone()

@@ -527,6 +527,48 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
     assert_same_predictions(graphed, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_graphs, caplog):
+    """A graph replays over the memory its tensors had when recorded: parameters moved since (a new `.data`, a
+    frozen parameter) must not be replayed over, nor gradients handed to the wrong parameters."""
+    from rwsan import RWSANConfig, RWSANForVQA
+    from rwsan.training import GraphedForwardBackward
+
+    torch.manual_seed(0)
+    model = RWSANForVQA(RWSANConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_labels=3, dropout=0.0))
+    batch = {
+        "input_ids": torch.tensor([[3, 4, 5], [6, 7, 0]]),
+        "image_features": torch.randn(2, 5, model.config.image_feature_size),
+        "labels": torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.6, 0.0]]),
+    }
+
+    def forward_backward(inputs):
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach()
+
+    passes = GraphedForwardBackward(forward_backward, model)
+
+    def step() -> tuple:
+        """One replayed step; the graph replayed and the gradients it handed over (cleared for the next step)."""
+        loss = passes(batch)
+        gradients = {name: parameter.grad for name, parameter in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        (graph,) = passes.graphs.values()
+        return graph, loss, gradients
+
+    first_graph, first_loss, _ = step()
+    assert step()[0] is first_graph and not caplog.records
+    model.classifier.weight.data = model.classifier.weight.data.clone()
+    with caplog.at_level("WARNING", logger="rwsan.training"):
+        moved_graph, moved_loss, _ = step()
+    assert moved_graph is not first_graph and moved_loss == first_loss
+    assert "moved in memory (or changed requires_grad) after its CUDA graphs were recorded" in caplog.text
+    model.classifier.bias.requires_grad_(False)
+    frozen_graph, _, gradients = step()
+    assert frozen_graph is not moved_graph
+    assert gradients["classifier.bias"] is None and gradients["classifier.weight"] is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path):
     graphed, eager = train_with_and_without("cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.0)

@@ -116,8 +116,8 @@ def _names_non_blocking(accelerator_config) -> bool:
     whether batches are copied to the device without blocking."""
     if accelerator_config is None:
         return False
-    if isinstance(accelerator_config, str):
-        text = accelerator_config
+    if isinstance(accelerator_config, (str, os.PathLike)):
+        text = str(accelerator_config)
         if not text.startswith("{"):
             text = Path(accelerator_config).read_text()
         accelerator_config = json.loads(text)
@@ -249,6 +249,7 @@ class CUDAGraphedFunction:
         # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
         self.module_placement = self._placement()
+        self.module_changed()
 
     def _placement(self) -> tuple:
         tensors = itertools.chain(self.module.parameters(), self.module.buffers())
@@ -260,7 +261,7 @@ class CUDAGraphedFunction:
             if self.graphs:
                 logger.warning(
                     "The parameters or buffers of the %s moved in memory (or changed requires_grad) after its CUDA "
-                    "graphs were recorded; recording them again",
+                    "graphs were recorded; recording its graphs again",
                     type(self.module).__name__,
                 )
             self.graphs.clear()
@@ -322,7 +323,6 @@ class GraphedForwardBackward(CUDAGraphedFunction):
         recorder: CUDAGraphRecorder | None = None,
     ):
         super().__init__(forward_backward, model, warmup_passes, recorder)
-        self.module_changed()
 
     def module_changed(self):
         self.parameters = [parameter for parameter in self.module.parameters() if parameter.requires_grad]

@@ -1,5 +1,6 @@
 """train_vqa.py and rwsan.training: the paper's schedule, resuming, several processes, predictions, bad input."""
 
+import contextlib
 import json
 import os
 import re
@@ -396,18 +397,24 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         ({}, True, True),
         ({"accelerator_config": '{"even_batches": false}'}, True, False),
         ({"accelerator_config": {"non_blocking": False}}, False, True),
-        ({"accelerator_config": "accelerator.json"}, False, False),
         ({"dataloader_pin_memory": False}, False, True),
         ({"use_cpu": True}, False, True),  # which pins no memory
     ],
 )
 def test_batches_are_copied_to_the_device_without_blocking_unless_told(tmp_path, given, non_blocking, even_batches):
-    (tmp_path / "accelerator.json").write_text(json.dumps({"non_blocking": False, "even_batches": False}))
-    if given.get("accelerator_config") == "accelerator.json":
-        given = {"accelerator_config": str(tmp_path / "accelerator.json")}
     arguments = VQATrainingArguments(output_dir=str(tmp_path), **given)
     assert arguments.accelerator_config.non_blocking is non_blocking
     assert arguments.accelerator_config.even_batches is even_batches  # the rest of a given configuration is kept
+
+
+def test_an_accelerator_config_file_that_names_non_blocking_is_followed(tmp_path):
+    config = tmp_path / "accelerator.json"
+    config.write_text(json.dumps({"non_blocking": False, "even_batches": False}))
+    for given in (str(config), config):
+        arguments = VQATrainingArguments(output_dir=str(tmp_path), accelerator_config=given).accelerator_config
+        assert arguments.non_blocking is False and arguments.even_batches is False
+    config.write_text(json.dumps({"even_batches": False}))
+    assert VQATrainingArguments(output_dir=str(tmp_path), accelerator_config=config).accelerator_config.non_blocking
 
 
 def tiny_trainer(
@@ -528,8 +535,8 @@ def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
 
 
 def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_graphs, caplog):
-    """A graph replays over the memory its tensors had when recorded: parameters moved since (a new `.data`, a
-    frozen parameter) must not be replayed over, nor gradients handed to the wrong parameters."""
+    """A graph replays over the memory its tensors had when recorded: parameters moved since (a new `.data`, a new
+    parameter, a frozen one) must be neither read from their old places nor handed stale gradients."""
     from rwsan import RWSANConfig, RWSANForVQA
     from rwsan.training import GraphedForwardBackward
 
@@ -548,25 +555,37 @@ def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_
 
     passes = GraphedForwardBackward(forward_backward, model)
 
-    def step() -> tuple:
-        """One replayed step; the graph replayed and the gradients it handed over (cleared for the next step)."""
-        loss = passes(batch)
+    def gradients_of(run) -> dict[str, torch.Tensor | None]:
+        """The gradients one pass (eager or replayed) leaves on the model's parameters, which it then clears."""
+        run(batch)
         gradients = {name: parameter.grad for name, parameter in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        (graph,) = passes.graphs.values()
-        return graph, loss, gradients
+        return gradients
 
-    first_graph, first_loss, _ = step()
-    assert step()[0] is first_graph and not caplog.records
+    def replayed_like_eager() -> tuple:
+        """The graph a replayed step used, after checking its gradients against an eager step's."""
+        replayed = gradients_of(passes)
+        eager = gradients_of(forward_backward)
+        assert replayed.keys() == eager.keys()
+        for name, gradient in replayed.items():
+            assert (gradient is None) == (eager[name] is None), name
+            if gradient is not None:
+                torch.testing.assert_close(gradient, eager[name], rtol=0, atol=0, msg=name)
+        (graph,) = passes.graphs.values()
+        return graph
+
+    first_graph = replayed_like_eager()
+    assert replayed_like_eager() is first_graph and not caplog.records
     model.classifier.weight.data = model.classifier.weight.data.clone()
     with caplog.at_level("WARNING", logger="rwsan.training"):
-        moved_graph, moved_loss, _ = step()
-    assert moved_graph is not first_graph and moved_loss == first_loss
+        moved_graph = replayed_like_eager()
+    assert moved_graph is not first_graph
     assert "moved in memory (or changed requires_grad) after its CUDA graphs were recorded" in caplog.text
+    model.classifier.bias = torch.nn.Parameter(model.classifier.bias.detach().clone())
+    replaced_graph = replayed_like_eager()
+    assert replaced_graph is not moved_graph
     model.classifier.bias.requires_grad_(False)
-    frozen_graph, _, gradients = step()
-    assert frozen_graph is not moved_graph
-    assert gradients["classifier.bias"] is None and gradients["classifier.weight"] is not None
+    assert replayed_like_eager() is not replaced_graph
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -594,9 +613,11 @@ class FailOnDeviceSync(TrainerCallback):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphed_training_steps_never_wait_for_the_device_on_cuda(tiny_prepared_vqa, tmp_path):
+@pytest.mark.parametrize("blocking_copies", [False, True])
+def test_cuda_graphed_training_steps_never_wait_for_the_device_on_cuda(tiny_prepared_vqa, tmp_path, blocking_copies):
     """The fast path's loop (CUDA graphs, packed regions, pinned batches, workers) leaves the host free to prepare
-    the next step while the GPU runs this one: no step synchronises with the device."""
+    the next step while the GPU runs this one: no step makes a synchronisation that PyTorch's sync debug mode
+    reports. The Trainer's default copies (`non_blocking=False`) show that the check sees the batch copies."""
     trainer = tiny_trainer(
         tiny_prepared_vqa,
         tmp_path,
@@ -608,13 +629,18 @@ def test_cuda_graphed_training_steps_never_wait_for_the_device_on_cuda(tiny_prep
         optim="adamw_torch_fused",
         dataloader_num_workers=2,
         logging_steps=100,
+        accelerator_config={"non_blocking": False} if blocking_copies else None,
     )
     trainer.add_callback(FailOnDeviceSync(first_step=1))
+    synchronises = pytest.raises(RuntimeError, match="synchronizing CUDA operation")
+    expected = synchronises if blocking_copies else contextlib.nullcontext()
     try:
-        trainer.train()
+        with expected:
+            trainer.train()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.state.global_step == 6
+    if not blocking_copies:
+        assert trainer.state.global_step == 6
 
 
 def assert_same_predictions(graphed, eager, **tolerance):

@@ -339,15 +339,16 @@ class RWSANPreTrainedModel(PreTrainedModel):
 
     def compile_blocks(self, **compile_kwargs) -> "RWSANPreTrainedModel":
         """Compiles the weight-shared attention blocks in place: `torch.compile(**compile_kwargs)` on each (regional
-        compilation); returns the model.
+        compilation), and on each layer norm outside them; returns the model.
 
-        The two blocks do nearly all of the computation, each applied several times a forward pass with the same
-        shapes (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with
-        every application unrolled, and compiles for less time than `torch.compile(model)`. The rest (embedding,
-        LSTM, projection, pooling, classifier) stays eager. Parameter names and saved weights do not change. Pass
-        `dynamic=True` when batches come in several padded shapes, so that one compilation serves them all. Modes
-        that record CUDA graphs (`reduce-overhead`) break inference: one application's output, the next one's
-        input, is overwritten (pytorch/pytorch#152887).
+        The two blocks do nearly all of the computation, each applied several times a forward pass with the same shapes
+        (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with every
+        application unrolled, and compiles for less time than `torch.compile(model)`. The layer norms outside the
+        blocks, applied 13 times a forward pass at the paper's configuration, are compiled too: eagerly each is a string
+        of small operators, forward and backward. The rest (embedding, LSTM, projection, pooling, classifier) stays
+        eager. Parameter names and saved weights do not change. Pass `dynamic=True` when batches come in several padded
+        shapes, so that one compilation serves them all. Modes that record CUDA graphs (`reduce-overhead`) break
+        inference: one application's output, the next one's input, is overwritten (pytorch/pytorch#152887).
 
         Both blocks run through one function of transformers (`GradientCheckpointingLayer`'s forward wrapper),
         whose compilations TorchDynamo counts together: training, evaluation and autocast variants of the two
@@ -355,9 +356,11 @@ class RWSANPreTrainedModel(PreTrainedModel):
         (`torch._dynamo.config.recompile_limit`, process-wide) is raised to at least 64.
         """
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-        for module in self.modules():
-            if isinstance(module, (RWSANSelfAttentionBlock, RWSANGuidedAttentionBlock)):
-                module.compile(**compile_kwargs)
+        blocks = [m for m in self.modules() if isinstance(m, (RWSANSelfAttentionBlock, RWSANGuidedAttentionBlock))]
+        inside_blocks = {id(module) for block in blocks for module in block.modules()}
+        norms = [m for m in self.modules() if isinstance(m, RWSANLayerNorm) and id(m) not in inside_blocks]
+        for module in blocks + norms:
+            module.compile(**compile_kwargs)
         return self
 
     def _init_weights(self, module: nn.Module):
@@ -449,8 +452,10 @@ class RWSANModel(RWSANPreTrainedModel):
         question_states, _ = self.question_lstm(self.word_embeddings(input_ids))
         image_states = self.image_projection(image_features)
         # Both are views of other tensors, the blocks' later inputs are not; a compiled block (`compile_blocks`)
-        # would compile a second graph for its first application. Two small copies spare that compilation.
-        question_states, image_states = question_states.clone(), image_states.clone()
+        # would compile a second graph for its first application. Two small copies spare that compilation, and
+        # lay the LSTM's output (time-major in memory) out batch-major, as every later operation reads it.
+        question_states = question_states.clone(memory_format=torch.contiguous_format)
+        image_states = image_states.clone()
         # Biases in the dtype the attention computes in (autocast's, when active), broadcast over heads and queries.
         compute_dtype = (
             torch.get_autocast_dtype(image_states.device.type)

@@ -36,7 +36,11 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class VQATrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the paper's recipe as defaults, plus its learning-rate schedule and bucketing."""
+    """`TrainingArguments` with the paper's recipe as defaults, plus its learning-rate schedule and bucketing.
+
+    Unlike `TrainingArguments`, pinned batches are copied to the device without blocking (accelerate's
+    `non_blocking`), unless `accelerator_config` names `non_blocking` or is an `AcceleratorConfig`.
+    """
 
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
     output_dir: str | None = field(default="runs/toy", metadata={"help": "Where the model and checkpoints go."})

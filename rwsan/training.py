@@ -315,18 +315,9 @@ class GraphedForwardBackward(CUDAGraphedFunction):
     graph writes; the optimizer then steps eagerly as usual. The gradients must be None on every call (the
     `Trainer` clears them after each optimizer step): a recorded backward writes gradients rather than adding to
     them. The warm-up passes change no weight and, as the random generators are restored after them, no dropout
-    mask either. The loss and gradients are valid until the next call, which overwrites them. `model` is the module
+    mask either. The loss and gradients are valid until the next call, which overwrites them. `module` is the model
     trained: the gradients go to its parameters that require them.
     """
-
-    def __init__(
-        self,
-        forward_backward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-        model: torch.nn.Module,
-        warmup_passes: int = 3,
-        recorder: CUDAGraphRecorder | None = None,
-    ):
-        super().__init__(forward_backward, model, warmup_passes, recorder)
 
     def module_changed(self):
         self.parameters = [parameter for parameter in self.module.parameters() if parameter.requires_grad]

@@ -133,6 +133,15 @@ def eager_attention_forward(
     return context.transpose(1, 2), attention
 
 
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` itself, with a bias and no hooks: its forward pass is `F.linear(x, weight, bias)` alone."""
+    return (
+        type(module) is nn.Linear
+        and module.bias is not None
+        and not (module._forward_hooks or module._forward_pre_hooks)
+    )
+
+
 class RWSANLowRankAttention(nn.Module):
     """Multi-head attention whose queries and keys have a small per-head size (`rank`), values the full head size.
 
@@ -158,6 +167,26 @@ class RWSANLowRankAttention(nn.Module):
         batch_size, length, _ = states.shape
         return states.view(batch_size, length, self.num_heads, head_size).transpose(1, 2)
 
+    def _project(
+        self, query_states: torch.Tensor, key_value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The value, key and query projections `(B, L, out_features)`.
+
+        The layers that read the same input (all three in self-attention, the value and key in guided attention)
+        run as one matrix product over their stacked weights: the key and query layers are narrow (`rank * heads`
+        outputs), and on a GPU three small products and their backward passes cost mostly their launches. Layers
+        that are not plain `nn.Linear` (adapters, quantised layers) or carry hooks of their own are called as they are.
+        """
+        self_attention = query_states is key_value_states
+        stacked = (self.value, self.key, self.query) if self_attention else (self.value, self.key)
+        if not all(_is_plain_linear(layer) for layer in stacked):
+            return self.value(key_value_states), self.key(key_value_states), self.query(query_states)
+        weight = torch.cat([layer.weight for layer in stacked])
+        bias = torch.cat([layer.bias for layer in stacked])
+        projections = F.linear(key_value_states, weight, bias).split([layer.out_features for layer in stacked], -1)
+        query = projections[2] if self_attention else self.query(query_states)
+        return projections[0], projections[1], query
+
     def forward(
         self,
         query_states: torch.Tensor,
@@ -175,9 +204,10 @@ class RWSANLowRankAttention(nn.Module):
                 attention interface.
         """
         batch_size, query_length, hidden_size = query_states.shape
-        value = self._split_heads(self.value(key_value_states), self.head_size)
-        key = self._split_heads(self.key(key_value_states), self.rank)
-        query = self._split_heads(self.query(query_states), self.rank)
+        value, key, query = self._project(query_states, key_value_states)
+        value = self._split_heads(value, self.head_size)
+        key = self._split_heads(key, self.rank)
+        query = self._split_heads(query, self.rank)
 
         attention_interface = eager_attention_forward
         if not output_attentions:

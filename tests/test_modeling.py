@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering
 
 from rwsan import RWSANConfig, RWSANForVQA, RWSANModel
+from rwsan.modeling_rwsan import RWSANLowRankAttention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = REPO_ROOT.parent / "shared" / "rwsan-original"
@@ -155,6 +157,61 @@ def test_sdpa_and_eager_paths_agree_in_eval_and_backward(tiny_model):
         results[implementation] = (outputs.logits.detach(), tiny_model.classifier.weight.grad.clone())
     torch.testing.assert_close(results["sdpa"][0], results["eager"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(results["sdpa"][1], results["eager"][1], atol=1e-5, rtol=1e-4)
+
+
+def attention_modules(model: RWSANForVQA) -> list[RWSANLowRankAttention]:
+    return [module for module in model.modules() if isinstance(module, RWSANLowRankAttention)]
+
+
+def loss_and_gradients(model: RWSANForVQA) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """The logits and every parameter's gradient of one training pass, and how many linear layers it ran."""
+    input_ids, image_features = tiny_inputs(model.config)
+    labels = torch.full((input_ids.shape[0], model.config.num_labels), 0.3)
+    model.zero_grad()
+    with mock.patch.object(F, "linear", wraps=F.linear) as linear:
+        outputs = model(input_ids=input_ids, image_features=image_features, labels=labels)
+    outputs.loss.backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    return outputs.logits.detach(), gradients, linear.call_count
+
+
+def test_projections_reading_one_input_run_as_one_product_with_the_same_results(tiny_model):
+    stacked_logits, stacked_gradients, stacked_products = loss_and_gradients(tiny_model)
+    # A hook on a layer makes its attention call the layers one by one, as written.
+    for attention in attention_modules(tiny_model):
+        attention.value.register_forward_pre_hook(lambda module, args: None)
+    logits, gradients, products = loss_and_gradients(tiny_model)
+
+    # Nine applications of each block: self-attention stacks three layers (two products fewer), in the question and
+    # the image blocks; the guided attention stacks the value and key layers (one fewer).
+    assert products - stacked_products == 9 * 2 + 9 * 2 + 9 * 1
+    torch.testing.assert_close(stacked_logits, logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stacked_gradients, gradients, atol=1e-6, rtol=1e-5)
+
+
+class DoubledLinear(torch.nn.Linear):
+    """An adapter-like layer: its forward is not `F.linear(x, weight, bias)`."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(inputs)
+
+
+@pytest.mark.parametrize("layer", ["value", "key", "query"])
+@pytest.mark.parametrize("change", ["forward hook", "subclass"])
+def test_a_changed_projection_layer_takes_effect(tiny_model, layer, change):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        attention = tiny_model.rwsan.image_encoder.block.self_attention
+        original = getattr(attention, layer)
+        if change == "forward hook":
+            original.register_forward_hook(lambda module, args, output: 2 * output)
+        else:
+            doubled = DoubledLinear(original.in_features, original.out_features)
+            doubled.load_state_dict(original.state_dict())
+            setattr(attention, layer, doubled)
+        changed = tiny_model(input_ids=input_ids, image_features=image_features).logits
+    assert (changed - reference).abs().max() > 1e-3
 
 
 def test_attention_outputs_are_distributions_over_real_positions(tiny_model):

@@ -38,7 +38,7 @@ logger = logging.get_logger(__name__)
 class VQATrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's recipe as defaults, plus its learning-rate schedule and bucketing.
 
-    Unlike `TrainingArguments`, pinned batches are copied to the device without blocking (accelerate's
+    Unlike `TrainingArguments`, pinned batches are copied to a CUDA device without blocking (accelerate's
     `non_blocking`), unless `accelerator_config` names `non_blocking` or is an `AcceleratorConfig`.
     """
 
@@ -92,8 +92,10 @@ class VQATrainingArguments(TrainingArguments):
         copies_left_alone = _names_non_blocking(self.accelerator_config)
         super().__post_init__()
         # A blocking copy of each batch to the GPU waits for the steps queued before it: the host could not
-        # prepare the next step while the GPU runs this one. Copies from pinned memory need not wait.
-        if self.dataloader_pin_memory and not copies_left_alone:
+        # prepare the next step while the GPU runs this one. Copies from pinned memory need not wait. Only on CUDA,
+        # where this is measured and tested: copies to MPS without blocking can silently corrupt data
+        # (pytorch/pytorch#189690).
+        if self.dataloader_pin_memory and self.device.type == "cuda" and not copies_left_alone:
             self.accelerator_config.non_blocking = True
         if self.compile_blocks and self.torch_compile:
             raise ValueError(

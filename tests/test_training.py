@@ -391,6 +391,16 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
 
 
+@pytest.fixture
+def training_device(monkeypatch):
+    """Sets the device `VQATrainingArguments` train on (`"cuda"`, `"mps"`, ...) without one being there."""
+
+    def set_device(device_type: str):
+        monkeypatch.setattr(VQATrainingArguments, "device", property(lambda self: torch.device(device_type)))
+
+    return set_device
+
+
 @pytest.mark.parametrize(
     "given, non_blocking, even_batches",
     [
@@ -398,16 +408,25 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         ({"accelerator_config": '{"even_batches": false}'}, True, False),
         ({"accelerator_config": {"non_blocking": False}}, False, True),
         ({"dataloader_pin_memory": False}, False, True),
-        ({"use_cpu": True}, False, True),  # which pins no memory
     ],
 )
-def test_batches_are_copied_to_the_device_without_blocking_unless_told(tmp_path, given, non_blocking, even_batches):
+def test_batches_are_copied_to_the_gpu_without_blocking_unless_told(
+    tmp_path, training_device, given, non_blocking, even_batches
+):
+    training_device("cuda")
     arguments = VQATrainingArguments(output_dir=str(tmp_path), **given)
     assert arguments.accelerator_config.non_blocking is non_blocking
     assert arguments.accelerator_config.even_batches is even_batches  # the rest of a given configuration is kept
 
 
-def test_an_accelerator_config_file_that_names_non_blocking_is_followed(tmp_path):
+@pytest.mark.parametrize("device_type", ["cpu", "mps"])
+def test_batches_are_copied_as_accelerate_does_to_other_devices(tmp_path, training_device, device_type):
+    training_device(device_type)
+    assert not VQATrainingArguments(output_dir=str(tmp_path)).accelerator_config.non_blocking
+
+
+def test_an_accelerator_config_file_that_names_non_blocking_is_followed(tmp_path, training_device):
+    training_device("cuda")
     config = tmp_path / "accelerator.json"
     config.write_text(json.dumps({"non_blocking": False, "even_batches": False}))
     for given in (str(config), config):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.module import _has_any_global_hook
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -134,11 +135,17 @@ def eager_attention_forward(
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
-    """An `nn.Linear` itself, with a bias and no hooks: its forward pass is `F.linear(x, weight, bias)` alone."""
+    """Whether calling `module(x)` is `F.linear(x, module.weight, module.bias)` and nothing else: an `nn.Linear`
+    itself, with a bias, with its class's forward (accelerate's offloading and device hooks replace it on the
+    instance), no hooks of its own or global ones, and plain parameters that hold their values (not tensor
+    subclasses such as sharded or quantised weights, nor offloaded to the meta device)."""
+    hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     return (
         type(module) is nn.Linear
-        and module.bias is not None
-        and not (module._forward_hooks or module._forward_pre_hooks)
+        and "forward" not in module.__dict__
+        and not hooks
+        and not _has_any_global_hook()
+        and all(type(parameter) is nn.Parameter and not parameter.is_meta for parameter in (module.weight, module.bias))
     )
 
 
@@ -175,7 +182,8 @@ class RWSANLowRankAttention(nn.Module):
         The layers that read the same input (all three in self-attention, the value and key in guided attention)
         run as one matrix product over their stacked weights: the key and query layers are narrow (`rank * heads`
         outputs), and on a GPU three small products and their backward passes cost mostly their launches. Layers
-        that are not plain `nn.Linear` (adapters, quantised layers) or carry hooks of their own are called as they are.
+        that are anything more than a plain `nn.Linear` (adapters, hooks, offloaded or quantised weights: see
+        `_is_plain_linear`) are called one by one, as they are.
         """
         self_attention = query_states is key_value_states
         stacked = (self.value, self.key, self.query) if self_attention else (self.value, self.key)

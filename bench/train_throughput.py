@@ -42,6 +42,8 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   trainer_in_process    the same loading in the main process (--dataloader_num_workers 0).
   trainer_blocking      trainer with the batches copied to the GPU as the Trainer does by default, waiting for the
                         steps queued before them (VQATrainingArguments copies without waiting; CUDA only).
+  trainer_encoders      trainer with the two encoders compiled instead of the blocks (an experiment: what
+                        encoders_graphed_passes compiles, through the Trainer; CUDA only).
   evaluate              VQATrainer.evaluate as train_vqa.py runs it after each epoch (bf16, the answer of each
                         question kept; packed regions on CUDA) over --eval_questions questions, eager.
   evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
@@ -136,6 +138,7 @@ ROWS = (
     "trainer",
     "trainer_in_process",
     "trainer_blocking",
+    "trainer_encoders",
     "evaluate",
     "evaluate_graphs",
 )
@@ -160,6 +163,7 @@ RUN_ORDER = (
     "evaluate_graphs",
     "compiled_blocks",
     "encoders_graphed_passes",
+    "trainer_encoders",
     "cuda_graphs",
     "compiled",
 )
@@ -237,10 +241,18 @@ def compiles(key: str) -> bool:
 
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
-TRAINER_ROWS = ("trainer_graphs", "trainer", "trainer_in_process", "trainer_blocking", "evaluate", "evaluate_graphs")
-CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "trainer_blocking", "evaluate_graphs")
-# The Trainer rows with its fastest options, which compile the blocks on CUDA.
-FASTEST_TRAINER_ROWS = ("trainer", "trainer_in_process", "trainer_blocking")
+TRAINER_ROWS = (
+    "trainer_graphs",
+    "trainer",
+    "trainer_in_process",
+    "trainer_blocking",
+    "trainer_encoders",
+    "evaluate",
+    "evaluate_graphs",
+)
+CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "trainer_blocking", "trainer_encoders", "evaluate_graphs")
+# The Trainer rows with its fastest options, which compile the blocks (or the encoders) on CUDA.
+FASTEST_TRAINER_ROWS = ("trainer", "trainer_in_process", "trainer_blocking", "trainer_encoders")
 # The rows reusing the fast path; it is kept only while one of them is still to run.
 FAST_PATH_REUSERS = ("grouped", "loader_training")
 
@@ -397,6 +409,13 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def compile_encoders(model: RWSANForVQA, **compile_kwargs):
+    """Compiles the two residual weight-sharing encoders in place, each applying its block three times: a larger
+    region than `model.compile_blocks`, whose backward sums three of each shared weight's nine gradients."""
+    for encoder in (model.rwsan.question_encoder, model.rwsan.image_encoder):
+        encoder.compile(**compile_kwargs)
+
+
 class TrainingStep:
     """One training step of a variant: forward with labels under autocast, backward, Adam step. Returns the loss
     without reading it back."""
@@ -411,8 +430,7 @@ class TrainingStep:
             if variant.compile_scope == "blocks":
                 model.compile_blocks(mode=variant.compile_mode, dynamic=True)
             elif variant.compile_scope == "encoders":
-                for encoder in (model.rwsan.question_encoder, model.rwsan.image_encoder):
-                    encoder.compile(mode=variant.compile_mode, dynamic=True)
+                compile_encoders(model, mode=variant.compile_mode, dynamic=True)
             else:
                 self.forward = torch.compile(model, mode=variant.compile_mode, dynamic=True)
         self.optimizer = torch.optim.Adam(
@@ -817,9 +835,19 @@ class Benchmark:
         """The same, with each batch copied to the GPU only after the steps queued before it are done."""
         return self.measure_trainer_with("trainer_blocking", **self.fastest_trainer_options(), blocking_copies=True)
 
-    def fastest_trainer_options(self) -> dict[str, bool]:
+    def measure_trainer_encoders(self) -> Row:
+        """The same with the encoders compiled instead of the blocks (CUDA only)."""
+        options = {**self.fastest_trainer_options(), "compiled": "encoders"}
+        return self.measure_trainer_with("trainer_encoders", **options)
+
+    def fastest_trainer_options(self) -> dict:
         cuda = self.device.type == "cuda"
-        return {"compile_blocks": cuda, "cuda_graphs": cuda, "group_by_regions": cuda, "pack_regions": cuda}
+        return {
+            "compiled": "blocks" if cuda else None,
+            "cuda_graphs": cuda,
+            "group_by_regions": cuda,
+            "pack_regions": cuda,
+        }
 
     def measure_trainer_graphs(self) -> Row:
         """The same with `--cuda_graphs` alone (CUDA only)."""
@@ -828,7 +856,7 @@ class Benchmark:
     def measure_trainer_with(
         self,
         key: str,
-        compile_blocks: bool = False,
+        compiled: str | None = None,
         cuda_graphs: bool = False,
         group_by_regions: bool = False,
         pack_regions: bool = False,
@@ -846,7 +874,7 @@ class Benchmark:
             key,
             workers,
             max_steps=warmup_steps + self.args.trainer_steps,
-            compile_blocks=compile_blocks,
+            compile_blocks=compiled == "blocks",
             cuda_graphs=cuda_graphs,
             group_by_regions=group_by_regions,
             dataloader_drop_last=True,
@@ -854,8 +882,11 @@ class Benchmark:
             accelerator_config={"non_blocking": False} if blocking_copies else None,
         )
         timer = SteadyStateTimer(warmup_steps, self.synchronize)
+        model = self.build_model("sdpa")
+        if compiled == "encoders":
+            compile_encoders(model, dynamic=True)
         trainer = VQATrainer(
-            model=self.build_model("sdpa"),
+            model=model,
             args=training_args,
             train_dataset=dataset,
             data_collator=self.collator(bucketed=True, packed=pack_regions),
@@ -864,7 +895,8 @@ class Benchmark:
         trainer.train()
         recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
         flags = {
-            "--compile_blocks": compile_blocks,
+            "--compile_blocks": compiled == "blocks",
+            "compiled encoders (bench only)": compiled == "encoders",
             "--cuda_graphs": cuda_graphs,
             "--group_by_regions": group_by_regions,
             "--pack_regions": pack_regions,

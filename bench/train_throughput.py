@@ -241,15 +241,7 @@ def compiles(key: str) -> bool:
 
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
-TRAINER_ROWS = (
-    "trainer_graphs",
-    "trainer",
-    "trainer_in_process",
-    "trainer_blocking",
-    "trainer_encoders",
-    "evaluate",
-    "evaluate_graphs",
-)
+TRAINER_ROWS = tuple(key for key in ROWS if key.startswith(("trainer", "evaluate")))
 CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "trainer_blocking", "trainer_encoders", "evaluate_graphs")
 # The Trainer rows with its fastest options, which compile the blocks (or the encoders) on CUDA.
 FASTEST_TRAINER_ROWS = ("trainer", "trainer_in_process", "trainer_blocking", "trainer_encoders")

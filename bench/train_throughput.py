@@ -766,8 +766,7 @@ class Benchmark:
             self._dataset = dataset
         return self._dataset
 
-    def data_loader(self, dataset, packed: bool, workers: int | None = None) -> DataLoader:
-        workers = self.args.num_workers if workers is None else workers
+    def data_loader(self, dataset, packed: bool, workers: int) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.args.batch_size,
@@ -807,7 +806,7 @@ class Benchmark:
 
     def measure_loader_training(self) -> Row:
         key, step, _ = self.fast_path
-        loader = self.data_loader(self.dataset(), packed=True)
+        loader = self.data_loader(self.dataset(), packed=True, workers=self.args.num_workers)
         # One stream of batches for the warm-up and the timed steps alike.
         stream = (unpack_image_features(model_inputs(batch, self.device)) for batch in endless(loader))
         title = f"{step.variant.title}, fed by the DataLoader"

@@ -20,14 +20,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BF16_TOLERANCE = {"atol": 3e-2, "rtol": 2e-2}
 
 
-def load_bench_module():
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO_ROOT / "bench" / "train_throughput.py")
+def load_bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench = load_bench_module()
+bench = load_bench_module("train_throughput")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -280,9 +280,7 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
 
 
 def test_step_profile_names_the_work_and_times_each_batch_size(capsys):
-    spec = importlib.util.spec_from_file_location("profile_step", REPO_ROOT / "bench" / "profile_step.py")
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
+    profile_step = load_bench_module("profile_step")
     profile_step.main(["--tiny", "--device", "cpu", "--steps", "1", "--batch_sizes", "2,4"])
     output = capsys.readouterr().out
     operators, milliseconds = re.search(

@@ -19,18 +19,16 @@ with --compile encoders the two encoders that apply them (train_throughput.py's 
 import argparse
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.kernel_profile import print_kernel_profile, profiler_for, summarize  # noqa: E402
 from bench.train_throughput import (  # noqa: E402
     GRAPH_WARMUP_PASSES,
     MAX_REGIONS,
@@ -47,9 +45,6 @@ from rwsan import RWSANConfig  # noqa: E402
 from rwsan.data import VQACollator  # noqa: E402
 
 PROFILED_STEPS = 3
-# In the names of the C++ kernels inductor generates for the CPU (recorded with `cpp.enable_kernel_profile`).
-INDUCTOR_CPU_KERNEL = "cpp_fused_"
-TABLE_ROWS = 30
 
 
 def build_step(
@@ -87,54 +82,13 @@ def seconds_per_step(step: TrainingStep, batch: dict[str, torch.Tensor], steps: 
     return (time.perf_counter() - start) / steps
 
 
-def work_events(profiler: profile, device: torch.device) -> tuple[list[tuple[str, float]], int]:
-    """(name, microseconds) of each kernel (CUDA), or of each operator (its own time, without the operators it
-    calls) and each inductor kernel (CPU); and the number of launches: the kernels (CUDA), or the inductor kernels
-    and the operators not called by another operator (CPU)."""
-    if device.type == "cuda":
-        kernels = [
-            (event.name, event.time_range.elapsed_us())
-            for event in profiler.events()
-            if event.device_type == DeviceType.CUDA
-        ]
-        return kernels, len(kernels)
-
-    def is_operator(event) -> bool:
-        return event is not None and event.name.startswith("aten::")
-
-    events = [
-        event
-        for event in profiler.events()
-        if event.device_type == DeviceType.CPU and (is_operator(event) or INDUCTOR_CPU_KERNEL in event.name)
-    ]
-    launches = sum(not is_operator(event.cpu_parent) for event in events)
-    return [(event.name, event.self_cpu_time_total) for event in events], launches
-
-
 def print_profile(step: TrainingStep, batch: dict[str, torch.Tensor], wall_seconds: float):
-    device = step.device
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as profiler:
+    with profiler_for(step.device) as profiler:
         for _ in range(PROFILED_STEPS):
             step(batch)
-        synchronize(device)
-    events, launches = work_events(profiler, device)
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for name, microseconds in events:
-        by_name[name].append(microseconds)
-    total = sum(sum(times) for times in by_name.values()) / PROFILED_STEPS
-    count = launches / PROFILED_STEPS
-    what = "kernels and copies" if device.type == "cuda" else "outermost operators and compiled kernels"
-    print(
-        f"\n{step.variant.title}, batch {len(batch['input_ids'])}: wall {wall_seconds * 1e3:.2f} ms a step; "
-        f"{count:.0f} {what} a step, {total / 1e3:.2f} ms of their time ({total / 1e6 / wall_seconds:.0%} of the wall)"
-    )
-    print(f"{'name':90s} {'count':>6s} {'ms':>8s} {'share':>6s}")
-    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))
-    for name, times in ranked[:TABLE_ROWS]:
-        milliseconds = sum(times) / PROFILED_STEPS / 1e3
-        share = milliseconds * 1e3 / total
-        print(f"{name[:90]:90s} {len(times) / PROFILED_STEPS:6.0f} {milliseconds:8.3f} {share:6.1%}")
+        synchronize(step.device)
+    title = f"{step.variant.title}, batch {len(batch['input_ids'])}"
+    print_kernel_profile(summarize(profiler, step.device, PROFILED_STEPS), title, step.device, wall_seconds)
 
 
 def main(argv: list[str] | None = None):

@@ -48,6 +48,9 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
                         question kept; packed regions on CUDA) over --eval_questions questions, eager.
   evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
 
+With --profile_steps N, each Trainer row runs N more steps after the timed ones under torch.profiler and prints what
+the device ran in them, summed by kernel name (`bench/kernel_profile.py`; kept in the JSON too).
+
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
 own try/except, so a failure is reported and the other rows still run; rows that would overrun --time_budget are
@@ -85,6 +88,7 @@ if str(REPO_ROOT) not in sys.path:
     # data_scripts is a folder of the repository, not part of the installed package.
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.kernel_profile import KernelProfile, print_kernel_profile, profiler_for, summarize  # noqa: E402
 from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
@@ -262,6 +266,8 @@ class Row:
     mean_padded_regions: float | None = None
     note: str = ""
     error: str | None = None
+    # The Trainer rows with --profile_steps: what the device ran in those steps after the timed ones.
+    kernel_profile: KernelProfile | None = None
 
 
 # ----------------------------------------------------------------------------------------------- synthetic data
@@ -508,11 +514,12 @@ class TimeBudget:
 
 
 class SteadyStateTimer(TrainerCallback):
-    """Times the Trainer's optimizer steps after the first `warmup_steps` (compilation, graph recording, workers
-    starting), synchronising with the device only at those two points."""
+    """Times the Trainer's optimizer steps `warmup_steps + 1` to `warmup_steps + timed_steps` (after compilation,
+    graph recording and the workers' start), synchronising with the device only at those two points."""
 
-    def __init__(self, warmup_steps: int, synchronize: Callable[[], None]):
+    def __init__(self, warmup_steps: int, timed_steps: int, synchronize: Callable[[], None]):
         self.warmup_steps = warmup_steps
+        self.timed_steps = timed_steps
         self.synchronize = synchronize
         self.train_start = self.steady_start = self.end = None
         self.graphs_at_steady_start = None
@@ -525,9 +532,37 @@ class SteadyStateTimer(TrainerCallback):
             self.synchronize()
             self.steady_start = time.perf_counter()
             self.graphs_at_steady_start = compiled_graph_count()
-        elif state.global_step == state.max_steps:
+        elif state.global_step == self.warmup_steps + self.timed_steps:
             self.synchronize()
             self.end = time.perf_counter()
+
+
+class StepProfiler(TrainerCallback):
+    """Profiles what the device runs in the Trainer's optimizer steps `after_step + 1` to `after_step + steps`
+    (`bench/kernel_profile.py`), kept in `kernels`; their wall time per step in `wall_seconds`."""
+
+    def __init__(self, after_step: int, steps: int, device: torch.device, synchronize: Callable[[], None]):
+        self.after_step = after_step
+        self.steps = steps
+        self.device = device
+        self.synchronize = synchronize
+        self.profiler = None
+        self.start = None
+        self.kernels: KernelProfile | None = None
+        self.wall_seconds = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.after_step:
+            self.synchronize()
+            self.profiler = profiler_for(self.device)
+            self.profiler.start()
+            self.start = time.perf_counter()
+        elif state.global_step == self.after_step + self.steps and self.profiler is not None:
+            self.synchronize()
+            self.wall_seconds = (time.perf_counter() - self.start) / self.steps
+            self.profiler.stop()
+            self.kernels = summarize(self.profiler, self.device, self.steps)
+            self.profiler = None
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -861,10 +896,11 @@ class Benchmark:
         if group_by_regions:
             # Batches come sorted by regions within mega-batches: one whole mega-batch meets every padded shape.
             warmup_steps = max(warmup_steps, TRAINER_MEGA_BATCHES)
+        timed_end = warmup_steps + self.args.trainer_steps
         training_args = self.trainer_arguments(
             key,
             workers,
-            max_steps=warmup_steps + self.args.trainer_steps,
+            max_steps=timed_end + self.args.profile_steps,
             compile_blocks=compiled == "blocks",
             cuda_graphs=cuda_graphs,
             group_by_regions=group_by_regions,
@@ -872,7 +908,8 @@ class Benchmark:
             # None: VQATrainingArguments' default, copies that do not wait where batches are pinned.
             accelerator_config={"non_blocking": False} if blocking_copies else None,
         )
-        timer = SteadyStateTimer(warmup_steps, self.synchronize)
+        timer = SteadyStateTimer(warmup_steps, self.args.trainer_steps, self.synchronize)
+        profiler = StepProfiler(timed_end, self.args.profile_steps, self.device, self.synchronize)
         model = self.build_model("sdpa")
         if compiled == "encoders":
             compile_encoders(model, dynamic=True)
@@ -881,7 +918,7 @@ class Benchmark:
             args=training_args,
             train_dataset=dataset,
             data_collator=self.collator(bucketed=True, packed=pack_regions),
-            callbacks=[timer],
+            callbacks=[timer, profiler],
         )
         trainer.train()
         recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
@@ -903,7 +940,10 @@ class Benchmark:
             warmup_seconds=timer.steady_start - timer.train_start,
             timed_steps=self.args.trainer_steps,
             note="recompiled while timed" if recompiled else "",
+            kernel_profile=profiler.kernels,
         )
+        if profiler.kernels is not None:
+            print_kernel_profile(profiler.kernels, f"{key}, {profiler.steps} steps", self.device, profiler.wall_seconds)
         del trainer
         self.release_compiled_state()
         return row
@@ -1062,6 +1102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loader_batches", type=int, help="Batches timed for the DataLoader (default 300; 10 quick).")
     parser.add_argument("--trainer_steps", type=int, help="Timed Trainer steps (default 200; 3 with --quick).")
     parser.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help="Trainer steps profiled after the timed ones, their kernels printed and kept in the JSON (default 0).",
+    )
+    parser.add_argument(
         "--eval_questions", type=int, help="Questions of the evaluation rows (default 12,800; 256 with --quick)."
     )
     parser.add_argument("--compile_on_cpu", action="store_true", help="Also run the compiled row on a CPU.")
@@ -1098,6 +1144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.profile_steps < 0:
+        parser.error(f"--profile_steps must be at least 0, got {args.profile_steps}")
     if not 1 <= args.pad_to_multiple_of <= MAX_REGIONS:
         parser.error(f"--pad_to_multiple_of must be in [1, {MAX_REGIONS}], got {args.pad_to_multiple_of}")
     return args

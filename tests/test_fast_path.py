@@ -267,13 +267,20 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     rows += ",trainer_in_process,evaluate"
     # One round of the four pool batches per row, so that the rows time the same samples.
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
-    sizes += ["--trainer_steps", "1", "--eval_questions", "40"]
+    sizes += ["--trainer_steps", "1", "--profile_steps", "2", "--eval_questions", "40"]
     bench.main(["--tiny", *sizes, "--rows", rows, "--json", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
     assert list(measured) == rows.split(",")
     for row in measured.values():
         assert row["error"] is None and row["samples_per_second"] > 0, row
+    # The Trainer rows profile two more steps: every step runs the model's products, with their gradients.
+    for key in ("trainer", "trainer_in_process"):
+        kernels = measured[key]["kernel_profile"]
+        assert kernels["steps"] == 2 and kernels["launches_per_step"] > 1000 and kernels["milliseconds_per_step"] > 0
+        counts = {name: count for name, count, _ in kernels["by_name"]}
+        assert counts["aten::addmm"] > 0 and counts["aten::mm"] > counts["aten::addmm"]
+    assert measured["fp32_eager"]["kernel_profile"] is None
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16

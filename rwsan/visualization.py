@@ -5,6 +5,7 @@ leaves pyplot's global state alone.
 """
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ BLANK_CANVAS_GRAY = 0.92
 WORD_FONT_SIZE = 13
 WORD_GAP = 0.012  # between words, as a fraction of the word panel's width
 WORD_LINE_HEIGHT = 0.5  # a word and its weight below it, as a fraction of the word panel's height
+TITLE_LINE_CHARACTERS = 100  # what fits the figure's width at the title's font size
 
 
 def _check_same_length(first_name: str, first, second_name: str, second):
@@ -134,37 +136,37 @@ def _draw_answers(axes, answers):
 
 
 def _draw_words(figure, axes, words, word_weights):
-    """Writes the words left to right, wrapping lines, each on a background shaded by its weight."""
+    """Writes the words left to right, wrapping lines, each on a background shaded by its weight, with the weight
+    below it. Lines are as tall as `WORD_LINE_HEIGHT`, or less where more lines must fit the panel."""
     axes.set_axis_off()
     colormap = colormaps[WORD_COLORMAP]
     norm = _weight_scale(word_weights)
     renderer = figure.canvas.get_renderer()
     axes_width = axes.get_window_extent(renderer).width
-    x, y = 0.0, 1.0 - WORD_LINE_HEIGHT / 3
+    placed = []  # (word text, weight text, x, width, line)
+    x, line = 0.0, 0
     for word, weight in zip(words, word_weights):
         shade = norm(weight)
         text = axes.text(
             x,
-            y,
+            0.0,
             word,
             fontsize=WORD_FONT_SIZE,
             va="center",
             color="white" if shade > 0.6 else "black",
             bbox={"facecolor": colormap(shade), "edgecolor": "0.5", "pad": 3},
         )
+        weight_text = axes.text(x, 0.0, f"{weight:.2f}", fontsize=8, ha="center", va="center")
         word_width = text.get_window_extent(renderer).width / axes_width
         if x > 0 and x + word_width > 1:
-            x, y = 0.0, y - WORD_LINE_HEIGHT
-            text.set_position((x, y))
-        axes.text(
-            x + word_width / 2,
-            y - WORD_LINE_HEIGHT / 2,
-            f"{weight:.2f}",
-            fontsize=8,
-            ha="center",
-            va="center",
-        )
+            x, line = 0.0, line + 1
+        placed.append((text, weight_text, x, word_width, line))
         x += word_width + WORD_GAP
+    line_height = min(WORD_LINE_HEIGHT, 1 / (line + 1))
+    for text, weight_text, x, word_width, line in placed:
+        y = 1.0 - line_height / 3 - line * line_height
+        text.set_position((x, y))
+        weight_text.set_position((x + word_width / 2, y - line_height / 2))
     axes.set_title("question words by attention weight", fontsize=10, loc="left")
     return ScalarMappable(norm=norm, cmap=colormap)
 
@@ -209,9 +211,7 @@ def plot_attention(
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
-        raise ValueError(
-            f"boxes must be a (num_regions, 4) array with at least one region, got shape {boxes.shape}"
-        )
+        raise ValueError(f"boxes must be a (num_regions, 4) array with at least one region, got shape {boxes.shape}")
     region_weights = _weights_array("region_weights", region_weights)
     _check_same_length("boxes", boxes, "region_weights", region_weights)
     word_weights = _weights_array("word_weights", word_weights)
@@ -233,7 +233,7 @@ def plot_attention(
     figure.colorbar(region_colors, ax=image_axes, label="region weight", shrink=0.8)
     _draw_answers(answer_axes, answers)
     if question is not None:
-        figure.suptitle(question, fontsize=14)
+        figure.suptitle(textwrap.fill(question, TITLE_LINE_CHARACTERS), fontsize=14)
     # The words are laid out in the final size of their panel, known once the constrained layout has run.
     figure.canvas.draw()
     figure.set_layout_engine("none")

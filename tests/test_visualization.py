@@ -77,12 +77,24 @@ def test_word_shading_follows_the_weights():
     assert np.argsort(darkness, kind="stable").tolist() == np.argsort(WORD_WEIGHTS, kind="stable").tolist()
 
 
-def test_long_questions_wrap():
-    words = ["supercalifragilistic"] * 12
-    word_axes = plot(words=words, word_weights=[1 / 12] * 12).axes[2]
+def test_a_long_question_title_is_wrapped_to_the_figure():
+    question = " ".join(["photographer's"] * 20) + "?"
+    figure = plot(question=question)
+    title = figure.get_suptitle()
+    assert title.replace("\n", " ") == question and title.count("\n") >= 2
+    figure.canvas.draw()
+    extent = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert 0 <= extent.x0 and extent.x1 <= figure.bbox.width
+
+
+@pytest.mark.parametrize("count", [12, 32])
+def test_long_questions_wrap_inside_their_panel(count):
+    words = ["supercalifragilistic"] * count
+    word_axes = plot(words=words, word_weights=[1 / count] * count).axes[2]
     heights = sorted({text.get_position()[1] for text in word_axes.texts if text.get_text() == words[0]})
-    assert len(heights) > 1
-    assert all(0 <= text.get_position()[0] < 1 for text in word_axes.texts)
+    assert len(heights) > (2 if count > 16 else 1)
+    # Every word and every weight below it, on every line, inside the panel.
+    assert all(0 <= text.get_position()[0] < 1 and 0 < text.get_position()[1] < 1 for text in word_axes.texts)
 
 
 def test_an_image_is_shown_under_the_boxes():

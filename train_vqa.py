@@ -15,8 +15,12 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
     # several GPUs or machines: the same command under accelerate (or torchrun)
     accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa-prepared --bf16 ...
 
-Every `TrainingArguments` option works (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
-`--resume_from_checkpoint last`, `--torch_compile`, `--push_to_hub`, ...); the defaults are the paper's.
+The `TrainingArguments` options work (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
+`--resume_from_checkpoint last`, `--torch_compile`, `--push_to_hub`, ...), but for the learning-rate schedule, which
+is the paper's unless `--paper_schedule false`, and label smoothing (the labels are soft scores already). The
+defaults are the paper's recipe, but for two choices left to the user: the precision (fp32 unless `--bf16` or
+`--fp16`; the original trains with fp16 autocast) and the word embedding's start (random unless `--glove_path`; the
+original starts from GloVe 840B 300d).
 `--compile_blocks` compiles only the two weight-shared attention blocks, faster than `--torch_compile`;
 `--cuda_graphs` (with `--pad_to_multiple_of`) replays each step's passes as a CUDA graph.
 """
@@ -68,6 +72,7 @@ TOY_ARGUMENTS = [
     "--logging_steps", "50",
     "--save_total_limit", "2",
     "--use_cpu",
+    "--output_dir", "runs/toy",
 ]  # fmt: skip
 
 
@@ -157,10 +162,19 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     def load(split):
         return load_vqa_dataset(data_args.dataset_dir, split, data_args.max_question_length, data_args.max_regions)
 
-    train_dataset = load(data_args.train_split) if training_args.do_train else None
+    def load_annotated(option, split):
+        dataset = load(split)
+        if not dataset.has_answers:
+            raise ValueError(
+                f"{option} {split}: the split has no answers (the test splits are unannotated); training and "
+                "evaluation need an annotated split (train, val, vg)"
+            )
+        return dataset
+
+    train_dataset = load_annotated("--train_split", data_args.train_split) if training_args.do_train else None
     trained_on = set(data_args.train_split.split("+")) if training_args.do_train else set()
     evaluate = training_args.do_eval and data_args.eval_split and data_args.eval_split not in trained_on
-    eval_dataset = load(data_args.eval_split) if evaluate else None
+    eval_dataset = load_annotated("--eval_split", data_args.eval_split) if evaluate else None
     predict_dataset = load(data_args.predict_split) if training_args.do_predict else None
     return train_dataset, eval_dataset, predict_dataset
 
@@ -268,11 +282,38 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQATrainingArguments, bool]:
+    """The three argument groups, and whether this is the toy run (no --dataset_dir): then `TOY_ARGUMENTS` come
+    first, as defaults the command line overrides. Options cannot be abbreviated: `--dataset_d` would otherwise
+    name --dataset_dir to the parser but not to the toy check."""
+    given, _ = HfArgumentParser(DataArguments, allow_abbrev=False, add_help=False).parse_known_args(argv)
+    toy = given.dataset_dir is None
+    parser = HfArgumentParser((ModelArguments, DataArguments, VQATrainingArguments), allow_abbrev=False)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses((TOY_ARGUMENTS if toy else []) + argv)
+    except ValueError as error:  # an inconsistent combination, found by VQATrainingArguments
+        raise UsageError(str(error)) from error
+    return model_args, data_args, training_args, toy
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    toy = not any(arg.split("=")[0] == "--dataset_dir" for arg in argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, VQATrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses((TOY_ARGUMENTS if toy else []) + argv)
+    model_args, data_args, training_args, toy = parse_arguments(argv)
+    if not training_args.do_train and not model_args.model_name_or_path:
+        raise UsageError(
+            "--do_train false evaluates or predicts with the weights of --model_name_or_path; give it (a new "
+            "model's weights are random)"
+        )
+    if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:
+        print(
+            "The word embedding starts random: the paper starts it from GloVe (--glove_path glove.840B.300d.txt)",
+            file=sys.stderr,
+        )
+    if model_args.glove_path and model_args.model_name_or_path:
+        raise UsageError(
+            "--glove_path initialises the word embedding of a new model; with --model_name_or_path it would "
+            "overwrite the trained one"
+        )
     if training_args.cuda_graphs and data_args.pad_to_multiple_of is None:
         raise UsageError(
             "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of (20 makes 5 shapes)"
@@ -363,6 +404,9 @@ def main(argv: list[str] | None = None):
             plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
             provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
             write_model_card(output_dir, model.config, provenance, metrics)
+    if training_args.push_to_hub and training_args.do_train:
+        # Before the prediction files are written: the upload takes the whole output folder.
+        trainer.push_to_hub()
 
     if predict_dataset is not None:
         trainer.compute_metrics = None  # test splits have no answers to score against
@@ -388,8 +432,6 @@ def main(argv: list[str] | None = None):
             )
             print("Sample answers:")
             show_sample_answers(model, eval_dataset, collator)
-    if training_args.push_to_hub and training_args.do_train:
-        trainer.push_to_hub()
     return metrics
 
 

@@ -24,7 +24,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 from transformers.utils import logging
 
 from .data import unpack_image_features
@@ -43,7 +43,6 @@ class VQATrainingArguments(TrainingArguments):
     """
 
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
-    output_dir: str | None = field(default="runs/toy", metadata={"help": "Where the model and checkpoints go."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
     num_train_epochs: float = field(default=16, metadata={"help": "Training epochs (paper: 16)."})
@@ -69,6 +68,13 @@ class VQATrainingArguments(TrainingArguments):
         metadata={"help": "Completed epochs after which the rate is multiplied by --lr_decay_rate (paper: 12 14)."},
     )
     lr_decay_rate: float = field(default=0.2, metadata={"help": "Multiplier at each decay epoch (paper: 0.2)."})
+    paper_schedule: bool = field(
+        default=True,
+        metadata={
+            "help": "The paper's learning rate by epoch (--warmup_epochs, --lr_decay_epochs, --lr_decay_rate); "
+            "false: the Trainer's --lr_scheduler_type with --warmup_steps."
+        },
+    )
     group_by_regions: bool = field(
         default=False, metadata={"help": "Batch questions with similar region counts, so padding costs less."}
     )
@@ -97,6 +103,23 @@ class VQATrainingArguments(TrainingArguments):
         # (pytorch/pytorch#189690).
         if self.dataloader_pin_memory and self.device.type == "cuda" and not copies_left_alone:
             self.accelerator_config.non_blocking = True
+        if self.paper_schedule:
+            trainer_schedule = {
+                "--lr_scheduler_type": self.lr_scheduler_type != SchedulerType.LINEAR,
+                "--warmup_steps": self.warmup_steps != 0,
+                "--lr_scheduler_kwargs": bool(self.lr_scheduler_kwargs),
+            }
+            given = [option for option, changed in trainer_schedule.items() if changed]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} shape the Trainer's learning-rate schedule, which the paper's replaces; "
+                    "give --paper_schedule false to use them"
+                )
+        if self.label_smoothing_factor:
+            raise ValueError(
+                "--label_smoothing_factor smooths class labels; VQA's labels are soft answer scores already, "
+                "which the Trainer's label smoother cannot take"
+            )
         if self.compile_blocks and self.torch_compile:
             raise ValueError(
                 "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile "
@@ -394,10 +417,18 @@ class VQATrainer(Trainer):
         return values
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if not getattr(self.args, "paper_schedule", False):
+            return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             self.lr_scheduler = paper_lr_scheduler(optimizer or self.optimizer, self.update_steps_per_epoch, self.args)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def create_model_card(self, **kwargs):
+        """Keeps a model card already in the output folder (train_vqa.py writes one with the VQA accuracy of each
+        answer type) rather than replace it, as `push_to_hub` would, with the Trainer's generic card."""
+        if not (Path(self.args.output_dir) / "README.md").exists():
+            super().create_model_card(**kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.args.group_by_regions:

@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -211,6 +213,7 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
         (["--cuda_graphs"], "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of"),
         (["--cuda_graphs", "--pad_to_multiple_of", "4"], "--cuda_graphs needs a CUDA device; this run is on cpu"),
         (["--dataloader_drop_last", "true"], "--dataloader_drop_last also drops the last batch of evaluation"),
+        (["--compile_blocks", "--torch_compile"], "--compile_blocks and --torch_compile (or --torch_compile_mode"),
     ],
 )
 def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, extra, message):
@@ -219,6 +222,87 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval_split", "test-dev"], "--eval_split test-dev: the split has no answers"),
+        (["--train_split", "test-dev"], "--train_split test-dev: the split has no answers"),
+        (["--do_train", "false", "--do_predict"], "--do_train false evaluates or predicts with the weights of"),
+        (["--glove_path", "glove.txt", "--model_name_or_path", "model"], "--glove_path initialises the word embed"),
+        (["--lr_scheduler_type", "cosine", "--warmup_steps", "10"], "--lr_scheduler_type, --warmup_steps shape the"),
+        (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
+        (["--dataset_d", "elsewhere"], "Some specified arguments are not used by the HfArgumentParser: ['--dataset_d'"),
+    ],
+)
+def test_arguments_that_would_train_or_answer_wrongly_are_refused(tiny_prepared_vqa, tmp_path, extra, message):
+    import train_vqa
+
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main([*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *extra])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dashed_dataset_dir_is_the_dataset_not_the_toy_set(tmp_path, monkeypatch):
+    import train_vqa
+
+    monkeypatch.chdir(tmp_path)  # where a toy run would make its set
+    arguments = ["--dataset-dir", str(tmp_path / "nonexistent"), "--output_dir", str(tmp_path / "run"), "--use_cpu"]
+    with pytest.raises(train_vqa.UsageError, match="nonexistent is not a prepared VQA dataset"):
+        train_vqa.main(arguments)
+    assert not (tmp_path / ".cache").exists()
+
+
+class FakeHub:
+    """The hub API the Trainer calls (`transformers.trainer.hf_api()`), offline: it lists what each upload would
+    send and keeps the model card sent."""
+
+    def __init__(self):
+        self.uploads: list[list[str]] = []
+        self.model_cards: list[str] = []
+
+    def create_repo(self, repo_name, **kwargs):
+        return SimpleNamespace(repo_id=f"user/{repo_name}")
+
+    def upload_folder(self, folder_path, ignore_patterns=(), **kwargs):
+        folder = Path(folder_path)
+        self.uploads.append(
+            sorted(path.name for path in folder.iterdir() if not any(fnmatch(path.name, p) for p in ignore_patterns))
+        )
+        self.model_cards.append((folder / "README.md").read_text())
+
+
+def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepared_vqa, tmp_path, monkeypatch):
+    import train_vqa
+
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    output = tmp_path / "run"
+    arguments = ["--max_steps", "2", "--save_strategy", "no", "--push_to_hub", "--do_predict", "--save_logits"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments))
+    # `save_model` pushes the weights at the end of training, then train_vqa.py pushes again with its card and
+    # metrics: the hub's last commit is what users see.
+    assert {"model.safetensors", "config.json", "README.md", "metrics.json"} <= set(hub.uploads[-1])
+    assert not [name for name in hub.uploads[-1] if name.startswith(("predictions_", "logits_", "question_ids_"))]
+    assert "| accuracy |" in hub.model_cards[-1] and "generated_from_trainer" not in hub.model_cards[-1]
+    assert (output / "predictions_test-dev.json").exists()
+
+
+def test_the_trainer_schedule_replaces_the_paper_schedule_when_asked(tiny_prepared_vqa, tmp_path):
+    output = tmp_path / "run"
+    run_training(
+        *common_arguments(tiny_prepared_vqa, output),
+        "--paper_schedule", "false",
+        "--lr_scheduler_type", "constant",
+        "--learning_rate", "1e-3",
+        "--max_steps", "3",
+        "--logging_steps", "1",
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+    )  # fmt: skip
+    # The paper's schedule would start at a quarter of the rate.
+    assert logged(output, "learning_rate") == {1: 1e-3, 2: 1e-3, 3: 1e-3}
 
 
 def test_the_toy_run_ends_with_sample_answers_from_packed_regions(tmp_path):

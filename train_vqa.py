@@ -9,9 +9,9 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
 
     # train on train, evaluate on val after every epoch (official VQA accuracy)
     python train_vqa.py --dataset_dir data/vqa-prepared --train_split train --output_dir runs/train
-    # train on train+val+vg, then answer test-dev for the evaluation server
+    # train on train+val+vg, then answer the test set for the evaluation server
     python train_vqa.py --dataset_dir data/vqa-prepared --train_split train+val+vg --output_dir runs/full \
-        --do_predict --predict_split test-dev
+        --do_predict
     # several GPUs or machines: the same command under accelerate (or torchrun)
     accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa-prepared --bf16 ...
 
@@ -119,7 +119,13 @@ class DataArguments:
     eval_split: str = field(
         default="val", metadata={"help": "Split evaluated after every epoch; ignored when training on it."}
     )
-    predict_split: str = field(default="test-dev", metadata={"help": "Split answered by --do_predict."})
+    predict_split: str = field(
+        default="test",
+        metadata={
+            "help": "Split answered by --do_predict: test (the whole test set, one file for the evaluation server's "
+            "test-dev and test-std phases, as the original) or test-dev (its questions only)."
+        },
+    )
     save_logits: bool = field(default=False, metadata={"help": "With --do_predict, also save the float16 scores."})
     max_regions: int = field(default=100, metadata={"help": "Regions kept per image (paper: 100)."})
     max_question_length: int = field(default=16, metadata={"help": "Words kept per question (paper: 16)."})

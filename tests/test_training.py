@@ -286,7 +286,7 @@ def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepa
     assert {"model.safetensors", "config.json", "README.md", "metrics.json"} <= set(hub.uploads[-1])
     assert not [name for name in hub.uploads[-1] if name.startswith(("predictions_", "logits_", "question_ids_"))]
     assert "| accuracy |" in hub.model_cards[-1] and "generated_from_trainer" not in hub.model_cards[-1]
-    assert (output / "predictions_test-dev.json").exists()
+    assert (output / "predictions_test.json").exists()  # the default --predict_split: the whole test set
 
 
 def test_the_trainer_schedule_replaces_the_paper_schedule_when_asked(tiny_prepared_vqa, tmp_path):

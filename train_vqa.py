@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None):
             "The word embedding starts random: the paper starts it from GloVe (--glove_path glove.840B.300d.txt)",
             file=sys.stderr,
         )
+    if data_args.save_logits and not training_args.do_predict:
+        raise UsageError("--save_logits keeps the scores of --do_predict's answers; give --do_predict too")
     if model_args.glove_path and model_args.model_name_or_path:
         raise UsageError(
             "--glove_path initialises the word embedding of a new model; with --model_name_or_path it would "

@@ -233,6 +233,7 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         (["--glove_path", "glove.txt", "--model_name_or_path", "model"], "--glove_path initialises the word embed"),
         (["--lr_scheduler_type", "cosine", "--warmup_steps", "10"], "--lr_scheduler_type, --warmup_steps shape the"),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
+        (["--save_logits"], "--save_logits keeps the scores of --do_predict's answers; give --do_predict too"),
         (["--dataset_d", "elsewhere"], "Some specified arguments are not used by the HfArgumentParser: ['--dataset_d'"),
     ],
 )

@@ -7,16 +7,19 @@ Input layout (the original README's):
     DATA_ROOT/vqa/v2_mscoco_{train2014,val2014}_annotations.json
     DATA_ROOT/vqa/VG_{questions,annotations}.json                  (optional; VG questions use COCO images)
     DATA_ROOT/coco_extract/{train2014,val2014,test2015}/COCO_<split>_<image id>.jpg.npz
-        (`x` (2048, N) or (N, 2048), `bbox` (N, 4), `num_bbox`, `image_h`, `image_w`)
+        (`x` (2048, N) or (N, 2048); optional, as the original reads only `x`: `bbox` (N, 4), `num_bbox`,
+        `image_h`, `image_w`)
 
 and/or bottom-up-attention TSV files given with `--features_tsv` (columns image_id, image_w, image_h,
-num_boxes, boxes, features; the last two base64 float32 of shapes (N, 4) and (N, 2048)). Splits whose files
-are absent are skipped and said so.
+num_boxes, boxes, features; the last two base64 float32 of shapes (N, 4) and (N, 2048)). Splits whose question
+files are absent, or none of whose images is in any feature source (test2015 with trainval TSV files), are
+skipped and said so; their questions still count for the question vocabulary.
 
 Output layout (`OUTPUT_DIR/`):
 
     images/              one row per image: image_id, features (num_regions, feature_size) float16, boxes
-                         (num_regions, 4), image_width, image_height, num_regions
+                         (num_regions, 4), image_width, image_height (each null where the `.npz` lacks it),
+                         num_regions
     questions/<split>/   one row per question of train, val, test, test-dev, vg: question_id, image_id,
                          image_index (its row in images/), question, input_ids and, for annotated splits,
                          question_type, answer_type, answers (the annotators'), multiple_choice_answer,
@@ -25,9 +28,14 @@ Output layout (`OUTPUT_DIR/`):
     report.json          counts, a summary of the regions per image, and every problem found
 
 Both vocabularies reproduce the original's, order included. Images whose features cannot be used (unreadable
-file, another feature size, NaN/inf values, ...) are listed in report.json and their questions left out;
-`--strict` stops at the first such problem instead. The output is written into a temporary sibling folder that
-replaces OUTPUT_DIR only once everything succeeded.
+file, another feature size, NaN/inf values, ...), and questions or annotations that are repeated or disagree,
+are listed in report.json and their questions left out; `--strict` stops at the first such problem instead. A
+val, test or test-dev question without usable image features stops the conversion unless
+`--allow_incomplete_eval_splits` is given, and so does a split that would keep none of its questions.
+
+The output is written into a temporary sibling folder that replaces OUTPUT_DIR only once everything succeeded.
+OUTPUT_DIR must lie apart from DATA_ROOT and the TSV files, and `--overwrite` replaces only an earlier
+prepared dataset.
 
 Usage:
     python data_scripts/prepare_vqa.py --data_root datasets --output_dir data/vqa --num_proc 2
@@ -37,9 +45,11 @@ import argparse
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
+import reprlib
 import shutil
 import signal
 import sys
@@ -74,22 +84,18 @@ FEATURES_FOLDER = "coco_extract"
 
 @dataclass(frozen=True)
 class SplitFiles:
-    """Where the original release keeps one split (cfgs/path_cfgs.py), and which feature folders hold its
-    images."""
+    """Where the original release keeps one split (cfgs/path_cfgs.py)."""
 
     questions: str
     annotations: str | None
-    feature_folders: tuple[str, ...]
 
 
 SPLIT_FILES = {
-    "train": SplitFiles(
-        "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json", ("train2014",)
-    ),
-    "val": SplitFiles("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json", ("val2014",)),
-    "test": SplitFiles("v2_OpenEnded_mscoco_test2015_questions.json", None, ("test2015",)),
-    "test-dev": SplitFiles("v2_OpenEnded_mscoco_test-dev2015_questions.json", None, ("test2015",)),
-    "vg": SplitFiles("VG_questions.json", "VG_annotations.json", ("train2014", "val2014")),
+    "train": SplitFiles("v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json"),
+    "val": SplitFiles("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json"),
+    "test": SplitFiles("v2_OpenEnded_mscoco_test2015_questions.json", None),
+    "test-dev": SplitFiles("v2_OpenEnded_mscoco_test-dev2015_questions.json", None),
+    "vg": SplitFiles("VG_questions.json", "VG_annotations.json"),
 }
 FEATURE_FOLDERS = ("train2014", "val2014", "test2015")
 
@@ -100,6 +106,13 @@ MIN_ANSWER_OCCURRENCES = 9
 # data/load_data.py of the original numbers question words in order of first occurrence over train, val,
 # test2015 and VG questions (`stat_ques_list`); test-dev is a subset of test2015 and is not read.
 QUESTION_VOCABULARY_SPLITS = ("train", "val", "test", "vg")
+# Their scores are computed on every question (val) or by the evaluation server, which rejects a results file
+# that misses questions (test-dev, test): a question left out silently changes or breaks them.
+EVALUATION_SPLITS = ("val", "test", "test-dev")
+# What a prepared dataset consists of: --overwrite replaces only a folder of these (or an empty one), so that a
+# mistyped output_dir cannot delete anything else.
+PREPARED_DATASET_ENTRIES = ("images", "questions", "processor", "report.json")
+MAX_NAMES_SHOWN = 5
 
 FEATURE_DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -160,6 +173,19 @@ class ProblemLog:
         return dict(Counter(problem.kind for problem in self.problems))
 
 
+def describe_problems(problems: list[Problem]) -> str:
+    """The problems counted by kind, most common first, each with its first problem's path and reason: an error
+    message has to carry them, as a failed run writes no report.json."""
+    first_of_kind: dict[str, Problem] = {}
+    for problem in problems:
+        first_of_kind.setdefault(problem.kind, problem)
+    counts = Counter(problem.kind for problem in problems)
+    return ", ".join(
+        f"{count} x {kind} (first: {first_of_kind[kind].path}: {first_of_kind[kind].reason})"
+        for kind, count in counts.most_common()
+    )
+
+
 @dataclass
 class RawInputs:
     data_root: Path
@@ -174,6 +200,13 @@ class RawInputs:
     def converted_splits(self) -> list[str]:
         return [split for split in self.question_files if split not in self.skipped_splits]
 
+    def skip(self, split: str, reason: str):
+        self.skipped_splits[split] = reason
+        print(f"Skipping {split}: {reason}")
+
+    def feature_sources(self) -> str:
+        return ", ".join(map(str, [*self.feature_folders, *self.features_tsv]))
+
 
 def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
     """Finds the raw files, stopping with the path of any required file that is missing."""
@@ -187,7 +220,7 @@ def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
         if not questions_path.is_file():
             if annotations_path is not None and annotations_path.is_file():
                 raise FileNotFoundError(f"{questions_path} not found, but its annotations {annotations_path} are")
-            inputs.skipped_splits[split] = f"{questions_path} not found"
+            inputs.skip(split, f"{questions_path} not found")
             continue
         if annotations_path is not None:
             if not annotations_path.is_file():
@@ -218,12 +251,33 @@ def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
             f"no image features: none of {', '.join(FEATURE_FOLDERS)} exists in {features_dir} "
             "and no --features_tsv was given"
         )
-    if not inputs.features_tsv:
-        for split in inputs.question_files:
-            folders = [features_dir / name for name in SPLIT_FILES[split].feature_folders]
-            if not any(folder.is_dir() for folder in folders):
-                inputs.skipped_splits[split] = f"no image features: {' and '.join(map(str, folders))} not found"
     return inputs
+
+
+def check_output_apart_from_inputs(output_dir: Path, data_root: Path, features_tsv: list[Path]):
+    """Refuses an output_dir that overlaps the inputs: replacing it (--overwrite) would delete them, and inside
+    data_root it could be a folder the inputs are read from."""
+    output = output_dir.resolve()
+    root = data_root.resolve()
+    if output == root:
+        relation = "is"
+    elif output.is_relative_to(root):
+        relation = "lies inside"
+    elif root.is_relative_to(output):
+        relation = "contains"
+    else:
+        relation = None
+    if relation:
+        raise ValueError(
+            f"output_dir {output_dir} {relation} data_root {data_root}: choose an output_dir apart from the raw "
+            "data, which --overwrite would otherwise delete"
+        )
+    for path in features_tsv:
+        if path.resolve().is_relative_to(output):
+            raise ValueError(
+                f"output_dir {output_dir} holds the feature file {path}: choose an output_dir apart from it, "
+                "which --overwrite would otherwise delete"
+            )
 
 
 class QuestionRecord(NamedTuple):
@@ -234,60 +288,107 @@ class QuestionRecord(NamedTuple):
 
 class AnnotationRecord(NamedTuple):
     question_id: int
+    # Optional: only compared with the question's.
+    image_id: int | None
     question_type: str | None
     answer_type: str | None
     multiple_choice_answer: str
     answers: tuple[str, ...]
 
 
-REQUIRED_FIELDS = {
-    QuestionRecord: "question_id, image_id and question",
-    AnnotationRecord: 'question_id, multiple_choice_answer and answers (a list of {"answer": ...} objects)',
+def _id_fault(value) -> str | None:
+    # JSON true and false load as bool, a subclass of int, but are no ids.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f" is {reprlib.repr(value)}, expected an integer"
+
+
+def _text_fault(value) -> str | None:
+    return None if isinstance(value, str) else f" is {reprlib.repr(value)}, expected a string"
+
+
+def _answers_fault(value) -> str | None:
+    # By the time an annotation is checked, `compact_json_object` has turned its well-formed answers into strings.
+    if not isinstance(value, list):
+        return f' is {reprlib.repr(value)}, expected a list of {{"answer": <string>}} objects'
+    for position, answer in enumerate(value):
+        if not isinstance(answer, str):
+            return f'[{position}] is {reprlib.repr(answer)}, expected an {{"answer": <string>}} object'
+    return None
+
+
+# field -> what is wrong with its value (None when nothing), for the fields read here
+RECORD_FIELDS = {
+    QuestionRecord: {"question_id": _id_fault, "image_id": _id_fault, "question": _text_fault},
+    AnnotationRecord: {"question_id": _id_fault, "multiple_choice_answer": _text_fault, "answers": _answers_fault},
 }
+# The same for fields that may also be absent or null.
+OPTIONAL_RECORD_FIELDS = {
+    QuestionRecord: {},
+    AnnotationRecord: {"image_id": _id_fault, "question_type": _text_fault, "answer_type": _text_fault},
+}
+
+
+def record_fault(content: dict, record_type: type) -> str | None:
+    """What keeps a parsed JSON object from being a `record_type` (" has no ...", ".field is ..."), or None."""
+    required = RECORD_FIELDS[record_type]
+    for name, fault_of in required.items():
+        if name not in content:
+            return f" has no {name} (it needs {', '.join(required)})"
+        if fault := fault_of(content[name]):
+            return f".{name}{fault}"
+    for name, fault_of in OPTIONAL_RECORD_FIELDS[record_type].items():
+        if content.get(name) is not None and (fault := fault_of(content[name])):
+            return f".{name}{fault}"
+    return None
 
 
 def _interned(value):
     return sys.intern(value) if isinstance(value, str) else value
 
 
-def _is_str(value) -> bool:
-    return isinstance(value, str)
-
-
-def compact_json_object(content: dict):
-    """`json.load` object hook that turns questions, annotations and annotators' answers into compact records
-    as soon as they are parsed: VQA files hold millions of these small objects, which would take gigabytes as
-    dicts. Incomplete objects stay dicts, for `load_records` to report."""
+def compact_json_object(record_type: type, content: dict):
+    """`json.load` object hook that turns the questions or annotations (`record_type`) and annotators' answers
+    into compact records as soon as they are parsed: VQA files hold millions of these small objects, which would
+    take gigabytes as dicts. Objects unfit for a record stay dicts, for `load_records` to report."""
     if "question_id" not in content:
         # An annotator's answer; the many repeated answers share one string.
         return _interned(content["answer"]) if isinstance(content.get("answer"), str) else content
-    answers = content.get("answers")
-    if "multiple_choice_answer" in content and isinstance(answers, list) and all(map(_is_str, answers)):
-        return AnnotationRecord(
-            content["question_id"],
-            _interned(content.get("question_type")),
-            _interned(content.get("answer_type")),
-            _interned(content["multiple_choice_answer"]),
-            tuple(answers),
-        )
-    if "question" in content and "image_id" in content:
+    if record_fault(content, record_type) is not None:
+        return content
+    if record_type is QuestionRecord:
         return QuestionRecord(content["question_id"], content["image_id"], content["question"])
-    return content
+    return AnnotationRecord(
+        content["question_id"],
+        content.get("image_id"),
+        _interned(content.get("question_type")),
+        _interned(content.get("answer_type")),
+        _interned(content["multiple_choice_answer"]),
+        tuple(content["answers"]),
+    )
 
 
 def load_records(path: Path, key: str, record_type: type) -> list:
-    """The `key` list of a VQA JSON file as records, checking that every entry has the fields used here."""
+    """The `key` list of a VQA JSON file as records, checking that every entry has the fields used here, of
+    the right types, and that there is at least one."""
     try:
         with open(path, encoding="utf-8") as file:
-            content = json.load(file, object_hook=compact_json_object)
+            content = json.load(file, object_hook=functools.partial(compact_json_object, record_type))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(content, dict) or not isinstance(content.get(key), list):
         raise ValueError(f"{path} has no '{key}' list")
     records = content[key]
+    if not records:
+        raise ValueError(f"{path}: its '{key}' list is empty")
     for position, record in enumerate(records):
         if not isinstance(record, record_type):
-            raise ValueError(f"{path}: {key}[{position}] is incomplete: it needs {REQUIRED_FIELDS[record_type]}")
+            fault = (
+                record_fault(record, record_type)
+                if isinstance(record, dict)
+                else f" is {reprlib.repr(record)}, expected an object"
+            )
+            raise ValueError(f"{path}: {key}[{position}]{fault}")
     return records
 
 
@@ -301,18 +402,19 @@ class DecodeSettings:
 class DecodedImage:
     image_id: int
     features: np.ndarray  # (num_regions, feature_size) in the output dtype
-    boxes: np.ndarray  # (num_regions, 4) float32
-    width: int
-    height: int
+    # The boxes, (num_regions, 4) float32, and the image size are None where the `.npz` does not hold them.
+    boxes: np.ndarray | None
+    width: int | None
+    height: int | None
     path: str
 
 
 def checked_image(
     image_id: int,
     features: np.ndarray,
-    boxes: np.ndarray,
-    width: int,
-    height: int,
+    boxes: np.ndarray | None,
+    width: int | None,
+    height: int | None,
     path: str,
     settings: DecodeSettings,
 ) -> DecodedImage | Problem:
@@ -321,10 +423,11 @@ def checked_image(
     def problem(kind: str, reason: str) -> Problem:
         return Problem(kind, path, reason, image_id=image_id)
 
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
-    if len(features) != len(boxes):
-        return problem("unreadable", f"{len(features)} feature rows but {len(boxes)} boxes")
+    if boxes is not None:
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
+        if len(features) != len(boxes):
+            return problem("unreadable", f"{len(features)} feature rows but {len(boxes)} boxes")
     if len(features) == 0:
         return problem("no_regions", "no regions")
     if not np.isfinite(features).all():
@@ -337,7 +440,7 @@ def checked_image(
     return DecodedImage(
         image_id,
         np.ascontiguousarray(features, dtype=settings.feature_dtype),
-        np.ascontiguousarray(boxes, dtype=np.float32),
+        None if boxes is None else np.ascontiguousarray(boxes, dtype=np.float32),
         width,
         height,
         path,
@@ -351,18 +454,29 @@ NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.B
 @dataclass
 class NpzImage:
     """An image's `.npz` from coco_extract/: `x` is (feature_size, N) as the original ships it, or (N,
-    feature_size)."""
+    feature_size). The original reads only `x`; `bbox`, `num_bbox`, `image_w` and `image_h` are kept or
+    checked where the file holds them."""
 
     path: str
     image_id: int
 
     def decode(self, settings: DecodeSettings) -> DecodedImage | Problem:
+        def optional_int(archive, name: str) -> int | None:
+            return int(archive[name]) if name in archive else None
+
         try:
             with np.load(self.path) as archive:
+                if "x" not in archive:
+                    return Problem(
+                        "unreadable",
+                        self.path,
+                        f"no 'x' (the region features) among its arrays: {', '.join(archive.files) or 'none'}",
+                        image_id=self.image_id,
+                    )
                 region_features = archive["x"]
-                boxes = archive["bbox"]
-                width, height = int(archive["image_w"]), int(archive["image_h"])
-                num_boxes = int(archive["num_bbox"]) if "num_bbox" in archive else len(boxes)
+                boxes = archive["bbox"] if "bbox" in archive else None
+                width, height = optional_int(archive, "image_w"), optional_int(archive, "image_h")
+                num_boxes = optional_int(archive, "num_bbox")
         except NPZ_READ_ERRORS as error:
             return Problem("unreadable", self.path, f"cannot read: {error!r}", image_id=self.image_id)
         if region_features.ndim != 2 or settings.feature_size not in region_features.shape:
@@ -372,16 +486,17 @@ class NpzImage:
                 f"x has shape {region_features.shape}, expected ({settings.feature_size}, num_regions)",
                 image_id=self.image_id,
             )
-        if num_boxes != len(boxes):
-            return Problem(
-                "unreadable",
-                self.path,
-                f"num_bbox is {num_boxes} but bbox has {len(boxes)}",
-                image_id=self.image_id,
-            )
         # When both axes equal the feature size, the original's orientation (feature_size, N) wins.
         if region_features.shape[0] == settings.feature_size:
             region_features = region_features.T
+        counted_array, num_counted = ("x", len(region_features)) if boxes is None else ("bbox", len(boxes))
+        if num_boxes is not None and num_boxes != num_counted:
+            return Problem(
+                "unreadable",
+                self.path,
+                f"num_bbox is {num_boxes} but {counted_array} has {num_counted} regions",
+                image_id=self.image_id,
+            )
         return checked_image(self.image_id, region_features, boxes, width, height, self.path, settings)
 
 
@@ -508,13 +623,18 @@ def image_features_schema(feature_size: int, feature_dtype: str) -> Features:
     )
 
 
-def regions_column(rows: list[np.ndarray]) -> pa.ListArray:
-    """A list<fixed_size_list> column from per-image (num_regions, width) arrays."""
+def regions_column(rows: list[np.ndarray | None], column_type: pa.ListType) -> pa.ListArray:
+    """A list<fixed_size_list> column from per-image (num_regions, width) arrays; None rows are null."""
+    row_type = column_type.value_type
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum([len(row) for row in rows], out=offsets[1:])
-    values = np.concatenate(rows)
+    np.cumsum([0 if row is None else len(row) for row in rows], out=offsets[1:])
+    present = [row.reshape(-1) for row in rows if row is not None]
+    values = pa.array(np.concatenate(present) if present else [], type=row_type.value_type)
+    is_null = [row is None for row in rows]
     return pa.ListArray.from_arrays(
-        pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        pa.array(offsets),
+        pa.FixedSizeListArray.from_arrays(values, row_type.list_size),
+        mask=pa.array(is_null) if any(is_null) else None,
     )
 
 
@@ -586,6 +706,10 @@ class ImageTable:
     left_out: dict[int, Problem] = field(default_factory=dict)
     unreferenced: int = 0
 
+    def holds(self, image_id: int) -> bool:
+        """Whether a feature source held the image, usable or not."""
+        return image_id in self.row_of_image or image_id in self.left_out
+
 
 def write_images(
     inputs: RawInputs,
@@ -604,8 +728,8 @@ def write_images(
         writer.write_batch(
             {
                 "image_id": [image.image_id for image in pending],
-                "features": regions_column([image.features for image in pending]),
-                "boxes": regions_column([image.boxes for image in pending]),
+                "features": regions_column([image.features for image in pending], writer.schema.field("features").type),
+                "boxes": regions_column([image.boxes for image in pending], writer.schema.field("boxes").type),
                 "image_width": [image.width for image in pending],
                 "image_height": [image.height for image in pending],
                 "num_regions": [len(image.features) for image in pending],
@@ -664,6 +788,25 @@ def question_schema(annotated: bool) -> Features:
     return Features(columns)
 
 
+def first_of_each_question(records: list, key: str, path: str, kind: str, problems: ProblemLog) -> dict:
+    """The records (of the `key` list in `path`) by question id, in order; of records that repeat a question id
+    the first is kept and each later one is a problem of `kind`."""
+    position_of: dict[int, int] = {}
+    for position, record in enumerate(records):
+        first_position = position_of.setdefault(record.question_id, position)
+        if first_position != position:
+            problems.add(
+                Problem(
+                    kind,
+                    path,
+                    f"{key}[{position}] repeats question {record.question_id} of {key}[{first_position}]; "
+                    "only the first is kept",
+                    question_id=record.question_id,
+                )
+            )
+    return {question_id: records[position] for question_id, position in position_of.items()}
+
+
 def joined_questions(
     split: str,
     questions: list[QuestionRecord],
@@ -672,24 +815,29 @@ def joined_questions(
     images: ImageTable,
     problems: ProblemLog,
 ) -> list[tuple[QuestionRecord, AnnotationRecord | None]]:
-    """The questions of a split whose image was converted, each with its annotation (None for test splits)."""
+    """The questions of a split whose image was converted, each with its annotation (None for test splits).
+    Every question left out, and every repeated question or annotation, is a problem."""
     questions_path = str(inputs.question_files[split])
+    question_of = first_of_each_question(questions, "questions", questions_path, "duplicate_question", problems)
     annotation_of = None
     if annotations is not None:
-        annotation_of = {annotation.question_id: annotation for annotation in annotations}
-        question_ids = {question.question_id for question in questions}
-        for annotation in annotations:
-            if annotation.question_id not in question_ids:
-                problems.add(
-                    Problem(
-                        "missing_question",
-                        str(inputs.annotation_files[split]),
-                        f"question {annotation.question_id} is annotated but not in {questions_path}",
-                        question_id=annotation.question_id,
-                    )
+        annotations_path = str(inputs.annotation_files[split])
+        annotation_of = first_of_each_question(
+            annotations, "annotations", annotations_path, "duplicate_annotation", problems
+        )
+        for question_id in annotation_of:
+            if question_id in question_of:
+                continue
+            problems.add(
+                Problem(
+                    "missing_question",
+                    annotations_path,
+                    f"question {question_id} is annotated but not in {questions_path}",
+                    question_id=question_id,
                 )
+            )
     kept = []
-    for question in questions:
+    for question in question_of.values():
         annotation = None
         if annotation_of is not None:
             annotation = annotation_of.get(question.question_id)
@@ -698,7 +846,19 @@ def joined_questions(
                     Problem(
                         "missing_annotation",
                         questions_path,
-                        f"question {question.question_id} has no annotation in {inputs.annotation_files[split]}",
+                        f"question {question.question_id} has no annotation in {annotations_path}",
+                        question_id=question.question_id,
+                    )
+                )
+                continue
+            if annotation.image_id is not None and annotation.image_id != question.image_id:
+                problems.add(
+                    Problem(
+                        "image_mismatch",
+                        annotations_path,
+                        f"the annotation of question {question.question_id} is about image {annotation.image_id}, "
+                        f"the question in {questions_path} about image {question.image_id}",
+                        image_id=question.image_id,
                         question_id=question.question_id,
                     )
                 )
@@ -722,6 +882,30 @@ def joined_questions(
             continue
         kept.append((question, annotation))
     return kept
+
+
+def check_kept_questions(
+    split: str,
+    questions_path: Path,
+    num_questions: int,
+    num_kept: int,
+    split_problems: list[Problem],
+    allow_incomplete_eval_splits: bool,
+):
+    """Stops where a split lost all its questions (mismatched files, say), or an evaluation split some of them
+    for want of image features."""
+    if num_kept == 0:
+        raise ValueError(
+            f"{split}: none of its {num_questions} questions ({questions_path}) is kept: "
+            f"{describe_problems(split_problems)}"
+        )
+    missing_images = [problem for problem in split_problems if problem.kind == "missing_image"]
+    if split in EVALUATION_SPLITS and missing_images and not allow_incomplete_eval_splits:
+        raise ValueError(
+            f"{split}: {len(missing_images)} of its {num_questions} questions have no usable image features "
+            f"({describe_problems(missing_images)}); an evaluation split needs every question, pass "
+            "--allow_incomplete_eval_splits to leave them out"
+        )
 
 
 def question_columns(
@@ -782,10 +966,24 @@ def _process_is_alive(pid: int) -> bool:
 
 
 def check_output_dir(output_dir: Path, overwrite: bool):
-    if output_dir.exists() and not overwrite:
+    """Refuses an existing output_dir unless --overwrite is given and it holds an earlier prepared dataset (or
+    nothing): replacing it then deletes nothing that this script cannot write again."""
+    if not output_dir.exists():
+        return
+    if not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass --overwrite to replace it")
-    if output_dir.exists() and not output_dir.is_dir():
+    if not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder")
+    entries = {entry.name for entry in output_dir.iterdir()}
+    foreign = sorted(entries - set(PREPARED_DATASET_ENTRIES))
+    missing = [name for name in PREPARED_DATASET_ENTRIES if name not in entries]
+    if entries and (foreign or missing):
+        shown = ", ".join(foreign[:MAX_NAMES_SHOWN]) + (" ..." if len(foreign) > MAX_NAMES_SHOWN else "")
+        found = f"it holds {shown}" if foreign else f"it has no {', '.join(missing)}"
+        raise FileExistsError(
+            f"{output_dir} is not a prepared dataset ({found}), and --overwrite replaces only a folder of "
+            f"{', '.join(PREPARED_DATASET_ENTRIES)}: remove it yourself or choose another output_dir"
+        )
 
 
 @contextlib.contextmanager
@@ -804,6 +1002,8 @@ def partial_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     work_dir.mkdir()
     try:
         yield work_dir
+        # Whatever appeared there since the start is checked again before it is deleted.
+        check_output_dir(output_dir, overwrite)
         if output_dir.exists():
             replaced = output_dir.parent / f".{output_dir.name}.replaced-{os.getpid()}"
             output_dir.rename(replaced)
@@ -850,11 +1050,15 @@ def load_raw_questions(inputs: RawInputs) -> RawQuestions:
     annotations = {
         split: load_records(path, "annotations", AnnotationRecord) for split, path in inputs.annotation_files.items()
     }
+    answer_splits = [split for split in ANSWER_VOCABULARY_SPLITS if split in annotations]
     answers = build_answer_vocabulary(
-        [annotation.multiple_choice_answer for annotation in annotations[split]]
-        for split in ANSWER_VOCABULARY_SPLITS
-        if split in annotations
+        [annotation.multiple_choice_answer for annotation in annotations[split]] for split in answer_splits
     )
+    if not answers:
+        raise ValueError(
+            f"the answer vocabulary is empty: no multiple-choice answer occurs {MIN_ANSWER_OCCURRENCES} or more "
+            f"times in {' and '.join(str(inputs.annotation_files[split]) for split in answer_splits)}"
+        )
     vocabulary = build_question_vocabulary(
         [question.question for question in questions[split]]
         for split in QUESTION_VOCABULARY_SPLITS
@@ -871,18 +1075,39 @@ def write_prepared_dataset(
     max_question_length: int,
     workers: ProcessPoolExecutor | None,
     problems: ProblemLog,
+    allow_incomplete_eval_splits: bool,
 ) -> dict:
     """Writes images/, questions/, processor/ and report.json into `work_dir`; returns the report."""
     wanted_image_ids = {question.image_id for split in inputs.converted_splits for question in raw.questions[split]}
     images = write_images(inputs, wanted_image_ids, work_dir / "images", settings, workers, problems)
     if not images.num_regions:
-        raise ValueError(f"none of the {len(wanted_image_ids)} images the questions refer to has usable features")
+        cause = describe_problems(problems.problems) if problems.problems else "no feature source holds any of them"
+        raise ValueError(
+            f"none of the {len(wanted_image_ids)} images the questions refer to has usable features in "
+            f"{inputs.feature_sources()}: {cause}"
+        )
+    for split in inputs.converted_splits:
+        image_ids = {question.image_id for question in raw.questions[split]}
+        if not any(map(images.holds, image_ids)):
+            # Features of some splits only (trainval TSV files): missing images are then expected, not problems.
+            inputs.skip(
+                split, f"no image features: none of its images ({len(image_ids)}) is in {inputs.feature_sources()}"
+            )
 
     label2id = {answer: answer_id for answer_id, answer in enumerate(raw.answers)}
     tokenizer = build_question_tokenizer(raw.vocabulary, max_length=max_question_length)
     split_counts = {}
     for split in inputs.converted_splits:
+        first_problem = len(problems.problems)
         joined = joined_questions(split, raw.questions[split], raw.annotations.get(split), inputs, images, problems)
+        check_kept_questions(
+            split,
+            inputs.question_files[split],
+            len(raw.questions[split]),
+            len(joined),
+            problems.problems[first_problem:],
+            allow_incomplete_eval_splits,
+        )
         annotated = split in inputs.annotation_files
         write_questions(
             work_dir / "questions" / split, joined, annotated, tokenizer, max_question_length, label2id, images
@@ -943,6 +1168,7 @@ def prepare_vqa(
     max_question_length: int = 16,
     feature_size: int = 2048,
     feature_dtype: str = "float16",
+    allow_incomplete_eval_splits: bool = False,
 ) -> dict:
     """Converts the raw VQA files under `data_root` into `output_dir` (see the module docstring) and returns
     the report also saved as `output_dir/report.json`."""
@@ -955,10 +1181,10 @@ def prepare_vqa(
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     data_root, output_dir = Path(data_root), Path(output_dir)
+    features_tsv = [Path(path) for path in features_tsv or []]
+    check_output_apart_from_inputs(output_dir, data_root, features_tsv)
     check_output_dir(output_dir, overwrite)
-    inputs = locate_inputs(data_root, [Path(path) for path in features_tsv or []])
-    for split, reason in inputs.skipped_splits.items():
-        print(f"Skipping {split}: {reason}")
+    inputs = locate_inputs(data_root, features_tsv)
 
     # Forked before the question files are parsed, the decoding workers hold none of them, and they start
     # without importing anything again.
@@ -967,7 +1193,14 @@ def prepare_vqa(
         with partial_output(output_dir, overwrite) as work_dir:
             settings = DecodeSettings(feature_size, feature_dtype)
             report = write_prepared_dataset(
-                work_dir, inputs, raw, settings, max_question_length, workers, ProblemLog(strict)
+                work_dir,
+                inputs,
+                raw,
+                settings,
+                max_question_length,
+                workers,
+                ProblemLog(strict),
+                allow_incomplete_eval_splits,
             )
     print_summary(report, output_dir)
     return report
@@ -978,6 +1211,8 @@ def print_summary(report: dict, output_dir: Path):
         print(f"{split}: {counts['kept']} of {counts['questions']} questions")
     images = report["images"]
     print(f"images: {images['converted']} converted, {images['left_out']} left out")
+    vocabularies = report["vocabularies"]
+    print(f"vocabularies: {vocabularies['question_words']} question words, {vocabularies['answers']} answers")
     for kind, count in report["problem_counts"].items():
         print(f"problems: {count} x {kind}")
     print(f"Wrote {output_dir} (details in {output_dir / 'report.json'})")
@@ -990,10 +1225,21 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--features_tsv", nargs="+", default=None, help="Bottom-up-attention TSV feature files.")
     parser.add_argument("--num_proc", type=int, default=1, help="Processes that decode the feature files.")
     parser.add_argument("--strict", action="store_true", help="Stop at the first bad input, do not list it.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output_dir.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing output_dir, if it is a dataset prepared earlier (or empty).",
+    )
     parser.add_argument("--max_question_length", type=int, default=16)
     parser.add_argument("--feature_size", type=int, default=2048)
     parser.add_argument("--feature_dtype", choices=FEATURE_DTYPES, default="float16")
+    parser.add_argument(
+        "--allow_incomplete_eval_splits",
+        action="store_true",
+        help="Leave out val, test and test-dev questions whose image has no usable features (listed in "
+        "report.json) instead of stopping; val accuracy is then computed on fewer questions, and test-dev or test "
+        "results miss them.",
+    )
     args = parser.parse_args(argv)
     # Turned into an exception, a termination request still removes the partial output.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -2,6 +2,7 @@ import base64
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,18 @@ def leftovers(output_dir: Path) -> list[Path]:
     return list(output_dir.parent.glob(f".{output_dir.name}.*"))
 
 
+def edit_json(path: Path, change):
+    """Applies `change` to the content of the JSON file `path`."""
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+TRAIN_QUESTIONS_FILE = "v2_OpenEnded_mscoco_train2014_questions.json"
+TRAIN_ANNOTATIONS_FILE = "v2_mscoco_train2014_annotations.json"
+VAL_ANNOTATIONS_FILE = "v2_mscoco_val2014_annotations.json"
+
+
 def test_answer_vocabulary_keeps_answers_seen_more_than_8_times_in_first_occurrence_order():
     train = ["no", "Two", "yes", "fish", "no", "cat"] + ["yes"] * 8 + ["cat"] * 7 + ["fish"] * 7
     val = ["dog"] * 9 + ["2"] * 8 + ["no"] * 7 + ["cat"]
@@ -79,9 +92,10 @@ def test_question_vocabulary_numbers_words_in_first_occurrence_order_across_list
     }  # fmt: skip
 
 
-def test_prepares_splits_vocabularies_and_labels(raw_vqa_dir, tmp_path):
+def test_prepares_splits_vocabularies_and_labels(raw_vqa_dir, tmp_path, capsys):
     output_dir = tmp_path / "prepared"
     report = prepare(raw_vqa_dir, output_dir)
+    assert "vocabularies: 23 question words, 2 answers" in capsys.readouterr().out
 
     processor = RWSANProcessor.from_pretrained(str(output_dir / "processor"))
     assert processor.id2label == FIXTURE_ANSWERS
@@ -220,6 +234,51 @@ def test_bad_images_are_reported_and_their_questions_left_out(raw_vqa_dir, tmp_p
     assert "problems: 16 x missing_image" in capsys.readouterr().out
 
 
+def test_npz_files_with_only_x_are_converted_without_boxes(raw_vqa_dir, tmp_path):
+    # The original reads only `x`. Image 77 keeps its boxes and size, image 9 has no `x`.
+    for folder, images in RAW_IMAGES.items():
+        for image_id, num_regions in images.items():
+            if image_id != 77:
+                np.savez(npz_path(raw_vqa_dir, folder, image_id), x=raw_region_features(image_id, num_regions).T)
+    np.savez(npz_path(raw_vqa_dir, "train2014", 9), features=raw_region_features(9, 3))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    assert report["problems"][0] == {
+        "kind": "unreadable",
+        "path": str(npz_path(raw_vqa_dir, "train2014", 9)),
+        "reason": "no 'x' (the region features) among its arrays: features",
+        "image_id": 9,
+        "question_id": None,
+    }
+    assert report["problem_counts"] == {"unreadable": 1, "missing_image": 3}
+    rows = image_rows(tmp_path / "prepared")
+    assert len(rows) == 14
+    assert (rows[30]["boxes"], rows[30]["image_width"], rows[30]["image_height"]) == (None, None, None)
+    np.testing.assert_array_equal(stored_features(rows[30]), raw_region_features(30, 5).astype(np.float16))
+    assert rows[77]["boxes"] == raw_boxes(77, 6).tolist()
+    assert (rows[77]["image_width"], rows[77]["image_height"]) == (640, 480)
+
+
+def test_no_usable_image_stops_with_the_causes(raw_vqa_dir, tmp_path):
+    first_path = re.escape(str(npz_path(raw_vqa_dir, "train2014", 9)))
+    with pytest.raises(
+        ValueError,
+        match=r"none of the 15 images the questions refer to has usable features in .*test2015: 15 x "
+        rf"feature_size \(first: {first_path}: x has shape \(6, 3\), expected \(7, num_regions\)\)$",
+    ):
+        prepare_vqa(raw_vqa_dir, tmp_path / "prepared", feature_size=7)
+    assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
+
+
+def test_no_image_in_the_feature_files_stops_with_their_paths(raw_vqa_dir, tmp_path):
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text(tsv_line(999, 2))
+    message = f"none of the 15 images the questions refer to has usable features in {tsv_path}: no feature source"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
+
+
 def test_an_image_read_twice_is_reported_and_the_first_copy_kept(raw_vqa_dir, tmp_path):
     tsv_path = tmp_path / "features.tsv"
     tsv_path.write_text(tsv_line(9, 2))
@@ -306,12 +365,45 @@ def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove
         (
             "v2_OpenEnded_mscoco_val2014_questions.json",
             '{"questions": [{"question_id": 1, "question": "Why?"}]}',
-            r"val2014_questions\.json: questions\[0\] is incomplete: it needs question_id, image_id and question",
+            r"val2014_questions\.json: questions\[0\] has no image_id \(it needs question_id, image_id, question\)",
+        ),
+        ("VG_questions.json", '{"questions": []}', r"VG_questions\.json: its 'questions' list is empty"),
+        ("VG_questions.json", '{"questions": [7]}', r"VG_questions\.json: questions\[0\] is 7, expected an object"),
+        (
+            "VG_questions.json",
+            '{"questions": [{"question_id": 1, "image_id": 9, "question": null}]}',
+            r"VG_questions\.json: questions\[0\]\.question is None, expected a string",
+        ),
+        (
+            "VG_questions.json",
+            '{"questions": [{"question_id": "1", "image_id": 9, "question": "Why?"}]}',
+            r"questions\[0\]\.question_id is '1', expected an integer",
+        ),
+        (
+            "VG_questions.json",
+            '{"questions": [{"question_id": 1, "image_id": true, "question": "Why?"}]}',
+            r"questions\[0\]\.image_id is True, expected an integer",
+        ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "answers": []}]}',
+            r"annotations\[0\] has no multiple_choice_answer \(it needs question_id, multiple_choice_answer, answers\)",
         ),
         (
             "v2_mscoco_val2014_annotations.json",
             '{"annotations": [{"question_id": 1, "multiple_choice_answer": "no", "answers": [{"answer": 0}]}]}',
-            r"annotations\[0\] is incomplete: it needs question_id, multiple_choice_answer and answers \(a list",
+            r"val2014_annotations\.json: annotations\[0\]\.answers\[0\] is \{'answer': 0\}, expected an "
+            r'\{"answer": <string>\} object',
+        ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "multiple_choice_answer": null, "answers": []}]}',
+            r"annotations\[0\]\.multiple_choice_answer is None, expected a string",
+        ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "image_id": "9", "multiple_choice_answer": "no", "answers": []}]}',
+            r"annotations\[0\]\.image_id is '9', expected an integer",
         ),
     ],
 )
@@ -319,6 +411,7 @@ def test_malformed_question_files_are_refused(raw_vqa_dir, tmp_path, file_name, 
     (raw_vqa_dir / "vqa" / file_name).write_text(content)
     with pytest.raises(ValueError, match=message):
         prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_missing_tsv_file_stops_with_its_path(raw_vqa_dir, tmp_path):
@@ -345,6 +438,123 @@ def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):
     assert "sky" in vocabulary and "smiling" not in vocabulary
 
 
+def test_splits_of_which_no_image_has_features_are_skipped_and_strict_works(raw_vqa_dir, tmp_path, capsys):
+    # Trainval TSV files hold no test2015 image: test and test-dev are skipped, not 4 problems.
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    tsv_path = tmp_path / "trainval.tsv"
+    folders = ("train2014", "val2014")
+    tsv_path.write_text(
+        "".join(tsv_line(image_id, regions) for f in folders for image_id, regions in RAW_IMAGES[f].items())
+    )
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path], strict=True)
+
+    assert set(report["splits"]) == {"train", "val", "vg"} and report["problems"] == []
+    assert report["skipped_splits"] == {
+        "test": f"no image features: none of its images (3) is in {tsv_path}",
+        "test-dev": f"no image features: none of its images (1) is in {tsv_path}",
+    }
+    assert f"Skipping test: no image features: none of its images (3) is in {tsv_path}" in capsys.readouterr().out
+    assert not (tmp_path / "prepared" / "questions" / "test").exists()
+    # The test questions still count for the question vocabulary, as in the original.
+    vocabulary = RWSANProcessor.from_pretrained(str(tmp_path / "prepared" / "processor")).tokenizer.get_vocab()
+    assert sorted(vocabulary, key=vocabulary.get) == FIXTURE_QUESTION_WORDS
+
+
+def test_empty_answer_vocabulary_stops_with_the_files_it_comes_from(raw_vqa_dir, tmp_path):
+    for name in (TRAIN_ANNOTATIONS_FILE, VAL_ANNOTATIONS_FILE):
+        edit_json(raw_vqa_dir / "vqa" / name, lambda content: content.update(annotations=content["annotations"][:4]))
+    message = (
+        "the answer vocabulary is empty: no multiple-choice answer occurs 9 or more times in "
+        f"{raw_vqa_dir / 'vqa' / TRAIN_ANNOTATIONS_FILE} and {raw_vqa_dir / 'vqa' / VAL_ANNOTATIONS_FILE}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+
+
+def test_a_split_that_keeps_no_question_stops_with_the_reasons(raw_vqa_dir, tmp_path):
+    train, val = raw_vqa_dir / "vqa" / TRAIN_ANNOTATIONS_FILE, raw_vqa_dir / "vqa" / VAL_ANNOTATIONS_FILE
+    train_content, val_content = train.read_text(), val.read_text()
+    train.write_text(val_content)
+    val.write_text(train_content)
+    questions_path = raw_vqa_dir / "vqa" / TRAIN_QUESTIONS_FILE
+    message = (
+        f"train: none of its 24 questions ({questions_path}) is kept: 24 x missing_annotation (first: "
+        f"{questions_path}: question 90 has no annotation in {train}), 12 x missing_question (first: {train}: "
+        f"question 1330 is annotated but not in {questions_path})"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_repeated_and_mismatched_records_are_reported_and_the_first_kept(raw_vqa_dir, tmp_path):
+    questions_path = raw_vqa_dir / "vqa" / TRAIN_QUESTIONS_FILE
+    annotations_path = raw_vqa_dir / "vqa" / TRAIN_ANNOTATIONS_FILE
+
+    def repeat_question_90(content):
+        content["questions"].append({"question_id": 90, "image_id": 9, "question": "Is the dog red?"})
+
+    def repeat_annotation_91_and_move_92(content):
+        annotations = content["annotations"]
+        annotations.append(dict(annotations[1], multiple_choice_answer="no", answers=[{"answer": "no"}] * 10))
+        annotations[2]["image_id"] = 77
+
+    edit_json(questions_path, repeat_question_90)
+    edit_json(annotations_path, repeat_annotation_91_and_move_92)
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    assert [(problem["kind"], problem["path"], problem["reason"]) for problem in report["problems"]] == [
+        (
+            "duplicate_question",
+            str(questions_path),
+            "questions[24] repeats question 90 of questions[0]; only the first is kept",
+        ),
+        (
+            "duplicate_annotation",
+            str(annotations_path),
+            "annotations[24] repeats question 91 of annotations[1]; only the first is kept",
+        ),
+        (
+            "image_mismatch",
+            str(annotations_path),
+            f"the annotation of question 92 is about image 77, the question in {questions_path} about image 9",
+        ),
+    ]
+    assert report["splits"]["train"] == {"questions": 25, "kept": 23}
+    train = {row["question_id"]: row for row in load_from_disk(str(tmp_path / "prepared" / "questions" / "train"))}
+    assert len(train) == 23 and 92 not in train
+    assert train[90]["question"] == "What color is the car?"
+    assert train[91]["multiple_choice_answer"] == "yes"
+
+    with pytest.raises(
+        ValueError, match=r"questions\[24\] repeats question 90 of questions\[0\]; .* \(stopped by --strict\)"
+    ):
+        prepare(raw_vqa_dir, tmp_path / "strict", strict=True)
+
+
+@pytest.mark.parametrize(
+    ("folder", "image_id", "split", "num_questions"), [("val2014", 164, "val", 12), ("test2015", 57, "test", 3)]
+)
+def test_eval_questions_without_features_stop_unless_allowed(
+    raw_vqa_dir, tmp_path, folder, image_id, split, num_questions
+):
+    npz_path(raw_vqa_dir, folder, image_id).unlink()
+    num_missing = 3 if split == "val" else 1
+    questions_path = raw_vqa_dir / "vqa" / f"v2_OpenEnded_mscoco_{folder}_questions.json"
+    message = (
+        f"{split}: {num_missing} of its {num_questions} questions have no usable image features ({num_missing} x "
+        f"missing_image (first: {questions_path}: its image {image_id} has no features)); an evaluation split needs "
+        "every question, pass --allow_incomplete_eval_splits to leave them out"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", allow_incomplete_eval_splits=True)
+    assert report["splits"][split] == {"questions": num_questions, "kept": num_questions - num_missing}
+    assert report["problem_counts"] == {"missing_image": num_missing}
+
+
 def test_existing_output_is_refused_without_overwrite(raw_vqa_dir, tmp_path):
     output_dir = tmp_path / "prepared"
     output_dir.mkdir()
@@ -353,9 +563,77 @@ def test_existing_output_is_refused_without_overwrite(raw_vqa_dir, tmp_path):
         prepare(raw_vqa_dir, output_dir)
     assert (output_dir / "keep.txt").read_text() == "mine"
 
-    prepare(raw_vqa_dir, output_dir, overwrite=True)
-    assert not (output_dir / "keep.txt").exists() and (output_dir / "report.json").is_file()
+
+def test_overwrite_replaces_a_prepared_dataset(raw_vqa_dir, tmp_path):
+    output_dir = tmp_path / "prepared"
+    prepare(raw_vqa_dir, output_dir)
+    for name in ("VG_questions.json", "VG_annotations.json"):
+        (raw_vqa_dir / "vqa" / name).unlink()
+    report = prepare(raw_vqa_dir, output_dir, overwrite=True)
+    assert "vg" not in report["splits"] and not (output_dir / "questions" / "vg").exists()
+    assert json.loads((output_dir / "report.json").read_text()) == report
     assert not leftovers(output_dir)
+
+
+@pytest.mark.parametrize(
+    ("entries", "found"),
+    [
+        (["keep.txt", "images/"], "it holds keep.txt"),
+        (["images/", "questions/", "processor/"], "it has no report.json"),
+    ],
+)
+def test_overwrite_refuses_a_folder_that_is_not_a_prepared_dataset(raw_vqa_dir, tmp_path, entries, found):
+    output_dir = tmp_path / "prepared"
+    output_dir.mkdir()
+    for entry in entries:
+        (output_dir / entry).mkdir() if entry.endswith("/") else (output_dir / entry).write_text("mine")
+    message = (
+        f"{output_dir} is not a prepared dataset ({found}), and --overwrite replaces only a folder of images, "
+        "questions, processor, report.json: remove it yourself or choose another output_dir"
+    )
+    with pytest.raises(FileExistsError, match=re.escape(message)):
+        prepare(raw_vqa_dir, output_dir, overwrite=True)
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(entry.rstrip("/") for entry in entries)
+    assert not leftovers(output_dir)
+
+
+def symlink_to(target: Path) -> Path:
+    link = target.parent / "link"
+    link.symlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize(
+    ("output_of", "relation"),
+    [
+        (lambda data_root: data_root, "is"),
+        (symlink_to, "is"),
+        (lambda data_root: data_root / "prepared", "lies inside"),
+        (lambda data_root: data_root.parent, "contains"),
+    ],
+    ids=["data_root", "symlink", "inside", "parent"],
+)
+def test_output_dir_overlapping_data_root_is_refused_and_the_raw_data_kept(raw_vqa_dir, output_of, relation):
+    raw_files = sorted(raw_vqa_dir.rglob("*"))
+    output_dir = output_of(raw_vqa_dir)
+    message = (
+        f"output_dir {output_dir} {relation} data_root {raw_vqa_dir}: choose an output_dir apart from the raw data, "
+        "which --overwrite would otherwise delete"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, output_dir, overwrite=True)
+    assert sorted(raw_vqa_dir.rglob("*")) == raw_files
+
+
+def test_output_dir_holding_a_feature_file_is_refused(raw_vqa_dir, tmp_path):
+    tsv_dir = tmp_path / "tsv"
+    tsv_dir.mkdir()
+    tsv_path = tsv_dir / "features.tsv"
+    tsv_path.write_text("".join(all_tsv_lines()))
+    message = f"output_dir {tsv_dir} holds the feature file {tsv_path}: choose an output_dir apart from it"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tsv_dir, features_tsv=[tsv_path], overwrite=True)
+    assert tsv_path.read_text() == "".join(all_tsv_lines())
 
 
 def test_failure_half_way_leaves_no_dataset(raw_vqa_dir, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ from rwsan import RWSANConfig, RWSANForVQA, save_for_pipeline
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
 from rwsan.predict import write_predictions
-from rwsan.processing_rwsan import load_glove_embeddings
+from rwsan.processing_rwsan import check_processor_fits_model, load_glove_embeddings
 from rwsan.reporting import plot_training_history, write_model_card
 from rwsan.training import (
     StopOnNonFiniteLoss,
@@ -190,17 +190,6 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
         model = RWSANForVQA.from_pretrained(
             model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
         )
-        if model.config.id2label != processor.id2label:
-            raise UsageError(
-                f"The answers of {model_args.model_name_or_path} ({model.config.num_labels}) are not those of the "
-                f"dataset's processor ({len(processor.id2label)}): the classifier would score the wrong answers. "
-                "Prepare the data with the model's processor, or train a new model."
-            )
-        if model.get_input_embeddings().num_embeddings != len(processor.tokenizer):
-            raise UsageError(
-                f"{model_args.model_name_or_path} embeds {model.get_input_embeddings().num_embeddings} question "
-                f"tokens but the dataset's tokenizer has {len(processor.tokenizer)}."
-            )
     else:
         config = RWSANConfig(
             vocab_size=len(processor.tokenizer),
@@ -217,6 +206,13 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
             f"The dataset's region features have {feature_size} values but the model expects "
             f"{model.config.image_feature_size} (config.image_feature_size)."
         )
+    if model_args.model_name_or_path:
+        try:
+            check_processor_fits_model(
+                processor, model.config, model_args.model_name_or_path, "the dataset's processor"
+            )
+        except ValueError as error:
+            raise UsageError(f"{error}. Prepare the data with the model's processor, or train a new model.") from None
     if model_args.glove_path:
         embeddings = load_glove_embeddings(
             model_args.glove_path, processor.tokenizer.get_vocab(), model.config.word_embedding_size

@@ -93,7 +93,8 @@ def main():
     torch.manual_seed(0)
     processor = paper_size_processor()
     with tempfile.TemporaryDirectory() as folder:
-        save_for_pipeline(RWSANForVQA(RWSANConfig(vocab_size=PAPER_VOCAB_SIZE)), processor, folder)
+        model = RWSANForVQA(RWSANConfig(vocab_size=PAPER_VOCAB_SIZE, id2label=processor.id2label))
+        save_for_pipeline(model, processor, folder)
         vqa = pipeline("vqa-features", model=folder, pipeline_class=RWSANVQAPipeline, device=args.device)
         report = measure(vqa, args.regions, args.warmup, args.repeats)
     print(json.dumps(report, indent=2))

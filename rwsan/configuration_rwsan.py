@@ -1,10 +1,32 @@
 """RWSAN model configuration."""
 
+from collections.abc import Mapping
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 # The VQA-v2 answer vocabulary of the paper (train+val answers seen more than 8 times).
 PAPER_NUM_ANSWERS = 3129
+
+
+def checked_answer_vocabulary(id2label: Mapping[int, str], name: str = "id2label") -> dict[int, str]:
+    """Checks an answer vocabulary (answer id -> answer) and returns it with int ids (JSON makes them strings), in
+    id order. The ids must be `0..num_answers - 1` and the answers distinct strings, at least one; `name` says
+    whose vocabulary an error is about."""
+    if not isinstance(id2label, Mapping):
+        raise ValueError(f"{name} must map answer ids to answers, got {type(id2label).__name__}")
+    answers_by_id = {}
+    for label_id, label in id2label.items():
+        if not str(label_id).isdigit() or not isinstance(label, str):
+            raise ValueError(f"{name} must map integer ids to strings, got {label_id!r}: {label!r}")
+        answers_by_id[int(label_id)] = label
+    if not answers_by_id:
+        raise ValueError(f"{name} has no answers")
+    if sorted(answers_by_id) != list(range(len(answers_by_id))):
+        raise ValueError(f"{name} ids must be 0..{len(answers_by_id) - 1}, each used once")
+    if len(set(answers_by_id.values())) != len(answers_by_id):
+        raise ValueError(f"{name} has repeated answers")
+    return dict(sorted(answers_by_id.items()))
 
 
 @strict
@@ -34,7 +56,9 @@ class RWSANConfig(PreTrainedConfig):
         flat_output_size (`int`, defaults to 1024): size of the fused question-image representation.
         dropout (`float`, defaults to 0.1): dropout on attention maps, residual branches and MLPs.
         layer_norm_eps (`float`, defaults to 1e-6): epsilon added to the standard deviation in every layer norm.
-        id2label / label2id: the answer vocabulary. Without them the head has 3,129 answers named `LABEL_i`.
+        id2label / label2id: the answer vocabulary: ids `0..num_answers - 1`, distinct answers; `label2id`, derived
+            when not given, must be its inverse. Without them the head has `num_labels` (3,129 unless given) answers
+            named `LABEL_i`.
 
     Example:
 
@@ -67,11 +91,38 @@ class RWSANConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
-        if self.id2label is None and kwargs.get("num_labels") is None:
-            kwargs["num_labels"] = PAPER_NUM_ANSWERS
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+        ):
+            raise ValueError(f"RWSANConfig.num_labels must be a positive integer, got {num_labels!r}")
+        if self.id2label is None:
+            if num_labels is None:
+                kwargs["num_labels"] = PAPER_NUM_ANSWERS
+        else:
+            self.id2label = checked_answer_vocabulary(self.id2label, "RWSANConfig.id2label")
+            # transformers would only log the conflict, then name the answers LABEL_i.
+            if num_labels is not None and num_labels != len(self.id2label):
+                raise ValueError(
+                    f"RWSANConfig got num_labels={num_labels} but an id2label of {len(self.id2label)} answers; pass "
+                    "id2label alone: num_labels follows from it"
+                )
         super().__post_init__(**kwargs)
+        inverse = {label: index for index, label in self.id2label.items()}
         if self.label2id is None:
-            self.label2id = {label: index for index, label in self.id2label.items()}
+            self.label2id = inverse
+        elif self.label2id != inverse:
+            differing = sorted(
+                (
+                    label
+                    for label in inverse.keys() | self.label2id.keys()
+                    if self.label2id.get(label) != inverse.get(label)
+                ),
+                key=str,
+            )
+            raise ValueError(
+                f"RWSANConfig.label2id must map each answer of id2label back to its id; it differs on {differing[:5]}"
+            )
         self._check_sizes()
 
     def _check_sizes(self):

@@ -20,7 +20,7 @@ import torch
 from .configuration_rwsan import RWSANConfig
 from .modeling_rwsan import RWSANForVQA
 from .pipeline_rwsan import save_for_pipeline
-from .processing_rwsan import RWSANProcessor
+from .processing_rwsan import RWSANProcessor, check_processor_fits_model
 from .reporting import write_model_card
 
 # Original module path -> this implementation's, applied in order to every key (the original's names appear only here).
@@ -185,17 +185,16 @@ def load_original_checkpoint(
 
 
 def _read_processor(path: str | os.PathLike, model: RWSANForVQA) -> RWSANProcessor:
+    if not Path(path).is_dir():
+        raise CheckpointError(f"Processor folder not found: {path}")
     processor = RWSANProcessor.from_pretrained(str(path))
-    if dict(processor.id2label) != model.config.id2label:
+    try:
+        check_processor_fits_model(processor, model.config, "the checkpoint", f"the processor in {path}")
+    except ValueError as error:
         raise CheckpointError(
-            f"The answers of the processor in {path} ({len(processor.id2label)}) are not the checkpoint's "
-            f"({model.config.num_labels}, named by --answer_dict): prepare the data with the original answer_dict."
-        )
-    if len(processor.tokenizer) != model.config.vocab_size:
-        raise CheckpointError(
-            f"The processor in {path} has {len(processor.tokenizer)} question tokens but the checkpoint embeds "
-            f"{model.config.vocab_size}: it was not prepared from the same questions."
-        )
+            f"{error} (the checkpoint's answers are named by --answer_dict; the processor's data must be prepared "
+            "with the same answers and questions)"
+        ) from None
     return processor
 
 
@@ -212,6 +211,8 @@ def convert(
     the pipeline code: a complete, hub-ready folder that `pipeline(model=..., trust_remote_code=True)` loads.
     """
     output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"Output folder {output} is a file; choose another path.")
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"Output folder {output} exists and is not empty; choose another or remove it.")
     model = load_original_checkpoint(checkpoint, answer_dict, **config_overrides)
@@ -254,7 +255,7 @@ def main(argv=None):
             num_sgrwsa_repeats=args.num_sgrwsa_repeats,
             num_attention_heads=args.num_attention_heads,
         )
-    except (CheckpointError, FileExistsError) as error:
+    except (ValueError, OSError) as error:  # a bad checkpoint, setting or output folder, not a bug: no traceback
         parser.exit(2, f"error: {error}\n")
     print(f"Wrote {args.output_dir}: {model.num_parameters():,} parameters, {model.config.num_labels} answers.")
 

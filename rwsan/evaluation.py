@@ -1,11 +1,13 @@
-"""VQA-v2 accuracy, computed exactly as the official evaluation script shipped with RWSAN (utils/vqaEval.py).
+"""VQA-v2 accuracy, computed exactly as the evaluation script shipped with RWSAN (its `utils/vqaEval.py`, which
+MCAN ships too): the VQA API's `vqaEval.py` as it was before GT-Vision-Lab/VQA's commit a013f00 ("Fixed processing
+answers bug"). The current script of GT-Vision-Lab/VQA scores some answers differently (see below).
 
 A predicted answer earns, for each of the ten annotators, `min(1, matches / 3)` where `matches` counts the
 *other* annotators who gave that answer; the question's accuracy is the mean over the ten leave-one-out
 subsets. So 1, 2, 3 and 4 or more annotators agreeing with the prediction give 0.3, 0.6, 0.9 and 1.0.
 Aggregates are percentages rounded to two decimals, `round(100 * sum / count, 2)`, like the official script.
 
-Answers are compared after the official normalisation, quirks included:
+Answers are compared after the normalisation of RWSAN's script, quirks included:
 
 - the prediction is always normalised: newlines and tabs become spaces, it is stripped, punctuation is removed
   or turned into spaces, it is lower-cased, number words become digits, articles are dropped and contractions
@@ -16,7 +18,13 @@ Answers are compared after the official normalisation, quirks included:
   digit-comma-digit group anywhere; otherwise it becomes a space;
 - a period is deleted unless a digit follows it, and at most 32 periods are deleted per answer.
 
-Other releases of the VQA API differ in such details; this module follows the copy in the RWSAN repository.
+The current GT-Vision-Lab/VQA script differs in three ways: it normalises the prediction only when the annotators
+disagree (with ten identical answers, the prediction is only stripped); it then also gives the ground-truth answers
+the number, article and contraction step (`processDigitArticle`) after the punctuation one; and it turns newlines
+and tabs of the ground-truth answers into spaces and strips them. For example, with the annotators' answers
+2 x "2" + 8 x "two" and the prediction "2", this module scores 60 ("two" stays "two", so two annotators agree)
+and the current script 100; 2 x "dog" + 8 x "a dog" with the prediction "dog" likewise. Numbers from here compare
+with those of RWSAN's and MCAN's code, not with those of tools that use the current script.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,13 +54,14 @@ _cached_punctuation = lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)(normalize_pun
 
 @lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)
 def normalize_answer(answer: str) -> str:
-    """Normalise a predicted answer as the official script does before comparing it with the annotators'."""
+    """Normalise a predicted answer as RWSAN's script does, always, before comparing it with the annotators'."""
     single_line = answer.replace("\n", " ").replace("\t", " ").strip()
     return normalize_words(normalize_punctuation(single_line))
 
 
 def normalize_gt_answers(gt_answers: Sequence[str]) -> list[str]:
-    """Normalise one question's annotator answers as the official script does (see the module docstring)."""
+    """Normalise one question's annotator answers as RWSAN's script does: the punctuation step only, and only when
+    the annotators disagree (the current official script differs: see the module docstring)."""
     if len(set(gt_answers)) > 1:
         return [_cached_punctuation(answer) for answer in gt_answers]
     return list(gt_answers)
@@ -97,7 +106,8 @@ def _check_prediction(prediction: Any, where: str) -> None:
 
 
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """Official VQA accuracy (0 to 1) of one predicted answer against the annotators' answers (usually ten).
+    """VQA accuracy (0 to 1), as RWSAN's script computes it, of one predicted answer against the annotators'
+    answers (usually ten).
 
     Each string counts as a different annotator, as every entry of the official annotations does.
     """
@@ -124,7 +134,8 @@ def compute_vqa_accuracy(
     answer_types: Sequence[str] | None = None,
     precision: int = DEFAULT_PRECISION,
 ) -> dict[str, float]:
-    """Overall and per-answer-type official accuracy of many predictions, in percent, for training loops.
+    """Overall and per-answer-type VQA accuracy of many predictions (as RWSAN's script computes it), in percent,
+    for training loops.
 
     Returns `{"accuracy": ..., "accuracy_<answer type>": ...}` (e.g. `accuracy_yes/no`, `accuracy_number`,
     `accuracy_other`, in order of first appearance), equal to the official `overall` and `perAnswerType`

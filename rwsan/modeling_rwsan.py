@@ -69,9 +69,10 @@ class RWSANModelOutput(ModelOutput):
 
 
 @dataclass
-class RWSANForVQAOutput(RWSANModelOutput):
+class RWSANForVQAOutput(ModelOutput):
     """
-    Output of [`RWSANForVQA`]: everything of [`RWSANModelOutput`], plus
+    Output of [`RWSANForVQA`]: the loss and logits first, as transformers' `Trainer` and other generic code expect of
+    tuple outputs, then every field of [`RWSANModelOutput`], described there.
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, when `labels` are given): binary cross-entropy with logits against
@@ -81,6 +82,16 @@ class RWSANForVQAOutput(RWSANModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    question_last_hidden_state: torch.FloatTensor | None = None
+    image_last_hidden_state: torch.FloatTensor | None = None
+    question_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    question_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    guided_attentions: tuple[torch.FloatTensor, ...] | None = None
+    question_flattening_weights: torch.FloatTensor | None = None
+    image_flattening_weights: torch.FloatTensor | None = None
 
 
 class RWSANLayerNorm(nn.Module):
@@ -462,22 +473,29 @@ class RWSANModel(RWSANPreTrainedModel):
     ) -> RWSANModelOutput | tuple:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(B, T)`): question token ids; 0 is padding.
+            input_ids (`torch.LongTensor` of shape `(B, T)`): question token ids (int64 or int32); 0 is padding.
             image_features (`torch.FloatTensor` of shape `(B, R, image_feature_size)`): region features; rows of
                 zeros are padding. Any float dtype; they are cast to the model's.
             attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for real tokens, 0 for padding.
-                Derived from `input_ids != 0` when not given, as the original does.
+                Derived from `input_ids != config.pad_token_id` when not given, as the original does. A question
+                without any real token departs from the original: there every attention score over it is set to
+                -5e4, so attention over it is uniform, while here -5e4 is added to the scores, which still shape
+                the weights (logits differ by a few thousandths); VQA questions always have a word.
             image_attention_mask (`torch.Tensor` of shape `(B, R)`, *optional*): 1 for real regions, 0 for padding.
                 Derived from the non-zero rows of `image_features` when not given, as the original does.
             output_attentions (`bool`, *optional*): return every attention map and the flattening weights
                 (computed with the eager attention path).
             output_hidden_states (`bool`, *optional*): return the hidden states after every shared block.
+
+        Mis-shaped inputs (masks that would broadcast, batches of different sizes, features of another size) raise a
+        `ValueError`; values are not checked, which would make the GPU wait.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        _check_input_shapes(self.config, input_ids, image_features, attention_mask, image_attention_mask)
 
         image_features = image_features.to(self.image_projection.weight.dtype)
         if attention_mask is None:
@@ -544,6 +562,41 @@ class RWSANModel(RWSANPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def _check_input_shapes(
+    config: RWSANConfig,
+    input_ids: torch.Tensor,
+    image_features: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_attention_mask: torch.Tensor | None,
+) -> None:
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            "input_ids must be a (batch_size, question_length) tensor of int64 or int32 token ids, got shape "
+            f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}"
+        )
+    if image_features.ndim != 3 or image_features.shape[-1] != config.image_feature_size:
+        raise ValueError(
+            f"image_features must have shape (batch_size, num_regions, {config.image_feature_size}), got "
+            f"{tuple(image_features.shape)}"
+        )
+    if input_ids.shape[0] != image_features.shape[0]:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[0]} questions but image_features has {image_features.shape[0]} images"
+        )
+    if attention_mask is None and config.pad_token_id is None:
+        raise ValueError("attention_mask is needed: config.pad_token_id is None, so input_ids cannot tell padding")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids, {tuple(input_ids.shape)}, got "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if image_attention_mask is not None and image_attention_mask.shape != image_features.shape[:2]:
+        raise ValueError(
+            f"image_attention_mask must have the shape (batch_size, num_regions) of image_features, "
+            f"{tuple(image_features.shape[:2])}, got {tuple(image_attention_mask.shape)}"
+        )
+
+
 def _padding_to_bias(padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`(B, L)` bool, True at padding -> additive attention bias `(B, 1, 1, L)`."""
     bias = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(padding, MASKED_SCORE)
@@ -561,6 +614,17 @@ class RWSANForVQA(RWSANPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.rwsan.word_embeddings
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; where it writes this file beside the weights (the class is registered
+        for an auto class), the config's `auto_map` also names [`RWSANModel`] for `AutoModel`, so that
+        `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads the encoder as it does with `rwsan`
+        installed. (A class registers for one auto class only.)"""
+        if self._auto_class is not None:
+            module_name = RWSANModel.__module__.rsplit(".", 1)[-1]
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": f"{module_name}.{RWSANModel.__name__}"}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.rwsan.word_embeddings = value

@@ -2,7 +2,8 @@
 
 This file is also copied beside saved models (`RWSANVQAPipeline.save_pretrained`) and imported there by
 transformers' dynamic module loader (`pipeline(model=folder, trust_remote_code=True)`), where the `rwsan` package
-may not be installed: it imports only the standard library, numpy, torch and transformers.
+may not be installed: it imports only the standard library, numpy, torch, transformers and `processing_rwsan` (with
+`configuration_rwsan`), which saving copies beside it too.
 """
 
 import os
@@ -15,6 +16,8 @@ import torch
 from transformers import AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
+
+from .processing_rwsan import check_processor_fits_model
 
 logger = logging.get_logger(__name__)
 
@@ -54,9 +57,7 @@ def _rows_array(where: str, field: str, values, row_size: int) -> np.ndarray:
             raise ValueError(f"{where}: {field} must hold real numbers, got dtype {rows.dtype}")
         rows = rows.astype(np.float32, copy=False)
     if rows.ndim != 2 or rows.shape[1] != row_size:
-        raise ValueError(
-            f"{where}: {field} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})"
-        )
+        raise ValueError(f"{where}: {field} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})")
     if len(rows) == 0:
         raise ValueError(f"{where}: {field} has no regions")
     if not np.isfinite(rows).all():
@@ -115,13 +116,15 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
 class RWSANVQAPipeline(Pipeline):
     """
     Visual question answering on pre-extracted region features (bottom-up attention features) with an RWSAN
-    model (`RWSANForVQA`) and its `RWSANProcessor`.
+    model (`RWSANForVQA`) and its `RWSANProcessor`. A processor that does not fit the model (other answers, question
+    tokens or feature size: see `check_processor_fits_model`) is refused with a `ValueError`.
 
     An input is a dict:
     - `"question"` (`str`);
     - `"image_features"`: the image's `(num_regions, feature_size)` region features (numpy array or torch
       tensor), or the path of a `.npz` file in the original release's layout (see [`load_region_file`]), whose
-      boxes and image size then come with the attention weights;
+      boxes and image size then come with the attention weights. All-zero rows are padding, as for the model
+      and the original: features padded to 100 regions answer as the unpadded ones;
     - `"boxes"` (*optional*): the `(num_regions, 4)` region boxes, for the attention weights.
 
     Call parameters:
@@ -134,7 +137,8 @@ class RWSANVQAPipeline(Pipeline):
     unknown to the vocabulary, each answer also has `"warning": "all question words are unknown to the
     vocabulary"` (it is still answered, as by the original). With `output_attentions=True`, a result is a dict:
     `answers` (the list above), `question`, `words` (the question words the model saw), `word_weights`,
-    `region_weights` (one per region the model saw), `boxes` (or None) and `image_size` (`(width, height)` or
+    `region_weights` (one per region the model saw: every row up to the last one not all zero, the padding rows
+    among them with weight 0), `boxes` (those of the same rows, or None) and `image_size` (`(width, height)` or
     None).
 
     Example (`trust_remote_code=True` because the folder's config.json names this pipeline, as saved by
@@ -161,6 +165,7 @@ class RWSANVQAPipeline(Pipeline):
                 "RWSANVQAPipeline needs the RWSANProcessor: save it beside the model "
                 "(processor.save_pretrained(model_folder)) or pass processor=..."
             )
+        check_processor_fits_model(self.processor, self.model.config)
 
     def __call__(self, inputs, **kwargs):
         if isinstance(inputs, list):
@@ -198,11 +203,7 @@ class RWSANVQAPipeline(Pipeline):
             if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
                 raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
             postprocess_parameters["top_k"] = top_k
-        if (
-            output_attentions is not None
-            and return_attention is not None
-            and output_attentions != return_attention
-        ):
+        if output_attentions is not None and return_attention is not None and output_attentions != return_attention:
             raise ValueError(
                 f"output_attentions={output_attentions} and return_attention={return_attention} disagree; "
                 "they are the same option"
@@ -241,6 +242,8 @@ class RWSANVQAPipeline(Pipeline):
             raise ValueError(f"{where}: question {question!r} has no words once its punctuation is removed")
 
         region_data = self._region_data(where, inputs["image_features"])
+        if not region_data["image_features"].any():
+            raise ValueError(f"{where}: image_features has no regions: all its rows are zero, which marks padding")
         if inputs.get("boxes") is not None:
             region_data["boxes"] = _rows_array(where, "boxes", inputs["boxes"], 4)
         boxes = region_data["boxes"]
@@ -252,21 +255,21 @@ class RWSANVQAPipeline(Pipeline):
 
         model_inputs = self.processor(text=question, image_features=[region_data["image_features"]])
         all_words_unknown = bool((model_inputs["input_ids"] == self.tokenizer.unk_token_id).all())
+        num_regions = model_inputs["image_features"].shape[1]
         return {
             **model_inputs,
             "question": question,
             "words": words[: model_inputs["input_ids"].shape[1]],
-            # Plain lists: batching collates them into per-question lists and hands them back unchanged.
-            "boxes": None if boxes is None else boxes[: self.processor.max_regions].tolist(),
+            # Plain values and lists: batching collates them into per-question lists and hands them back unchanged.
+            "num_regions": num_regions,
+            "boxes": None if boxes is None else boxes[:num_regions].tolist(),
             "image_size": region_data["image_size"],
             "warning": ALL_WORDS_UNKNOWN_WARNING if all_words_unknown else None,
         }
 
     def _forward(self, model_inputs: dict, output_attentions: bool = False) -> dict:
         if self.model.training:
-            logger.warning_once(
-                "The model is in training mode: dropout makes the answers random. Call model.eval()."
-            )
+            logger.warning_once("The model is in training mode: dropout makes the answers random. Call model.eval().")
         outputs = self.model(
             **{name: model_inputs[name] for name in MODEL_INPUT_NAMES}, output_attentions=output_attentions
         )
@@ -286,9 +289,9 @@ class RWSANVQAPipeline(Pipeline):
         if not output_attentions:
             return answers
 
-        # Batches are padded: keep the weights of the real words and regions only.
+        # Batches are padded: keep the weights of the words and regions of this question only.
         num_words = int(model_outputs["attention_mask"].sum())
-        num_regions = int(model_outputs["image_attention_mask"].sum())
+        num_regions = model_outputs["num_regions"]
         return {
             "answers": answers,
             "question": model_outputs["question"],
@@ -337,5 +340,6 @@ def save_for_pipeline(model, processor, save_directory: str | os.PathLike):
     """Saves `model` and `processor` in `save_directory` with this pipeline: config.json then names it in
     `custom_pipelines` and this file is copied beside the weights, so that `pipeline(model=save_directory,
     trust_remote_code=True)` works where the `rwsan` package is not installed. The model is left where it is and
-    in the mode it is in."""
+    in the mode it is in. A processor that does not fit the model is refused with a `ValueError`, and nothing is
+    written."""
     RWSANVQAPipeline(model=model, processor=processor, device=model.device).save_pretrained(save_directory)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import VQACollator, load_vqa_dataset
 from .modeling_rwsan import RWSANForVQA
 from .pipeline_rwsan import RWSANVQAPipeline
-from .processing_rwsan import RWSANProcessor
+from .processing_rwsan import RWSANProcessor, check_processor_fits_model
 from .visualization import plot_attention
 
 
@@ -62,9 +62,7 @@ def write_predictions(
         )
     unknown = sorted({int(index) for index in answer_indices.tolist()} - set(id2label))
     if unknown:
-        raise ValueError(
-            f"answer indices {unknown[:5]} are not in id2label (answer ids 0..{len(id2label) - 1})"
-        )
+        raise ValueError(f"answer indices {unknown[:5]} are not in id2label (answer ids 0..{len(id2label) - 1})")
     predictions = [
         {"question_id": int(question_id), "answer": id2label[int(index)]}
         for question_id, index in zip(question_ids.tolist(), answer_indices.tolist())
@@ -76,7 +74,8 @@ def write_predictions(
 
 
 def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple[RWSANForVQA, RWSANProcessor]:
-    """Loads a saved `RWSANForVQA` and the `RWSANProcessor` saved beside it, the model in eval mode on `device`."""
+    """Loads a saved `RWSANForVQA` and the `RWSANProcessor` saved beside it, the model in eval mode on `device`;
+    refuses a processor that does not fit the model (see `check_processor_fits_model`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PredictionError(f"model folder not found: {model_dir}")
@@ -85,11 +84,14 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple
         ("processor_config.json", "processor.save_pretrained"),
     ):
         if not (model_dir / file_name).is_file():
-            raise PredictionError(
-                f"{model_dir} has no {file_name}; save one there with {saved_by}({model_dir})"
-            )
+            raise PredictionError(f"{model_dir} has no {file_name}; save one there with {saved_by}({model_dir})")
     model = RWSANForVQA.from_pretrained(model_dir).to(device).eval()
-    return model, RWSANProcessor.from_pretrained(model_dir)
+    processor = RWSANProcessor.from_pretrained(model_dir)
+    try:
+        check_processor_fits_model(processor, model.config, f"the model in {model_dir}", "the processor beside it")
+    except ValueError as error:
+        raise PredictionError(str(error)) from None
+    return model, processor
 
 
 def answer_question(

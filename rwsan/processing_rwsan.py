@@ -2,7 +2,7 @@
 
 This file is also copied beside saved processors and imported there by transformers' dynamic module loader
 (`trust_remote_code=True`), where the `rwsan` package may not be installed: it imports only the standard
-library, numpy, torch, tokenizers and transformers.
+library, numpy, torch, tokenizers, transformers and `configuration_rwsan`, which saving copies beside it too.
 """
 
 import os
@@ -16,6 +16,8 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
+
+from .configuration_rwsan import checked_answer_vocabulary
 
 PAD_TOKEN = "PAD"
 UNK_TOKEN = "UNK"
@@ -214,22 +216,6 @@ def _check_vocab(vocab: Mapping[str, int]) -> None:
         raise ValueError(f"vocab ids must be 0..{len(vocab) - 1}, each used once")
 
 
-def _answer_vocabulary(id2label: Mapping[int, str]) -> dict[int, str]:
-    """Checks an answer vocabulary; returns it with int ids (JSON turns them into strings), in id order."""
-    if not isinstance(id2label, Mapping):
-        raise ValueError(f"id2label must map answer ids to answers, got {type(id2label).__name__}")
-    answers_by_id = {}
-    for label_id, label in id2label.items():
-        if not str(label_id).isdigit() or not isinstance(label, str):
-            raise ValueError(f"id2label must map integer ids to strings, got {label_id!r}: {label!r}")
-        answers_by_id[int(label_id)] = label
-    if sorted(answers_by_id) != list(range(len(answers_by_id))):
-        raise ValueError(f"id2label ids must be 0..{len(answers_by_id) - 1}, each used once")
-    if len(set(answers_by_id.values())) != len(answers_by_id):
-        raise ValueError("id2label has repeated answers")
-    return dict(sorted(answers_by_id.items()))
-
-
 def normalize_answer_punctuation(answer: str) -> str:
     """The official `processPunctuation` (the only normalisation the evaluation gives ground-truth answers)."""
     # Like the official code, the conditions look at the answer as given, not at the partly processed one.
@@ -281,9 +267,9 @@ def _as_float32_array(name: str, values) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _region_batch(name: str, batch, row_size: int) -> tuple[list[np.ndarray], list[int]]:
-    """Splits a batch of region rows into one float32 `(rows, row_size)` array per image, and counts the real
-    rows of each: all of them for a sequence of arrays, all but the trailing all-zero ones for a 3-D array."""
+def _region_batch(name: str, batch, row_size: int) -> list[np.ndarray]:
+    """Splits a batch of region rows, a sequence of `(rows, row_size)` arrays or one `(batch_size, rows, row_size)`
+    array, into checked float32 `(rows, row_size)` arrays, one per image."""
     if isinstance(batch, (np.ndarray, torch.Tensor)):
         if batch.ndim != 3:
             raise ValueError(
@@ -291,27 +277,29 @@ def _region_batch(name: str, batch, row_size: int) -> tuple[list[np.ndarray], li
                 f"num_regions, {row_size}) array, got an array of shape {tuple(batch.shape)}"
             )
         items = list(_as_float32_array(name, batch))
-        has_zero_padding = True
     else:
         _check_batch_sequence(name, batch)
         items = [_as_float32_array(f"{name}[{index}]", item) for index, item in enumerate(batch)]
-        has_zero_padding = False
 
-    num_real_rows = []
     for index, item in enumerate(items):
         if item.ndim != 2 or item.shape[1] != row_size:
             raise ValueError(f"{name}[{index}] has shape {tuple(item.shape)}, expected (num_regions, {row_size})")
         if not np.isfinite(item).all():
             raise ValueError(f"{name}[{index}] contains NaN or infinite values")
-        num_real_rows.append(_num_rows_before_zero_padding(item) if has_zero_padding else len(item))
-        if num_real_rows[-1] == 0:
+    return items
+
+
+def _num_rows_before_zero_padding(name: str, features: list[np.ndarray]) -> list[int]:
+    """How many rows of each image's features to keep: all but the trailing all-zero ones, which are padding."""
+    num_rows = []
+    for index, rows in enumerate(features):
+        if len(rows) == 0:
             raise ValueError(f"{name}[{index}] has no regions")
-    return items, num_real_rows
-
-
-def _num_rows_before_zero_padding(rows: np.ndarray) -> int:
-    nonzero_rows = np.flatnonzero(rows.any(axis=1))
-    return int(nonzero_rows[-1]) + 1 if len(nonzero_rows) else 0
+        nonzero_rows = np.flatnonzero(rows.any(axis=1))
+        if len(nonzero_rows) == 0:
+            raise ValueError(f"{name}[{index}] has no regions: all its rows are zero, which marks padding")
+        num_rows.append(int(nonzero_rows[-1]) + 1)
+    return num_rows
 
 
 def _pad_rows(items: list[np.ndarray], num_kept_rows: list[int], num_rows: int) -> np.ndarray:
@@ -367,7 +355,7 @@ class RWSANProcessor(ProcessorMixin):
         _check_positive_int("max_question_length", max_question_length)
         _check_positive_int("max_regions", max_regions)
         _check_positive_int("image_feature_size", image_feature_size)
-        self.id2label = None if id2label is None else _answer_vocabulary(id2label)
+        self.id2label = None if id2label is None else checked_answer_vocabulary(id2label)
         self.max_question_length = max_question_length
         self.max_regions = max_regions
         self.image_feature_size = image_feature_size
@@ -401,8 +389,9 @@ class RWSANProcessor(ProcessorMixin):
             image_features (*optional*):
                 The region features of each image: a sequence of `(num_regions_i, image_feature_size)` arrays
                 or tensors (numpy or torch, any floating dtype), or one `(batch_size, num_regions,
-                image_feature_size)` array or tensor whose trailing all-zero rows are padding. Regions beyond
-                `max_regions` are cut.
+                image_feature_size)` array or tensor. All-zero rows are padding, as in the original (and the
+                model's own mask): trailing ones are dropped, others stay in place with `image_attention_mask`
+                0. Regions beyond `max_regions` are cut.
             image_boxes (*optional*):
                 The region boxes, given like `image_features` with 4 values per region, and with as many rows
                 as the features of the same image.
@@ -419,7 +408,7 @@ class RWSANProcessor(ProcessorMixin):
             [`BatchFeature`] with, for the inputs given:
             - `input_ids`, `attention_mask`: int64, `(batch_size, question_length)`;
             - `image_features`: float32, `(batch_size, num_regions, image_feature_size)`, zero padding rows;
-            - `image_attention_mask`: int64, `(batch_size, num_regions)`, 1 for real regions;
+            - `image_attention_mask`: int64, `(batch_size, num_regions)`, 1 for real regions (rows not all zero);
             - `image_boxes`: float32, `(batch_size, num_regions, 4)`, zero padding rows (not a model input);
             - `labels`: float32, `(batch_size, num_answers)`.
         """
@@ -438,18 +427,17 @@ class RWSANProcessor(ProcessorMixin):
             _check_batch_sequence("text", text)
         if answers is not None:
             _check_batch_sequence("answers", answers)
-        num_real_regions = None
         if image_features is not None:
-            image_features, num_real_regions = _region_batch("image_features", image_features, self.image_feature_size)
+            image_features = _region_batch("image_features", image_features, self.image_feature_size)
         if image_boxes is not None:
-            image_boxes, _ = _region_batch("image_boxes", image_boxes, 4)
+            image_boxes = _region_batch("image_boxes", image_boxes, 4)
         _check_batch_sizes(text=text, image_features=image_features, image_boxes=image_boxes, answers=answers)
 
         data = {}
         if text is not None:
             data.update(self._encode_questions(text, padding))
         if image_features is not None:
-            data.update(self._pad_regions(image_features, num_real_regions, image_boxes, padding))
+            data.update(self._pad_regions(image_features, image_boxes, padding))
         if answers is not None:
             data["labels"] = self._soft_labels(answers)
         return BatchFeature(data, tensor_type=return_tensors)
@@ -495,11 +483,7 @@ class RWSANProcessor(ProcessorMixin):
         return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
     def _pad_regions(
-        self,
-        image_features: list[np.ndarray],
-        num_real_regions: list[int],
-        image_boxes: list[np.ndarray] | None,
-        padding: str,
+        self, image_features: list[np.ndarray], image_boxes: list[np.ndarray] | None, padding: str
     ) -> dict[str, np.ndarray]:
         if image_boxes is not None:
             for index, (features, boxes) in enumerate(zip(image_features, image_boxes)):
@@ -508,12 +492,14 @@ class RWSANProcessor(ProcessorMixin):
                         f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has "
                         f"{len(features)} rows"
                     )
-        num_kept_regions = [min(num_regions, self.max_regions) for num_regions in num_real_regions]
+        num_kept_regions = [
+            min(count, self.max_regions) for count in _num_rows_before_zero_padding("image_features", image_features)
+        ]
         num_rows = self.max_regions if padding == "max_length" else max(num_kept_regions)
-        region_is_real = np.arange(num_rows) < np.array(num_kept_regions)[:, None]
+        padded_features = _pad_rows(image_features, num_kept_regions, num_rows)
         batch = {
-            "image_features": _pad_rows(image_features, num_kept_regions, num_rows),
-            "image_attention_mask": region_is_real.astype(np.int64),
+            "image_features": padded_features,
+            "image_attention_mask": padded_features.any(axis=-1).astype(np.int64),
         }
         if image_boxes is not None:
             batch["image_boxes"] = _pad_rows(image_boxes, num_kept_regions, num_rows)
@@ -533,6 +519,48 @@ class RWSANProcessor(ProcessorMixin):
         if self.id2label is None:
             raise ValueError(f"`{needed_by}` needs an answer vocabulary: give the processor an `id2label`.")
         return self.id2label
+
+
+def check_processor_fits_model(
+    processor: RWSANProcessor, config, model_name: str = "the model", processor_name: str = "the processor"
+) -> None:
+    """Raises a `ValueError` where `processor` does not fit the model of `config` (an `RWSANConfig`): other answers
+    (the processor would name the model's answers wrongly), a tokenizer of another size than the word embedding
+    (its ids would mean other words, or fall outside the embedding), or region features of another size.
+
+    `model_name` and `processor_name` say in the message which model and processor are meant.
+    """
+    if processor.id2label is None:
+        raise ValueError(
+            f"{processor_name} has no answer vocabulary (id2label), so it cannot name the answers of {model_name}"
+        )
+    if processor.id2label != config.id2label:
+        first_difference = min(
+            label_id
+            for label_id in processor.id2label.keys() | config.id2label.keys()
+            if processor.id2label.get(label_id) != config.id2label.get(label_id)
+        )
+        raise ValueError(
+            f"The answers of {model_name} ({len(config.id2label)}) are not those of {processor_name} "
+            f"({len(processor.id2label)}): answer {first_difference} is "
+            f"{_answer_or_missing(config.id2label.get(first_difference))} in the model but "
+            f"{_answer_or_missing(processor.id2label.get(first_difference))} in the processor, so the model's "
+            "answers would be named wrongly"
+        )
+    if len(processor.tokenizer) != config.vocab_size:
+        raise ValueError(
+            f"{model_name} embeds {config.vocab_size} question tokens but the tokenizer of {processor_name} has "
+            f"{len(processor.tokenizer)}: they were not built from the same questions"
+        )
+    if processor.image_feature_size != config.image_feature_size:
+        raise ValueError(
+            f"{processor_name} takes region features of {processor.image_feature_size} values but {model_name} "
+            f"expects {config.image_feature_size} (config.image_feature_size)"
+        )
+
+
+def _answer_or_missing(answer: str | None) -> str:
+    return "missing" if answer is None else repr(answer)
 
 
 # Saving a processor then copies this file beside it and records it in `auto_map`, so that

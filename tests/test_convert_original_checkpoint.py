@@ -183,12 +183,59 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
     card = (tmp_path / "hub" / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0") and "converted from `ckpt.pkl`" in card
     vqa = pipeline("vqa-features", model=str(tmp_path / "hub"), device="cpu")
-    features = golden["img_feat"][0]
-    result = vqa({"question": "word5 word8 word2", "image_features": features}, top_k=2)
-    assert [item["answer"] for item in result][0] in answers
+    # The golden questions, and their images zero-padded as the original pads them: the original's scores.
+    inputs = [
+        {"question": " ".join(f"word{token}" for token in question if token), "image_features": features}
+        for question, features in zip(golden["ques_ix"].tolist(), golden["img_feat"])
+    ]
+    for result, logits in zip(vqa(inputs, top_k=len(answers)), golden["logits"]):
+        assert result[0]["answer"] == answers[logits.argmax()]
+        scores = {item["answer"]: item["score"] for item in result}
+        assert scores == pytest.approx(dict(zip(answers, logits.sigmoid().tolist())), abs=1e-5)
 
     wrong = RWSANProcessor(build_question_tokenizer(vocab), id2label={0: "yes"}, image_feature_size=48)
     wrong.save_pretrained(tmp_path / "wrong")
-    with pytest.raises(CheckpointError, match="are not the checkpoint's"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^The answers of the checkpoint \(20\) are not those of the processor in .*wrong \(1\): answer 0 is "
+        r"'answer 0' in the model but 'yes' in the processor, .* \(the checkpoint's answers are named by --answer_dict",
+    ):
         convert(str(checkpoint), str(tmp_path / "out"), str(answer_dict), str(tmp_path / "wrong"))
+    fewer_words = RWSANProcessor(
+        build_question_tokenizer(dict(list(vocab.items())[:30])),
+        id2label=dict(enumerate(answers)),
+        image_feature_size=48,
+    )
+    fewer_words.save_pretrained(tmp_path / "fewer_words")
+    with pytest.raises(CheckpointError, match="^the checkpoint embeds 50 question tokens but the tokenizer of the "):
+        convert(str(checkpoint), str(tmp_path / "out"), str(answer_dict), str(tmp_path / "fewer_words"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["--num_attention_heads", "3"],
+            r"RWSANConfig.hidden_size \(64\) must be divisible by num_attention_heads \(3\)\.",
+        ),
+        (["--processor", "absent"], "Processor folder not found: absent"),
+    ],
+)
+def test_command_line_mistakes_get_one_line_errors(tmp_path, golden, capsys, arguments, message):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out"), *arguments])
+    assert exit_info.value.code == 2
+    assert re.fullmatch(f"error: {message}\n", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_a_file_gets_a_one_line_error(tmp_path, golden, capsys):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    (tmp_path / "out").write_text("user data")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: Output folder {tmp_path / 'out'} is a file; choose another path.\n"
+    assert (tmp_path / "out").read_text() == "user data"

@@ -34,8 +34,7 @@ ORIGINAL_REPO = Path(os.environ.get("RWSAN_ORIGINAL_REPO", "/work/.mirror/Bright
 def _answers(*answers):
     """Official annotation entries, one per annotator, each with its own answer_id as in VQA-v2."""
     return [
-        {"answer": answer, "answer_confidence": "yes", "answer_id": index + 1}
-        for index, answer in enumerate(answers)
+        {"answer": answer, "answer_confidence": "yes", "answer_id": index + 1} for index, answer in enumerate(answers)
     ]
 
 
@@ -141,6 +140,14 @@ def test_vqa_accuracy_normalises_the_prediction_but_not_unanimous_ground_truth()
     assert vqa_accuracy("T-Shirt", ["T-Shirt"] * 10) == 0.0
     # Disagreeing answers only get the punctuation step: "t-shirt" -> "t shirt", as the prediction.
     assert vqa_accuracy("T-Shirt", ["t-shirt"] * 9 + ["shirt"]) == 1.0
+
+
+def test_ground_truth_answers_keep_number_words_and_articles_as_in_rwsans_script():
+    """RWSAN's script predates GT-Vision-Lab/VQA's "Fixed processing answers bug", after which both examples score
+    100: the current script turns "two" into "2" and "a dog" into "dog" in the annotators' answers too."""
+    assert compute_vqa_accuracy(["2", "dog"], [["2"] * 2 + ["two"] * 8, ["dog"] * 2 + ["a dog"] * 8]) == {
+        "accuracy": 60.0
+    }
 
 
 def test_compute_vqa_accuracy_overall_and_per_answer_type():
@@ -320,9 +327,7 @@ def test_script_errors_name_the_file(evaluation_script, small_files, tmp_path):
         return str(raised.value.code)
 
     missing = tmp_path / "missing.json"
-    assert error_of({**small_files, "predictions": missing}) == (
-        f"error: predictions file not found: {missing}"
-    )
+    assert error_of({**small_files, "predictions": missing}) == (f"error: predictions file not found: {missing}")
 
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

@@ -1,5 +1,6 @@
 """RWSANConfig / RWSANForVQA: numbers against the original, masks, attention paths, loss, saving and loading."""
 
+import json
 import math
 import os
 import subprocess
@@ -88,6 +89,34 @@ def test_config_rejects_impossible_sizes(overrides, message):
         tiny_config(**overrides)
 
 
+@pytest.mark.parametrize(
+    "answers, message",
+    [
+        ({"id2label": {0: "a", 5: "b"}}, r"^RWSANConfig.id2label ids must be 0\.\.1, each used once$"),
+        ({"id2label": {0: "a", 1: "a"}}, "^RWSANConfig.id2label has repeated answers$"),
+        ({"id2label": {}}, "^RWSANConfig.id2label has no answers$"),
+        ({"id2label": {0: "a", 1: 2}}, "^RWSANConfig.id2label must map integer ids to strings, got 1: 2$"),
+        ({"num_labels": 0}, "^RWSANConfig.num_labels must be a positive integer, got 0$"),
+        ({"num_labels": 10, "id2label": {0: "a", 1: "b", 2: "c"}},
+         "^RWSANConfig got num_labels=10 but an id2label of 3 answers; pass id2label alone: num_labels follows "
+         "from it$"),
+        ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "c": 1}},
+         r"^RWSANConfig.label2id must map each answer of id2label back to its id; it differs on \['b', 'c'\]$"),
+    ],
+)  # fmt: skip
+def test_config_rejects_answer_vocabularies_the_processor_would(answers, message):
+    with pytest.raises(ValueError, match=message):
+        RWSANConfig(vocab_size=40, **answers)
+
+
+def test_config_answer_vocabulary_from_json_round_trips(tmp_path):
+    config = RWSANConfig(vocab_size=40, id2label={"1": "no", "0": "yes"})
+    assert config.id2label == {0: "yes", 1: "no"} and config.label2id == {"yes": 0, "no": 1}
+    config.save_pretrained(tmp_path)
+    loaded = RWSANConfig.from_pretrained(tmp_path)
+    assert (loaded.id2label, loaded.label2id, loaded.num_labels) == (config.id2label, config.label2id, 2)
+
+
 def test_weights_are_shared_not_copied(tiny_model):
     """Each encoder holds one block; the same parameters serve all nine applications."""
     question_blocks = [m for m in tiny_model.modules() if type(m).__name__ == "RWSANSelfAttentionBlock"]
@@ -142,6 +171,70 @@ def test_explicit_masks_equal_derived_masks(tiny_model):
             image_attention_mask=(image_features.abs().sum(-1) != 0).long(),
         ).logits
     torch.testing.assert_close(explicit, derived, atol=0, rtol=0)
+
+
+def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
+    """As transformers' `Trainer` and other generic code read tuple outputs."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    labels = torch.full((3, tiny_model.config.num_labels), 0.3)
+    with torch.no_grad():
+        outputs = tiny_model(input_ids=input_ids, image_features=image_features, labels=labels)
+        as_tuple = tiny_model(input_ids=input_ids, image_features=image_features, labels=labels, return_dict=False)
+        without_labels = tiny_model(input_ids=input_ids, image_features=image_features, return_dict=False)
+    assert list(outputs.keys())[:3] == ["loss", "logits", "pooler_output"]
+    assert torch.equal(as_tuple[0], outputs.loss) and torch.equal(as_tuple[1], outputs.logits)
+    assert torch.equal(without_labels[0], outputs.logits)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda ids, features: (ids, features, {"attention_mask": torch.ones(3, 1)}),
+         r"^attention_mask must have the shape of input_ids, \(3, 6\), got \(3, 1\)$"),
+        (lambda ids, features: (ids, features, {"attention_mask": torch.ones(1, 6)}),
+         r"^attention_mask must have the shape of input_ids, \(3, 6\), got \(1, 6\)$"),
+        (lambda ids, features: (ids, features, {"image_attention_mask": torch.ones(3, 1)}),
+         r"^image_attention_mask must have the shape \(batch_size, num_regions\) of image_features, \(3, 7\), "
+         r"got \(3, 1\)$"),
+        (lambda ids, features: (ids[:1], features, {}), "^input_ids has 1 questions but image_features has 3 images$"),
+        (lambda ids, features: (ids, features[:1], {}), "^input_ids has 3 questions but image_features has 1 images$"),
+        (lambda ids, features: (ids, features[0], {}),
+         r"^image_features must have shape \(batch_size, num_regions, 24\), got \(7, 24\)$"),
+        (lambda ids, features: (ids, features[..., :20], {}),
+         r"^image_features must have shape \(batch_size, num_regions, 24\), got \(3, 7, 20\)$"),
+        (lambda ids, features: (ids.float(), features, {}),
+         r"^input_ids must be a \(batch_size, question_length\) tensor of int64 or int32 token ids, got shape "
+         r"\(3, 6\) and dtype torch.float32$"),
+        (lambda ids, features: (ids[0], features, {}), r"got shape \(6,\) and dtype torch.int64$"),
+    ],
+    ids=[
+        "attention_mask (B, 1)",
+        "attention_mask (1, T)",
+        "image_attention_mask (B, 1)",
+        "fewer questions",
+        "fewer images",
+        "2-D image_features",
+        "other feature size",
+        "float input_ids",
+        "1-D input_ids",
+    ],
+)  # fmt: skip
+def test_mis_shaped_inputs_are_refused_by_name(tiny_model, change, message):
+    input_ids, image_features, masks = change(*tiny_inputs(tiny_model.config))
+    with pytest.raises(ValueError, match=message):
+        tiny_model(input_ids=input_ids, image_features=image_features, **masks)
+
+
+def test_without_pad_token_id_the_attention_mask_is_needed():
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(pad_token_id=None)).eval()
+    input_ids, image_features = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match="^attention_mask is needed: config.pad_token_id is None"):
+        model(input_ids=input_ids, image_features=image_features)
+    with torch.no_grad():
+        logits = model(input_ids, image_features, attention_mask=(input_ids != 0).long()).logits
+        model.config.pad_token_id = 0
+        torch.testing.assert_close(logits, model(input_ids, image_features).logits, atol=0, rtol=0)
 
 
 def test_sdpa_and_eager_paths_agree_in_eval_and_backward(tiny_model):
@@ -345,6 +438,11 @@ def test_save_and_load_round_trip(tmp_path, tiny_model):
     assert {"config.json", "model.safetensors", "modeling_rwsan.py", "configuration_rwsan.py"} <= {
         path.name for path in tmp_path.iterdir()
     }
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_rwsan.RWSANConfig",
+        "AutoModel": "modeling_rwsan.RWSANModel",
+        "AutoModelForVisualQuestionAnswering": "modeling_rwsan.RWSANForVQA",
+    }
     inputs = tiny_inputs(tiny_model.config)
     for loaded in (
         RWSANForVQA.from_pretrained(tmp_path),
@@ -361,7 +459,13 @@ def test_save_and_load_round_trip(tmp_path, tiny_model):
 def test_remote_code_loads_where_rwsan_cannot_be_imported(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path / "model")
     inputs = tiny_inputs(tiny_model.config)
-    torch.save({"inputs": inputs, "logits": tiny_model(*inputs).logits.detach()}, tmp_path / "expected.pt")
+    with torch.no_grad():
+        expected = {
+            "inputs": inputs,
+            "logits": tiny_model(*inputs).logits,
+            "pooled": tiny_model.rwsan(*inputs).pooler_output,
+        }
+    torch.save(expected, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import sys
@@ -373,14 +477,19 @@ def test_remote_code_loads_where_rwsan_cannot_be_imported(tmp_path, tiny_model):
         else:
             raise SystemExit("rwsan was importable")
         import torch
-        from transformers import AutoModelForVisualQuestionAnswering
-        model = AutoModelForVisualQuestionAnswering.from_pretrained({str(tmp_path / "model")!r},
-                                                                    trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        from transformers import AutoModel, AutoModelForVisualQuestionAnswering
+        folder = {str(tmp_path / "model")!r}
+        model = AutoModelForVisualQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
+        encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        for loaded, class_name in ((model, "RWSANForVQA"), (encoder, "RWSANModel")):
+            assert type(loaded).__module__.startswith("transformers_modules"), type(loaded).__module__
+            assert type(loaded).__name__ == class_name, type(loaded).__name__
         expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         with torch.no_grad():
             logits = model(*expected["inputs"]).logits
+            pooled = encoder(*expected["inputs"]).pooler_output
         torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+        torch.testing.assert_close(pooled, expected["pooled"], atol=0, rtol=0)
         print("remote ok")
         """
     )

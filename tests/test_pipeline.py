@@ -97,14 +97,10 @@ def model_answers(model, processor, questions, features, top_k) -> list[list[dic
 
 def assert_same_answers(actual: list[dict], expected: list[dict]):
     assert [answer["answer"] for answer in actual] == [answer["answer"] for answer in expected]
-    assert [answer["score"] for answer in actual] == pytest.approx(
-        [answer["score"] for answer in expected], abs=1e-6
-    )
+    assert [answer["score"] for answer in actual] == pytest.approx([answer["score"] for answer in expected], abs=1e-6)
 
 
-def write_original_npz(
-    path: Path, features: np.ndarray, boxes: np.ndarray | None, regions_first: bool = False
-):
+def write_original_npz(path: Path, features: np.ndarray, boxes: np.ndarray | None, regions_first: bool = False):
     """An image's features in the original release's layout: `x` is (feature_size, num_regions)."""
     arrays = {
         "x": features if regions_first else features.T,
@@ -162,6 +158,34 @@ def test_batches_give_the_model_answers_on_the_padded_batches(vqa, model, proces
         assert_same_answers(result, vqa(single_input, top_k=3))
 
 
+def derived_mask_answers(model, processor, question: str, features: np.ndarray, top_k: int) -> list[dict]:
+    """The answers of the model on the features as they are, padding rows told by the model's own mask (as by the
+    original's `make_mask`)."""
+    input_ids = processor(text=[question])["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, image_features=torch.from_numpy(features)[None]).logits
+    return processor.post_process(logits, top_k=top_k)[0]
+
+
+def test_zero_rows_are_padding_as_for_the_model_and_the_original(vqa, model, processor):
+    question, top_k = "what color is the cube", len(ANSWERS)
+    features = region_features(4, seed=11)
+    # The original's layout: zero rows up to a fixed count (100 there).
+    zero_padded = np.concatenate([features, np.zeros((6, FEATURE_SIZE), np.float32)])
+    result = vqa({"question": question, "image_features": zero_padded}, top_k=top_k)
+    assert_same_answers(result, vqa({"question": question, "image_features": features}, top_k=top_k))
+    assert_same_answers(result, derived_mask_answers(model, processor, question, zero_padded, top_k))
+
+    # A zero row among real ones is padding too: it gets no weight, and its box stays beside it.
+    with_zero_row = np.insert(zero_padded, 2, 0.0, axis=0)
+    boxes = region_boxes(len(with_zero_row))
+    result = vqa({"question": question, "image_features": with_zero_row, "boxes": boxes}, output_attentions=True)
+    assert_same_answers(result["answers"], derived_mask_answers(model, processor, question, with_zero_row, 5))
+    assert_same_answers(result["answers"], vqa({"question": question, "image_features": features}))
+    assert len(result["region_weights"]) == 5 and result["region_weights"][2] == 0
+    assert result["boxes"] == boxes[:5].tolist()
+
+
 def test_attention_weights_of_the_words_and_regions_the_model_saw(vqa, model, processor):
     # Seven words, of which the processor keeps six; twelve regions, of which it keeps ten.
     question = "How many balls are there, left-of the cube?"
@@ -207,9 +231,7 @@ def test_feature_file_brings_its_boxes_and_image_size(vqa, tmp_path):
     result = vqa({"question": "what color", "image_features": path}, output_attentions=True)
     assert result["boxes"] == boxes.tolist() and result["image_size"] == (640, 480)
     # Boxes given with the input replace the file's.
-    result = vqa(
-        {"question": "what color", "image_features": path, "boxes": boxes + 1}, output_attentions=True
-    )
+    result = vqa({"question": "what color", "image_features": path, "boxes": boxes + 1}, output_attentions=True)
     assert result["boxes"] == (boxes + 1).tolist()
 
 
@@ -220,9 +242,7 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
     assert_same_answers(result, model_answers(model, processor, ["unk unk"], [features], 3)[0])
     assert all(answer["warning"] == ALL_WORDS_UNKNOWN_WARNING for answer in result)
     # One known word is enough.
-    assert all(
-        "warning" not in answer for answer in vqa({"question": "zebra color", "image_features": features})
-    )
+    assert all("warning" not in answer for answer in vqa({"question": "zebra color", "image_features": features}))
 
 
 @pytest.mark.parametrize(
@@ -233,6 +253,8 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
         ({"question": "what color", "image_features": np.zeros((3, 2, FEATURE_SIZE))},
          r"image_features has shape \(3, 2, 24\)"),
         ({"question": "what color", "image_features": np.zeros((0, FEATURE_SIZE))}, "image_features has no regions"),
+        ({"question": "what color", "image_features": np.zeros((3, FEATURE_SIZE))},
+         "image_features has no regions: all its rows are zero, which marks padding"),
         ({"question": "what color", "image_features": np.full((2, FEATURE_SIZE), np.nan)},
          "image_features contains NaN or infinite values"),
         ({"question": "what color", "image_features": torch.full((2, FEATURE_SIZE), float("inf"))},
@@ -324,6 +346,29 @@ def test_a_model_in_training_mode_is_reported(processor):
 def test_a_pipeline_without_processor_is_refused(model):
     with pytest.raises(ValueError, match="RWSANVQAPipeline needs the RWSANProcessor"):
         RWSANVQAPipeline(model=model, device="cpu")
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused_and_nothing_is_saved(model, processor, tmp_path):
+    other_answers = RWSANProcessor(
+        processor.tokenizer,
+        id2label={label_id: label.upper() for label_id, label in processor.id2label.items()},
+        max_question_length=MAX_QUESTION_LENGTH,
+        max_regions=MAX_REGIONS,
+        image_feature_size=FEATURE_SIZE,
+    )
+    message = r"^The answers of the model \(9\) are not those of the processor \(9\): answer 0 is 'red' in the model"
+    with pytest.raises(ValueError, match=message):
+        RWSANVQAPipeline(model=model, processor=other_answers, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        save_for_pipeline(model, other_answers, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+    # A tokenizer of more words than the embedding would otherwise fail on their ids, out of the embedding's range.
+    small_embedding = RWSANForVQA(RWSANConfig(**{**model.config.to_dict(), "vocab_size": len(WORDS)}))
+    with pytest.raises(
+        ValueError, match="^the model embeds 12 question tokens but the tokenizer of the processor has 14"
+    ):
+        RWSANVQAPipeline(model=small_embedding, processor=processor, device="cpu")
 
 
 @pytest.fixture(scope="module")

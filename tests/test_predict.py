@@ -3,6 +3,7 @@ file, and the command-line errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,9 +76,7 @@ def test_a_split_is_answered_once_per_question_in_the_server_format(toy_vqa, toy
         assert prediction["answer"] == model.config.id2label[logits.argmax().item()]
 
 
-def test_one_question_prints_the_pipeline_answers_and_plots_them(
-    toy_model_dir, toy_features_file, tmp_path, capsys
-):
+def test_one_question_prints_the_pipeline_answers_and_plots_them(toy_model_dir, toy_features_file, tmp_path, capsys):
     question = "What color is the ball?"
     plot = tmp_path / "attention.png"
     run_main("--model", str(toy_model_dir), "--features", str(toy_features_file), "--question", question,
@@ -91,10 +90,7 @@ def test_one_question_prints_the_pipeline_answers_and_plots_them(
     expected = vqa({"question": question, "image_features": str(toy_features_file)}, top_k=3)
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        *(
-            f"{rank}. {answer['answer']}\t{answer['score']:.4f}"
-            for rank, answer in enumerate(expected, start=1)
-        ),
+        *(f"{rank}. {answer['answer']}\t{answer['score']:.4f}" for rank, answer in enumerate(expected, start=1)),
         f"Wrote {plot}",
     ]
     # A blank canvas of the stored image size (640 x 480 or so), with the words and answers beside and below.
@@ -154,9 +150,7 @@ def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_featur
         run_main("--model", str(tmp_path / "absent"), *single, str(toy_features_file))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(
-        PredictionError, match=r"empty has no config.json; save one there with model.save_pretrained"
-    ):
+    with pytest.raises(PredictionError, match=r"empty has no config.json; save one there with model.save_pretrained"):
         run_main("--model", str(empty), *single, str(toy_features_file))
     model_only = tmp_path / "model_only"
     RWSANForVQA.from_pretrained(toy_model_dir).save_pretrained(model_only)
@@ -173,20 +167,31 @@ def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_featur
         run_main("--model", str(toy_model_dir), *single, str(toy_features_file), "--plot", str(tmp_path / "p.png"),
                  "--image", str(not_an_image))  # fmt: skip
     with pytest.raises(PredictionError, match=f"^dataset folder not found: {tmp_path / 'absent'}$"):
-        run_main(
-            "--model", str(toy_model_dir), "--dataset_dir", str(tmp_path / "absent"), "--output", "p.json"
-        )
+        run_main("--model", str(toy_model_dir), "--dataset_dir", str(tmp_path / "absent"), "--output", "p.json")
 
 
 def test_a_dataset_with_other_vocabularies_is_refused(toy_vqa, toy_model_dir, tmp_path):
     processor = RWSANProcessor.from_pretrained(toy_model_dir)
     processor.id2label = {index: f"{label}!" for index, label in processor.id2label.items()}
-    model = RWSANForVQA.from_pretrained(toy_model_dir)
-    save_for_pipeline(model, processor, tmp_path)
+    save_for_pipeline(tiny_model_for(processor), processor, tmp_path)
     with pytest.raises(PredictionError, match="was prepared with another answer vocabulary than the model's"):
-        run_main(
-            "--model", str(tmp_path), "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "p.json")
-        )
+        run_main("--model", str(tmp_path), "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "p.json"))
+
+
+def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_dir, toy_features_file, tmp_path):
+    """Else a split's answers (named by the model) and one question's (named by the processor) would differ."""
+    processor = RWSANProcessor.from_pretrained(toy_model_dir)
+    model = RWSANForVQA.from_pretrained(toy_model_dir)
+    model.save_pretrained(tmp_path)
+    processor.id2label = {index: f"{label}!" for index, label in processor.id2label.items()}
+    processor.save_pretrained(tmp_path)
+    num_answers, first_answer = len(processor.id2label), model.config.id2label[0]
+    message = (
+        f"The answers of the model in {tmp_path} ({num_answers}) are not those of the processor beside it "
+        f"({num_answers}): answer 0 is '{first_answer}' in the model but '{first_answer}!' in the processor"
+    )
+    with pytest.raises(PredictionError, match=f"^{re.escape(message)}"):
+        run_main("--model", str(tmp_path), "--features", str(toy_features_file), "--question", "what color")
 
 
 @pytest.mark.parametrize(

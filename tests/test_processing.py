@@ -18,10 +18,12 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
+from rwsan import RWSANConfig
 from rwsan.processing_rwsan import (
     RWSANProcessor,
     answer_scores,
     build_question_tokenizer,
+    check_processor_fits_model,
     load_glove_embeddings,
     normalize_answer,
     split_question,
@@ -219,11 +221,26 @@ def test_processor_padded_array_input_matches_list_input(processor):
             assert torch.equal(from_array[key], from_lists[key]), key
 
 
-def test_processor_padded_array_keeps_zero_rows_between_real_ones(processor):
+@pytest.mark.parametrize("as_list", [False, True], ids=["array", "list"])
+def test_processor_zero_rows_are_padding_wherever_they_are(processor, as_list):
+    """As for the original's `make_mask` and the model's own mask: trailing zero rows are dropped, others stay in
+    place with mask 0."""
     features = torch.tensor([[[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [0.0, 0.0]]])
-    batch = processor(image_features=features)
-    assert torch.equal(batch["image_attention_mask"], torch.tensor([[1, 1, 1]]))
+    batch = processor(image_features=list(features) if as_list else features)
+    assert torch.equal(batch["image_attention_mask"], torch.tensor([[1, 0, 1]]))
     assert torch.equal(batch["image_features"], features[:, :3])
+
+
+def test_processor_zero_rows_appended_to_list_input_change_nothing(processor):
+    appended = {
+        "image_features": [np.concatenate([rows, np.zeros((5, 2))]) for rows in SAMPLE_BATCH["image_features"]],
+        "image_boxes": [np.concatenate([rows, np.ones((5, 4))]) for rows in SAMPLE_BATCH["image_boxes"]],
+    }
+    for padding in ("longest", "max_length"):
+        reference = processor(**SAMPLE_BATCH, padding=padding)
+        batch = processor(**{**SAMPLE_BATCH, **appended}, padding=padding)
+        for key in reference:
+            assert torch.equal(batch[key], reference[key]), (padding, key)
 
 
 def test_processor_padding_strategies(processor):
@@ -260,7 +277,10 @@ def test_processor_defaults_match_the_paper():
          r"image_features\[1\] has shape \(2, 3\), expected \(num_regions, 2\)"),
         ({"image_features": [np.ones((2, 2)), np.zeros((0, 2))]}, r"image_features\[1\] has no regions"),
         ({"image_features": [np.float32(1.0)]}, r"image_features\[0\] has shape \(\), expected \(num_regions, 2\)"),
-        ({"image_features": np.zeros((1, 3, 2))}, r"image_features\[0\] has no regions"),
+        ({"image_features": np.zeros((1, 3, 2))},
+         r"image_features\[0\] has no regions: all its rows are zero, which marks padding"),
+        ({"image_features": [np.ones((1, 2)), np.zeros((2, 2))]},
+         r"image_features\[1\] has no regions: all its rows are zero, which marks padding"),
         ({"image_features": [np.array([[1.0, np.nan]])]}, r"image_features\[0\] contains NaN or infinite values"),
         ({"image_features": [np.ones((1, 2)), torch.tensor([[1.0, math.inf]])]},
          r"image_features\[1\] contains NaN or infinite values"),
@@ -310,6 +330,7 @@ def test_processor_needs_answer_vocabulary_for_answers_and_post_process(tokenize
         ({"id2label": {0: "yes", 2: "no"}}, r"id2label ids must be 0\.\.1, each used once"),
         ({"id2label": {0: "yes", "one": "no"}}, "id2label must map integer ids to strings, got 'one': 'no'"),
         ({"id2label": {0: "yes", 1: "yes"}}, "id2label has repeated answers"),
+        ({"id2label": {}}, "id2label has no answers"),
         ({"max_regions": 0}, "max_regions must be a positive integer, got 0"),
         ({"max_question_length": 2.0}, "max_question_length must be a positive integer, got 2.0"),
         ({"image_feature_size": True}, "image_feature_size must be a positive integer, got True"),
@@ -325,6 +346,41 @@ def test_processor_rejects_tokenizer_with_other_special_ids():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="PAD", unk_token="UNK")
     with pytest.raises(ValueError, match="The tokenizer must have pad token id 0 and unk token id 1.*got 1 and 0"):
         RWSANProcessor(tokenizer)
+
+
+def fitting_config(**overrides) -> RWSANConfig:
+    """The config of a model that `processor` fits, but for `overrides`."""
+    return RWSANConfig(**{"vocab_size": len(VOCAB), "id2label": ID2LABEL, "image_feature_size": 2, **overrides})
+
+
+def test_check_processor_fits_model_passes_the_fitting_model(processor):
+    check_processor_fits_model(processor, fitting_config())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"id2label": {**ID2LABEL, 3: "three"}},
+         r"^The answers of model M \(5\) are not those of processor P \(5\): answer 3 is 'three' in the model but "
+         r"'3' in the processor, so the model's answers would be named wrongly$"),
+        ({"id2label": {**ID2LABEL, 5: "maybe"}},
+         r"^The answers of model M \(6\) are not those of processor P \(5\): answer 5 is 'maybe' in the model but "
+         "missing in the processor"),
+        ({"vocab_size": 20},
+         r"^model M embeds 20 question tokens but the tokenizer of processor P has 13: they were not built from the "
+         "same questions$"),
+        ({"image_feature_size": 2048},
+         r"^processor P takes region features of 2 values but model M expects 2048 \(config.image_feature_size\)$"),
+    ],
+)  # fmt: skip
+def test_check_processor_fits_model_names_what_differs(processor, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        check_processor_fits_model(processor, fitting_config(**overrides), "model M", "processor P")
+
+
+def test_check_processor_fits_model_needs_the_processor_answers(tokenizer):
+    with pytest.raises(ValueError, match=r"^the processor has no answer vocabulary \(id2label\), so it cannot name"):
+        check_processor_fits_model(RWSANProcessor(tokenizer, image_feature_size=2), fitting_config())
 
 
 def test_processor_model_input_names(processor):

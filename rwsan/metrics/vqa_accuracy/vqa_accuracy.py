@@ -1,4 +1,5 @@
-"""The official VQA-v2 accuracy as an `evaluate` metric: `evaluate.load("<path to this folder>")`."""
+"""VQA-v2 accuracy as RWSAN's evaluation script computes it, as an `evaluate` metric:
+`evaluate.load("<path to this folder>")`."""
 
 import datasets
 import evaluate
@@ -6,11 +7,16 @@ import evaluate
 from rwsan.evaluation import compute_vqa_accuracy
 
 _DESCRIPTION = """
-VQA accuracy as computed by the official VQA-v2 evaluation script (the copy shipped with RWSAN): the
-predicted answer is normalised like the official script does, and for each of the ten annotators it earns
-min(1, matching answers among the other nine / 3); a question scores the mean over the ten annotators, so
-1, 2, 3 and 4 or more annotators agreeing with the prediction give 0.3, 0.6, 0.9 and 1.0. Results are
-percentages rounded to two decimals.
+VQA accuracy as computed by the VQA-v2 evaluation script shipped with RWSAN (and MCAN): the VQA API's
+vqaEval.py before GT-Vision-Lab/VQA's commit a013f00 ("Fixed processing answers bug"). The predicted answer is
+always normalised as that script does, the annotators' answers only get the punctuation step (when they
+disagree), and for each of the ten annotators the prediction earns min(1, matching answers among the other
+nine / 3); a question scores the mean over the ten annotators, so 1, 2, 3 and 4 or more annotators agreeing
+with the prediction give 0.3, 0.6, 0.9 and 1.0. Results are percentages rounded to two decimals.
+
+The current GT-Vision-Lab/VQA script normalises the prediction only when the annotators disagree, and then
+gives the annotators' answers the number, article and contraction step too: with the answers 2 x "2" + 8 x
+"two" and the prediction "2", this metric gives 60 and the current script 100.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -41,7 +47,7 @@ _CITATION = """
 
 
 class VqaAccuracy(evaluate.Metric):
-    """Official VQA-v2 accuracy of predicted answers against the annotators' answers."""
+    """VQA-v2 accuracy (as RWSAN's evaluation script computes it) of predicted answers against the annotators'."""
 
     def _info(self):
         return evaluate.MetricInfo(

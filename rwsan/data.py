@@ -4,6 +4,7 @@ The region features stay in the memory-mapped Arrow files of `images/`: a questi
 and fetching a batch is a few numpy slices of those files, copied once into the padded batch by the collator.
 """
 
+import math
 import operator
 import os
 from functools import cached_property
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import load_from_disk
+from torch.utils.data import get_worker_info
 
 from .processing_rwsan import RWSANProcessor
 
@@ -305,6 +307,11 @@ class VQACollator:
                 "image_features must be (num_regions, feature_size) arrays of one feature size, got shapes "
                 f"{[features.shape for features in region_features]}"
             )
+        has_labels, has_question_ids = self._given("labels", items), self._given("question_id", items)
+        if has_labels and len(items[0]["labels"]) != self.num_answers:
+            raise ValueError(
+                f"labels have {len(items[0]['labels'])} answers but the collator was built for {self.num_answers}"
+            )
 
         question_lengths = np.array([len(item["input_ids"]) for item in items])
         region_counts = np.array([len(features) for features in region_features])
@@ -314,54 +321,82 @@ class VQACollator:
         question_length = min(
             _padded_length(longest_question, self.pad_to_multiple_of), max(longest_question, self.max_question_length)
         )
-        input_ids = np.zeros((len(items), question_length), dtype=np.int64)
-        for row, item in enumerate(items):
-            input_ids[row, : len(item["input_ids"])] = item["input_ids"]
         region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
-        image_attention_mask = _real_positions(region_counts, region_length)
-        batch = {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(_real_positions(question_lengths, input_ids.shape[1])),
-            "image_attention_mask": torch.from_numpy(image_attention_mask),
+        batch_size, feature_size, feature_dtype = len(items), feature_sizes.pop(), region_features[0].dtype
+        shapes = {
+            "input_ids": ((batch_size, question_length), np.int64),
+            "attention_mask": ((batch_size, question_length), np.int64),
+            "image_attention_mask": ((batch_size, region_length), np.int64),
         }
         if self.pack_regions:
-            # In the first item's dtype, as the padded batch (items of other dtypes are cast, not promoted).
-            packed = np.concatenate(region_features, dtype=region_features[0].dtype, casting="unsafe")
-            batch["image_features"] = torch.from_numpy(packed)
-            # The real positions of the flattened mask, in row-major order: where each packed region goes.
-            batch["image_feature_positions"] = torch.from_numpy(np.flatnonzero(image_attention_mask))
+            shapes["image_features"] = ((region_counts.sum(), feature_size), feature_dtype)
+            shapes["image_feature_positions"] = ((region_counts.sum(),), np.int64)
         else:
-            padded_features = np.zeros((len(items), region_length, feature_sizes.pop()), dtype=region_features[0].dtype)
+            shapes["image_features"] = ((batch_size, region_length, feature_size), feature_dtype)
+        if has_labels:
+            shapes["labels"] = ((batch_size, self.num_answers), np.float32)
+        if has_question_ids:
+            shapes["question_id"] = ((batch_size,), np.int64)
+        batch = _empty_batch(shapes)
+        arrays = {name: tensor.numpy() for name, tensor in batch.items()}
+
+        # Every element is written, padding included: the batch's buffer is not zeroed.
+        arrays["input_ids"].fill(0)
+        for row, item in enumerate(items):
+            arrays["input_ids"][row, : question_lengths[row]] = item["input_ids"]
+        arrays["attention_mask"][:] = _real_positions(question_lengths, question_length)
+        arrays["image_attention_mask"][:] = _real_positions(region_counts, region_length)
+        if self.pack_regions:
+            # In the first item's dtype, as the padded batch (items of other dtypes are cast, not promoted).
+            np.concatenate(region_features, out=arrays["image_features"], casting="unsafe")
+            # The real positions of the flattened mask, in row-major order: where each packed region goes.
+            arrays["image_feature_positions"][:] = np.flatnonzero(arrays["image_attention_mask"])
+        else:
             for row, features in enumerate(region_features):
-                padded_features[row, : len(features)] = features
-            batch["image_features"] = torch.from_numpy(padded_features)
+                arrays["image_features"][row, : len(features)] = features
+                arrays["image_features"][row, len(features) :] = 0
+        for key in ("labels", "question_id"):
+            if key in arrays:
+                np.stack([item[key] for item in items], out=arrays[key], casting="unsafe")
         if self.image_features_dtype is not None:
             batch["image_features"] = batch["image_features"].to(self.image_features_dtype)
-        labels = self._stacked("labels", items)
-        if labels is not None:
-            if labels.shape[1] != self.num_answers:
-                raise ValueError(
-                    f"labels have {labels.shape[1]} answers but the collator was built for {self.num_answers}"
-                )
-            batch["labels"] = torch.from_numpy(labels.astype(np.float32, copy=False))
-        question_ids = self._stacked("question_id", items)
-        if question_ids is not None:
-            batch["question_id"] = torch.from_numpy(question_ids.astype(np.int64, copy=False))
         return batch
 
     @staticmethod
-    def _stacked(key: str, items: list[dict]) -> np.ndarray | None:
-        """The items' values of an optional key, stacked; None when no item has it."""
+    def _given(key: str, items: list[dict]) -> bool:
+        """Whether the items have an optional key: all of them or none."""
         present = [key in item for item in items]
-        if not any(present):
-            return None
-        if not all(present):
+        if any(present) and not all(present):
             raise ValueError(f"{key!r} is given for some items of the batch but not for others")
-        return np.stack([item[key] for item in items])
+        return all(present)
 
 
 def _real_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:
-    return (np.arange(padded_length) < lengths[:, None]).astype(np.int64)
+    return np.arange(padded_length) < lengths[:, None]
+
+
+# Where each tensor of a batch starts in the batch's buffer: a multiple of the widest element and of a cache line.
+_TENSOR_ALIGNMENT = 64
+
+
+def _empty_batch(shapes: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, torch.Tensor]:
+    """Uninitialised tensors of these shapes and dtypes. In a DataLoader worker they are cut from one block of
+    shared memory, which is then all that crosses to the main process: handing over a block per tensor, as the
+    `DataLoader` does for separate tensors, costs more than the copy of the region features itself, and writing
+    straight into shared memory spares the copy into it (`bench/RESULTS.md`)."""
+    if get_worker_info() is None:
+        return {name: torch.from_numpy(np.empty(shape, dtype)) for name, (shape, dtype) in shapes.items()}
+    layout, total = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        shape, dtype = tuple(int(length) for length in shape), torch.from_numpy(np.empty(0, dtype)).dtype
+        size = math.prod(shape) * dtype.itemsize
+        layout[name] = (total, size, dtype, shape)
+        total += -(-size // _TENSOR_ALIGNMENT) * _TENSOR_ALIGNMENT
+    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
+    return {
+        name: buffer[start : start + size].view(dtype).view(shape)
+        for name, (start, size, dtype, shape) in layout.items()
+    }
 
 
 def unpack_image_features(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -191,6 +191,34 @@ def test_unpacking_leaves_padded_batches_alone_and_refuses_mismatched_positions(
         unpack_image_features(packed)
 
 
+@pytest.mark.parametrize("pack_regions", [False, True])
+def test_collator_writes_the_padding_rather_than_trusting_its_buffer(monkeypatch, pack_regions):
+    uninitialised = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: uninitialised(*args, **kwargs).fill_(255))
+    batch = VQACollator(num_answers=3, pad_to_multiple_of=4, pack_regions=pack_regions)(hand_items())
+    batch = unpack_image_features(batch)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["image_features"].tolist() == [[[0, 1, 2], [3, 4, 5], *[[0, 0, 0]] * 2], [[9, 9, 9], *[[0, 0, 0]] * 3]]
+    assert batch["image_attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    assert torch.equal(batch["labels"], torch.tensor([[0.0, 0.3, 1.0], [0.6, 0.0, 0.0]]))
+    assert batch["question_id"].tolist() == [11, 12]
+
+
+@pytest.mark.parametrize("pack_regions", [False, True])
+def test_a_batch_crosses_from_a_worker_as_one_block(dataset, pack_regions):
+    collator = VQACollator(dataset.num_answers, pad_to_multiple_of=8, pack_regions=pack_regions)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=1, collate_fn=collator)
+    for index, batch in zip(range(0, len(dataset), 6), loader):
+        # Every tensor a view of one shared-memory block: one hand-over between the processes.
+        assert len({tensor.untyped_storage().data_ptr() for tensor in batch.values()}) == 1
+        assert all(tensor.is_shared() and tensor.is_contiguous() for tensor in batch.values())
+        expected = collator(dataset.__getitems__(list(range(index, min(index + 6, len(dataset))))))
+        assert batch.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert batch[key].dtype == tensor.dtype and torch.equal(batch[key], tensor), key
+
+
 def test_collator_refuses_inconsistent_items():
     with pytest.raises(ValueError, match="labels have 3 answers but the collator was built for 4"):
         VQACollator(num_answers=4)(hand_items())

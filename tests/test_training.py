@@ -158,7 +158,7 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         str(REPO_ROOT / "train_vqa.py"),
         *common_arguments(tiny_prepared_vqa, tmp_path / "ddp"),
-        "--max_steps", "4",
+        "--num_train_epochs", "1",
         "--eval_strategy", "no",
         "--save_strategy", "no",
         "--ddp_backend", "gloo",
@@ -170,8 +170,10 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
     assert set(fingerprints) == {"0", "1"}, result.stdout[-2000:]
     assert fingerprints["0"] == fingerprints["1"]
+    # Each process takes its share of every batch: 210 questions in batches of 2 x 16 are 7 steps an epoch (14 if
+    # each process read all of them).
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
+    assert state["global_step"] == 7
 
 
 def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 from matplotlib.image import imread
 from matplotlib.patches import Rectangle
 
-from rwsan.visualization import plot_attention
+from rwsan.visualization import REGION_COLORMAP, plot_attention
 
 BOXES = np.array(
     [[50, 60, 200, 220], [300, 100, 420, 260], [100, 300, 500, 460], [10, 10, 630, 470], [420, 40, 600, 200]],
@@ -53,9 +54,11 @@ def test_the_top_regions_are_drawn_best_on_top_and_labelled_by_rank(tmp_path):
     ]
     assert drawn == [(10, 10, 620, 460), (420, 40, 180, 160), (300, 100, 120, 160)]
     assert [text.get_text() for text in image_axes.texts] == ["3: 0.15", "2: 0.30", "1: 0.40"]
-    # The best region is the most saturated colour of the scale, and the shading grows with the weight.
-    fills = [rectangle.get_facecolor() for rectangle in rectangles]
-    assert fills[0] != fills[2]
+    # The colour of each region is its weight on a scale from 0 to the largest weight (0.40): the best region gets
+    # the end of the colour map, the others their share of it.
+    expected = colormaps[REGION_COLORMAP]([0.15 / 0.40, 0.30 / 0.40, 1.0])
+    np.testing.assert_allclose([rectangle.get_edgecolor() for rectangle in rectangles], expected)
+    np.testing.assert_allclose([rectangle.get_facecolor()[:3] for rectangle in rectangles], expected[:, :3])
     assert image_axes.get_xlim() == (0, 640) and image_axes.get_ylim() == (480, 0)
     assert image_axes.get_title() == "top 3 of 5 regions by attention weight"
 

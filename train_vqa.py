@@ -292,7 +292,10 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
     toy = given.dataset_dir is None
     parser = HfArgumentParser((ModelArguments, DataArguments, VQATrainingArguments), allow_abbrev=False)
     try:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses((TOY_ARGUMENTS if toy else []) + argv)
+        # No `train_vqa.args` file either: its arguments would come before the toy ones, unseen by the toy check.
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+            (TOY_ARGUMENTS if toy else []) + argv, look_for_args_file=False
+        )
     except ValueError as error:  # an inconsistent combination, found by VQATrainingArguments
         raise UsageError(str(error)) from error
     return model_args, data_args, training_args, toy

@@ -1,5 +1,6 @@
 """RWSAN model configuration."""
 
+import operator
 from collections.abc import Mapping
 
 from huggingface_hub.dataclasses import strict
@@ -92,21 +93,20 @@ class RWSANConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         num_labels = kwargs.get("num_labels")
-        if num_labels is not None and (
-            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
-        ):
-            raise ValueError(f"RWSANConfig.num_labels must be a positive integer, got {num_labels!r}")
+        if num_labels is not None:
+            try:
+                kwargs["num_labels"] = num_labels = operator.index(num_labels)
+            except TypeError:
+                num_labels = None
+            if isinstance(kwargs["num_labels"], bool) or num_labels is None or num_labels < 1:
+                raise ValueError(f"RWSANConfig.num_labels must be a positive integer, got {kwargs['num_labels']!r}")
         if self.id2label is None:
             if num_labels is None:
                 kwargs["num_labels"] = PAPER_NUM_ANSWERS
         else:
             self.id2label = checked_answer_vocabulary(self.id2label, "RWSANConfig.id2label")
-            # transformers would only log the conflict, then name the answers LABEL_i.
-            if num_labels is not None and num_labels != len(self.id2label):
-                raise ValueError(
-                    f"RWSANConfig got num_labels={num_labels} but an id2label of {len(self.id2label)} answers; pass "
-                    "id2label alone: num_labels follows from it"
-                )
+        # A num_labels that differs from id2label is transformers' way to give a saved model a new answer head
+        # (`from_pretrained(folder, num_labels=n, ignore_mismatched_sizes=True)`): the answers become LABEL_i.
         super().__post_init__(**kwargs)
         inverse = {label: index for index, label in self.id2label.items()}
         if self.label2id is None:

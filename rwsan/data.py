@@ -255,6 +255,12 @@ class VQACollator:
     DataLoader workers then hand the main process less than half the bytes of padded VQA batches; moving those
     bytes between processes, not reading them, is what bounds a loader with workers.
 
+    In a DataLoader worker the tensors of a batch are views of one shared-memory block, handed to the main process
+    in one piece (the `DataLoader` would hand over each tensor on its own, which costs more than gathering the
+    features). A tensor kept beyond its batch therefore keeps the whole batch's memory: `.clone()` what you keep
+    (pinned batches, and the `Trainer`'s evaluation, copy it anyway). With `image_features_dtype` the cast features
+    are a tensor of their own.
+
     `question_id` is not a model input. The `Trainer` drops it by itself (its default
     `remove_unused_columns=True` keeps only the item keys named like `forward` arguments, before collation);
     a hand-written loop pops it: `question_ids = batch.pop("question_id")`.

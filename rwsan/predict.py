@@ -149,7 +149,8 @@ def predict_split(
     question_ids, answer_indices = [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"Answering {split}", unit="batch"):
-            question_ids.append(batch.pop("question_id"))
+            # A copy: from a DataLoader worker the batch's tensors share one block, which a kept view would keep.
+            question_ids.append(batch.pop("question_id").clone())
             batch.pop("labels", None)
             logits = model(**{name: tensor.to(model.device) for name, tensor in batch.items()}).logits
             answer_indices.append(logits.argmax(-1).cpu())

@@ -193,8 +193,14 @@ def test_unpacking_leaves_padded_batches_alone_and_refuses_mismatched_positions(
 
 @pytest.mark.parametrize("pack_regions", [False, True])
 def test_collator_writes_the_padding_rather_than_trusting_its_buffer(monkeypatch, pack_regions):
-    uninitialised = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: uninitialised(*args, **kwargs).fill_(255))
+    uninitialised = np.empty
+
+    def garbage(shape, dtype=float, **kwargs):
+        array = uninitialised(shape, dtype, **kwargs)
+        array[...] = np.nan if np.issubdtype(array.dtype, np.floating) else -1
+        return array
+
+    monkeypatch.setattr(np, "empty", garbage)
     batch = VQACollator(num_answers=3, pad_to_multiple_of=4, pack_regions=pack_regions)(hand_items())
     batch = unpack_image_features(batch)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,7 @@ def test_config_rejects_impossible_sizes(overrides, message):
         ({"id2label": {}}, "^RWSANConfig.id2label has no answers$"),
         ({"id2label": {0: "a", 1: 2}}, "^RWSANConfig.id2label must map integer ids to strings, got 1: 2$"),
         ({"num_labels": 0}, "^RWSANConfig.num_labels must be a positive integer, got 0$"),
-        ({"num_labels": 10, "id2label": {0: "a", 1: "b", 2: "c"}},
-         "^RWSANConfig got num_labels=10 but an id2label of 3 answers; pass id2label alone: num_labels follows "
-         "from it$"),
+        ({"num_labels": 2.5}, "^RWSANConfig.num_labels must be a positive integer, got 2.5$"),
         ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "c": 1}},
          r"^RWSANConfig.label2id must map each answer of id2label back to its id; it differs on \['b', 'c'\]$"),
     ],
@@ -107,6 +106,15 @@ def test_config_rejects_impossible_sizes(overrides, message):
 def test_config_rejects_answer_vocabularies_the_processor_would(answers, message):
     with pytest.raises(ValueError, match=message):
         RWSANConfig(vocab_size=40, **answers)
+
+
+def test_a_saved_model_takes_a_new_answer_head(tmp_path):
+    config = RWSANConfig(vocab_size=40, hidden_size=16, intermediate_size=32, id2label={0: "a", 1: "b"})
+    RWSANForVQA(config).save_pretrained(tmp_path)
+    model = RWSANForVQA.from_pretrained(tmp_path, num_labels=np.int64(5), ignore_mismatched_sizes=True)
+    assert model.classifier.out_features == model.config.num_labels == 5
+    assert model.config.id2label == {index: f"LABEL_{index}" for index in range(5)}
+    assert model.config.label2id == {f"LABEL_{index}": index for index in range(5)}
 
 
 def test_config_answer_vocabulary_from_json_round_trips(tmp_path):

@@ -8,7 +8,9 @@ travel beside saved weights and load with `trust_remote_code=True` where the `rw
 Shapes: B = batch, T = question tokens, R = image regions, H = hidden size, A = number of answers.
 """
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,14 +151,18 @@ def _is_plain_linear(module: nn.Module) -> bool:
     """Whether calling `module(x)` is `F.linear(x, module.weight, module.bias)` and nothing else: an `nn.Linear`
     itself, with a bias, with its class's forward (accelerate's offloading and device hooks replace it on the
     instance), no hooks of its own or global ones, and plain parameters that hold their values (not tensor
-    subclasses such as sharded or quantised weights, nor offloaded to the meta device)."""
+    subclasses such as sharded or quantised weights, nor offloaded to the meta device; plain tensors are the views
+    of `RWSANWeightSharingEncoder.block_for_pass`)."""
     hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
     return (
         type(module) is nn.Linear
         and "forward" not in module.__dict__
         and not hooks
         and not _has_any_global_hook()
-        and all(type(parameter) is nn.Parameter and not parameter.is_meta for parameter in (module.weight, module.bias))
+        and all(
+            type(parameter) in (nn.Parameter, torch.Tensor) and not parameter.is_meta
+            for parameter in (module.weight, module.bias)
+        )
     )
 
 
@@ -307,7 +313,60 @@ class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
         return image_states, self_attention, guided_attention
 
 
-class RWSANResidualSelfAttention(nn.Module):
+class RWSANWeightSharingEncoder(nn.Module):
+    """Base of the two encoders, each applying its one `block` several times a forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        # Set by `compile_block_with_weights`, for `block_for_pass`: the function, and the block's parameter names and
+        # shapes it was compiled for.
+        self.compiled_block_with_weights = None
+        self.block_weight_layout = ()
+
+    def compile_block_with_weights(self, **compile_kwargs):
+        """Compiles `(weights, *inputs) -> block(*inputs)` with the block's parameters replaced by views of
+        `weights`, their concatenation in `named_parameters()` order, for `block_for_pass`."""
+        block = self.block
+        layout = tuple((name, tuple(parameter.shape)) for name, parameter in block.named_parameters())
+        names, shapes = zip(*layout)
+        sizes = [math.prod(shape) for shape in shapes]
+
+        def apply(weights: torch.Tensor, *inputs):
+            views = {name: piece.view(shape) for name, piece, shape in zip(names, weights.split(sizes), shapes)}
+            return torch.func.functional_call(block, views, inputs)
+
+        self.block_weight_layout = layout
+        self.compiled_block_with_weights = torch.compile(apply, **compile_kwargs)
+
+    def block_for_pass(self) -> Callable:
+        """What applies the block during one forward pass: the block itself or, in training once
+        `compile_block_with_weights` has run, its compiled application to all its weights cut from one tensor,
+        concatenated here once a pass.
+
+        Every application then adds one gradient to that tensor, where each weight would receive one of its own:
+        the autograd engine sums one gradient per application instead of one per weight and application (about
+        350 small kernels a training step at the paper's configuration), and inductor writes each application's
+        gradient as one tensor. The result is the same up to float rounding. Blocks changed since (other
+        parameters, frozen ones, gradient checkpointing, which would recompute with the block's own weights) are
+        applied as they are."""
+        if self.compiled_block_with_weights is None or not (self.training and torch.is_grad_enabled()):
+            return self.block
+        named_parameters = list(self.block.named_parameters())
+        parameters = [parameter for _, parameter in named_parameters]
+        flattenable = (
+            not self.block.gradient_checkpointing
+            and tuple((name, tuple(parameter.shape)) for name, parameter in named_parameters)
+            == self.block_weight_layout
+            and all(type(parameter) is nn.Parameter and parameter.requires_grad for parameter in parameters)
+            and len({(parameter.dtype, parameter.device) for parameter in parameters}) == 1
+        )
+        if not flattenable:
+            return self.block
+        weights = torch.cat([parameter.reshape(-1) for parameter in parameters])
+        return functools.partial(self.compiled_block_with_weights, weights)
+
+
+class RWSANResidualSelfAttention(RWSANWeightSharingEncoder):
     """SRWSA: one self-attention block applied three times, each time on its output added to the block's input.
 
     x1 = SA(x); x2 = SA(LN(x1 + x)); x3 = SA(LN(x2 + x)).
@@ -320,19 +379,25 @@ class RWSANResidualSelfAttention(nn.Module):
         self.third_input_norm = RWSANLayerNorm(config.hidden_size, config.layer_norm_eps)
 
     def forward(
-        self, question_states: torch.Tensor, question_bias: torch.Tensor, output_attentions: bool = False
+        self,
+        question_states: torch.Tensor,
+        question_bias: torch.Tensor,
+        output_attentions: bool = False,
+        block: Callable | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        first, first_attention = self.block(question_states, question_bias, output_attentions)
-        second, second_attention = self.block(
+        """`block`: what applies `self.block` (default: itself), from `block_for_pass`."""
+        block = block or self.block
+        first, first_attention = block(question_states, question_bias, output_attentions)
+        second, second_attention = block(
             self.second_input_norm(first + question_states), question_bias, output_attentions
         )
-        third, third_attention = self.block(
+        third, third_attention = block(
             self.third_input_norm(second + question_states), question_bias, output_attentions
         )
         return third, (first_attention, second_attention, third_attention)
 
 
-class RWSANResidualGuidedAttention(nn.Module):
+class RWSANResidualGuidedAttention(RWSANWeightSharingEncoder):
     """SGRWSA: one guided-attention block applied three times, with the paper's asymmetric residuals.
 
     y1 = SGA(x, y); y2 = SGA(x, LN(y1 + y)); y3 = SGA(x, y2); output LN(y3 + y).
@@ -351,11 +416,14 @@ class RWSANResidualGuidedAttention(nn.Module):
         image_bias: torch.Tensor,
         question_bias: torch.Tensor,
         output_attentions: bool = False,
+        block: Callable | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """`block`: what applies `self.block` (default: itself), from `block_for_pass`."""
+        block = block or self.block
         args = (question_states, image_bias, question_bias, output_attentions)
-        first, first_self, first_guided = self.block(image_states, *args)
-        second, second_self, second_guided = self.block(self.second_input_norm(first + image_states), *args)
-        third, third_self, third_guided = self.block(second, *args)
+        first, first_self, first_guided = block(image_states, *args)
+        second, second_self, second_guided = block(self.second_input_norm(first + image_states), *args)
+        third, third_self, third_guided = block(second, *args)
         output = self.output_norm(third + image_states)
         return output, (first_self, second_self, third_self), (first_guided, second_guided, third_guided)
 
@@ -392,7 +460,9 @@ class RWSANPreTrainedModel(PreTrainedModel):
 
         The two blocks do nearly all of the computation, each applied several times a forward pass with the same shapes
         (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with every
-        application unrolled, and compiles for less time than `torch.compile(model)`. The layer norms outside the
+        application unrolled, and compiles for less time than `torch.compile(model)`. In training, each block is
+        compiled with its weights as one input, so that their gradients are summed once per application (see
+        `RWSANWeightSharingEncoder.block_for_pass`). The layer norms outside the
         blocks, applied 13 times a forward pass at the paper's configuration, are compiled too: eagerly each is a string
         of small operators, forward and backward. The rest (embedding, LSTM, projection, pooling, classifier) stays
         eager. Parameter names and saved weights do not change. Pass `dynamic=True` when batches come in several padded
@@ -405,11 +475,13 @@ class RWSANPreTrainedModel(PreTrainedModel):
         (`torch._dynamo.config.recompile_limit`, process-wide) is raised to at least 64.
         """
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-        blocks = [m for m in self.modules() if isinstance(m, (RWSANSelfAttentionBlock, RWSANGuidedAttentionBlock))]
-        inside_blocks = {id(module) for block in blocks for module in block.modules()}
+        encoders = [m for m in self.modules() if isinstance(m, RWSANWeightSharingEncoder)]
+        inside_blocks = {id(module) for encoder in encoders for module in encoder.block.modules()}
         norms = [m for m in self.modules() if isinstance(m, RWSANLayerNorm) and id(m) not in inside_blocks]
-        for module in blocks + norms:
+        for module in [encoder.block for encoder in encoders] + norms:
             module.compile(**compile_kwargs)
+        for encoder in encoders:
+            encoder.compile_block_with_weights(**compile_kwargs)
         return self
 
     def _init_weights(self, module: nn.Module):
@@ -527,15 +599,18 @@ class RWSANModel(RWSANPreTrainedModel):
         image_attentions = () if output_attentions else None
         guided_attentions = () if output_attentions else None
 
+        question_block, image_block = self.question_encoder.block_for_pass(), self.image_encoder.block_for_pass()
         for _ in range(self.config.num_srwsa_repeats):
-            question_states, attentions = self.question_encoder(question_states, question_bias, output_attentions)
+            question_states, attentions = self.question_encoder(
+                question_states, question_bias, output_attentions, question_block
+            )
             if output_hidden_states:
                 question_hidden_states += (question_states,)
             if output_attentions:
                 question_attentions += attentions
         for _ in range(self.config.num_sgrwsa_repeats):
             image_states, self_attentions, cross_attentions = self.image_encoder(
-                image_states, question_states, image_bias, question_bias, output_attentions
+                image_states, question_states, image_bias, question_bias, output_attentions, image_block
             )
             if output_hidden_states:
                 image_hidden_states += (image_states,)

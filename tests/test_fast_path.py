@@ -149,6 +149,64 @@ def test_compiled_blocks_match_eager_with_a_few_graphs_for_every_shape(items):
     torch._dynamo.reset()
 
 
+def gradient_step(model, batch) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradients of one training pass, and how many `add_` calls it made (the autograd engine's sums)."""
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        model(**batch).loss.backward()
+    additions = sum(event.name == "aten::add_" for event in profiler.events())
+    return {name: parameter.grad for name, parameter in model.named_parameters()}, additions
+
+
+def test_compiled_blocks_sum_their_gradients_once_per_application(items):
+    """Training with compiled blocks, each application adds one gradient for all the block's weights: the engine's
+    additions of each weight (one per application) become those of one tensor per block, with the eager model's
+    gradients."""
+    torch._dynamo.reset()
+    config = RWSANConfig(**bench.TINY_SIZES, dropout=0.0)
+    torch.manual_seed(0)
+    eager = RWSANForVQA(config).train()
+    compiled = RWSANForVQA(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks(backend="eager", dynamic=True)
+    batch = collate(items, pad_to_multiple_of=20)
+    batch["labels"] = torch.zeros(len(items), config.num_labels).index_fill_(1, torch.tensor([3]), 0.9)
+    gradient_step(compiled, batch)  # tracing
+    eager_gradients, eager_additions = gradient_step(eager, batch)
+    compiled_gradients, compiled_additions = gradient_step(compiled, batch)
+    torch.testing.assert_close(compiled_gradients, eager_gradients, atol=1e-6, rtol=1e-5)
+    encoders = (compiled.rwsan.question_encoder, compiled.rwsan.image_encoder)
+    block_weights = sum(len(list(encoder.block.parameters())) for encoder in encoders)
+    applications = 3 * config.num_srwsa_repeats
+    # Eagerly each block weight takes applications - 1 sums (the first out of place, `add`, the others `add_`);
+    # compiled, each block's one tensor of weights takes them instead.
+    assert eager_additions - compiled_additions >= (applications - 2) * block_weights - (applications - 1) * 2
+    torch._dynamo.reset()
+
+
+def test_blocks_read_their_weights_as_one_tensor_only_where_that_is_safe():
+    model = tiny_model().train()
+    encoder = model.rwsan.question_encoder
+    assert encoder.block_for_pass() is encoder.block, "not compiled"
+    encoder.compile_block_with_weights(backend="eager")
+    assert encoder.block_for_pass() is not encoder.block
+    with torch.no_grad():
+        assert encoder.block_for_pass() is encoder.block
+    encoder.block.attention.value.weight.requires_grad_(False)
+    assert encoder.block_for_pass() is encoder.block, "a frozen weight"
+    encoder.block.attention.value.weight.requires_grad_(True)
+    model.gradient_checkpointing_enable()
+    assert encoder.block_for_pass() is encoder.block, "recomputation would read the block's own weights"
+    model.gradient_checkpointing_disable()
+    encoder.block.attention.value = torch.nn.Linear(*encoder.block.attention.value.weight.T.shape)
+    assert encoder.block_for_pass() is not encoder.block, "the same names and shapes"
+    encoder.block.extra = torch.nn.Linear(2, 2)
+    assert encoder.block_for_pass() is encoder.block, "another parameter than when compiled"
+    del encoder.block.extra
+    model.eval()
+    assert encoder.block_for_pass() is encoder.block
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="inductor needs about 3 minutes to compile the tiny model's training graphs on a 2-core CPU; "

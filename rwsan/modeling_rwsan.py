@@ -10,6 +10,7 @@ Shapes: B = batch, T = question tokens, R = image regions, H = hidden size, A = 
 
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -318,10 +319,16 @@ class RWSANWeightSharingEncoder(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # Set by `compile_block_with_weights`, for `block_for_pass`: the function, and the block's parameter names and
-        # shapes it was compiled for.
+        # Set by `compile_block_with_weights`, for `block_for_pass`: the function, the block it applies (weakly: a
+        # module attribute would be registered as a submodule) and that block's parameter names and shapes.
         self.compiled_block_with_weights = None
+        self.compiled_block = None
         self.block_weight_layout = ()
+
+    def __getstate__(self):
+        # Copies and pickles leave the compiled application out, as `nn.Module` leaves out that of `compile`: it
+        # holds this encoder's block, not the copy's.
+        return {**super().__getstate__(), "compiled_block_with_weights": None, "compiled_block": None}
 
     def compile_block_with_weights(self, **compile_kwargs):
         """Compiles `(weights, *inputs) -> block(*inputs)` with the block's parameters replaced by views of
@@ -336,6 +343,7 @@ class RWSANWeightSharingEncoder(nn.Module):
             return torch.func.functional_call(block, views, inputs)
 
         self.block_weight_layout = layout
+        self.compiled_block = weakref.ref(block)
         self.compiled_block_with_weights = torch.compile(apply, **compile_kwargs)
 
     def block_for_pass(self) -> Callable:
@@ -346,15 +354,17 @@ class RWSANWeightSharingEncoder(nn.Module):
         Every application then adds one gradient to that tensor, where each weight would receive one of its own:
         the autograd engine sums one gradient per application instead of one per weight and application (about
         350 small kernels a training step at the paper's configuration), and inductor writes each application's
-        gradient as one tensor. The result is the same up to float rounding. Blocks changed since (other
-        parameters, frozen ones, gradient checkpointing, which would recompute with the block's own weights) are
-        applied as they are."""
+        gradient as one tensor. The result is the same up to float rounding (under autocast the applications'
+        gradients are summed in float32, where the eager model sums those of its cached low-precision weights). A
+        block replaced or changed since (other parameters, frozen ones, gradient checkpointing, which would
+        recompute with the block's own weights) is applied as it is."""
         if self.compiled_block_with_weights is None or not (self.training and torch.is_grad_enabled()):
             return self.block
         named_parameters = list(self.block.named_parameters())
         parameters = [parameter for _, parameter in named_parameters]
         flattenable = (
-            not self.block.gradient_checkpointing
+            self.compiled_block() is self.block
+            and not self.block.gradient_checkpointing
             and tuple((name, tuple(parameter.shape)) for name, parameter in named_parameters)
             == self.block_weight_layout
             and all(type(parameter) is nn.Parameter and parameter.requires_grad for parameter in parameters)

@@ -1,8 +1,10 @@
 """The fast training path (bf16 autocast + SDPA, bucketed padding, torch.compile) computes what the original's fp32
 eager path computes, and bench/train_throughput.py runs from end to end."""
 
+import copy
 import importlib.util
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -190,6 +192,9 @@ def test_blocks_read_their_weights_as_one_tensor_only_where_that_is_safe():
     assert encoder.block_for_pass() is encoder.block, "not compiled"
     encoder.compile_block_with_weights(backend="eager")
     assert encoder.block_for_pass() is not encoder.block
+    copied = copy.deepcopy(model).rwsan.question_encoder
+    assert copied.block_for_pass() is copied.block, "the compiled application is the original's"
+    assert pickle.loads(pickle.dumps(model)).rwsan.question_encoder.compiled_block_with_weights is None
     with torch.no_grad():
         assert encoder.block_for_pass() is encoder.block
     encoder.block.attention.value.weight.requires_grad_(False)
@@ -203,6 +208,8 @@ def test_blocks_read_their_weights_as_one_tensor_only_where_that_is_safe():
     encoder.block.extra = torch.nn.Linear(2, 2)
     assert encoder.block_for_pass() is encoder.block, "another parameter than when compiled"
     del encoder.block.extra
+    encoder.block = type(encoder.block)(model.config)
+    assert encoder.block_for_pass() is encoder.block, "a new block"
     model.eval()
     assert encoder.block_for_pass() is encoder.block
 

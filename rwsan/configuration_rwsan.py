@@ -94,12 +94,10 @@ class RWSANConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         num_labels = kwargs.get("num_labels")
         if num_labels is not None:
-            try:
-                kwargs["num_labels"] = num_labels = operator.index(num_labels)
-            except TypeError:
-                num_labels = None
-            if isinstance(kwargs["num_labels"], bool) or num_labels is None or num_labels < 1:
-                raise ValueError(f"RWSANConfig.num_labels must be a positive integer, got {kwargs['num_labels']!r}")
+            # Any integer type (numpy's too), but not a bool.
+            if isinstance(num_labels, bool) or not hasattr(num_labels, "__index__") or operator.index(num_labels) < 1:
+                raise ValueError(f"RWSANConfig.num_labels must be a positive integer, got {num_labels!r}")
+            kwargs["num_labels"] = num_labels = operator.index(num_labels)
         if self.id2label is None:
             if num_labels is None:
                 kwargs["num_labels"] = PAPER_NUM_ANSWERS

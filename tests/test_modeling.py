@@ -99,6 +99,7 @@ def test_config_rejects_impossible_sizes(overrides, message):
         ({"id2label": {0: "a", 1: 2}}, "^RWSANConfig.id2label must map integer ids to strings, got 1: 2$"),
         ({"num_labels": 0}, "^RWSANConfig.num_labels must be a positive integer, got 0$"),
         ({"num_labels": 2.5}, "^RWSANConfig.num_labels must be a positive integer, got 2.5$"),
+        ({"num_labels": True}, "^RWSANConfig.num_labels must be a positive integer, got True$"),
         ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "c": 1}},
          r"^RWSANConfig.label2id must map each answer of id2label back to its id; it differs on \['b', 'c'\]$"),
     ],

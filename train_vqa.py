@@ -309,11 +309,6 @@ def main(argv: list[str] | None = None):
             "--do_train false evaluates or predicts with the weights of --model_name_or_path; give it (a new "
             "model's weights are random)"
         )
-    if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:
-        print(
-            "The word embedding starts random: the paper starts it from GloVe (--glove_path glove.840B.300d.txt)",
-            file=sys.stderr,
-        )
     if data_args.save_logits and not training_args.do_predict:
         raise UsageError("--save_logits keeps the scores of --do_predict's answers; give --do_predict too")
     if model_args.glove_path and model_args.model_name_or_path:
@@ -332,6 +327,12 @@ def main(argv: list[str] | None = None):
         raise UsageError(
             "--pack_regions does not work with split_batches or dispatch_batches in --accelerator_config: the "
             "packed regions of a batch cannot be cut between processes by sample"
+        )
+    # Only once the arguments hold together: a run refused above trains nothing.
+    if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:
+        print(
+            "The word embedding starts random: the paper starts it from GloVe (--glove_path glove.840B.300d.txt)",
+            file=sys.stderr,
         )
     set_seed(training_args.seed)
     # Adam's moments of rarely-used embedding rows decay into subnormal floats, which make CPU arithmetic up to a

@@ -396,7 +396,7 @@ class RWSANResidualSelfAttention(RWSANWeightSharingEncoder):
         block: Callable | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """`block`: what applies `self.block` (default: itself), from `block_for_pass`."""
-        block = block or self.block
+        block = self.block if block is None else block
         first, first_attention = block(question_states, question_bias, output_attentions)
         second, second_attention = block(
             self.second_input_norm(first + question_states), question_bias, output_attentions
@@ -429,7 +429,7 @@ class RWSANResidualGuidedAttention(RWSANWeightSharingEncoder):
         block: Callable | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """`block`: what applies `self.block` (default: itself), from `block_for_pass`."""
-        block = block or self.block
+        block = self.block if block is None else block
         args = (question_states, image_bias, question_bias, output_attentions)
         first, first_self, first_guided = block(image_states, *args)
         second, second_self, second_guided = block(self.second_input_norm(first + image_states), *args)
@@ -472,12 +472,12 @@ class RWSANPreTrainedModel(PreTrainedModel):
         (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with every
         application unrolled, and compiles for less time than `torch.compile(model)`. In training, each block is
         compiled with its weights as one input, so that their gradients are summed once per application (see
-        `RWSANWeightSharingEncoder.block_for_pass`). The layer norms outside the
-        blocks, applied 13 times a forward pass at the paper's configuration, are compiled too: eagerly each is a string
-        of small operators, forward and backward. The rest (embedding, LSTM, projection, pooling, classifier) stays
-        eager. Parameter names and saved weights do not change. Pass `dynamic=True` when batches come in several padded
-        shapes, so that one compilation serves them all. Modes that record CUDA graphs (`reduce-overhead`) break
-        inference: one application's output, the next one's input, is overwritten (pytorch/pytorch#152887).
+        `RWSANWeightSharingEncoder.block_for_pass`). The layer norms outside the blocks, applied 13 times a forward
+        pass at the paper's configuration, are compiled too: eagerly each is a string of small operators, forward
+        and backward. The rest (embedding, LSTM, projection, pooling, classifier) stays eager. Parameter names and
+        saved weights do not change. Pass `dynamic=True` when batches come in several padded shapes, so that one
+        compilation serves them all. Modes that record CUDA graphs (`reduce-overhead`) break inference: one
+        application's output, the next one's input, is overwritten (pytorch/pytorch#152887).
 
         Both blocks run through one function of transformers (`GradientCheckpointingLayer`'s forward wrapper),
         whose compilations TorchDynamo counts together: training, evaluation and autocast variants of the two

@@ -53,6 +53,7 @@ import reprlib
 import shutil
 import signal
 import sys
+import threading
 import zipfile
 import zlib
 from collections import Counter, deque
@@ -1218,6 +1219,39 @@ def print_summary(report: dict, output_dir: Path):
     print(f"Wrote {output_dir} (details in {output_dir / 'report.json'})")
 
 
+def exit_on_termination_requests():
+    """Makes SIGTERM raise SystemExit(143) in the main thread for the rest of the process, so that a terminated
+    conversion still removes its partial output, also while the main thread waits on a read that may not end
+    (features from a stalled pipe).
+
+    The kernel hands a process's signal to any of its threads, and Python runs handlers in the main thread
+    only: a signal taken by another thread (tqdm's monitor, say) does not interrupt the main thread's system
+    call. A watcher thread learns of every signal through the wakeup fd and sends SIGTERM on to the main
+    thread itself, which does."""
+    exiting = False
+
+    def exit_once(signum, frame):
+        nonlocal exiting
+        # The watcher's copy of the signal comes after the first, and must not interrupt the clean-up.
+        if not exiting:
+            exiting = True
+            sys.exit(128 + signum)
+
+    def send_termination_to_main_thread(read_end: int, main_thread_id: int):
+        with os.fdopen(read_end, "rb", buffering=0) as signals:
+            while received := signals.read(64):
+                if signal.SIGTERM in received:
+                    signal.pthread_kill(main_thread_id, signal.SIGTERM)
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.signal(signal.SIGTERM, exit_once)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    threading.Thread(
+        target=send_termination_to_main_thread, args=(read_end, threading.get_ident()), daemon=True
+    ).start()
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_root", required=True, help="Folder with vqa/ and coco_extract/.")
@@ -1241,8 +1275,7 @@ def main(argv: list[str] | None = None):
         "results miss them.",
     )
     args = parser.parse_args(argv)
-    # Turned into an exception, a termination request still removes the partial output.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_termination_requests()
     try:
         prepare_vqa(**vars(args))
     except (FileNotFoundError, FileExistsError, ValueError) as error:

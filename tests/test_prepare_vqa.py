@@ -704,3 +704,30 @@ def test_terminated_conversion_leaves_no_dataset(raw_vqa_dir, tmp_path):
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, output
     assert not output_dir.exists() and not leftovers(output_dir), output
+
+
+def test_termination_taken_by_another_thread_interrupts_a_read_that_waits_forever():
+    # The kernel may hand SIGTERM to any thread, and only a signal delivered to the main thread interrupts
+    # its system call: here a thread takes it while the main thread reads a pipe that never gets data.
+    child = """
+import os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+from data_scripts.prepare_vqa import exit_on_termination_requests
+
+exit_on_termination_requests()
+read_end, write_end = os.pipe()
+threading.Timer(0.5, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM)).start()
+try:
+    os.read(read_end, 1)
+finally:
+    print("the main thread left its read")
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", child, str(REPO_ROOT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "the main thread left its read" in output

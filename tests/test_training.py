@@ -112,6 +112,16 @@ def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, t
         assert rate == pytest.approx(1e-3 * paper_lr_multiplier(step - 1, 7, 2, (3,), 0.2)), step
 
 
+def written_json(path: Path) -> bool:
+    """Whether `path` holds a whole JSON document: the Trainer writes its state last in a checkpoint, and the file
+    exists before its text is written."""
+    try:
+        json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize("sampling", [[], ["--group_by_regions", "true"]], ids=["shuffled", "grouped_by_regions"])
 def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_path, sampling):
     arguments = [
@@ -135,7 +145,7 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
     )
     first_checkpoint = interrupted / "checkpoint-14"  # 210 questions / batch 16 -> 14 steps an epoch
     deadline = time.monotonic() + 300
-    while not (first_checkpoint / "trainer_state.json").exists():
+    while not written_json(first_checkpoint / "trainer_state.json"):
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint after 300 s"
         time.sleep(0.02)

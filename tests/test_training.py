@@ -165,7 +165,7 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
 
 def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(REPO_ROOT / "train_vqa.py"),
         *common_arguments(tiny_prepared_vqa, tmp_path / "ddp"),
         "--num_train_epochs", "1",

@@ -1222,17 +1222,18 @@ def print_summary(report: dict, output_dir: Path):
 def exit_on_termination_requests():
     """Makes SIGTERM raise SystemExit(143) in the main thread for the rest of the process, so that a terminated
     conversion still removes its partial output, also while the main thread waits on a read that may not end
-    (features from a stalled pipe).
+    (features from a stalled pipe). Requests after the first are ignored while it cleans up. Ctrl-C (SIGINT) keeps
+    Python's handling.
 
     The kernel hands a process's signal to any of its threads, and Python runs handlers in the main thread
     only: a signal taken by another thread (tqdm's monitor, say) does not interrupt the main thread's system
-    call. A watcher thread learns of every signal through the wakeup fd and sends SIGTERM on to the main
-    thread itself, which does."""
+    call. A watcher thread learns of every signal through the wakeup fd and, until the handler has run, sends
+    SIGTERM on to the main thread itself, which does. Forked processes (the decoding workers) do not inherit the
+    wakeup fd: a signal to one of them is theirs, not a request to stop the conversion."""
     exiting = False
 
     def exit_once(signum, frame):
         nonlocal exiting
-        # The watcher's copy of the signal comes after the first, and must not interrupt the clean-up.
         if not exiting:
             exiting = True
             sys.exit(128 + signum)
@@ -1240,13 +1241,15 @@ def exit_on_termination_requests():
     def send_termination_to_main_thread(read_end: int, main_thread_id: int):
         with os.fdopen(read_end, "rb", buffering=0) as signals:
             while received := signals.read(64):
-                if signal.SIGTERM in received:
+                # Each signal sent writes to the wakeup fd again: forwarding after the handler ran would not end.
+                if signal.SIGTERM in received and not exiting:
                     signal.pthread_kill(main_thread_id, signal.SIGTERM)
 
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     signal.signal(signal.SIGTERM, exit_once)
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
     threading.Thread(
         target=send_termination_to_main_thread, args=(read_end, threading.get_ident()), daemon=True
     ).start()

@@ -364,7 +364,9 @@ class RWSANWeightSharingEncoder(nn.Module):
         gradient as one tensor. The result is the same up to float rounding (under autocast the applications'
         gradients are summed in float32, where the eager model sums those of its cached low-precision weights). A
         block replaced or changed since (other parameters, frozen ones, gradient checkpointing, which would
-        recompute with the block's own weights) is applied as it is."""
+        recompute with the block's own weights) is applied as it is. The guided attention's value and key weights,
+        which `RWSANResidualGuidedAttention.project_question` reads outside the block, are in the tensor too, so that
+        it holds the block's weights in one layout; the block's applications give them zero gradients."""
         if self.compiled_block_with_weights is None or not (self.training and torch.is_grad_enabled()):
             return self.block
         named_parameters = list(self.block.named_parameters())
@@ -428,7 +430,8 @@ class RWSANResidualGuidedAttention(RWSANWeightSharingEncoder):
 
     def project_question(self, question_states: torch.Tensor) -> torch.Tensor:
         """The values and keys the block's guided attention reads from the question states, `(B, T, H + rank *
-        heads)`: the same in every application, so projected once a forward pass."""
+        heads)`: the same in every application, so projected once a forward pass. Hooks and adapters on those two
+        layers run once a pass too (an adapter's dropout draws one mask for all applications)."""
         return self.block.guided_attention.project_values_and_keys(question_states)
 
     def forward(

@@ -731,3 +731,33 @@ finally:
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM, output
     assert "the main thread left its read" in output
+
+
+def test_termination_is_handled_once_and_is_not_passed_on_by_forked_workers():
+    # The watcher's own signal reaches the wakeup fd too: were it passed on again, the two threads would keep
+    # signalling each other (a busy core) through the clean-up. A forked decoding worker that kept the wakeup fd
+    # would turn a signal to the worker (the pool terminates its workers when one dies) into the end of the run.
+    child = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from data_scripts.prepare_vqa import exit_on_termination_requests
+
+exit_on_termination_requests()
+worker = os.fork()
+if worker == 0:
+    os._exit(0 if signal.set_wakeup_fd(-1) == -1 else 1)
+print("worker's wakeup fd:", "none" if os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]) == 0 else "inherited")
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+except SystemExit as stop:
+    start = time.process_time()
+    time.sleep(0.5)
+    print(f"exit code {stop.code}, CPU seconds while cleaning up: {time.process_time() - start:.3f}")
+"""
+    result = subprocess.run([sys.executable, "-c", child, str(REPO_ROOT)], capture_output=True, text=True, timeout=60)
+    assert "worker's wakeup fd: none" in result.stdout, result.stdout + result.stderr
+    cleanup = re.search(r"exit code (\d+), CPU seconds while cleaning up: ([\d.]+)", result.stdout)
+    assert cleanup, result.stdout + result.stderr
+    assert int(cleanup[1]) == 128 + signal.SIGTERM
+    assert float(cleanup[2]) < 0.2, result.stdout

@@ -1245,9 +1245,12 @@ def exit_on_termination_requests():
                 if signal.SIGTERM in received and not exiting:
                     signal.pthread_kill(main_thread_id, signal.SIGTERM)
 
+    signal.signal(signal.SIGTERM, exit_once)
+    # Windows sends no SIGTERM from outside a process and has no pthread_kill: the handler is enough there.
+    if not hasattr(signal, "pthread_kill"):
+        return
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
-    signal.signal(signal.SIGTERM, exit_once)
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
     threading.Thread(

@@ -957,6 +957,9 @@ def write_questions(
 
 
 def _process_is_alive(pid: int) -> bool:
+    if os.name == "nt":
+        # There os.kill(pid, 0) terminates the process: leftovers are kept, to be removed by hand.
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

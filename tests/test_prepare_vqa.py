@@ -655,6 +655,17 @@ def test_leftovers_of_a_killed_run_are_removed(raw_vqa_dir, tmp_path):
     assert not stale.exists()
 
 
+def test_leftovers_are_kept_on_windows_where_probing_their_process_would_kill_it(monkeypatch):
+    def kill(pid, signal_number):
+        raise AssertionError("os.kill terminates the process on Windows")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "name", "nt")
+        patched.setattr(os, "kill", kill)
+        alive = prepare_vqa_module._process_is_alive(2**22 + 1)
+    assert alive
+
+
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:
     command = [sys.executable, str(REPO_ROOT / "data_scripts" / "prepare_vqa.py"), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)

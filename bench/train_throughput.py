@@ -552,7 +552,8 @@ class StepProfiler(TrainerCallback):
         self.wall_seconds = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.after_step:
+        # With no steps to profile, a profiler started at the last step would never be stopped.
+        if self.steps and state.global_step == self.after_step:
             self.synchronize()
             self.profiler = profiler_for(self.device)
             self.profiler.start()

@@ -7,6 +7,7 @@ import json
 import pickle
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -351,6 +352,17 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_trainer_rows_leave_no_profiler_running(steps):
+    """Without --profile_steps nothing is profiled; with it, the profiler stops after its steps. A profiler left
+    running would slow every later row."""
+    profiler = bench.StepProfiler(after_step=3, steps=steps, device=torch.device("cpu"), synchronize=lambda: None)
+    for step in range(1, 3 + steps + 1):
+        profiler.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert (profiler.kernels is not None) == (steps > 0)
 
 
 def test_step_profile_names_the_work_and_times_each_batch_size(capsys):

@@ -321,6 +321,11 @@ class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
         return image_states, self_attention, guided_attention
 
 
+def _weight_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The block's parameter names and shapes, in `named_parameters()` order."""
+    return tuple((name, tuple(parameter.shape)) for name, parameter in block.named_parameters())
+
+
 class RWSANWeightSharingEncoder(nn.Module):
     """Base of the two encoders, each applying its one `block` several times a forward pass."""
 
@@ -341,7 +346,7 @@ class RWSANWeightSharingEncoder(nn.Module):
         """Compiles `(weights, *inputs) -> block(*inputs)` with the block's parameters replaced by views of
         `weights`, their concatenation in `named_parameters()` order, for `block_for_pass`."""
         block = self.block
-        layout = tuple((name, tuple(parameter.shape)) for name, parameter in block.named_parameters())
+        layout = _weight_layout(block)
         names, shapes = zip(*layout)
         sizes = [math.prod(shape) for shape in shapes]
 
@@ -369,13 +374,11 @@ class RWSANWeightSharingEncoder(nn.Module):
         it holds the block's weights in one layout; the block's applications give them zero gradients."""
         if self.compiled_block_with_weights is None or not (self.training and torch.is_grad_enabled()):
             return self.block
-        named_parameters = list(self.block.named_parameters())
-        parameters = [parameter for _, parameter in named_parameters]
+        parameters = list(self.block.parameters())
         flattenable = (
             self.compiled_block() is self.block
             and not self.block.gradient_checkpointing
-            and tuple((name, tuple(parameter.shape)) for name, parameter in named_parameters)
-            == self.block_weight_layout
+            and _weight_layout(self.block) == self.block_weight_layout
             and all(type(parameter) is nn.Parameter and parameter.requires_grad for parameter in parameters)
             and len({(parameter.dtype, parameter.device) for parameter in parameters}) == 1
         )

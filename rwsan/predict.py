@@ -4,8 +4,9 @@
     python -m rwsan.predict --model runs/rwsan --features COCO_val2014_000000000042.jpg.npz \\
         --question "What color is the bus?" --top_k 5 --plot attention.png [--image photo.jpg]
 
-    # a split prepared by data_scripts/prepare_vqa.py, into the evaluation server's format
-    python -m rwsan.predict --model runs/rwsan --dataset_dir data/vqa --split test-dev --output predictions.json
+    # a split prepared by data_scripts/prepare_vqa.py, into the evaluation server's format: the whole test set
+    # is one file for both its test-dev and test-std phases (--split test-dev answers the test-dev questions only)
+    python -m rwsan.predict --model runs/rwsan --dataset_dir data/vqa --split test --output predictions.json
 """
 
 import argparse
@@ -117,7 +118,7 @@ def predict_split(
     model: RWSANForVQA,
     processor: RWSANProcessor,
     dataset_dir: str | os.PathLike,
-    split: str = "test-dev",
+    split: str = "test",
     batch_size: int = 128,
     num_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +214,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     single.add_argument("--image", help="The photo to draw the --plot regions on (default: a blank canvas).")
     split = parser.add_argument_group("a prepared split")
     split.add_argument("--dataset_dir", help="A folder written by data_scripts/prepare_vqa.py.")
-    split.add_argument("--split", default="test-dev")
+    split.add_argument(
+        "--split",
+        default="test",
+        help="The split to answer. test, the whole test set, is the one file the evaluation server takes for its "
+        "test-dev and test-std phases; test-dev answers its questions only.",
+    )
     split.add_argument("--output", help="The predictions file, [{question_id, answer}, ...].")
     split.add_argument("--batch_size", type=int, default=128)
     split.add_argument("--num_workers", type=int, default=0)

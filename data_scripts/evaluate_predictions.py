@@ -28,6 +28,8 @@ def _load_json(path: Path, description: str) -> Any:
         raise ValueError(f"cannot read the {description} file {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{description} file {path} is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{description} file {path} is not UTF-8 text (JSON): {error}") from None
 
 
 def _require(condition: bool, path: Path, expected: str) -> None:

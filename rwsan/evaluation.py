@@ -206,6 +206,8 @@ def _check_annotations(annotations: Sequence[Mapping[str, Any]]) -> None:
         raise ValueError("Cannot evaluate against an empty list of annotations.")
     seen_ids = set()
     for index, annotation in enumerate(annotations):
+        if not isinstance(annotation, Mapping):
+            raise ValueError(f"Annotation {index} must be a dict, got {annotation!r}")
         missing_keys = [key for key in _ANNOTATION_KEYS if key not in annotation]
         if missing_keys:
             raise ValueError(f"Annotation {index} lacks the key(s) {missing_keys}.")

@@ -207,6 +207,7 @@ def test_evaluate_vqa_names_missing_and_unknown_question_ids():
         ({11: "2"}, [], ValueError, "empty list of annotations"),
         ({11: "2"}, {"annotations": SMALL_ANNOTATIONS[:1]}, TypeError, "annotations must be the list"),
         ({1: "2"}, [{"question_id": 1, "answers": []}], ValueError, r"Annotation 0 lacks the key\(s\)"),
+        ({1: "2"}, [3], ValueError, "Annotation 0 must be a dict, got 3"),
         ({1: "2"}, [_annotation(1, "what", "other", [])], ValueError, "question id 1 has no answers"),
     ],
 )
@@ -333,6 +334,12 @@ def test_script_errors_name_the_file(evaluation_script, small_files, tmp_path):
     broken.write_text("{not json")
     assert error_of({**small_files, "annotations": broken}).startswith(
         f"error: annotations file {broken} is not valid JSON: Expecting property name"
+    )
+
+    not_text = tmp_path / "not_text.json"
+    not_text.write_bytes(b"\xff\xfe[]")
+    assert error_of({**small_files, "predictions": not_text}).startswith(
+        f"error: predictions file {not_text} is not UTF-8 text (JSON): 'utf-8' codec can't decode byte 0xff"
     )
 
     as_dict = _write_json(tmp_path / "as_dict.json", SMALL_PREDICTIONS)

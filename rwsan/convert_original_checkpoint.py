@@ -4,7 +4,10 @@
         [--answer_dict answer_dict.json] [--processor data/vqa/processor]
 
 The original saves `{'state_dict', 'optimizer', 'lr_base'}` with `torch.save` (keys prefixed `module.` when it
-trained under DataParallel). Sizes are read off the tensor shapes; the repeat counts are the paper's unless given.
+trained under DataParallel). Sizes are read off the tensor shapes. The head count and the repeat counts leave no
+trace in them: they are the paper's unless given, and a checkpoint trained with others converts without complaint
+into a model that computes something else, so give the values of the run's config (`MULTI_HEAD`, `SRWSA_LAYER`,
+`SGRWSA_LAYER`) when they were changed.
 """
 
 import argparse
@@ -241,9 +244,17 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--answer_dict", help="the original answer_dict.json, to name the answers")
     parser.add_argument("--processor", help="a processor folder (prepare_vqa.py's OUT/processor) to save beside it")
-    parser.add_argument("--num_srwsa_repeats", type=int, default=RWSANConfig.num_srwsa_repeats)
-    parser.add_argument("--num_sgrwsa_repeats", type=int, default=RWSANConfig.num_sgrwsa_repeats)
-    parser.add_argument("--num_attention_heads", type=int, default=RWSANConfig.num_attention_heads)
+    # The shapes cannot tell these: a wrong value converts silently into another network.
+    unchecked = " (not in the weights: give the training run's value if it was not the paper's)"
+    parser.add_argument(
+        "--num_srwsa_repeats", type=int, default=RWSANConfig.num_srwsa_repeats, help="SRWSA repeats" + unchecked
+    )
+    parser.add_argument(
+        "--num_sgrwsa_repeats", type=int, default=RWSANConfig.num_sgrwsa_repeats, help="SGRWSA repeats" + unchecked
+    )
+    parser.add_argument(
+        "--num_attention_heads", type=int, default=RWSANConfig.num_attention_heads, help="heads" + unchecked
+    )
     args = parser.parse_args(argv)
     try:
         model = convert(

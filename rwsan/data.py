@@ -327,7 +327,7 @@ class VQACollator:
         question_length = min(
             _padded_length(longest_question, self.pad_to_multiple_of), max(longest_question, self.max_question_length)
         )
-        region_length = min(_padded_length(region_counts.max(), self.pad_to_multiple_of), self.max_regions)
+        region_length = min(_padded_length(max(1, region_counts.max()), self.pad_to_multiple_of), self.max_regions)
         batch_size, feature_size, feature_dtype = len(items), feature_sizes.pop(), region_features[0].dtype
         shapes = {
             "input_ids": ((batch_size, question_length), np.int64),

@@ -155,6 +155,19 @@ def test_collator_cuts_regions_and_never_pads_them_past_max_regions():
     assert batch["image_attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0]]
 
 
+@pytest.mark.parametrize("pack_regions", [False, True])
+def test_a_batch_of_images_without_regions_pads_to_one_masked_region(pack_regions):
+    """As a batch of questions without words pads to one masked token: the model needs a length of at least one."""
+    items = [{**item, "image_features": np.zeros((0, 3), np.float16)} for item in hand_items()]
+    batch = unpack_image_features(VQACollator(num_answers=3, pack_regions=pack_regions)(items))
+    assert batch["image_features"].tolist() == [[[0, 0, 0]], [[0, 0, 0]]]
+    assert batch["image_attention_mask"].tolist() == [[0], [0]]
+    config = RWSANConfig(vocab_size=10, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                         image_feature_size=3, num_labels=3)  # fmt: skip
+    outputs = RWSANForVQA(config).eval()(**{key: value for key, value in batch.items() if key != "question_id"})
+    assert torch.isfinite(outputs.loss) and torch.isfinite(outputs.logits).all()
+
+
 def test_collator_never_pads_questions_past_max_question_length():
     items = [{**item, "input_ids": np.arange(2, 2 + length)} for item, length in zip(hand_items(), (5, 2))]
     batch = VQACollator(num_answers=3, max_question_length=6, pad_to_multiple_of=4)(items)

@@ -347,6 +347,10 @@ def main(argv: list[str] | None = None):
     try:
         train_dataset, eval_dataset, predict_dataset = load_splits(data_args, training_args)
         reference = train_dataset or eval_dataset or predict_dataset
+        if reference is None:
+            raise UsageError(
+                "nothing to do: give --do_train, --do_predict, or --eval_strategy steps or epoch with an --eval_split"
+            )
         processor = reference.processor
         model = build_model(model_args, processor, reference.feature_size)
     except (ValueError, OSError) as error:

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from transformers.utils import logging
 
 from .data import unpack_image_features
@@ -32,6 +33,8 @@ from .evaluation import compute_vqa_accuracy
 from .modeling_rwsan import RWSANForVQAOutput
 
 logger = logging.get_logger(__name__)
+
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 @dataclass
@@ -59,7 +62,9 @@ class VQATrainingArguments(TrainingArguments):
     # The Trainer's NaN filter hides a diverging loss (and syncs with the device every step); a NaN must stop the run.
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Hide NaN/inf losses from the logs."})
     # Batches carry `question_id` for the metric and the prediction file; `VQATrainer` takes it out itself.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Drop batch keys the model does not take."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Drop batch keys the model does not take (question_id is kept)."}
+    )
     warmup_epochs: int = field(
         default=3, metadata={"help": "Epochs at 1/(n+1), 2/(n+1), ... of the base rate (paper: 3)."}
     )
@@ -392,6 +397,12 @@ class VQATrainer(Trainer):
             model.compile_blocks(dynamic=True)
         return model
 
+    def _set_signature_columns_if_needed(self):
+        # What `remove_unused_columns` (plain `TrainingArguments`' default) keeps: `question_id` is no model input.
+        super()._set_signature_columns_if_needed()
+        if "question_id" not in self._signature_columns:
+            self._signature_columns.append("question_id")
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not getattr(self.args, "cuda_graphs", False):
             return super().training_step(model, inputs, num_items_in_batch)
@@ -503,17 +514,49 @@ def vqa_metrics(dataset, id2label: dict[int, str]):
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stops a diverged run at the first logged NaN/inf loss, naming the step and the last checkpoint before it.
+    """Stops a diverged run at the first logged NaN/inf loss, naming the step and the last checkpoint that is safe to
+    resume from.
 
-    It reads the loss the Trainer logs anyway, so the training loop gains no per-step device sync.
+    It reads the loss the Trainer logs anyway, so the training loop gains no per-step device sync. The loss is seen
+    only at logging steps, and a checkpoint saved between the last finite log and the first non-finite one may
+    already hold non-finite weights: the checkpoint named is the last one saved by the step of the last finite log
+    (or the step training started from).
     """
+
+    def __init__(self):
+        self.last_finite_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The weights training starts from (fresh, or the checkpoint resumed from) are taken as sound.
+        self.last_finite_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            last_checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-            raise FloatingPointError(
-                f"The training loss became {loss} by optimizer step {state.global_step}. The last checkpoint saved "
-                f"before it is {last_checkpoint or 'none (no checkpoint was saved yet)'}; resume from it with "
-                "--resume_from_checkpoint and a lower --learning_rate, or without --fp16."
-            )
+        if loss is None:
+            return
+        if math.isfinite(loss):
+            self.last_finite_step = state.global_step
+            return
+        checkpoint = last_checkpoint_by_step(args.output_dir, self.last_finite_step)
+        raise FloatingPointError(
+            f"The training loss became {loss} by optimizer step {state.global_step}; it was last logged finite at "
+            f"step {self.last_finite_step}. The last checkpoint saved by then is "
+            f"{checkpoint or 'none (no checkpoint was saved yet)'} (later ones may hold non-finite weights). Resume "
+            "from it with --resume_from_checkpoint and gradient clipping (--max_grad_norm, e.g. 1.0; the paper "
+            "clips nothing), or without --fp16. A resumed run keeps the checkpoint's learning rate: a lower "
+            "--learning_rate takes a new run."
+        )
+
+
+def last_checkpoint_by_step(output_dir: str | os.PathLike, step: int) -> str | None:
+    """The Trainer's checkpoint folder in `output_dir` with the highest step at or below `step`, or None."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = [
+        int(match.group(1))
+        for path in folder.iterdir()
+        if path.is_dir() and (match := _CHECKPOINT_NAME.match(path.name)) is not None
+    ]
+    eligible = [checkpoint_step for checkpoint_step in steps if checkpoint_step <= step]
+    return str(folder / f"{PREFIX_CHECKPOINT_DIR}-{max(eligible)}") if eligible else None

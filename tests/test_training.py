@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 
 from rwsan.data import VQACollator
-from rwsan.training import RegionGroupedSampler, VQATrainingArguments, paper_lr_multiplier
+from rwsan.training import RegionGroupedSampler, StopOnNonFiniteLoss, VQATrainingArguments, paper_lr_multiplier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,6 +242,10 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         (["--eval_split", "test-dev"], "--eval_split test-dev: the split has no answers"),
         (["--train_split", "test-dev"], "--train_split test-dev: the split has no answers"),
         (["--do_train", "false", "--do_predict"], "--do_train false evaluates or predicts with the weights of"),
+        (
+            ["--do_train", "false", "--model_name_or_path", "model", "--eval_strategy", "no"],
+            "nothing to do: give --do_train, --do_predict, or --eval_strategy steps or epoch with an --eval_split",
+        ),
         (["--glove_path", "glove.txt", "--model_name_or_path", "model"], "--glove_path initialises the word embed"),
         (["--lr_scheduler_type", "cosine", "--warmup_steps", "10"], "--lr_scheduler_type, --warmup_steps shape the"),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
@@ -389,7 +393,35 @@ def test_diverging_loss_stops_with_the_step_and_the_last_checkpoint(tiny_prepare
     )  # fmt: skip
     assert result.returncode == 1
     assert re.search(r"The training loss became (nan|inf) by optimizer step \d+", result.stderr), result.stderr[-3000:]
-    assert "The last checkpoint saved before it is" in result.stderr
+    assert "The last checkpoint saved by then is" in result.stderr
+
+
+def test_a_non_finite_loss_names_the_last_checkpoint_saved_by_the_last_finite_log(tmp_path):
+    # Checkpoint 8 was saved after the last finite log (step 7): its weights may be NaN already.
+    for step in (4, 8, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-6").write_text("not a checkpoint folder")
+    args = SimpleNamespace(output_dir=str(tmp_path))
+
+    def error_after(logged_losses, start_step=0):
+        callback, state = StopOnNonFiniteLoss(), TrainerState(global_step=start_step)
+        callback.on_train_begin(args, state, None)
+        with pytest.raises(FloatingPointError) as raised:
+            for step, loss in logged_losses:
+                state.global_step = step
+                callback.on_log(args, state, None, logs={"loss": loss})
+        return str(raised.value)
+
+    message = error_after([(5, 2.0), (7, 1.5), (10, float("nan"))])
+    assert message.startswith(
+        "The training loss became nan by optimizer step 10; it was last logged finite at step 7. The last checkpoint "
+        f"saved by then is {tmp_path / 'checkpoint-4'} (later ones may hold non-finite weights)."
+    )
+    # A run resumed from step 12 starts from that checkpoint's weights.
+    assert f"step 12. The last checkpoint saved by then is {tmp_path / 'checkpoint-12'} " in error_after(
+        [(15, float("inf"))], start_step=12
+    )
+    assert "saved by then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
 
 
 def test_region_grouped_order_depends_only_on_seed_and_epoch():
@@ -619,6 +651,17 @@ def test_packed_regions_train_and_predict_like_padded_batches(tiny_prepared_vqa,
     torch.testing.assert_close(packed.model.state_dict(), padded.model.state_dict(), atol=0, rtol=0)
     predictions = [trainer.predict(trainer.train_dataset).predictions for trainer in (packed, padded)]
     np.testing.assert_array_equal(predictions[0], predictions[1])
+
+
+def test_remove_unused_columns_keeps_the_question_ids(tiny_prepared_vqa, tmp_path):
+    """Evaluation and prediction match answers to questions by `question_id`, which no model input is; plain
+    `TrainingArguments` remove unused columns by default."""
+    results = []
+    for given in (True, False):
+        trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / str(given), 0.0, use_cpu=True, remove_unused_columns=given)
+        results.append(trainer.predict(trainer.train_dataset))
+    np.testing.assert_array_equal(results[0].label_ids, trainer.train_dataset.question_ids)
+    np.testing.assert_array_equal(results[0].predictions, results[1].predictions)
 
 
 def train_with_and_without(option: str, dataset_dir: Path, output: Path, dropout: float, **arguments):

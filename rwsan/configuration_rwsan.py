@@ -1,5 +1,6 @@
 """RWSAN model configuration."""
 
+import math
 import operator
 from collections.abc import Mapping
 
@@ -106,10 +107,17 @@ class RWSANConfig(PreTrainedConfig):
         # A num_labels that differs from id2label is transformers' way to give a saved model a new answer head
         # (`from_pretrained(folder, num_labels=n, ignore_mismatched_sizes=True)`): the answers become LABEL_i.
         super().__post_init__(**kwargs)
-        inverse = {label: index for index, label in self.id2label.items()}
         if self.label2id is None:
-            self.label2id = inverse
-        elif self.label2id != inverse:
+            self.label2id = {label: index for index, label in self.id2label.items()}
+        self.check()
+
+    def check(self):
+        """Raises a `ValueError` where this configuration cannot make a working model. It runs at construction, and
+        again when a model is built: `from_pretrained(folder, **kwargs)` sets its keyword arguments after
+        construction, past these checks."""
+        id2label = checked_answer_vocabulary(self.id2label, "RWSANConfig.id2label")
+        inverse = {label: index for index, label in id2label.items()}
+        if self.label2id != inverse:
             differing = sorted(
                 (
                     label
@@ -119,7 +127,8 @@ class RWSANConfig(PreTrainedConfig):
                 key=str,
             )
             raise ValueError(
-                f"RWSANConfig.label2id must map each answer of id2label back to its id; it differs on {differing[:5]}"
+                f"RWSANConfig.label2id must map each answer of id2label back to its id; it differs on {differing[:5]} "
+                "(a new id2label needs its label2id too)"
             )
         self._check_sizes()
 
@@ -154,8 +163,14 @@ class RWSANConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RWSANConfig.dropout must be in [0, 1), got {self.dropout}.")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"RWSANConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}.")
+        # The layer norm divides by the unbiased standard deviation, which one feature does not have.
+        for name in ("hidden_size", "flat_output_size"):
+            if getattr(self, name) < 2:
+                raise ValueError(
+                    f"RWSANConfig.{name} must be at least 2 (it is layer-normalised), got {getattr(self, name)}."
+                )
+        if not 0 < self.layer_norm_eps < math.inf:
+            raise ValueError(f"RWSANConfig.layer_norm_eps must be positive and finite, got {self.layer_norm_eps}.")
 
 
 __all__ = ["RWSANConfig"]

@@ -483,6 +483,11 @@ class RWSANPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["RWSANSelfAttentionBlock", "RWSANGuidedAttentionBlock"]
 
+    def __init__(self, config: RWSANConfig, *inputs, **kwargs):
+        # `from_pretrained(folder, **kwargs)` sets its keyword arguments on the config after the config's own checks.
+        config.check()
+        super().__init__(config, *inputs, **kwargs)
+
     def compile_blocks(self, **compile_kwargs) -> "RWSANPreTrainedModel":
         """Compiles the weight-shared attention blocks in place: `torch.compile(**compile_kwargs)` on each (regional
         compilation), and on each layer norm outside them; returns the model.
@@ -687,6 +692,12 @@ def _check_input_shapes(
     if input_ids.shape[0] != image_features.shape[0]:
         raise ValueError(
             f"input_ids has {input_ids.shape[0]} questions but image_features has {image_features.shape[0]} images"
+        )
+    if 0 in input_ids.shape or image_features.shape[1] == 0:
+        # The LSTM and the attention have nothing to run over; padding to one masked position is the way.
+        raise ValueError(
+            "the model needs at least one question, one token position and one region position (masked ones "
+            f"count), got input_ids {tuple(input_ids.shape)} and image_features {tuple(image_features.shape)}"
         )
     if attention_mask is None and config.pad_token_id is None:
         raise ValueError("attention_mask is needed: config.pad_token_id is None, so input_ids cannot tell padding")

@@ -83,11 +83,36 @@ def test_paper_defaults():
         ({"hidden_size": 30}, r"hidden_size \(30\) must be divisible by num_attention_heads \(4\)"),
         ({"guided_attention_rank": 0}, r"guided_attention_rank must be a positive integer, got 0"),
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+        # The layer norm divides by an unbiased standard deviation: one feature makes every logit NaN.
+        ({"flat_output_size": 1}, r"flat_output_size must be at least 2 \(it is layer-normalised\), got 1"),
+        ({"hidden_size": 1, "num_attention_heads": 1}, r"hidden_size must be at least 2 \(it is layer-normalised\)"),
+        ({"layer_norm_eps": float("nan")}, r"layer_norm_eps must be positive and finite, got nan"),
+        ({"layer_norm_eps": float("inf")}, r"layer_norm_eps must be positive and finite, got inf"),
     ],
 )
 def test_config_rejects_impossible_sizes(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_srwsa_repeats": 0}, r"num_srwsa_repeats must be a positive integer, got 0"),
+        ({"num_attention_heads": 3}, r"hidden_size \(16\) must be divisible by num_attention_heads \(3\)"),
+        ({"id2label": {0: "red", 1: "blue"}}, r"label2id must map each answer of id2label back to its id"),
+    ],
+)
+def test_from_pretrained_checks_the_config_values_it_is_given(tmp_path, overrides, message):
+    # transformers sets these on the config after constructing it, past the config's own checks.
+    RWSANForVQA(
+        RWSANConfig(vocab_size=40, hidden_size=16, intermediate_size=32, id2label={0: "a", 1: "b"})
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        RWSANForVQA.from_pretrained(tmp_path, **overrides)
+    relabelled = RWSANForVQA.from_pretrained(tmp_path, id2label={0: "red", 1: "blue"}, label2id={"red": 0, "blue": 1})
+    relabelled.save_pretrained(tmp_path / "relabelled")
+    assert RWSANForVQA.from_pretrained(tmp_path / "relabelled").config.id2label == {0: "red", 1: "blue"}
 
 
 @pytest.mark.parametrize(
@@ -101,7 +126,8 @@ def test_config_rejects_impossible_sizes(overrides, message):
         ({"num_labels": 2.5}, "^RWSANConfig.num_labels must be a positive integer, got 2.5$"),
         ({"num_labels": True}, "^RWSANConfig.num_labels must be a positive integer, got True$"),
         ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "c": 1}},
-         r"^RWSANConfig.label2id must map each answer of id2label back to its id; it differs on \['b', 'c'\]$"),
+         r"^RWSANConfig.label2id must map each answer of id2label back to its id; it differs on \['b', 'c'\] \(a new "
+         r"id2label needs its label2id too\)$"),
     ],
 )  # fmt: skip
 def test_config_rejects_answer_vocabularies_the_processor_would(answers, message):
@@ -215,6 +241,11 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
          r"^input_ids must be a \(batch_size, question_length\) tensor of int64 or int32 token ids, got shape "
          r"\(3, 6\) and dtype torch.float32$"),
         (lambda ids, features: (ids[0], features, {}), r"got shape \(6,\) and dtype torch.int64$"),
+        (lambda ids, features: (ids[:, :0], features, {}),
+         r"^the model needs at least one question, one token position and one region position \(masked ones count\), "
+         r"got input_ids \(3, 0\) and image_features \(3, 7, 24\)$"),
+        (lambda ids, features: (ids, features[:, :0], {}), r"got input_ids \(3, 6\) and image_features \(3, 0, 24\)$"),
+        (lambda ids, features: (ids[:0], features[:0], {}), r"got input_ids \(0, 6\) and image_features \(0, 7, 24\)$"),
     ],
     ids=[
         "attention_mask (B, 1)",
@@ -226,6 +257,9 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
         "other feature size",
         "float input_ids",
         "1-D input_ids",
+        "no token positions",
+        "no region positions",
+        "no questions",
     ],
 )  # fmt: skip
 def test_mis_shaped_inputs_are_refused_by_name(tiny_model, change, message):

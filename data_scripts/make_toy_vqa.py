@@ -420,6 +420,15 @@ def prepare_output_dir(output_dir: Path, overwrite: bool):
             raise FileExistsError(
                 f"output_dir {output_dir} is not empty; pass overwrite=True (--overwrite) to replace its data set."
             )
+        # The folders have the names of real VQA data (prepare_vqa.py reads both from one data root): only a toy
+        # set, which its scenes file marks, is deleted.
+        data_folders = [path for path in (output_dir / "vqa", output_dir / "coco_extract") if path.exists()]
+        if data_folders and not (output_dir / "toy_scenes.json").is_file():
+            raise FileExistsError(
+                f"output_dir {output_dir} holds {', '.join(path.name + '/' for path in data_folders)} but no "
+                "toy_scenes.json: it is not a toy set this script made (real VQA data, or an interrupted toy run), "
+                "and --overwrite replaces only toy sets. Choose another output_dir, or remove those folders by hand."
+            )
         # Stale feature files would be picked up by the loaders, which glob the feature folders.
         for path in (output_dir / "vqa", output_dir / "coco_extract", output_dir / "toy_scenes.json"):
             if path.is_dir():
@@ -468,8 +477,9 @@ def make_toy_vqa(
             Length of the Gaussian noise vector added to a region's feature, relative to one attribute's
             direction (each value gets noise of standard deviation `feature_noise / sqrt(feature_size)`).
         overwrite (`bool`, *optional*, defaults to `False`):
-            Replace the data set in a non-empty `output_dir` (its `vqa/`, `coco_extract/` and
-            `toy_scenes.json`).
+            Replace the toy set in a non-empty `output_dir` (its `vqa/`, `coco_extract/` and
+            `toy_scenes.json`). A folder with `vqa/` or `coco_extract/` but no `toy_scenes.json` (real VQA data,
+            say) is refused.
 
     Returns:
         `Path`: `output_dir`.
@@ -541,7 +551,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--feature_size", type=int, default=2048)
     parser.add_argument("--questions_per_image", type=int, default=5)
     parser.add_argument("--num_proc", type=int, default=1, help="Processes that write the feature files.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace the data set in a non-empty output_dir.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the toy set in a non-empty output_dir.")
     args = parser.parse_args(argv)
     output_dir = make_toy_vqa(
         args.output_dir,

@@ -411,6 +411,18 @@ def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path):
     assert len(list((tmp_path / "coco_extract" / "train2014").iterdir())) == 6
 
 
+@pytest.mark.parametrize("real_folder", ["vqa", "coco_extract"])
+def test_overwrite_never_deletes_data_it_did_not_make(tmp_path, real_folder):
+    real_file = tmp_path / real_folder / "train2014" / "real_data.json"
+    real_file.parent.mkdir(parents=True)
+    real_file.write_text("[]")
+    message = f"output_dir {tmp_path} holds {real_folder}/ but no toy_scenes.json: it is not a toy set this script made"
+    with pytest.raises(FileExistsError, match=re.escape(message)):
+        make_toy_vqa(tmp_path, num_images=10, feature_size=FEATURE_SIZE, overwrite=True)
+    assert real_file.read_text() == "[]"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [real_folder]
+
+
 def test_refuses_an_output_path_that_is_a_file(tmp_path):
     (tmp_path / "toy").write_text("")
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):

@@ -50,6 +50,7 @@ import json
 import multiprocessing
 import os
 import reprlib
+import secrets
 import shutil
 import signal
 import sys
@@ -62,6 +63,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import pyarrow as pa
@@ -956,16 +962,32 @@ def write_questions(
     writer.close()
 
 
-def _process_is_alive(pid: int) -> bool:
-    if os.name == "nt":
-        # There os.kill(pid, 0) terminates the process: leftovers are kept, to be removed by hand.
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _hold_lock(folder: Path) -> int | None:
+    """Locks `folder` for as long as this process lives (the lock dies with it, however it ends); returns the
+    descriptor that holds it, or None where there is no `flock` (Windows)."""
+    if fcntl is None:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return descriptor
+
+
+def _is_abandoned(folder: Path) -> bool:
+    """Whether no live process holds `folder`'s lock, so that a run killed outright left it. Process ids would not
+    tell: a container's runs all have the same one. Without `flock` (Windows) leftovers are kept, to be removed by
+    hand."""
+    if fcntl is None:
         return False
-    except PermissionError:  # it exists, but belongs to another user
-        pass
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
     return True
 
 
@@ -990,34 +1012,70 @@ def check_output_dir(output_dir: Path, overwrite: bool):
         )
 
 
+def _new_sibling(output_dir: Path, kind: str) -> Path:
+    """A new empty folder `.<output_dir name>.<kind>-<unique>` beside `output_dir`, with the permissions the umask
+    gives (`tempfile.mkdtemp` would make the dataset private)."""
+    folder = output_dir.parent / f".{output_dir.name}.{kind}-{secrets.token_hex(6)}"
+    folder.mkdir()
+    return folder
+
+
 @contextlib.contextmanager
 def partial_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of `output_dir` to write into. It replaces `output_dir` when the block succeeds and
-    is removed when it fails, so that a stopped conversion never leaves a half-written dataset."""
+    is removed when it fails, so that a stopped conversion never leaves a half-written dataset. A symbolic link
+    as `output_dir` is followed: the dataset replaces its target, beside which it is written."""
+    output_dir = Path(os.path.realpath(output_dir))
     check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A run killed outright (SIGKILL) cannot clean up; its leftovers are recognised by their dead process id.
+    # A run killed outright (SIGKILL, out of memory) cannot clean up; its leftovers are the unlocked ones.
     for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_is_alive(int(pid)):
+        if stale.is_dir() and _is_abandoned(stale):
             print(f"Removing {stale}, left by an interrupted conversion")
             shutil.rmtree(stale)
-    work_dir = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
-    work_dir.mkdir()
+    work_dir = _new_sibling(output_dir, "partial")
+    lock = _hold_lock(work_dir)
     try:
-        yield work_dir
-        # Whatever appeared there since the start is checked again before it is deleted.
-        check_output_dir(output_dir, overwrite)
+        try:
+            yield work_dir
+            # Whatever appeared there since the start is checked again before it is deleted.
+            check_output_dir(output_dir, overwrite)
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        _move_into_place(work_dir, output_dir)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+class DatasetNotMovedError(OSError):
+    """The dataset is prepared, but could not take the place of the output folder."""
+
+
+def _move_into_place(work_dir: Path, output_dir: Path):
+    """Renames the finished `work_dir` to `output_dir`, replacing an earlier dataset there. Where the file system
+    refuses (`output_dir` a mount point, say), the earlier dataset stays and the finished one is kept, not deleted:
+    the conversion may have taken hours."""
+    replaced = None
+    try:
         if output_dir.exists():
-            replaced = output_dir.parent / f".{output_dir.name}.replaced-{os.getpid()}"
+            replaced = _new_sibling(output_dir, "replaced")
             output_dir.rename(replaced)
-            work_dir.rename(output_dir)
-            shutil.rmtree(replaced)
-        else:
-            work_dir.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        raise
+        work_dir.rename(output_dir)
+    except OSError as error:
+        if replaced is not None and not output_dir.exists():
+            replaced.rename(output_dir)
+        elif replaced is not None:
+            replaced.rmdir()
+        kept = work_dir.with_name(work_dir.name.replace(".partial-", ".finished-", 1))
+        work_dir.rename(kept)
+        raise DatasetNotMovedError(
+            f"the dataset is prepared, in {kept}, but could not replace {output_dir} ({error.strerror}): move it "
+            "there yourself"
+        ) from error
+    if replaced is not None:
+        shutil.rmtree(replaced)
 
 
 def regions_summary(num_regions: list[int]) -> dict:
@@ -1287,7 +1345,7 @@ def main(argv: list[str] | None = None):
     exit_on_termination_requests()
     try:
         prepare_vqa(**vars(args))
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, DatasetNotMovedError) as error:
         parser.exit(1, f"error: {error}\n")
 
 

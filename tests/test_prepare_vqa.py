@@ -647,23 +647,70 @@ def test_failure_half_way_leaves_no_dataset(raw_vqa_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
 
 
-def test_leftovers_of_a_killed_run_are_removed(raw_vqa_dir, tmp_path):
-    dead_pid = 2**22 + 1  # above the default pid_max
-    stale = tmp_path / f".prepared.partial-{dead_pid}"
+def test_leftovers_of_a_killed_run_are_removed_and_those_of_a_live_one_kept(raw_vqa_dir, tmp_path):
+    # Whose process is gone shows in its lock, not its name: a container's runs all have process id 1.
+    killed, running = tmp_path / ".prepared.partial-1", tmp_path / ".prepared.partial-2"
+    killed.mkdir()
+    running.mkdir()
+    lock = prepare_vqa_module._hold_lock(running)
+    try:
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    finally:
+        os.close(lock)
+    assert not killed.exists() and running.exists()
+    assert image_rows(tmp_path / "prepared")
+
+
+def test_leftovers_are_kept_where_there_is_no_flock(raw_vqa_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_vqa_module, "fcntl", None)  # as on Windows
+    stale = tmp_path / ".prepared.partial-1"
     stale.mkdir()
     prepare(raw_vqa_dir, tmp_path / "prepared")
-    assert not stale.exists()
+    assert stale.exists() and image_rows(tmp_path / "prepared")
 
 
-def test_leftovers_are_kept_on_windows_where_probing_their_process_would_kill_it(monkeypatch):
-    def kill(pid, signal_number):
-        raise AssertionError("os.kill terminates the process on Windows")
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
-    with monkeypatch.context() as patched:
-        patched.setattr(os, "name", "nt")
-        patched.setattr(os, "kill", kill)
-        alive = prepare_vqa_module._process_is_alive(2**22 + 1)
-    assert alive
+
+def test_a_symlinked_output_dir_has_its_target_replaced(raw_vqa_dir, tmp_path):
+    target = tmp_path / "disk" / "prepared"
+    prepare(raw_vqa_dir, target)
+    link = tmp_path / "prepared"
+    link.symlink_to(target)
+    for name in ("VG_questions.json", "VG_annotations.json"):
+        (raw_vqa_dir / "vqa" / name).unlink()
+    report = prepare(raw_vqa_dir, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads((target / "report.json").read_text()) == report and "vg" not in report["splits"]
+    assert not leftovers(target) and not leftovers(link)
+    # Readable by whom the umask lets read it, as a folder made with mkdir is (not private as a temporary one).
+    assert target.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def test_a_dataset_that_cannot_replace_the_output_dir_is_kept(raw_vqa_dir, tmp_path, monkeypatch):
+    output_dir = tmp_path / "prepared"
+    prepare(raw_vqa_dir, output_dir)
+    earlier = (output_dir / "report.json").read_text()
+    rename = Path.rename
+
+    def refuse_output_dir(path, target):
+        if path == output_dir:  # as a mount point refuses to move
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_output_dir)
+    with pytest.raises(
+        prepare_vqa_module.DatasetNotMovedError,
+        match=r"the dataset is prepared, in .*\.prepared\.finished-\w+, but could not",
+    ) as raised:
+        prepare(raw_vqa_dir, output_dir, overwrite=True)
+    assert f"could not replace {output_dir} ({os.strerror(errno.EBUSY)}): move it there yourself" in str(raised.value)
+    assert (output_dir / "report.json").read_text() == earlier
+    [kept] = leftovers(output_dir)
+    assert kept.name.startswith(".prepared.finished-") and image_rows(kept)
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:

@@ -44,6 +44,7 @@ Usage:
 import argparse
 import base64
 import binascii
+import codecs
 import contextlib
 import functools
 import json
@@ -120,6 +121,8 @@ EVALUATION_SPLITS = ("val", "test", "test-dev")
 # mistyped output_dir cannot delete anything else.
 PREPARED_DATASET_ENTRIES = ("images", "questions", "processor", "report.json")
 MAX_NAMES_SHOWN = 5
+# How much of a feature file is read at the start to tell that it is text.
+TEXT_CHECK_BYTES = 2**16
 
 FEATURE_DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -250,6 +253,8 @@ def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
         # Not is_file(): a named pipe is a valid source too.
         if not path.exists():
             raise FileNotFoundError(f"feature file {path} not found")
+        if path.is_file():
+            check_starts_as_text(path)
     inputs.features_tsv = list(features_tsv)
     features_dir = data_root / FEATURES_FOLDER
     inputs.feature_folders = [features_dir / name for name in FEATURE_FOLDERS if (features_dir / name).is_dir()]
@@ -259,6 +264,18 @@ def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
             "and no --features_tsv was given"
         )
     return inputs
+
+
+def check_starts_as_text(path: Path):
+    """Refuses a feature file that does not start as UTF-8 text (a compressed `.tsv.gz`, say) now, rather than
+    once every `.npz` folder has been converted. A pipe is not read ahead: what is read from it is gone."""
+    with open(path, "rb") as file:
+        start = file.read(TEXT_CHECK_BYTES)
+    try:
+        # Incremental: the read may end inside a character.
+        codecs.getincrementaldecoder("utf-8")().decode(start)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"feature file {path} is not UTF-8 text ({error}); is it compressed?") from None
 
 
 def check_output_apart_from_inputs(output_dir: Path, data_root: Path, features_tsv: list[Path]):
@@ -310,8 +327,22 @@ def _id_fault(value) -> str | None:
     return f" is {reprlib.repr(value)}, expected an integer"
 
 
+def _unencodable_fault(text: str) -> str | None:
+    """JSON may escape half of a character (`\\ud83d` alone, from text cut in the middle of an emoji): Python
+    loads it, but it cannot be written as UTF-8, which the tokenizer and the Arrow tables need."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f" is {reprlib.repr(text)}, which holds half of a character (a lone surrogate escape): not text"
+    return None
+
+
 def _text_fault(value) -> str | None:
-    return None if isinstance(value, str) else f" is {reprlib.repr(value)}, expected a string"
+    if not isinstance(value, str):
+        return f" is {reprlib.repr(value)}, expected a string"
+    return _unencodable_fault(value)
 
 
 def _answers_fault(value) -> str | None:
@@ -321,6 +352,8 @@ def _answers_fault(value) -> str | None:
     for position, answer in enumerate(value):
         if not isinstance(answer, str):
             return f'[{position}] is {reprlib.repr(answer)}, expected an {{"answer": <string>}} object'
+        if fault := _unencodable_fault(answer):
+            return f"[{position}]{fault}"
     return None
 
 
@@ -383,6 +416,8 @@ def load_records(path: Path, key: str, record_type: type) -> list:
             content = json.load(file, object_hook=functools.partial(compact_json_object, record_type))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (JSON): {error}") from None
     if not isinstance(content, dict) or not isinstance(content.get(key), list):
         raise ValueError(f"{path} has no '{key}' list")
     records = content[key]
@@ -580,8 +615,8 @@ def list_images(
             else:
                 skipped["unreferenced"] += 1
     for path in inputs.features_tsv:
-        with open(path, encoding="utf-8") as file:
-            for line_number, line in enumerate(file, start=1):
+        with open(path, "rb") as file:
+            for line_number, line in _numbered_text_lines(file, path):
                 try:
                     image_id = int(line[: line.find("\t")])
                 except ValueError:
@@ -591,6 +626,20 @@ def list_images(
                     yield TsvImage(str(path), line_number, line, image_id)
                 else:
                     skipped["unreferenced"] += 1
+
+
+def _numbered_text_lines(file, path: Path) -> Iterator[tuple[int, str]]:
+    """The lines of a file opened in binary, as text ending in "\\n", with their numbers from 1. Each is decoded on
+    its own (a text stream decodes ahead, by blocks) so that bytes that are not UTF-8 raise a `ValueError` naming
+    their line."""
+    for line_number, line in enumerate(file, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{line_number} is not UTF-8 text: {error}") from None
+        if text.endswith("\r\n"):  # as a text stream reads Windows line ends
+            text = text[:-2] + "\n"
+        yield line_number, text
 
 
 def decode_image(image: NpzImage | TsvImage, settings: DecodeSettings) -> DecodedImage | Problem:

@@ -1,5 +1,6 @@
 import base64
 import errno
+import gzip
 import json
 import os
 import re
@@ -400,6 +401,18 @@ def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove
             '{"annotations": [{"question_id": 1, "multiple_choice_answer": null, "answers": []}]}',
             r"annotations\[0\]\.multiple_choice_answer is None, expected a string",
         ),
+        # Half of an emoji: JSON loads it, but neither the tokenizer nor Arrow can write it.
+        (
+            "VG_questions.json",
+            '{"questions": [{"question_id": 1, "image_id": 9, "question": "What \\ud83d color?"}]}',
+            r"questions\[0\]\.question is 'What \\ud83d color\?', which holds half of a character \(a lone surrogate "
+            r"escape\): not text",
+        ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "multiple_choice_answer": "no", "answers": [{"answer": "\\udc00"}]}]}',
+            r"annotations\[0\]\.answers\[0\] is '\\udc00', which holds half of a character",
+        ),
         (
             "v2_mscoco_val2014_annotations.json",
             '{"annotations": [{"question_id": 1, "image_id": "9", "multiple_choice_answer": "no", "answers": []}]}',
@@ -412,6 +425,35 @@ def test_malformed_question_files_are_refused(raw_vqa_dir, tmp_path, file_name, 
     with pytest.raises(ValueError, match=message):
         prepare(raw_vqa_dir, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
+
+
+def test_a_question_file_that_is_not_utf8_is_named(raw_vqa_dir, tmp_path):
+    path = raw_vqa_dir / "vqa" / "VG_questions.json"
+    path.write_bytes(b'{"questions": [{"question_id": 1, "image_id": 9, "question": "caf\xe9?"}]}')
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not UTF-8 text (JSON): 'utf-8' codec can't decode")):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+
+
+def test_a_compressed_tsv_is_refused_before_any_image_is_converted(raw_vqa_dir, tmp_path, monkeypatch):
+    tsv_path = tmp_path / "features.tsv.gz"
+    tsv_path.write_bytes(gzip.compress("".join(all_tsv_lines()).encode()))
+    converted = []
+    monkeypatch.setattr(prepare_vqa_module, "decode_image", lambda *args: converted.append(args))
+    message = f"feature file {tsv_path} is not UTF-8 text ('utf-8' codec can't decode byte 0x8b in position 1"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
+    assert not converted and not (tmp_path / "prepared").exists()
+
+
+def test_bytes_that_are_not_text_later_in_a_tsv_name_its_line(raw_vqa_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_vqa_module, "TEXT_CHECK_BYTES", 16)  # the start is text
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    lines = [line.encode() for line in all_tsv_lines()]
+    lines[1] = b"\xff" + lines[1]
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=re.escape(f"{tsv_path}:2 is not UTF-8 text: 'utf-8' codec can't decode")):
+        prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
 
 
 def test_missing_tsv_file_stops_with_its_path(raw_vqa_dir, tmp_path):

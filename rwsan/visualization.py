@@ -113,7 +113,7 @@ def _draw_answers(axes, answers):
     scores = [answer["score"] for answer in answers]
     positions = np.arange(len(answers))
     axes.barh(positions, scores, color="tab:blue")
-    axes.set_yticks(positions, labels)
+    axes.set_yticks(positions, labels, parse_math=False)
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
     axes.set_xlabel("score")
@@ -132,7 +132,7 @@ def _draw_answers(axes, answers):
         )
     warnings = sorted({answer["warning"] for answer in answers if answer.get("warning")})
     if warnings:
-        axes.text(0, 1.12, "; ".join(warnings), transform=axes.transAxes, color="tab:red", fontsize=9)
+        axes.text(0, 1.12, "; ".join(warnings), transform=axes.transAxes, color="tab:red", fontsize=9, parse_math=False)
 
 
 def _draw_words(figure, axes, words, word_weights):
@@ -151,6 +151,7 @@ def _draw_words(figure, axes, words, word_weights):
             x,
             0.0,
             word,
+            parse_math=False,
             fontsize=WORD_FONT_SIZE,
             va="center",
             color="white" if shade > 0.6 else "black",
@@ -233,7 +234,7 @@ def plot_attention(
     figure.colorbar(region_colors, ax=image_axes, label="region weight", shrink=0.8)
     _draw_answers(answer_axes, answers)
     if question is not None:
-        figure.suptitle(textwrap.fill(question, TITLE_LINE_CHARACTERS), fontsize=14)
+        figure.suptitle(textwrap.fill(question, TITLE_LINE_CHARACTERS), fontsize=14, parse_math=False)
     # The words are laid out in the final size of their panel, known once the constrained layout has run.
     figure.canvas.draw()
     figure.set_layout_engine("none")

@@ -44,7 +44,7 @@ def region_rectangles(axes) -> list[Rectangle]:
 
 def test_the_top_regions_are_drawn_best_on_top_and_labelled_by_rank(tmp_path):
     figure = plot(path=tmp_path / "attention.png")
-    image_axes, answer_axes, word_axes = figure.axes[:3]
+    answer_axes, word_axes = figure.axes[1:3]
 
     rectangles = region_rectangles(image_axes)
     # Regions 1 (0.40), 4 (0.30) and 3 (0.15), drawn from the third to the best.
@@ -98,6 +98,24 @@ def test_long_questions_wrap_inside_their_panel(count):
     assert len(heights) > (2 if count > 16 else 1)
     # Every word and every weight below it, on every line, inside the panel.
     assert all(0 <= text.get_position()[0] < 1 and 0 < text.get_position()[1] < 1 for text in word_axes.texts)
+
+
+def test_dollar_signs_are_drawn_as_written_not_as_maths(tmp_path):
+    # Matplotlib reads text between two dollar signs as a formula: "$5 or $10" lost its dollars and spaces, and
+    # an unbalanced brace inside failed the drawing.
+    question, answer, warning = "is it $5 {or $6?", "$5 or $6", "between $1 and $2"
+    figure = plot(
+        question=question,
+        words=["is", "it", "$5", "{or", "$6"],
+        word_weights=[0.2] * 5,
+        answers=[{"answer": answer, "score": 0.7, "warning": warning}],
+    )
+    figure.savefig(tmp_path / "dollars.png")
+    answer_axes, word_axes = figure.axes[1:3]
+    texts = [figure._suptitle, *answer_axes.get_yticklabels(), *answer_axes.texts, *word_axes.texts]
+    written = {text.get_text() for text in texts if "$" in text.get_text()}
+    assert written == {question, answer, warning, "$5", "$6"}
+    assert all(not text.get_parse_math() for text in texts if "$" in text.get_text())
 
 
 def test_an_image_is_shown_under_the_boxes():

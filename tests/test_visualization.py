@@ -44,7 +44,7 @@ def region_rectangles(axes) -> list[Rectangle]:
 
 def test_the_top_regions_are_drawn_best_on_top_and_labelled_by_rank(tmp_path):
     figure = plot(path=tmp_path / "attention.png")
-    answer_axes, word_axes = figure.axes[1:3]
+    image_axes, answer_axes, word_axes = figure.axes[:3]
 
     rectangles = region_rectangles(image_axes)
     # Regions 1 (0.40), 4 (0.30) and 3 (0.15), drawn from the third to the best.

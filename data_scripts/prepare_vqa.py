@@ -77,11 +77,13 @@ from datasets.fingerprint import generate_random_fingerprint
 from tqdm.auto import tqdm
 
 from rwsan.processing_rwsan import (
+    HALF_CHARACTER,
     PAD_TOKEN,
     UNK_TOKEN,
     RWSANProcessor,
     answer_scores,
     build_question_tokenizer,
+    is_text,
     normalize_answer,
     split_question,
 )
@@ -328,15 +330,7 @@ def _id_fault(value) -> str | None:
 
 
 def _unencodable_fault(text: str) -> str | None:
-    """JSON may escape half of a character (`\\ud83d` alone, from text cut in the middle of an emoji): Python
-    loads it, but it cannot be written as UTF-8, which the tokenizer and the Arrow tables need."""
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return f" is {reprlib.repr(text)}, which holds half of a character (a lone surrogate escape): not text"
-    return None
+    return None if is_text(text) else f" is {reprlib.repr(text)}, which {HALF_CHARACTER}"
 
 
 def _text_fault(value) -> str | None:
@@ -504,7 +498,8 @@ class NpzImage:
 
     def decode(self, settings: DecodeSettings) -> DecodedImage | Problem:
         def optional_int(archive, name: str) -> int | None:
-            return int(archive[name]) if name in archive else None
+            # item(): some feature extractors store the sizes as one-element arrays.
+            return int(archive[name].item()) if name in archive else None
 
         try:
             with np.load(self.path) as archive:

@@ -17,7 +17,7 @@ from transformers import AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .processing_rwsan import check_processor_fits_model
+from .processing_rwsan import HALF_CHARACTER, check_processor_fits_model, checked_top_k, is_text
 
 logger = logging.get_logger(__name__)
 
@@ -91,7 +91,8 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         with archive:
             arrays = {name: archive[name] for name in ("x", "bbox", "image_w", "image_h") if name in archive}
             has_size = "image_w" in arrays and "image_h" in arrays
-            image_size = (int(arrays["image_w"]), int(arrays["image_h"])) if has_size else None
+            # item(): some feature extractors store the sizes as one-element arrays.
+            image_size = (int(arrays["image_w"].item()), int(arrays["image_h"].item())) if has_size else None
     except NPZ_READ_ERRORS as error:
         raise ValueError(f"cannot read the region feature file {path}: {error}") from None
     if "x" not in arrays:
@@ -141,12 +142,13 @@ class RWSANVQAPipeline(Pipeline):
     among them with weight 0), `boxes` (those of the same rows, or None) and `image_size` (`(width, height)` or
     None).
 
-    Example (`trust_remote_code=True` because the folder's config.json names this pipeline, as saved by
-    [`save_for_pipeline`]; transformers then asks for it even where the `rwsan` package is installed):
+    Example, with `rwsan` imported (which registers the task "vqa-features"); without it, a folder saved by
+    [`save_for_pipeline`] loads as `pipeline(model="path/to/rwsan", trust_remote_code=True)`:
 
     ```python
+    >>> import rwsan  # noqa: F401
     >>> from transformers import pipeline
-    >>> vqa = pipeline("vqa-features", model="path/to/rwsan", trust_remote_code=True)
+    >>> vqa = pipeline("vqa-features", model="path/to/rwsan")
     >>> vqa({"question": "What color is the cube?", "image_features": "COCO_val2014_000000000042.jpg.npz"}, top_k=3)
     [{'answer': 'red', 'score': 0.93}, {'answer': 'blue', 'score': 0.05}, {'answer': 'green', 'score': 0.01}]
     ```
@@ -200,9 +202,7 @@ class RWSANVQAPipeline(Pipeline):
     def _sanitize_parameters(self, top_k=None, output_attentions=None, return_attention=None):
         forward_parameters, postprocess_parameters = {}, {}
         if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-            postprocess_parameters["top_k"] = top_k
+            postprocess_parameters["top_k"] = checked_top_k(top_k)
         if output_attentions is not None and return_attention is not None and output_attentions != return_attention:
             raise ValueError(
                 f"output_attentions={output_attentions} and return_attention={return_attention} disagree; "
@@ -237,6 +237,8 @@ class RWSANVQAPipeline(Pipeline):
             raise ValueError(f"{where}: question must be a string, got {type(question).__name__}")
         if not question.strip():
             raise ValueError(f"{where}: question is empty")
+        if not is_text(question):
+            raise ValueError(f"{where}: question {question!r} {HALF_CHARACTER}")
         words = self._question_words(question)
         if not words:
             raise ValueError(f"{where}: question {question!r} has no words once its punctuation is removed")

@@ -5,6 +5,7 @@ This file is also copied beside saved processors and imported there by transform
 library, numpy, torch, tokenizers, transformers and `configuration_rwsan`, which saving copies beside it too.
 """
 
+import numbers
 import os
 import re
 from collections import Counter
@@ -89,6 +90,22 @@ _MAX_PERIODS_STRIPPED = 32
 
 # Soft target of an answer given by `count` annotators (of usually ten), indexed by min(count, 4).
 _SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
+
+
+# Why a string that `is_text` refuses cannot be used.
+HALF_CHARACTER = "holds half of a character (a lone surrogate escape): not text"
+
+
+def is_text(value: str) -> bool:
+    """Whether the string can be written as UTF-8, as the tokenizer and Arrow tables need. JSON and Python strings
+    may hold half of a character: a lone surrogate escape such as `"\\ud83d"`, from text cut inside an emoji."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def split_question(question: str) -> list[str]:
@@ -206,6 +223,13 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def checked_top_k(top_k) -> int:
+    """`top_k` as an int: any positive integer, numpy's too, but not a bool."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    return int(top_k)
+
+
 def _check_vocab(vocab: Mapping[str, int]) -> None:
     if vocab.get(PAD_TOKEN) != 0 or vocab.get(UNK_TOKEN) != 1:
         raise ValueError(
@@ -256,30 +280,36 @@ def _check_batch_sizes(**batches) -> None:
         raise ValueError("The batch is empty.")
 
 
-def _as_float32_array(name: str, values) -> np.ndarray:
+def _as_float32_array(name: str, values, integers: bool) -> np.ndarray:
+    """`values` as a float32 numpy array; they must be floating-point, or integers too where `integers`."""
     if isinstance(values, torch.Tensor):
-        if not values.is_floating_point():
-            raise ValueError(f"{name} must hold floating-point values, got {values.dtype}")
+        taken = values.is_floating_point() or (integers and not values.is_complex() and values.dtype != torch.bool)
+    else:
+        values = np.asarray(values)
+        taken = values.dtype.kind in ("fiu" if integers else "f")
+    if not taken:
+        raise ValueError(
+            f"{name} must hold {'real numbers' if integers else 'floating-point values'}, got {values.dtype}"
+        )
+    if isinstance(values, torch.Tensor):
         return values.detach().to(device="cpu", dtype=torch.float32).numpy()
-    array = np.asarray(values)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{name} must hold floating-point values, got {array.dtype}")
-    return array.astype(np.float32, copy=False)
+    return values.astype(np.float32, copy=False)
 
 
-def _region_batch(name: str, batch, row_size: int) -> list[np.ndarray]:
+def _region_batch(name: str, batch, row_size: int, integers: bool = False) -> list[np.ndarray]:
     """Splits a batch of region rows, a sequence of `(rows, row_size)` arrays or one `(batch_size, rows, row_size)`
-    array, into checked float32 `(rows, row_size)` arrays, one per image."""
+    array, into checked float32 `(rows, row_size)` arrays, one per image; `integers`: integer values are taken
+    too (pixel boxes), not only floating-point ones."""
     if isinstance(batch, (np.ndarray, torch.Tensor)):
         if batch.ndim != 3:
             raise ValueError(
                 f"{name} must be a sequence of (num_regions, {row_size}) arrays or one (batch_size, "
                 f"num_regions, {row_size}) array, got an array of shape {tuple(batch.shape)}"
             )
-        items = list(_as_float32_array(name, batch))
+        items = list(_as_float32_array(name, batch, integers))
     else:
         _check_batch_sequence(name, batch)
-        items = [_as_float32_array(f"{name}[{index}]", item) for index, item in enumerate(batch)]
+        items = [_as_float32_array(f"{name}[{index}]", item, integers) for index, item in enumerate(batch)]
 
     for index, item in enumerate(items):
         if item.ndim != 2 or item.shape[1] != row_size:
@@ -430,7 +460,7 @@ class RWSANProcessor(ProcessorMixin):
         if image_features is not None:
             image_features = _region_batch("image_features", image_features, self.image_feature_size)
         if image_boxes is not None:
-            image_boxes = _region_batch("image_boxes", image_boxes, 4)
+            image_boxes = _region_batch("image_boxes", image_boxes, 4, integers=True)
         _check_batch_sizes(text=text, image_features=image_features, image_boxes=image_boxes, answers=answers)
 
         data = {}
@@ -457,8 +487,7 @@ class RWSANProcessor(ProcessorMixin):
             `list[list[dict]]`: per question, `{"answer": str, "score": float}` dicts by decreasing score.
         """
         id2label = self._require_answer_vocabulary("post_process")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        top_k = checked_top_k(top_k)
         scores = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float32).sigmoid()
         if scores.ndim != 2 or scores.shape[1] != len(id2label):
             raise ValueError(f"logits must have shape (batch_size, {len(id2label)}), got {tuple(scores.shape)}")
@@ -474,12 +503,18 @@ class RWSANProcessor(ProcessorMixin):
         for index, question in enumerate(questions):
             if not isinstance(question, str):
                 raise ValueError(f"text[{index}] must be a string, got {type(question).__name__}")
+            if not is_text(question):
+                raise ValueError(f"text[{index}] is {question!r}, which {HALF_CHARACTER}")
         encoded = self.tokenizer(list(questions), truncation=True, max_length=self.max_question_length)
         if padding == "max_length":
             length = self.max_question_length
         else:
             length = max(1, *(len(input_ids) for input_ids in encoded["input_ids"]))
-        padded = self.tokenizer.pad(encoded, padding="max_length", max_length=length, return_tensors="np")
+        # On the right whatever the tokenizer's padding_side: the LSTM runs over every position from the first, as
+        # in the original, so padding in front would change the answers.
+        padded = self.tokenizer.pad(
+            encoded, padding="max_length", max_length=length, padding_side="right", return_tensors="np"
+        )
         return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
 
     def _pad_regions(

@@ -210,6 +210,9 @@ def plot_attention(
     Returns:
         `matplotlib.figure.Figure`.
     """
+    if boxes is None:
+        # What the pipeline gives for features without boxes.
+        raise ValueError("boxes is None: the regions cannot be drawn without their (x1, y1, x2, y2) boxes")
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
         raise ValueError(f"boxes must be a (num_regions, 4) array with at least one region, got shape {boxes.shape}")

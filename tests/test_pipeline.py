@@ -122,8 +122,9 @@ def test_single_input_gives_the_model_answers_on_the_processor_outputs(vqa, mode
     scores = [answer["score"] for answer in result]
     assert scores == sorted(scores, reverse=True) and all(0 < score < 1 for score in scores)
     assert all(answer.keys() == {"answer", "score"} for answer in result)
-    # top_k defaults to 5.
+    # top_k defaults to 5; numpy's integers are integers.
     assert vqa({"question": question, "image_features": features}) == result[:5]
+    assert vqa({"question": question, "image_features": features}, top_k=np.int64(2)) == result[:2]
 
 
 def test_tensors_and_feature_files_in_either_layout_give_the_same_answers(vqa, tmp_path):
@@ -230,6 +231,9 @@ def test_feature_file_brings_its_boxes_and_image_size(vqa, tmp_path):
     path = write_original_npz(tmp_path / "image.npz", features, boxes)
     result = vqa({"question": "what color", "image_features": path}, output_attentions=True)
     assert result["boxes"] == boxes.tolist() and result["image_size"] == (640, 480)
+    # Some feature extractors store the image size as one-element arrays.
+    np.savez(path, x=features.T, bbox=boxes, image_w=np.array([640]), image_h=np.array([480]))
+    assert vqa({"question": "what color", "image_features": path}, output_attentions=True)["image_size"] == (640, 480)
     # Boxes given with the input replace the file's.
     result = vqa({"question": "what color", "image_features": path, "boxes": boxes + 1}, output_attentions=True)
     assert result["boxes"] == (boxes + 1).tolist()
@@ -268,6 +272,8 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
         ({"question": 42, "image_features": np.ones((2, FEATURE_SIZE))}, "question must be a string, got int"),
         ({"question": "?!", "image_features": np.ones((2, FEATURE_SIZE))},
          r"question '\?!' has no words once its punctuation is removed"),
+        ({"question": "what \udc00", "image_features": np.ones((2, FEATURE_SIZE))},
+         r"question 'what \\udc00' holds half of a character \(a lone surrogate escape\): not text"),
         ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((2, 4))},
          "boxes has 2 rows but image_features has 3 regions"),
         ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((3, 5))},

@@ -260,6 +260,16 @@ def test_npz_files_with_only_x_are_converted_without_boxes(raw_vqa_dir, tmp_path
     assert (rows[77]["image_width"], rows[77]["image_height"]) == (640, 480)
 
 
+def test_image_sizes_stored_as_one_element_arrays_are_read(raw_vqa_dir, tmp_path):
+    # As some feature extractors write them; NumPy 2 refuses int() of such an array.
+    features = raw_region_features(9, 3)
+    np.savez(npz_path(raw_vqa_dir, "train2014", 9), x=features.T, image_w=np.array([640]), image_h=np.array([[480]]))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert report["problem_counts"] == {}
+    row = image_rows(tmp_path / "prepared")[9]
+    assert (row["image_width"], row["image_height"]) == (640, 480)
+
+
 def test_no_usable_image_stops_with_the_causes(raw_vqa_dir, tmp_path):
     first_path = re.escape(str(npz_path(raw_vqa_dir, "train2014", 9)))
     with pytest.raises(

@@ -207,6 +207,29 @@ def test_processor_accepts_numpy_and_torch_of_any_float_dtype(processor):
         assert torch.equal(batch["image_features"], reference["image_features"])
 
 
+def test_processor_takes_integer_pixel_boxes(processor):
+    reference = processor(**SAMPLE_BATCH)
+    for image_boxes in (
+        [np.asarray(boxes, dtype=np.int64) for boxes in SAMPLE_BATCH["image_boxes"]],
+        [torch.tensor(boxes, dtype=torch.int32) for boxes in SAMPLE_BATCH["image_boxes"]],
+    ):
+        batch = processor(**{**SAMPLE_BATCH, "image_boxes": image_boxes})
+        assert batch["image_boxes"].dtype == torch.float32
+        assert torch.equal(batch["image_boxes"], reference["image_boxes"])
+
+
+def test_processor_pads_questions_on_the_right_whatever_the_tokenizer_says(processor):
+    # The LSTM reads every position from the first: padding in front would change the answers.
+    reference = processor(text=["what", "the color"])
+    processor.tokenizer.padding_side = "left"
+    try:
+        batch = processor(text=["what", "the color"])
+    finally:
+        processor.tokenizer.padding_side = "right"
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["input_ids"], torch.tensor([[2, 0], [4, 5]]))
+
+
 def test_processor_padded_array_input_matches_list_input(processor):
     features = np.zeros((2, 5, 2), dtype=np.float32)
     boxes = np.zeros((2, 5, 4), dtype=np.float32)
@@ -290,6 +313,10 @@ def test_processor_defaults_match_the_paper():
          r"image_features must be a sequence of \(num_regions, 2\) arrays or one \(batch_size, num_regions, 2\) "
          r"array, got an array of shape \(3, 2\)"),
         ({"text": ["what", 3]}, r"text\[1\] must be a string, got int"),
+        ({"text": ["what", "what \ud83d"]},
+         r"text\[1\] is 'what \\ud83d', which holds half of a character \(a lone surrogate escape\): not text"),
+        ({"image_features": [np.ones((1, 2))], "image_boxes": [np.ones((1, 4), dtype=bool)]},
+         r"image_boxes\[0\] must hold real numbers, got bool"),
         ({"text": 3}, "text must be a list with one entry per question, got int"),
         ({"text": ["what", "is"], "image_features": [np.ones((1, 2))] * 3},
          "The inputs have different batch sizes: text has 2, image_features has 3"),
@@ -402,6 +429,7 @@ def test_post_process(processor):
         [pytest.approx(0.9), pytest.approx(0.75)],
         [pytest.approx(0.9), pytest.approx(0.75)],
     ]
+    assert processor.post_process(logits, top_k=np.int64(2)) == top2
     everything = processor.post_process(logits.numpy(), top_k=10)
     assert [prediction["answer"] for prediction in everything[0]] == ["no", "3", "yes", "2", "t shirt"]
     assert [prediction["score"] for prediction in everything[0]] == pytest.approx([0.9, 0.75, 0.5, 0.25, 0.1])

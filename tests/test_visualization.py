@@ -139,6 +139,7 @@ def test_warnings_of_the_answers_are_shown():
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        ({"boxes": None}, r"boxes is None: the regions cannot be drawn without their \(x1, y1, x2, y2\) boxes"),
         ({"boxes": BOXES[:, :3]}, r"boxes must be a \(num_regions, 4\) array with at least one region, got shape "
          r"\(5, 3\)"),
         ({"boxes": BOXES[:4]}, "boxes has 4 entries but region_weights has 5"),

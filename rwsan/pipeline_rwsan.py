@@ -17,7 +17,7 @@ from transformers import AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .processing_rwsan import HALF_CHARACTER, check_processor_fits_model, checked_top_k, is_text
+from .processing_rwsan import HALF_CHARACTER, check_processor_fits_model, checked_top_k, is_text, no_regions_fault
 
 logger = logging.get_logger(__name__)
 
@@ -244,8 +244,8 @@ class RWSANVQAPipeline(Pipeline):
             raise ValueError(f"{where}: question {question!r} has no words once its punctuation is removed")
 
         region_data = self._region_data(where, inputs["image_features"])
-        if not region_data["image_features"].any():
-            raise ValueError(f"{where}: image_features has no regions: all its rows are zero, which marks padding")
+        if fault := no_regions_fault(region_data["image_features"], self.processor.max_regions):
+            raise ValueError(f"{where}: image_features {fault}")
         if inputs.get("boxes") is not None:
             region_data["boxes"] = _rows_array(where, "boxes", inputs["boxes"], 4)
         boxes = region_data["boxes"]

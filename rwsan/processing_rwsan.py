@@ -285,7 +285,10 @@ def _as_float32_array(name: str, values, integers: bool) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         taken = values.is_floating_point() or (integers and not values.is_complex() and values.dtype != torch.bool)
     else:
-        values = np.asarray(values)
+        try:
+            values = np.asarray(values)
+        except ValueError:  # ragged nested lists
+            raise ValueError(f"{name} is not a rectangular array") from None
         taken = values.dtype.kind in ("fiu" if integers else "f")
     if not taken:
         raise ValueError(
@@ -319,16 +322,25 @@ def _region_batch(name: str, batch, row_size: int, integers: bool = False) -> li
     return items
 
 
-def _num_rows_before_zero_padding(name: str, features: list[np.ndarray]) -> list[int]:
-    """How many rows of each image's features to keep: all but the trailing all-zero ones, which are padding."""
+def no_regions_fault(rows: np.ndarray, max_rows: int) -> str | None:
+    """Why an image's `(rows, feature_size)` features give the model no region to see, or None. All-zero rows mark
+    padding, and only the first `max_rows` are seen."""
+    if len(rows) == 0:
+        return "has no regions"
+    if rows[:max_rows].any():
+        return None
+    seen = f"its first {max_rows} rows (all the model sees) are" if len(rows) > max_rows else "all its rows are"
+    return f"has no regions: {seen} zero, which marks padding"
+
+
+def _num_rows_before_zero_padding(name: str, features: list[np.ndarray], max_rows: int) -> list[int]:
+    """How many rows of each image's features to keep: the first `max_rows` but their trailing all-zero ones,
+    which are padding."""
     num_rows = []
     for index, rows in enumerate(features):
-        if len(rows) == 0:
-            raise ValueError(f"{name}[{index}] has no regions")
-        nonzero_rows = np.flatnonzero(rows.any(axis=1))
-        if len(nonzero_rows) == 0:
-            raise ValueError(f"{name}[{index}] has no regions: all its rows are zero, which marks padding")
-        num_rows.append(int(nonzero_rows[-1]) + 1)
+        if fault := no_regions_fault(rows, max_rows):
+            raise ValueError(f"{name}[{index}] {fault}")
+        num_rows.append(int(np.flatnonzero(rows[:max_rows].any(axis=1))[-1]) + 1)
     return num_rows
 
 
@@ -527,9 +539,7 @@ class RWSANProcessor(ProcessorMixin):
                         f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has "
                         f"{len(features)} rows"
                     )
-        num_kept_regions = [
-            min(count, self.max_regions) for count in _num_rows_before_zero_padding("image_features", image_features)
-        ]
+        num_kept_regions = _num_rows_before_zero_padding("image_features", image_features, self.max_regions)
         num_rows = self.max_regions if padding == "max_length" else max(num_kept_regions)
         padded_features = _pad_rows(image_features, num_kept_regions, num_rows)
         batch = {

@@ -304,9 +304,13 @@ def test_processor_defaults_match_the_paper():
          r"image_features\[0\] has no regions: all its rows are zero, which marks padding"),
         ({"image_features": [np.ones((1, 2)), np.zeros((2, 2))]},
          r"image_features\[1\] has no regions: all its rows are zero, which marks padding"),
+        # Real rows past max_regions (3) are cut: the model would see none.
+        ({"image_features": [np.concatenate([np.zeros((3, 2)), np.ones((2, 2))])]},
+         r"image_features\[0\] has no regions: its first 3 rows \(all the model sees\) are zero, which marks padding"),
         ({"image_features": [np.array([[1.0, np.nan]])]}, r"image_features\[0\] contains NaN or infinite values"),
         ({"image_features": [np.ones((1, 2)), torch.tensor([[1.0, math.inf]])]},
          r"image_features\[1\] contains NaN or infinite values"),
+        ({"image_features": [[[1.0, 2.0], [1.0]]]}, r"image_features\[0\] is not a rectangular array"),
         ({"image_features": [np.ones((1, 2), dtype=np.int64)]},
          r"image_features\[0\] must hold floating-point values, got int64"),
         ({"image_features": np.ones((3, 2))},

@@ -195,17 +195,25 @@ def test_extra_padding_leaves_logits_unchanged(tiny_model):
     torch.testing.assert_close(padded, reference, atol=1e-5, rtol=0)
 
 
-def test_explicit_masks_equal_derived_masks(tiny_model):
+def test_explicit_masks_hide_what_they_mask(tiny_model):
+    """Masking the last real token and region of a question is leaving them out (the LSTM reads left to right, and
+    masked positions get no attention), and changes the answer scores: the given masks are the ones used."""
     input_ids, image_features = tiny_inputs(tiny_model.config)
+    attention_mask, image_attention_mask = (input_ids != 0).long(), (image_features.abs().sum(-1) != 0).long()
+    attention_mask[0, -1] = image_attention_mask[0, -1] = 0  # sample 0 has no padding: its last word and region
     with torch.no_grad():
-        derived = tiny_model(input_ids=input_ids, image_features=image_features).logits
-        explicit = tiny_model(
+        masked = tiny_model(
             input_ids=input_ids,
             image_features=image_features,
-            attention_mask=(input_ids != 0).long(),
-            image_attention_mask=(image_features.abs().sum(-1) != 0).long(),
+            attention_mask=attention_mask,
+            image_attention_mask=image_attention_mask,
         ).logits
-    torch.testing.assert_close(explicit, derived, atol=0, rtol=0)
+        left_out = tiny_model(input_ids=input_ids[:1, :-1], image_features=image_features[:1, :-1]).logits
+        unmasked = tiny_model(input_ids=input_ids, image_features=image_features).logits
+    torch.testing.assert_close(masked[:1], left_out, atol=1e-5, rtol=0)
+    assert (masked[0] - unmasked[0]).abs().max() > 1e-3
+    # The other samples' masks are those the model derives.
+    torch.testing.assert_close(masked[1:], unmasked[1:], atol=0, rtol=0)
 
 
 def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):

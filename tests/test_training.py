@@ -610,13 +610,23 @@ def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_
     from transformers import EvalPrediction
 
     from rwsan.data import load_vqa_dataset
+    from rwsan.evaluation import compute_vqa_accuracy
     from rwsan.training import vqa_metrics
 
     dataset = load_vqa_dataset(tiny_prepared_vqa, "val")
-    compute_metrics = vqa_metrics(dataset, dataset.processor.id2label)
-    question_ids = dataset.question_ids[::-1].copy()  # any order
-    answers = np.zeros(len(question_ids), dtype=np.int64)
-    assert 0 <= compute_metrics(EvalPrediction(answers, question_ids))["accuracy"] <= 100
+    id2label = dataset.processor.id2label
+    compute_metrics = vqa_metrics(dataset, id2label)
+    # Each question's best answer, in another order than the split's: the accuracy is that of the right pairs.
+    rows = np.random.default_rng(0).permutation(len(dataset))
+    question_ids = dataset.question_ids[rows]
+    answers = np.array([dataset[int(row)]["labels"].argmax() for row in rows])
+    metrics = compute_metrics(EvalPrediction(answers, question_ids))
+    assert metrics == compute_vqa_accuracy(
+        [id2label[int(index)] for index in answers],
+        [dataset.answers[row] for row in rows],
+        [dataset.answer_types[row] for row in rows],
+    )
+    assert metrics["accuracy"] > compute_metrics(EvalPrediction(np.roll(answers, 1), question_ids))["accuracy"]
     message = (
         f"The evaluation answered {len(dataset) - 1} questions ({len(dataset) - 1} distinct) of the {len(dataset)}"
     )

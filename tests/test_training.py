@@ -215,6 +215,32 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     assert "custom_pipelines" in config and "AutoModelForVisualQuestionAnswering" in config["auto_map"]
     logits = np.load(output / "logits_test-dev.npy")
     assert logits.dtype == np.float16 and logits.shape == (len(test_dev), len(answers))
+    # Each answer and row of scores is the saved model's on its own question.
+    from rwsan import RWSANForVQA
+    from rwsan.data import VQACollator
+    from rwsan.pipeline_rwsan import MODEL_INPUT_NAMES
+
+    model = RWSANForVQA.from_pretrained(output).eval()
+    collator = VQACollator(model.config.num_labels)
+    row_of_question = {question_id: row for row, question_id in enumerate(test_dev.question_ids.tolist())}
+    question_ids = np.load(output / "question_ids_test-dev.npy").tolist()
+    assert [item["question_id"] for item in predictions] == question_ids
+    for item, scores in zip(predictions, logits):
+        batch = collator([test_dev[row_of_question[item["question_id"]]]])
+        with torch.no_grad():
+            expected = model(**{name: batch[name] for name in MODEL_INPUT_NAMES}).logits[0]
+        np.testing.assert_allclose(scores.astype(np.float32), expected.numpy(), atol=2e-2, rtol=1e-2)
+        assert item["answer"] == model.config.id2label[int(scores.argmax())]
+
+    # The saved model answers the same through --model_name_or_path, without --save_logits.
+    run_training(
+        "--dataset_dir", str(tiny_prepared_vqa),
+        "--output_dir", str(tmp_path / "again"),
+        "--model_name_or_path", str(output),
+        "--do_train", "false", "--do_predict", "--predict_split", "test-dev", "--eval_strategy", "no",
+        "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert json.loads((tmp_path / "again" / "predictions_test-dev.json").read_text()) == predictions
 
 
 @pytest.mark.parametrize(

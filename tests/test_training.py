@@ -152,10 +152,17 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
+    # A mark in the checkpoint's log history, which only a run that resumed from it carries on: a run started
+    # afresh would end with the same weights too.
+    state = json.loads((first_checkpoint / "trainer_state.json").read_text())
+    state["log_history"].append({"step": 14, "resumed_from_here": 1})
+    (first_checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
     run_training(
         *common_arguments(tiny_prepared_vqa, interrupted), *arguments, "--resume_from_checkpoint", str(first_checkpoint)
     )
+    history = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
+    assert {"step": 14, "resumed_from_here": 1} in history
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(interrupted / "model.safetensors")
     assert straight.keys() == resumed.keys()

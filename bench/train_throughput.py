@@ -616,7 +616,8 @@ class Benchmark:
 
     # -- running rows
 
-    def run(self, keys: list[str]):
+    def run(self, keys: list[str], after_row: Callable[[], object] = lambda: None):
+        """Runs the rows `keys` in `RUN_ORDER`, calling `after_row` after each."""
         self.pending = [key for key in RUN_ORDER if key in keys]
         while self.pending:
             key = self.pending.pop(0)
@@ -624,6 +625,7 @@ class Benchmark:
                 # The Trainer builds its own model; the memory of the fast path would count in its row.
                 self.release_compiled_state()
             self.run_row(key)
+            after_row()
         self.release_compiled_state()
 
     def fast_path_needed(self) -> bool:
@@ -1177,26 +1179,34 @@ def main(argv: list[str] | None = None) -> dict:
         f"{np.mean([len(item['input_ids']) for item in benchmark.items]):.1f}"
     )
     print(header, flush=True)
-    benchmark.run(args.rows.split(","))
+
+    def results(finished: bool) -> dict:
+        """The run's results so far, written to --json: after each row too, so that a run cut off by a time limit
+        (a device session's) keeps the rows it measured."""
+        measured = {
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+            "device": device_description(device),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "arguments": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
+            "rows": [asdict(benchmark.rows[key]) for key in ROWS if key in benchmark.rows],
+            "finished": finished,
+            "total_seconds": time.perf_counter() - start,
+        }
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(measured, indent=2, default=str) + "\n")
+        return measured
+
+    benchmark.run(args.rows.split(","), after_row=lambda: results(finished=False))
     print_table(benchmark.rows, header)
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
-
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "device": device_description(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "arguments": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
-        "rows": [asdict(benchmark.rows[key]) for key in ROWS if key in benchmark.rows],
-        "total_seconds": time.perf_counter() - start,
-    }
+    final = results(finished=True)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
     benchmark.work_dir.cleanup()
-    return results
+    return final
 
 
 if __name__ == "__main__":

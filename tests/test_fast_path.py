@@ -339,7 +339,7 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     bench.main(["--tiny", *sizes, "--rows", rows, "--json", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
-    assert list(measured) == rows.split(",")
+    assert list(measured) == rows.split(",") and results["finished"]
     for row in measured.values():
         assert row["error"] is None and row["samples_per_second"] > 0, row
     # The Trainer rows profile two more steps: every step runs the model's products, with their gradients.
@@ -352,6 +352,22 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16
+
+
+def test_benchmark_json_keeps_the_rows_measured_before_the_run_is_cut_off(tmp_path, monkeypatch):
+    # As a device session's time limit ends a run: the rows measured so far are what it has to show.
+    def cut_off(self):
+        raise SystemExit("time is up")
+
+    monkeypatch.setattr(bench.Benchmark, "measure_loader", cut_off)
+    path = tmp_path / "results.json"
+    sizes = ["--batch_size", "8", "--pool_batches", "2", "--steps", "2"]
+    with pytest.raises(SystemExit, match="time is up"):
+        bench.main(["--tiny", *sizes, "--rows", "fp32_eager,loader", "--json", str(path)])
+    results = json.loads(path.read_text())
+    assert not results["finished"]
+    [row] = results["rows"]
+    assert row["key"] == "fp32_eager" and row["samples_per_second"] > 0
 
 
 @pytest.mark.parametrize("steps", [0, 2])

@@ -478,16 +478,27 @@ def test_region_grouped_order_depends_only_on_seed_and_epoch():
     assert sum(max(batch) - min(batch) for batch in batches) / len(batches) < 45
 
 
-def test_region_grouped_batches_train(tiny_prepared_vqa, tmp_path):
-    output = tmp_path / "grouped"
-    run_training(
-        *common_arguments(tiny_prepared_vqa, output),
-        "--group_by_regions", "true",
-        "--max_steps", "3",
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-    )  # fmt: skip
-    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 3
+@pytest.mark.parametrize("given", [True, False])
+def test_region_grouping_and_packing_reach_the_training_batches(tiny_prepared_vqa, tmp_path, monkeypatch, given):
+    """train_vqa.py's --group_by_regions and --pack_regions take effect (a run with them ignored trains too)."""
+    import train_vqa
+    from rwsan.training import VQATrainer
+
+    steps = []
+
+    class RecordingTrainer(VQATrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            steps.append((self._get_train_sampler(), set(inputs)))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(train_vqa, "VQATrainer", RecordingTrainer)
+    options = ["--group_by_regions", "true", "--pack_regions"] if given else []
+    arguments = ["--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", *options]
+    train_vqa.main([*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *arguments])
+    assert len(steps) == 2
+    for sampler, keys in steps:
+        assert isinstance(sampler, RegionGroupedSampler) == given
+        assert ("image_feature_positions" in keys) == given
 
 
 def test_pack_regions_with_workers_trains_like_padded_batches(tiny_prepared_vqa, tmp_path):

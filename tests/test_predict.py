@@ -17,10 +17,12 @@ from test_pipeline import tiny_model_for
 from data_scripts.make_toy_vqa import make_toy_vqa
 from data_scripts.prepare_vqa import prepare_vqa
 from rwsan import RWSANForVQA
+from rwsan import predict as predict_module
 from rwsan.data import VQACollator, load_vqa_dataset
 from rwsan.pipeline_rwsan import MODEL_INPUT_NAMES, RWSANVQAPipeline, save_for_pipeline
 from rwsan.predict import PredictionError, main, write_predictions
 from rwsan.processing_rwsan import RWSANProcessor
+from rwsan.visualization import plot_attention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOY_FEATURE_SIZE = 24
@@ -102,17 +104,30 @@ def test_one_question_prints_the_pipeline_answers_and_plots_them(toy_model_dir, 
     assert picture[..., :3].std() > 0.1
 
 
-def test_the_plot_is_drawn_on_the_photo(toy_model_dir, toy_features_file, tmp_path, capsys):
+def test_the_plot_is_drawn_on_the_photo(toy_model_dir, toy_features_file, tmp_path, capsys, monkeypatch):
     photo = tmp_path / "photo.png"
     # Half the size of the image the features come from: the boxes are scaled to it.
     with np.load(toy_features_file) as archive:
-        height, width = int(archive["image_h"]) // 2, int(archive["image_w"]) // 2
-    imsave(photo, np.random.default_rng(0).random((height, width, 3)))
+        stored_height, stored_width, stored_boxes = int(archive["image_h"]), int(archive["image_w"]), archive["bbox"]
+    height, width = stored_height // 2, stored_width // 2
+    pixels = np.random.default_rng(0).random((height, width, 3))
+    imsave(photo, pixels)
+    drawn = []
+
+    def recording_plot(image, boxes, *args, **kwargs):
+        drawn.append((image, boxes))
+        return plot_attention(image, boxes, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "plot_attention", recording_plot)
     plot = tmp_path / "plots" / "on_photo.png"
     run_main("--model", str(toy_model_dir), "--features", str(toy_features_file), "--question", "is there a cube",
              "--plot", str(plot), "--image", str(photo))  # fmt: skip
     assert capsys.readouterr().out.endswith(f"Wrote {plot}\n")
     assert plot.stat().st_size > 10_000
+    [(image, boxes)] = drawn
+    np.testing.assert_allclose(image[..., :3], pixels, atol=1 / 255)
+    scale = np.array([width / stored_width, height / stored_height] * 2)
+    np.testing.assert_allclose(boxes, stored_boxes[: len(boxes)] * scale, rtol=1e-6)
 
 
 def test_a_question_of_unknown_words_prints_the_warning(toy_model_dir, toy_features_file, capsys):

@@ -158,9 +158,9 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
     state["log_history"].append({"step": 14, "resumed_from_here": 1})
     (first_checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
-    run_training(
-        *common_arguments(tiny_prepared_vqa, interrupted), *arguments, "--resume_from_checkpoint", str(first_checkpoint)
-    )
+    # "last" (the newest checkpoint of the output folder) is the one written before the kill.
+    resume = "last" if sampling else str(first_checkpoint)
+    run_training(*common_arguments(tiny_prepared_vqa, interrupted), *arguments, "--resume_from_checkpoint", resume)
     history = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
     assert {"step": 14, "resumed_from_here": 1} in history
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -168,6 +168,16 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    output = tmp_path / "run"
+    with pytest.raises(
+        train_vqa.UsageError, match=re.escape(f"--resume_from_checkpoint last: no checkpoint in {output}")
+    ):
+        train_vqa.main([*common_arguments(tiny_prepared_vqa, output), "--resume_from_checkpoint", "last"])
 
 
 def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
@@ -455,6 +465,40 @@ def test_a_non_finite_loss_names_the_last_checkpoint_saved_by_the_last_finite_lo
         [(15, float("inf"))], start_step=12
     )
     assert "saved by then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
+
+
+def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+    from rwsan.data import load_vqa_dataset
+
+    processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
+    vocabulary = processor.tokenizer.get_vocab()
+    words = sorted(word for word in vocabulary if word not in ("PAD", "UNK"))[:3]
+    vectors = {word: [index + position / 8 for position in range(16)] for index, word in enumerate(words, start=1)}
+    glove = tmp_path / "glove.txt"
+    glove.write_text("".join(f"{word} {' '.join(map(str, vector))}\n" for word, vector in vectors.items()))
+    sizes = {name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])}
+    model_arguments = train_vqa.ModelArguments(glove_path=str(glove), **sizes)
+    embedding = train_vqa.build_model(model_arguments, processor, 32).get_input_embeddings().weight
+    # The file's vectors, and zeros for the words it does not have (as the original's torchnlp GloVe gives).
+    for word, row in vocabulary.items():
+        assert embedding[row].tolist() == vectors.get(word, [0.0] * 16), word
+
+
+def test_toy_baselines_are_the_majority_answer_and_the_answer_by_question():
+    import train_vqa
+
+    train = SimpleNamespace(
+        questions=["what color", "what color", "what color", "how many"],
+        answers=[["red"] * 10, ["red"] * 6 + ["blue"] * 4, ["blue"] * 10, ["2"] * 10],
+    )
+    evaluated = SimpleNamespace(
+        questions=["what color", "how many", "is it"],
+        answers=[["red"] * 4 + ["green"] * 6, ["2"] * 10, ["yes"] * 10],
+        answer_types=["other", "number", "yes/no"],
+    )
+    # Majority "red": 100 (four annotators say it), 0, 0. By question: "red", "2", and "red" for an unseen one.
+    assert train_vqa.baselines(train, evaluated) == {"majority_answer": 33.33, "question_only": 66.67}
 
 
 def test_region_grouped_order_depends_only_on_seed_and_epoch():

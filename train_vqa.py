@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None):
         if training_args.do_train:
             plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
             provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
-            write_model_card(output_dir, model.config, provenance, metrics)
+            # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
+            model_id = getattr(trainer, "hub_model_id", None) or output_dir.name
+            write_model_card(output_dir, model.config, provenance, metrics, model_id)
     if training_args.push_to_hub and training_args.do_train:
         # Before the prediction files are written: the upload takes the whole output folder.
         trainer.push_to_hub()

@@ -228,7 +228,7 @@ def convert(
         else:
             save_for_pipeline(model, question_processor, staging)
             provenance = f"converted from `{Path(checkpoint).name}`, a checkpoint of the paper's code."
-            write_model_card(staging, model.config, provenance)
+            write_model_card(staging, model.config, provenance, model_id=output.name)
         if output.exists():
             output.rmdir()
         staging.rename(output)

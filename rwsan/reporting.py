@@ -1,6 +1,7 @@
 """What a training run leaves beside its model: a plot of the training curves and a hub model card."""
 
 import json
+import numbers
 from pathlib import Path
 
 import matplotlib
@@ -51,14 +52,18 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     return path
 
 
-def write_model_card(output_dir: str | Path, config, provenance: str, metrics: dict | None = None) -> Path:
+def write_model_card(
+    output_dir: str | Path, config, provenance: str, metrics: dict | None = None, model_id: str | None = None
+) -> Path:
     """A hub model card (README.md with metadata) for an RWSANForVQA folder.
 
     `provenance` is a sentence saying where the weights come from ("trained with ... on ...", "converted from ...").
+    `model_id` is what the usage example loads: the hub repository, or by default the folder's name (give the final
+    name where the card is written in a folder that is renamed afterwards).
     """
     metrics = metrics or {}
     accuracy_rows = "\n".join(
-        f"| {name.removeprefix('eval_')} | {value:.2f} |"
+        f"| {name.removeprefix('eval_')} | {f'{value:.2f}' if isinstance(value, numbers.Real) else '-'} |"
         for name, value in metrics.items()
         if name.startswith("eval_accuracy") or name.startswith("baseline_")
     )
@@ -116,7 +121,7 @@ It answers questions about an image from its precomputed bottom-up-attention reg
 from transformers import pipeline
 
 # With `pip install rwsan` and `import rwsan`: pipeline("vqa-features", model=...), without remote code.
-answer = pipeline(model="{Path(output_dir).name}", trust_remote_code=True)
+answer = pipeline(model="{model_id or Path(output_dir).name}", trust_remote_code=True)
 # features: a (regions, {config.image_feature_size}) array, or the path of a per-image .npz
 answer({{"question": "what color is the cube?", "image_features": features}})
 ```

@@ -182,6 +182,8 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
     assert "custom_pipelines" in config and (tmp_path / "hub" / "pipeline_rwsan.py").is_file()
     card = (tmp_path / "hub" / "README.md").read_text()
     assert card.startswith("---\nlicense: apache-2.0") and "converted from `ckpt.pkl`" in card
+    # The usage example loads the folder by its final name, not that of the folder it was written in.
+    assert 'pipeline(model="hub", trust_remote_code=True)' in card
     vqa = pipeline("vqa-features", model=str(tmp_path / "hub"), device="cpu")
     # The golden questions, and their images zero-padded as the original pads them: the original's scores.
     inputs = [

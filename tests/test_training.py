@@ -346,7 +346,24 @@ def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepa
     assert {"model.safetensors", "config.json", "README.md", "metrics.json"} <= set(hub.uploads[-1])
     assert not [name for name in hub.uploads[-1] if name.startswith(("predictions_", "logits_", "question_ids_"))]
     assert "| accuracy |" in hub.model_cards[-1] and "generated_from_trainer" not in hub.model_cards[-1]
+    assert 'pipeline(model="user/run", trust_remote_code=True)' in hub.model_cards[-1]
     assert (output / "predictions_test.json").exists()  # the default --predict_split: the whole test set
+
+
+def test_the_model_card_lists_the_accuracies_and_marks_a_missing_one(tmp_path):
+    from rwsan import RWSANConfig
+    from rwsan.reporting import write_model_card
+
+    metrics = {"eval_accuracy": 61.234, "eval_accuracy_number": None, "eval_loss": 1.5, "baseline_question_only": 40}
+    card = write_model_card(tmp_path, RWSANConfig(vocab_size=40), "trained here.", metrics, "user/rwsan").read_text()
+    rows = re.findall(r"^\| (\w+) \| (.*) \|$", card, re.MULTILINE)
+    assert rows == [
+        ("metric", "value"),
+        ("accuracy", "61.23"),
+        ("accuracy_number", "-"),
+        ("baseline_question_only", "40.00"),
+    ]
+    assert 'pipeline(model="user/rwsan", trust_remote_code=True)' in card
 
 
 def test_the_trainer_schedule_replaces_the_paper_schedule_when_asked(tiny_prepared_vqa, tmp_path):

@@ -13,6 +13,7 @@ lives in a temporary folder.
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:
     # bench is a folder of the repository, not part of the installed package.
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.arguments import require_at_least  # noqa: E402
 from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
 from rwsan.processing_rwsan import answer_scores, split_question  # noqa: E402
@@ -144,11 +146,26 @@ def prepare(raw_dir: Path, prepared_dir: Path, num_proc: int, feature_size: int)
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def run(dataset_dir: Path, args):
+def run(dataset_dir: Path, args) -> dict[str, float]:
     raw_dir, prepared_dir = dataset_dir / "raw", dataset_dir / "prepared"
-    if not raw_dir.exists():
+    # What the kept data was generated with: a later run with other sizes must not time it as its own.
+    settings = {"num_images": args.num_images, "feature_size": args.feature_size}
+    if raw_dir.exists():
+        settings_path = raw_dir / "settings.json"
+        kept = json.loads(settings_path.read_text()) if settings_path.exists() else "unknown settings"
+        if kept != settings:
+            raise SystemExit(
+                f"error: {dataset_dir} holds data generated with {kept}, not {settings}: give those options, "
+                "another --dataset_dir, or remove it"
+            )
+    else:
         start = time.perf_counter()
-        write_raw_vqa(raw_dir, args.num_images, args.feature_size)
+        # Generated aside and renamed when whole, so that a failed run leaves nothing to be taken for the data.
+        partial_dir = dataset_dir / "raw.partial"
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        write_raw_vqa(partial_dir, args.num_images, args.feature_size)
+        (partial_dir / "settings.json").write_text(json.dumps(settings) + "\n")
+        partial_dir.rename(raw_dir)
         print(f"generated {args.num_images} raw images in {time.perf_counter() - start:.1f} s")
     if not prepared_dir.exists():
         seconds, peak_rss = prepare(raw_dir, prepared_dir, args.num_proc, args.feature_size)
@@ -176,9 +193,10 @@ def run(dataset_dir: Path, args):
     print(f"VQADataset + VQACollator:     {ours_rate:10,.0f} samples/s")
     print(f"per-sample .npz (original):   {original_rate:10,.0f} samples/s")
     print(f"ratio:                        {ours_rate / original_rate:10.1f} x")
+    return {"ours": ours_rate, "original": original_rate}
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", type=Path, default=None, help="Keep (and reuse) the data here.")
     parser.add_argument("--num_images", type=int, default=3000)
@@ -189,15 +207,23 @@ def main():
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (DataLoader workers use 1, as does this default)."
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_at_least(
+        parser, args, 1, "num_images", "feature_size", "num_proc", "batches", "original_batches", "threads"
+    )
+    if args.num_images * QUESTIONS_PER_IMAGE < BATCH_SIZE:
+        # Both loaders drop the last partial batch: with fewer questions than a batch there is none to time.
+        parser.error(
+            f"--num_images must be at least {-(-BATCH_SIZE // QUESTIONS_PER_IMAGE)}: {QUESTIONS_PER_IMAGE} questions "
+            f"an image must make one batch of {BATCH_SIZE}, got {args.num_images}"
+        )
     # The collation copies are memory-bound; on a busy 2-core machine more threads only add contention (the
     # original-style batches took seconds to stack with the default thread count).
     torch.set_num_threads(args.threads)
     if args.dataset_dir is not None:
-        run(args.dataset_dir, args)
-        return
+        return run(args.dataset_dir, args)
     with tempfile.TemporaryDirectory() as dataset_dir:
-        run(Path(dataset_dir), args)
+        return run(Path(dataset_dir), args)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,23 @@ Both paths run in one process on the same inputs and weights, alternating, so ma
 
 import argparse
 import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from rwsan import RWSANConfig, RWSANForVQA
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # bench is a folder of the repository, not part of the installed package.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.arguments import require_at_least  # noqa: E402
+from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--regions", type=int, default=100)
@@ -22,7 +31,9 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, 1, "batch_size", "regions", "tokens", "steps", "threads")
+    require_at_least(parser, args, 0, "warmup")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -48,7 +59,7 @@ def main():
             step()
             times.append(time.perf_counter() - start)
 
-    results = {name: args.batch_size / sorted(times)[len(times) // 2] for name, times in timings.items()}
+    results = {name: args.batch_size / statistics.median(times) for name, times in timings.items()}
     print(
         f"device cpu, {torch.get_num_threads()} threads, batch {args.batch_size}, {args.regions} regions, "
         f"{args.tokens} tokens, median of {args.steps} forward+backward steps"
@@ -57,6 +68,7 @@ def main():
         print(f"  {name:6s} {samples_per_second:8.1f} samples/s")
     print(f"  default (sdpa) / eager = {results['sdpa'] / results['eager']:.3f}")
     print(json.dumps({"samples_per_second": results}))
+    return results
 
 
 if __name__ == "__main__":

@@ -11,17 +11,25 @@ so machine noise hits both alike; the bare forward gets the processor's tensors 
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import pipeline
 
-from rwsan import RWSANConfig, RWSANForVQA
-from rwsan.configuration_rwsan import PAPER_NUM_ANSWERS
-from rwsan.pipeline_rwsan import RWSANVQAPipeline, save_for_pipeline
-from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    # bench is a folder of the repository, not part of the installed package.
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.arguments import require_at_least  # noqa: E402
+from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
+from rwsan.configuration_rwsan import PAPER_NUM_ANSWERS  # noqa: E402
+from rwsan.pipeline_rwsan import RWSANVQAPipeline, save_for_pipeline  # noqa: E402
+from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer  # noqa: E402
 
 PAPER_VOCAB_SIZE = 20573
 QUESTION = "what color is the umbrella next to the man on the left"
@@ -70,7 +78,8 @@ def measure(vqa: RWSANVQAPipeline, num_regions: int, warmup: int, repeats: int) 
     return {
         "device": str(model.device),
         "threads": torch.get_num_threads(),
-        "regions": num_regions,
+        # What the model sees: the processor keeps at most max_regions.
+        "regions": model_inputs["image_features"].shape[1],
         "repeats": repeats,
         "pipeline_p50_ms": round(pipeline_p50, 3),
         "forward_p50_ms": round(forward_p50, 3),
@@ -79,14 +88,16 @@ def measure(vqa: RWSANVQAPipeline, num_regions: int, warmup: int, repeats: int) 
     }
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    require_at_least(parser, args, 1, "regions", "repeats", "threads")
+    require_at_least(parser, args, 0, "warmup")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -98,6 +109,7 @@ def main():
         vqa = pipeline("vqa-features", model=folder, pipeline_class=RWSANVQAPipeline, device=args.device)
         report = measure(vqa, args.regions, args.warmup, args.repeats)
     print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

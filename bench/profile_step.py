@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.arguments import require_at_least  # noqa: E402
 from bench.kernel_profile import print_kernel_profile, profiler_for, summarize  # noqa: E402
 from bench.train_throughput import (  # noqa: E402
     GRAPH_WARMUP_PASSES,
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None):
         help="Compile the shared blocks or the encoders applying them (minutes, once per batch size).",
     )
     args = parser.parse_args(argv)
+    require_at_least(parser, args, 1, "steps")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)

@@ -88,6 +88,7 @@ if str(REPO_ROOT) not in sys.path:
     # data_scripts is a folder of the repository, not part of the installed package.
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.arguments import require_at_least  # noqa: E402
 from bench.kernel_profile import KernelProfile, print_kernel_profile, profiler_for, summarize  # noqa: E402
 from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
@@ -1135,7 +1136,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.rows.split(",")) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    for name in (
+    require_at_least(
+        parser,
+        args,
+        1,
         "batch_size",
         "steps",
         "warmup_steps",
@@ -1144,11 +1148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "loader_batches",
         "trainer_steps",
         "eval_questions",
-    ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.profile_steps < 0:
-        parser.error(f"--profile_steps must be at least 0, got {args.profile_steps}")
+    )
+    require_at_least(parser, args, 0, "profile_steps")
     if not 1 <= args.pad_to_multiple_of <= MAX_REGIONS:
         parser.error(f"--pad_to_multiple_of must be in [1, {MAX_REGIONS}], got {args.pad_to_multiple_of}")
     return args

@@ -1,0 +1,60 @@
+"""The benchmark scripts other than train_throughput.py (tested with the fast path): small runs end to end, and
+their refusals of counts that would fail after minutes of work."""
+
+import json
+
+import pytest
+from test_fast_path import load_bench_module
+
+data_loading = load_bench_module("data_loading")
+model_speed = load_bench_module("model_speed")
+pipeline_latency = load_bench_module("pipeline_latency")
+
+# 30 images of 3 questions: one batch of 64 per epoch, and answers frequent enough for a vocabulary.
+SMALL_LOADING = ["--num_images", "30", "--feature_size", "16", "--num_proc", "1", "--batches", "2"]
+SMALL_LOADING += ["--original_batches", "1"]
+
+
+def test_data_loading_times_both_loaders_and_reuses_only_its_own_data(tmp_path, capsys):
+    rates = data_loading.main([*SMALL_LOADING, "--dataset_dir", str(tmp_path)])
+    assert rates["ours"] > 0 and rates["original"] > 0
+    assert "generated 30 raw images" in capsys.readouterr().out
+    # The same options reuse the kept data; others would time it as their own, and are refused.
+    data_loading.main([*SMALL_LOADING, "--dataset_dir", str(tmp_path)])
+    assert "generated" not in capsys.readouterr().out
+    other_size = [*SMALL_LOADING, "--dataset_dir", str(tmp_path), "--num_images", "40"]
+    message = f"error: {tmp_path} holds data generated with {{'num_images': 30, 'feature_size': 16}}, not"
+    with pytest.raises(SystemExit, match=message):
+        data_loading.main(other_size)
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments", "message"),
+    [
+        (data_loading, ["--num_images", "21"], "--num_images must be at least 22: 3 questions an image must make one"),
+        (data_loading, ["--original_batches", "0"], "--original_batches must be at least 1, got 0"),
+        (model_speed, ["--steps", "0"], "--steps must be at least 1, got 0"),
+        (model_speed, ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+        (pipeline_latency, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ],
+    ids=["too few images", "no original batch", "no step", "negative warm-up", "no repeat"],
+)
+def test_counts_that_would_fail_late_are_refused_at_once(script, arguments, message, capsys):
+    with pytest.raises(SystemExit):
+        script.main(arguments)
+    assert message in capsys.readouterr().err
+
+
+def test_model_speed_times_both_attention_paths(capsys):
+    results = model_speed.main(
+        ["--batch_size", "1", "--regions", "2", "--tokens", "2", "--steps", "2", "--warmup", "0"]
+    )
+    assert results.keys() == {"sdpa", "eager"} and min(results.values()) > 0
+    assert "median of 2 forward+backward steps" in capsys.readouterr().out
+
+
+def test_pipeline_latency_reports_the_regions_the_model_saw(capsys):
+    report = pipeline_latency.main(["--regions", "150", "--repeats", "1", "--warmup", "0"])
+    assert report["regions"] == 100  # the processor keeps max_regions
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["pipeline_p50_ms"] > 0 and report["forward_p50_ms"] > 0

@@ -269,6 +269,11 @@ def main(argv=None):
     except (ValueError, OSError) as error:  # a bad checkpoint, setting or output folder, not a bug: no traceback
         parser.exit(2, f"error: {error}\n")
     print(f"Wrote {args.output_dir}: {model.num_parameters():,} parameters, {model.config.num_labels} answers.")
+    if args.processor is None:
+        print(
+            "No --processor: the folder holds the model only. AutoProcessor and the pipeline need the question "
+            "vocabulary: convert again with --processor DATASET/processor (from data_scripts/prepare_vqa.py)."
+        )
 
 
 if __name__ == "__main__":

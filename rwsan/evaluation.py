@@ -29,6 +29,7 @@ with those of RWSAN's and MCAN's code, not with those of tools that use the curr
 
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 # The official evaluation and the original's answer preprocessing (`prep_ans`) share their steps, quirks included;
@@ -37,6 +38,8 @@ from .processing_rwsan import normalize_answer_punctuation as normalize_punctuat
 from .processing_rwsan import normalize_answer_words as normalize_words
 
 DEFAULT_PRECISION = 2
+# The `evaluate` metric's folder, wherever the package is installed: `evaluate.load(VQA_ACCURACY_METRIC)`.
+VQA_ACCURACY_METRIC = str(Path(__file__).parent / "metrics" / "vqa_accuracy")
 
 # Number of agreeing annotators that earns full credit.
 _FULL_CREDIT_MATCHES = 3

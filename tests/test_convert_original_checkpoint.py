@@ -152,6 +152,16 @@ def test_answer_dict_of_the_wrong_size(tmp_path, golden):
         load_original_checkpoint(checkpoint, answer_dict)
 
 
+def test_without_a_processor_the_command_says_what_the_folder_lacks(tmp_path, golden, capsys):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out"), "--num_attention_heads", "4"])
+    output = capsys.readouterr().out
+    assert (
+        "No --processor: the folder holds the model only. AutoProcessor and the pipeline need the question " in output
+    )
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "tokenizer.json").exists()
+
+
 def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
     from transformers import pipeline
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rwsan.evaluation import (
+    VQA_ACCURACY_METRIC,
     compute_vqa_accuracy,
     evaluate_vqa,
     evaluate_vqa_detailed,
@@ -252,6 +253,14 @@ def test_compute_vqa_accuracy_rejects_bad_input(arguments, error, message):
 def vqa_accuracy_metric():
     evaluate = pytest.importorskip("evaluate")
     return evaluate.load(str(METRIC_PATH), keep_in_memory=True)
+
+
+def test_the_package_names_its_metric_folder_for_any_working_directory(tmp_path, monkeypatch):
+    evaluate = pytest.importorskip("evaluate")
+    assert Path(VQA_ACCURACY_METRIC) == METRIC_PATH
+    monkeypatch.chdir(tmp_path)
+    metric = evaluate.load(VQA_ACCURACY_METRIC, keep_in_memory=True)
+    assert metric.compute(predictions=["yes"], references=[["yes"] * 10]) == {"accuracy": 100.0}
 
 
 def test_evaluate_metric_loads_from_its_folder_and_matches(vqa_accuracy_metric):

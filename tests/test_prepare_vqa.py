@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +179,20 @@ def test_tsv_features_give_the_same_images_as_npz(raw_vqa_dir, tmp_path):
         assert row == from_npz[image_id]
 
 
-def test_several_processes_give_the_same_dataset(raw_vqa_dir, tmp_path):
+def test_several_processes_give_the_same_dataset(raw_vqa_dir, tmp_path, monkeypatch):
+    submitted = []
+
+    class RecordingPool(ProcessPoolExecutor):
+        def submit(self, function, *args, **kwargs):
+            submitted.append(function.__name__)
+            return super().submit(function, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_vqa_module, "ProcessPoolExecutor", RecordingPool)
     prepare(raw_vqa_dir, tmp_path / "one")
+    assert not submitted
     prepare(raw_vqa_dir, tmp_path / "two", num_proc=2)
+    # Every image was decoded by the workers (the same dataset would come from a run that ignored num_proc).
+    assert submitted.count("decode_image") == len(image_rows(tmp_path / "two"))
     for folder in ("images", "questions/train", "questions/vg"):
         assert (
             load_from_disk(str(tmp_path / "two" / folder)).to_dict()

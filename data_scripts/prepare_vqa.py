@@ -123,6 +123,8 @@ EVALUATION_SPLITS = ("val", "test", "test-dev")
 # mistyped output_dir cannot delete anything else.
 PREPARED_DATASET_ENTRIES = ("images", "questions", "processor", "report.json")
 MAX_NAMES_SHOWN = 5
+# The file in a conversion's work folder whose lock tells that its run is alive.
+WORK_LOCK = ".lock"
 # How much of a feature file is read at the start to tell that it is text.
 TEXT_CHECK_BYTES = 2**16
 
@@ -1007,28 +1009,38 @@ def write_questions(
 
 
 def _hold_lock(folder: Path) -> int | None:
-    """Locks `folder` for as long as this process lives (the lock dies with it, however it ends); returns the
-    descriptor that holds it, or None where there is no `flock` (Windows)."""
+    """Holds an exclusive lock on the file `WORK_LOCK` in `folder` for as long as this process lives (the lock dies
+    with it, however it ends); returns the descriptor that holds it. The file is locked under another name and then
+    renamed, so that no other run sees it unlocked while this one starts. None where the file system has no locks
+    (Windows, some network shares): its leftovers are then kept, to be removed by hand."""
     if fcntl is None:
         return None
-    descriptor = os.open(folder, os.O_RDONLY)
-    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    starting = folder / f"{WORK_LOCK}.starting"
+    # Opened for writing: NFS clients emulate flock with fcntl locks, whose exclusive kind needs it.
+    descriptor = os.open(starting, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except OSError:  # no locks on this file system (ENOLCK, ENOSYS, ...)
+        os.close(descriptor)
+        starting.unlink()
+        return None
+    starting.rename(folder / WORK_LOCK)
     return descriptor
 
 
 def _is_abandoned(folder: Path) -> bool:
-    """Whether no live process holds `folder`'s lock, so that a run killed outright left it. Process ids would not
-    tell: a container's runs all have the same one. Without `flock` (Windows) leftovers are kept, to be removed by
-    hand."""
+    """Whether a run killed outright left `folder`: its lock file is there and no live process holds it. Process ids
+    would not tell (a container's runs all have the same one). A folder without the file (a run starting, or one
+    on a file system without locks) is kept."""
     if fcntl is None:
         return False
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(folder / WORK_LOCK, os.O_RDWR)
     except OSError:
         return False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # held by a live run (BlockingIOError), or no locks here
         return False
     finally:
         os.close(descriptor)
@@ -1056,12 +1068,10 @@ def check_output_dir(output_dir: Path, overwrite: bool):
         )
 
 
-def _new_sibling(output_dir: Path, kind: str) -> Path:
-    """A new empty folder `.<output_dir name>.<kind>-<unique>` beside `output_dir`, with the permissions the umask
-    gives (`tempfile.mkdtemp` would make the dataset private)."""
-    folder = output_dir.parent / f".{output_dir.name}.{kind}-{secrets.token_hex(6)}"
-    folder.mkdir()
-    return folder
+def _sibling(output_dir: Path, kind: str) -> Path:
+    """A new name `.<output_dir name>.<kind>-<random>` beside `output_dir`, of nothing yet: Windows renames nothing
+    onto an existing folder."""
+    return output_dir.parent / f".{output_dir.name}.{kind}-{secrets.token_hex(6)}"
 
 
 @contextlib.contextmanager
@@ -1074,19 +1084,28 @@ def partial_output(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # A run killed outright (SIGKILL, out of memory) cannot clean up; its leftovers are the unlocked ones.
     for stale in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
-        if stale.is_dir() and _is_abandoned(stale):
+        if not stale.is_dir():
+            continue
+        if _is_abandoned(stale):
             print(f"Removing {stale}, left by an interrupted conversion")
             shutil.rmtree(stale)
-    work_dir = _new_sibling(output_dir, "partial")
-    lock = _hold_lock(work_dir)
+        else:
+            print(f"Keeping {stale}: a conversion may still be writing it (remove it by hand if none is)")
+    # mkdir, not tempfile.mkdtemp: the dataset gets the permissions the umask gives, not a private folder's.
+    work_dir = _sibling(output_dir, "partial")
+    work_dir.mkdir()
+    lock = None
     try:
         try:
+            lock = _hold_lock(work_dir)
             yield work_dir
             # Whatever appeared there since the start is checked again before it is deleted.
             check_output_dir(output_dir, overwrite)
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
+        # The lock stays held through the descriptor; the dataset must not carry the file.
+        (work_dir / WORK_LOCK).unlink(missing_ok=True)
         _move_into_place(work_dir, output_dir)
     finally:
         if lock is not None:
@@ -1104,14 +1123,12 @@ def _move_into_place(work_dir: Path, output_dir: Path):
     replaced = None
     try:
         if output_dir.exists():
-            replaced = _new_sibling(output_dir, "replaced")
+            replaced = _sibling(output_dir, "replaced")
             output_dir.rename(replaced)
         work_dir.rename(output_dir)
     except OSError as error:
-        if replaced is not None and not output_dir.exists():
+        if replaced is not None and replaced.exists() and not output_dir.exists():
             replaced.rename(output_dir)
-        elif replaced is not None:
-            replaced.rmdir()
         kept = work_dir.with_name(work_dir.name.replace(".partial-", ".finished-", 1))
         work_dir.rename(kept)
         raise DatasetNotMovedError(

@@ -11,6 +11,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -628,9 +629,18 @@ def test_existing_output_is_refused_without_overwrite(raw_vqa_dir, tmp_path):
     assert (output_dir / "keep.txt").read_text() == "mine"
 
 
-def test_overwrite_replaces_a_prepared_dataset(raw_vqa_dir, tmp_path):
+def test_overwrite_replaces_a_prepared_dataset(raw_vqa_dir, tmp_path, monkeypatch):
     output_dir = tmp_path / "prepared"
     prepare(raw_vqa_dir, output_dir)
+    rename = Path.rename
+
+    def rename_as_windows_does(path, target):
+        # Windows renames nothing onto an existing file or folder, empty or not.
+        if Path(target).exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+        return rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", rename_as_windows_does)
     for name in ("VG_questions.json", "VG_annotations.json"):
         (raw_vqa_dir / "vqa" / name).unlink()
     report = prepare(raw_vqa_dir, output_dir, overwrite=True)
@@ -711,26 +721,47 @@ def test_failure_half_way_leaves_no_dataset(raw_vqa_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
 
 
-def test_leftovers_of_a_killed_run_are_removed_and_those_of_a_live_one_kept(raw_vqa_dir, tmp_path):
+def leftover(folder: Path, lock_file: bool) -> Path:
+    folder.mkdir()
+    if lock_file:
+        (folder / prepare_vqa_module.WORK_LOCK).touch()
+    return folder
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_those_of_a_live_one_kept(raw_vqa_dir, tmp_path, capsys):
     # Whose process is gone shows in its lock, not its name: a container's runs all have process id 1.
-    killed, running = tmp_path / ".prepared.partial-1", tmp_path / ".prepared.partial-2"
-    killed.mkdir()
+    killed = leftover(tmp_path / ".prepared.partial-1", lock_file=True)
+    running = tmp_path / ".prepared.partial-2"
     running.mkdir()
+    starting = leftover(tmp_path / ".prepared.partial-3", lock_file=False)  # its lock file is not there yet
     lock = prepare_vqa_module._hold_lock(running)
     try:
         prepare(raw_vqa_dir, tmp_path / "prepared")
     finally:
         os.close(lock)
-    assert not killed.exists() and running.exists()
+    assert not killed.exists() and running.exists() and starting.exists()
+    assert f"Keeping {running}: a conversion may still be writing it" in capsys.readouterr().out
+    # The dataset does not carry the lock file of its run.
+    assert not (tmp_path / "prepared" / prepare_vqa_module.WORK_LOCK).exists()
     assert image_rows(tmp_path / "prepared")
 
 
-def test_leftovers_are_kept_where_there_is_no_flock(raw_vqa_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_vqa_module, "fcntl", None)  # as on Windows
-    stale = tmp_path / ".prepared.partial-1"
-    stale.mkdir()
+@pytest.mark.parametrize("locks", ["no fcntl", "no locks on the file system"])
+def test_leftovers_are_kept_where_there_are_no_locks(raw_vqa_dir, tmp_path, monkeypatch, locks):
+    if locks == "no fcntl":
+        monkeypatch.setattr(prepare_vqa_module, "fcntl", None)  # as on Windows
+    else:
+
+        def refuse(descriptor, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # as some network shares do
+
+        real = prepare_vqa_module.fcntl
+        monkeypatch.setattr(
+            prepare_vqa_module, "fcntl", SimpleNamespace(flock=refuse, LOCK_EX=real.LOCK_EX, LOCK_NB=real.LOCK_NB)
+        )
+    stale = leftover(tmp_path / ".prepared.partial-1", lock_file=True)
     prepare(raw_vqa_dir, tmp_path / "prepared")
-    assert stale.exists() and image_rows(tmp_path / "prepared")
+    assert leftovers(tmp_path / "prepared") == [stale] and image_rows(tmp_path / "prepared")
 
 
 def current_umask() -> int:

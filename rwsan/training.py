@@ -518,17 +518,17 @@ class StopOnNonFiniteLoss(TrainerCallback):
     resume from.
 
     It reads the loss the Trainer logs anyway, so the training loop gains no per-step device sync. The loss is seen
-    only at logging steps, and a checkpoint saved between the last finite log and the first non-finite one may
-    already hold non-finite weights: the checkpoint named is the last one saved by the step of the last finite log
-    (or the step training started from).
+    only at logging steps, and a checkpoint saved since the last finite log may already hold non-finite weights
+    (the update of that very step may have made them so): the checkpoint named is the last one saved before the
+    step of the last finite log, or the one training started from.
     """
 
     def __init__(self):
-        self.last_finite_step = 0
+        self.start_step = self.last_finite_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         # The weights training starts from (fresh, or the checkpoint resumed from) are taken as sound.
-        self.last_finite_step = state.global_step
+        self.start_step = self.last_finite_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
@@ -537,10 +537,10 @@ class StopOnNonFiniteLoss(TrainerCallback):
         if math.isfinite(loss):
             self.last_finite_step = state.global_step
             return
-        checkpoint = last_checkpoint_by_step(args.output_dir, self.last_finite_step)
+        checkpoint = last_checkpoint_before(args.output_dir, self.last_finite_step, self.start_step)
         raise FloatingPointError(
             f"The training loss became {loss} by optimizer step {state.global_step}; it was last logged finite at "
-            f"step {self.last_finite_step}. The last checkpoint saved by then is "
+            f"step {self.last_finite_step}. The last checkpoint saved before then is "
             f"{checkpoint or 'none (no checkpoint was saved yet)'} (later ones may hold non-finite weights). Resume "
             "from it with --resume_from_checkpoint and gradient clipping (--max_grad_norm, e.g. 1.0; the paper "
             "clips nothing), or without --fp16. A resumed run keeps the checkpoint's learning rate: a lower "
@@ -548,8 +548,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
         )
 
 
-def last_checkpoint_by_step(output_dir: str | os.PathLike, step: int) -> str | None:
-    """The Trainer's checkpoint folder in `output_dir` with the highest step at or below `step`, or None."""
+def last_checkpoint_before(output_dir: str | os.PathLike, step: int, start_step: int) -> str | None:
+    """The Trainer's checkpoint folder in `output_dir` with the highest step below `step`, or at `start_step` (the
+    one a run resumed from), or None."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return None
@@ -558,5 +559,5 @@ def last_checkpoint_by_step(output_dir: str | os.PathLike, step: int) -> str | N
         for path in folder.iterdir()
         if path.is_dir() and (match := _CHECKPOINT_NAME.match(path.name)) is not None
     ]
-    eligible = [checkpoint_step for checkpoint_step in steps if checkpoint_step <= step]
+    eligible = [checkpoint_step for checkpoint_step in steps if checkpoint_step < step or checkpoint_step == start_step]
     return str(folder / f"{PREFIX_CHECKPOINT_DIR}-{max(eligible)}") if eligible else None

@@ -453,12 +453,13 @@ def test_diverging_loss_stops_with_the_step_and_the_last_checkpoint(tiny_prepare
     )  # fmt: skip
     assert result.returncode == 1
     assert re.search(r"The training loss became (nan|inf) by optimizer step \d+", result.stderr), result.stderr[-3000:]
-    assert "The last checkpoint saved by then is" in result.stderr
+    assert "The last checkpoint saved before then is" in result.stderr
 
 
-def test_a_non_finite_loss_names_the_last_checkpoint_saved_by_the_last_finite_log(tmp_path):
-    # Checkpoint 8 was saved after the last finite log (step 7): its weights may be NaN already.
-    for step in (4, 8, 12):
+def test_a_non_finite_loss_names_the_last_checkpoint_saved_before_the_last_finite_log(tmp_path):
+    # Checkpoints 7 and 8 were saved with the update of step 7 or after it, which the finite loss logged at step 7
+    # does not vouch for: their weights may be NaN already.
+    for step in (4, 7, 8, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-6").write_text("not a checkpoint folder")
     args = SimpleNamespace(output_dir=str(tmp_path))
@@ -475,31 +476,13 @@ def test_a_non_finite_loss_names_the_last_checkpoint_saved_by_the_last_finite_lo
     message = error_after([(5, 2.0), (7, 1.5), (10, float("nan"))])
     assert message.startswith(
         "The training loss became nan by optimizer step 10; it was last logged finite at step 7. The last checkpoint "
-        f"saved by then is {tmp_path / 'checkpoint-4'} (later ones may hold non-finite weights)."
+        f"saved before then is {tmp_path / 'checkpoint-4'} (later ones may hold non-finite weights)."
     )
     # A run resumed from step 12 starts from that checkpoint's weights.
-    assert f"step 12. The last checkpoint saved by then is {tmp_path / 'checkpoint-12'} " in error_after(
+    assert f"step 12. The last checkpoint saved before then is {tmp_path / 'checkpoint-12'} " in error_after(
         [(15, float("inf"))], start_step=12
     )
-    assert "saved by then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
-
-
-def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path):
-    import train_vqa
-    from rwsan.data import load_vqa_dataset
-
-    processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
-    vocabulary = processor.tokenizer.get_vocab()
-    words = sorted(word for word in vocabulary if word not in ("PAD", "UNK"))[:3]
-    vectors = {word: [index + position / 8 for position in range(16)] for index, word in enumerate(words, start=1)}
-    glove = tmp_path / "glove.txt"
-    glove.write_text("".join(f"{word} {' '.join(map(str, vector))}\n" for word, vector in vectors.items()))
-    sizes = {name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])}
-    model_arguments = train_vqa.ModelArguments(glove_path=str(glove), **sizes)
-    embedding = train_vqa.build_model(model_arguments, processor, 32).get_input_embeddings().weight
-    # The file's vectors, and zeros for the words it does not have (as the original's torchnlp GloVe gives).
-    for word, row in vocabulary.items():
-        assert embedding[row].tolist() == vectors.get(word, [0.0] * 16), word
+    assert "saved before then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
 
 
 def test_toy_baselines_are_the_majority_answer_and_the_answer_by_question():

@@ -485,6 +485,24 @@ def test_a_non_finite_loss_names_the_last_checkpoint_saved_before_the_last_finit
     assert "saved before then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
 
 
+def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+    from rwsan.data import load_vqa_dataset
+
+    processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
+    vocabulary = processor.tokenizer.get_vocab()
+    words = sorted(word for word in vocabulary if word not in ("PAD", "UNK"))[:3]
+    vectors = {word: [index + position / 8 for position in range(16)] for index, word in enumerate(words, start=1)}
+    glove = tmp_path / "glove.txt"
+    glove.write_text("".join(f"{word} {' '.join(map(str, vector))}\n" for word, vector in vectors.items()))
+    sizes = {name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])}
+    model_arguments = train_vqa.ModelArguments(glove_path=str(glove), **sizes)
+    embedding = train_vqa.build_model(model_arguments, processor, 32).get_input_embeddings().weight
+    # The file's vectors, and zeros for the words it does not have (as the original's torchnlp GloVe gives).
+    for word, row in vocabulary.items():
+        assert embedding[row].tolist() == vectors.get(word, [0.0] * 16), word
+
+
 def test_toy_baselines_are_the_majority_answer_and_the_answer_by_question():
     import train_vqa
 

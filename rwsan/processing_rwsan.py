@@ -182,7 +182,8 @@ def load_glove_embeddings(
     """Reads the GloVe vectors of the words of `vocab` from a text file in the format of glove.840B.300d.txt.
 
     A line holds a word and `embedding_size` numbers, separated by single spaces. As a few words of the 840B
-    file contain spaces, the vector is the last `embedding_size` fields and the word is all that comes before.
+    file contain spaces, the vector is the last `embedding_size` fields and the word is all that comes before;
+    the first line must hold exactly `embedding_size` numbers, so that a file of longer vectors is refused.
     The file is streamed, and only the vectors of vocabulary words are parsed.
 
     The original took its vectors from torchnlp's `GloVe`, which gives zeros for the words it does not have
@@ -207,6 +208,13 @@ def load_glove_embeddings(
                 raise ValueError(
                     f"{glove_path}, line {line_number}: expected a word and {embedding_size} values, "
                     f"found {num_fields_after_first} fields after the first"
+                )
+            # Only a few words have spaces, and none opens the published files: more fields on the first line mean
+            # longer vectors, whose leading values would be read as part of every word, matching none.
+            if line_number == 1 and num_fields_after_first != embedding_size:
+                raise ValueError(
+                    f"{glove_path}, line 1: a word and {num_fields_after_first} values, but the word embedding has "
+                    f"{embedding_size}: the file's vectors are of another size"
                 )
             word_end = -1
             for _ in range(num_fields_after_first - embedding_size + 1):

@@ -536,6 +536,8 @@ def test_load_glove_embeddings(tmp_path):
     [
         (["the 0.1 0.2 0.3", "what 0.1 0.2"], "line 2: expected a word and 3 values, found 2 fields after the first"),
         (["", "the 1 2 3"], "line 1: expected a word and 3 values, found 0 fields after the first"),
+        # 4-value vectors read as 3: every word would be "the 0.1" and no row would be set
+        (["the 0.1 0.2 0.3 0.4", "what 1 2 3 4"], "line 1: a word and 4 values, but the word embedding has 3"),
         (["the 0.1 x 0.3"], "line 1: the vector holds a value that is not a number"),
         (["the 0.1  0.3"], "line 1: the vector holds a value that is not a number"),
         (["the 0.1 nan 0.3"], "line 1: the vector holds NaN or infinite values"),

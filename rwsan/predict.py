@@ -12,6 +12,7 @@
 import argparse
 import json
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,8 +52,11 @@ def write_predictions(
     Returns:
         `list[dict]`: what was written.
     """
-    question_ids = np.asarray(question_ids).reshape(-1)
-    answer_indices = np.asarray(answer_indices).reshape(-1)
+    question_ids = _integer_vector("question_ids", question_ids)
+    answer_indices = _integer_vector("answer_indices", answer_indices)
+    bad_key = next((label_id for label_id in id2label if not isinstance(label_id, int)), None)
+    if bad_key is not None:
+        raise ValueError(f"id2label must have integer keys, as config.id2label has; it has {bad_key!r}")
     if len(question_ids) != len(answer_indices):
         raise ValueError(f"{len(question_ids)} question ids but {len(answer_indices)} answers")
     repeated = [question_id for question_id, count in Counter(question_ids.tolist()).items() if count > 1]
@@ -72,6 +76,29 @@ def write_predictions(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(predictions))
     return predictions
+
+
+def _integer_vector(name: str, values) -> np.ndarray:
+    # Rounding a float question id (float32 holds integers exactly only up to 2**24) would give another question.
+    array = np.asarray(values)
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise ValueError(
+            f"{name} must be a one-dimensional sequence of integers, got {array.dtype} of shape {array.shape}"
+        )
+    return array
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raises a `PredictionError` unless a file can be written at `path` (its missing parent folders are made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise PredictionError(f"{path} is a folder; name the file to write, e.g. {path / 'predictions.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise PredictionError(f"cannot write {path}: {error}") from None
 
 
 def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple[RWSANForVQA, RWSANProcessor]:
@@ -198,35 +225,46 @@ def save_attention_plot(result: dict, path: str | os.PathLike, image_path: str |
     )
 
 
+# Defaults of the options of one mode, filled in after the check that no option of the other mode was given.
+MODE_DEFAULTS = {"top_k": 5, "split": "test", "batch_size": 128, "num_workers": 0}
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m rwsan.predict",
-        description="Answer questions with a trained RWSAN model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m rwsan.predict", description="Answer questions with a trained RWSAN model."
     )
     parser.add_argument("--model", required=True, help="Folder of the saved model and processor.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)"
+    )
     single = parser.add_argument_group("one question")
     single.add_argument("--features", help="The image's region features (.npz: x, bbox, image_h, image_w).")
     single.add_argument("--question")
-    single.add_argument("--top_k", type=int, default=5, help="How many answers to print.")
+    single.add_argument("--top_k", type=int, help=f"How many answers to print (default: {MODE_DEFAULTS['top_k']}).")
     single.add_argument("--plot", help="Write a picture of the attention weights here (e.g. attention.png).")
     single.add_argument("--image", help="The photo to draw the --plot regions on (default: a blank canvas).")
     split = parser.add_argument_group("a prepared split")
     split.add_argument("--dataset_dir", help="A folder written by data_scripts/prepare_vqa.py.")
     split.add_argument(
         "--split",
-        default="test",
-        help="The split to answer. test, the whole test set, is the one file the evaluation server takes for its "
-        "test-dev and test-std phases; test-dev answers its questions only.",
+        help=f"The split to answer (default: {MODE_DEFAULTS['split']}). test, the whole test set, is the one file "
+        "the evaluation server takes for its test-dev and test-std phases; test-dev answers its questions only.",
     )
     split.add_argument("--output", help="The predictions file, [{question_id, answer}, ...].")
-    split.add_argument("--batch_size", type=int, default=128)
-    split.add_argument("--num_workers", type=int, default=0)
+    split.add_argument("--batch_size", type=int, help=f"(default: {MODE_DEFAULTS['batch_size']})")
+    split.add_argument("--num_workers", type=int, help=f"(default: {MODE_DEFAULTS['num_workers']})")
     args = parser.parse_args(argv)
 
     if (args.dataset_dir is None) == (args.features is None):
         parser.error("give either --features and --question, or --dataset_dir and --output")
+    # An option of the other mode would be ignored: nobody should wait for a file or a picture that is never made.
+    used, unused = (single, split) if args.features is not None else (split, single)
+    for action in unused._group_actions:
+        if getattr(args, action.dest) is not None:
+            parser.error(f"{action.option_strings[0]} is not used with {used._group_actions[0].option_strings[0]}")
+    for name, default in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.features is not None and args.question is None:
         parser.error("--features needs --question")
     if args.dataset_dir is not None and args.output is None:
@@ -241,12 +279,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None):
     args = parse_arguments(argv)
+    if args.dataset_dir is not None:
+        # Checked before answering, which takes a while on a whole split.
+        check_writable(args.output)
     model, processor = load_model_and_processor(args.model, args.device)
     if args.dataset_dir is not None:
         question_ids, answer_indices = predict_split(
             model, processor, args.dataset_dir, args.split, args.batch_size, args.num_workers
         )
-        write_predictions(question_ids, answer_indices, model.config.id2label, args.output)
+        try:
+            write_predictions(question_ids, answer_indices, model.config.id2label, args.output)
+        except OSError as error:
+            raise PredictionError(f"cannot write the predictions to {args.output}: {error}") from None
         print(f"Wrote {len(question_ids)} answers to {args.output}")
         return
 

@@ -154,12 +154,37 @@ def test_write_predictions_writes_the_server_format(tmp_path):
         ([1, 2, 1, 3], [0, 0, 0, 0], "1 question ids appear more than once \\(e.g. 1\\)"),
         ([1, 2], [0], "2 question ids but 1 answers"),
         ([1, 2], [0, 5], "answer indices \\[5\\] are not in id2label \\(answer ids 0..2\\)"),
+        # float32 would turn question 175651001 into 175651008, another question
+        (
+            np.array([175651001, 175651101], np.float32),
+            [0, 1],
+            "question_ids must be a one-dimensional sequence of integers, got float32 of shape \\(2,\\)",
+        ),
+        ([1, 2], [0.9, 1.7], "answer_indices must be a one-dimensional sequence of integers, got float64"),
+        ([[1, 2], [3, 4]], [[0, 1], [1, 0]], "question_ids must be .* got int64 of shape \\(2, 2\\)"),
     ],
 )
 def test_write_predictions_refuses_bad_predictions(tmp_path, question_ids, answer_indices, message):
     with pytest.raises(ValueError, match=message):
         write_predictions(question_ids, answer_indices, {0: "yes", 1: "no", 2: "red"}, tmp_path / "p.json")
     assert not (tmp_path / "p.json").exists()
+
+
+def test_write_predictions_refuses_an_id2label_with_string_keys(tmp_path):
+    with pytest.raises(ValueError, match="id2label must have integer keys, as config.id2label has; it has '0'"):
+        write_predictions([1], [0], {"0": "yes"}, tmp_path / "p.json")
+
+
+def test_an_unwritable_output_is_refused_before_answering(toy_vqa, tmp_path):
+    """Else a whole split is answered first, then lost. (The model folder is missing too: its check comes after.)"""
+    absent_model = str(tmp_path / "absent")
+    with pytest.raises(PredictionError, match=f"^{tmp_path} is a folder; name the file to write, e.g. "):
+        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(tmp_path))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    with pytest.raises(PredictionError, match=f"^cannot write {a_file / 'p.json'}: "):
+        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(a_file / "p.json"))
+    assert a_file.read_text() == "kept"
 
 
 def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_features_file, tmp_path):
@@ -224,6 +249,11 @@ def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_
             "--image is only used with --plot",
         ),
         (["--features", "f.npz", "--question", "q", "--top_k", "0"], "--top_k must be at least 1"),
+        # options of the other mode would be ignored
+        (["--dataset_dir", "d", "--output", "p.json", "--question", "q"], "--question is not used with --dataset_dir"),
+        (["--dataset_dir", "d", "--output", "p.json", "--top_k", "3"], "--top_k is not used with --dataset_dir"),
+        (["--features", "f.npz", "--question", "q", "--output", "p.json"], "--output is not used with --features"),
+        (["--features", "f.npz", "--question", "q", "--split", "val"], "--split is not used with --features"),
     ],
 )
 def test_bad_arguments_are_refused(arguments, message, capsys):

@@ -199,6 +199,16 @@ class RWSANVQAPipeline(Pipeline):
                 del config.custom_pipelines
         self.processor.save_pretrained(save_directory)
 
+    def get_iterator(self, *args, **kwargs):
+        # Batches are padded on the tokenizer's padding_side, read when the iterator is made; RWSAN's questions and
+        # regions are padded on the right, as the processor pads them (see `RWSANProcessor`).
+        padding_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            return super().get_iterator(*args, **kwargs)
+        finally:
+            self.tokenizer.padding_side = padding_side
+
     def _sanitize_parameters(self, top_k=None, output_attentions=None, return_attention=None):
         forward_parameters, postprocess_parameters = {}, {}
         if top_k is not None:

@@ -525,13 +525,16 @@ class RWSANProcessor(ProcessorMixin):
                 raise ValueError(f"text[{index}] must be a string, got {type(question).__name__}")
             if not is_text(question):
                 raise ValueError(f"text[{index}] is {question!r}, which {HALF_CHARACTER}")
-        encoded = self.tokenizer(list(questions), truncation=True, max_length=self.max_question_length)
+        # Cut and padded on the right whatever the tokenizer's truncation_side and padding_side: the original keeps
+        # a question's first words, and its LSTM runs over every position from the first, so padding in front
+        # would change the answers. (verbose=False: the tokenizer would warn of questions longer than the cut.)
+        encoded = self.tokenizer(list(questions), verbose=False)
+        for name in ("input_ids", "attention_mask"):
+            encoded[name] = [values[: self.max_question_length] for values in encoded[name]]
         if padding == "max_length":
             length = self.max_question_length
         else:
             length = max(1, *(len(input_ids) for input_ids in encoded["input_ids"]))
-        # On the right whatever the tokenizer's padding_side: the LSTM runs over every position from the first, as
-        # in the original, so padding in front would change the answers.
         padded = self.tokenizer.pad(
             encoded, padding="max_length", max_length=length, padding_side="right", return_tensors="np"
         )

@@ -211,12 +211,19 @@ def test_attention_weights_of_the_words_and_regions_the_model_saw(vqa, model, pr
     assert with_alias["words"] == result["words"]
 
 
-def test_attention_weights_of_a_padded_batch_cover_only_real_words_and_regions(vqa):
+@pytest.mark.parametrize("tokenizer_padding_side", ["right", "left"])
+def test_attention_weights_of_a_padded_batch_cover_only_real_words_and_regions(vqa, tokenizer_padding_side):
+    """Batches are padded on the right whatever the tokenizer's padding_side, as the processor pads."""
     inputs = [
         {"question": "what color", "image_features": region_features(2, seed=4)},
         {"question": "is the cube left of the balls", "image_features": region_features(9, seed=5)},
     ]
-    batched = vqa(inputs, batch_size=2, output_attentions=True)
+    vqa.tokenizer.padding_side = tokenizer_padding_side
+    try:
+        batched = vqa(inputs, batch_size=2, output_attentions=True)
+    finally:
+        vqa.tokenizer.padding_side = "right"
+    assert vqa.tokenizer.padding_side == "right"
     for result, single_input in zip(batched, inputs):
         single = vqa(single_input, output_attentions=True)
         assert result["words"] == single["words"]

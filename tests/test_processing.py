@@ -230,6 +230,19 @@ def test_processor_pads_questions_on_the_right_whatever_the_tokenizer_says(proce
     assert torch.equal(batch["input_ids"], torch.tensor([[2, 0], [4, 5]]))
 
 
+def test_processor_keeps_the_first_words_whatever_the_tokenizer_says(processor):
+    # As the original: a question longer than max_question_length loses its last words.
+    long_question = " ".join(["what"] + ["the color"] * processor.max_question_length)
+    reference = processor(text=[long_question])["input_ids"]
+    processor.tokenizer.truncation_side = "left"
+    try:
+        batch = processor(text=[long_question])
+    finally:
+        processor.tokenizer.truncation_side = "right"
+    assert torch.equal(batch["input_ids"], reference)
+    assert reference.shape == (1, processor.max_question_length) and reference[0, :3].tolist() == [2, 4, 5]
+
+
 def test_processor_padded_array_input_matches_list_input(processor):
     features = np.zeros((2, 5, 2), dtype=np.float32)
     boxes = np.zeros((2, 5, 4), dtype=np.float32)

@@ -191,6 +191,9 @@ def _read_processor(path: str | os.PathLike, model: RWSANForVQA) -> RWSANProcess
     if not Path(path).is_dir():
         raise CheckpointError(f"Processor folder not found: {path}")
     processor = RWSANProcessor.from_pretrained(str(path))
+    # The weights do not say how many question words and regions the processor keeps: the model takes its.
+    model.config.max_question_length = processor.max_question_length
+    model.config.max_regions = processor.max_regions
     try:
         check_processor_fits_model(processor, model.config, "the checkpoint", f"the processor in {path}")
     except ValueError as error:
@@ -228,7 +231,8 @@ def convert(
         else:
             save_for_pipeline(model, question_processor, staging)
             provenance = f"converted from `{Path(checkpoint).name}`, a checkpoint of the paper's code."
-            write_model_card(staging, model.config, provenance, model_id=output.name)
+            # The paper's code and the checkpoints it released are under the MIT license.
+            write_model_card(staging, model.config, provenance, model_id=output.name, license="mit")
         if output.exists():
             output.rmdir()
         staging.rename(output)

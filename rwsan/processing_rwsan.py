@@ -582,7 +582,9 @@ def check_processor_fits_model(
 ) -> None:
     """Raises a `ValueError` where `processor` does not fit the model of `config` (an `RWSANConfig`): other answers
     (the processor would name the model's answers wrongly), a tokenizer of another size than the word embedding
-    (its ids would mean other words, or fall outside the embedding), or region features of another size.
+    (its ids would mean other words, or fall outside the embedding), region features of another size, or another
+    number of question words or regions kept than the model was made for (`config.max_question_length`,
+    `config.max_regions`).
 
     `model_name` and `processor_name` say in the message which model and processor are meant.
     """
@@ -613,6 +615,12 @@ def check_processor_fits_model(
             f"{processor_name} takes region features of {processor.image_feature_size} values but {model_name} "
             f"expects {config.image_feature_size} (config.image_feature_size)"
         )
+    for name, what in (("max_question_length", "question words"), ("max_regions", "regions")):
+        if getattr(processor, name) != getattr(config, name):
+            raise ValueError(
+                f"{processor_name} keeps {getattr(processor, name)} {what} but {model_name} was made for "
+                f"{getattr(config, name)} (config.{name}): set the processor's {name} to the model's"
+            )
 
 
 def _answer_or_missing(answer: str | None) -> str:

@@ -53,11 +53,17 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
 
 
 def write_model_card(
-    output_dir: str | Path, config, provenance: str, metrics: dict | None = None, model_id: str | None = None
+    output_dir: str | Path,
+    config,
+    provenance: str,
+    metrics: dict | None = None,
+    model_id: str | None = None,
+    license: str = "apache-2.0",
 ) -> Path:
     """A hub model card (README.md with metadata) for an RWSANForVQA folder.
 
     `provenance` is a sentence saying where the weights come from ("trained with ... on ...", "converted from ...").
+    `license` is the weights' license, as the hub names it.
     `model_id` is what the usage example loads: the hub repository, or by default the folder's name (give the final
     name where the card is written in a folder that is renamed afterwards).
     """
@@ -83,7 +89,7 @@ def write_model_card(
         )
     }
     card = f"""---
-license: apache-2.0
+license: {license}
 library_name: transformers
 pipeline_tag: visual-question-answering
 tags:

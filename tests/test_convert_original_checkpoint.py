@@ -171,8 +171,12 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
     answers = [f"answer {i}" for i in range(golden["answer_size"])]
     answer_dict = write_answer_dict(tmp_path / "answer_dict.json", answers)
     vocab = {"PAD": 0, "UNK": 1, **{f"word{i}": i for i in range(2, golden["token_size"])}}
+    # Longer questions than the paper's 16 words: the checkpoint does not say, the converted config takes 20.
     processor = RWSANProcessor(
-        build_question_tokenizer(vocab), id2label=dict(enumerate(answers)), image_feature_size=48
+        build_question_tokenizer(vocab),
+        id2label=dict(enumerate(answers)),
+        image_feature_size=48,
+        max_question_length=20,
     )
     processor.save_pretrained(tmp_path / "processor")
 
@@ -190,8 +194,9 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
     )
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert "custom_pipelines" in config and (tmp_path / "hub" / "pipeline_rwsan.py").is_file()
+    assert (config["max_question_length"], config["max_regions"]) == (20, 100)
     card = (tmp_path / "hub" / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0") and "converted from `ckpt.pkl`" in card
+    assert card.startswith("---\nlicense: mit") and "converted from `ckpt.pkl`" in card
     # The usage example loads the folder by its final name, not that of the folder it was written in.
     assert 'pipeline(model="hub", trust_remote_code=True)' in card
     vqa = pipeline("vqa-features", model=str(tmp_path / "hub"), device="cpu")

@@ -394,7 +394,8 @@ def test_processor_rejects_tokenizer_with_other_special_ids():
 
 def fitting_config(**overrides) -> RWSANConfig:
     """The config of a model that `processor` fits, but for `overrides`."""
-    return RWSANConfig(**{"vocab_size": len(VOCAB), "id2label": ID2LABEL, "image_feature_size": 2, **overrides})
+    fitting = {"vocab_size": len(VOCAB), "id2label": ID2LABEL, "image_feature_size": 2}
+    return RWSANConfig(**{**fitting, "max_question_length": 4, "max_regions": 3, **overrides})
 
 
 def test_check_processor_fits_model_passes_the_fitting_model(processor):
@@ -415,6 +416,10 @@ def test_check_processor_fits_model_passes_the_fitting_model(processor):
          "same questions$"),
         ({"image_feature_size": 2048},
          r"^processor P takes region features of 2 values but model M expects 2048 \(config.image_feature_size\)$"),
+        ({"max_question_length": 14},
+         r"^processor P keeps 4 question words but model M was made for 14 \(config.max_question_length\): set the "
+         r"processor's max_question_length to the model's$"),
+        ({"max_regions": 36}, r"^processor P keeps 3 regions but model M was made for 36 \(config.max_regions\)"),
     ],
 )  # fmt: skip
 def test_check_processor_fits_model_names_what_differs(processor, overrides, message):

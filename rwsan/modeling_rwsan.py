@@ -358,10 +358,11 @@ class RWSANWeightSharingEncoder(nn.Module):
         self.compiled_block = weakref.ref(block)
         self.compiled_block_with_weights = torch.compile(apply, **compile_kwargs)
 
-    def block_for_pass(self) -> Callable:
-        """What applies the block during one forward pass: the block itself or, in training once
+    def block_for_pass(self) -> Callable | None:
+        """What applies the block during one forward pass: None for the block itself or, in training once
         `compile_block_with_weights` has run, its compiled application to all its weights cut from one tensor,
-        concatenated here once a pass.
+        concatenated here once a pass. (Not the block: passed to the encoder, a module would be moved by the
+        device hooks of accelerate's `device_map`, which cannot move offloaded weights.)
 
         Every application then adds one gradient to that tensor, where each weight would receive one of its own:
         the autograd engine sums one gradient per application instead of one per weight and application (about
@@ -373,7 +374,7 @@ class RWSANWeightSharingEncoder(nn.Module):
         which `RWSANResidualGuidedAttention.project_question` reads outside the block, are in the tensor too, so that
         it holds the block's weights in one layout; the block's applications give them zero gradients."""
         if self.compiled_block_with_weights is None or not (self.training and torch.is_grad_enabled()):
-            return self.block
+            return None
         parameters = list(self.block.parameters())
         flattenable = (
             self.compiled_block() is self.block
@@ -383,7 +384,7 @@ class RWSANWeightSharingEncoder(nn.Module):
             and len({(parameter.dtype, parameter.device) for parameter in parameters}) == 1
         )
         if not flattenable:
-            return self.block
+            return None
         weights = torch.cat([parameter.reshape(-1) for parameter in parameters])
         return functools.partial(self.compiled_block_with_weights, weights)
 
@@ -407,7 +408,7 @@ class RWSANResidualSelfAttention(RWSANWeightSharingEncoder):
         output_attentions: bool = False,
         block: Callable | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """`block`: what applies `self.block` (default: itself), from `block_for_pass`."""
+        """`block`: what applies `self.block` (None: itself), from `block_for_pass`."""
         block = self.block if block is None else block
         first, first_attention = block(question_states, question_bias, output_attentions)
         second, second_attention = block(
@@ -446,8 +447,8 @@ class RWSANResidualGuidedAttention(RWSANWeightSharingEncoder):
         output_attentions: bool = False,
         block: Callable | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """`question_values_and_keys` from `project_question`; `block`: what applies `self.block` (default:
-        itself), from `block_for_pass`."""
+        """`question_values_and_keys` from `project_question`; `block`: what applies `self.block` (None: itself),
+        from `block_for_pass`."""
         block = self.block if block is None else block
         args = (question_values_and_keys, image_bias, question_bias, output_attentions)
         first, first_self, first_guided = block(image_states, *args)
@@ -603,7 +604,8 @@ class RWSANModel(RWSANPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         _check_input_shapes(self.config, input_ids, image_features, attention_mask, image_attention_mask)
 
-        image_features = image_features.to(self.image_projection.weight.dtype)
+        # The model's float dtype, not the projection's weight's: quantized layers hold integers, or no `weight` tensor.
+        image_features = image_features.to(self.dtype)
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id
         if image_attention_mask is None:

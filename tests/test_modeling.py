@@ -1,5 +1,6 @@
 """RWSANConfig / RWSANForVQA: numbers against the original, masks, attention paths, loss, saving and loading."""
 
+import copy
 import json
 import math
 import os
@@ -416,6 +417,34 @@ def test_weights_offloaded_by_accelerate_give_the_same_logits(tiny_model):
         assert tiny_model.rwsan.image_encoder.block.self_attention.value.weight.is_meta
         offloaded = tiny_model(input_ids=input_ids, image_features=image_features).logits
     torch.testing.assert_close(offloaded, reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("offloaded", ["rwsan.question_encoder", "rwsan.image_encoder", ""])
+def test_encoders_offloaded_whole_by_a_device_map_give_the_same_logits(tiny_model, tmp_path, offloaded):
+    """A module placed whole gets accelerate's hook, which moves the arguments of its forward."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+    tiny_model.save_pretrained(tmp_path / "model")
+    top_modules = [f"rwsan.{name}" for name, _ in tiny_model.rwsan.named_children()] + ["classifier"]
+    device_map = (
+        {"": "disk"} if not offloaded else {name: "disk" if name == offloaded else "cpu" for name in top_modules}
+    )
+    model = RWSANForVQA.from_pretrained(tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "disk")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, image_features=image_features).logits
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=0)
+
+
+def test_dynamically_quantized_model_answers_as_the_float_one(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(tiny_model), {torch.nn.Linear}, torch.qint8)
+    assert callable(quantized.rwsan.image_projection.weight)  # not a tensor: a method of the quantized layer
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        logits = quantized(input_ids=input_ids, image_features=image_features.double()).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, atol=0.05, rtol=0)
 
 
 def test_attention_outputs_are_distributions_over_real_positions(tiny_model):

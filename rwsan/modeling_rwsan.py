@@ -489,6 +489,22 @@ class RWSANPreTrainedModel(PreTrainedModel):
         config.check()
         super().__init__(config, *inputs, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; where it writes this file beside the weights (the class is registered
+        for an auto class), the config's `auto_map` names both [`RWSANModel`] for `AutoModel` and [`RWSANForVQA`]
+        for `AutoModelForVisualQuestionAnswering`, so that `from_pretrained(folder, trust_remote_code=True)` of
+        either loads as it does with `rwsan` installed: the encoder of a VQA folder, or an encoder's folder with a
+        new classifier. (A class registers for one auto class only.)"""
+        if self._auto_class is not None:
+            module_name = __name__.rsplit(".", 1)[-1]
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {
+                **auto_map,
+                "AutoModel": f"{module_name}.RWSANModel",
+                "AutoModelForVisualQuestionAnswering": f"{module_name}.RWSANForVQA",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def compile_blocks(self, **compile_kwargs) -> "RWSANPreTrainedModel":
         """Compiles the weight-shared attention blocks in place: `torch.compile(**compile_kwargs)` on each (regional
         compilation), and on each layer norm outside them; returns the model.
@@ -732,17 +748,6 @@ class RWSANForVQA(RWSANPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.rwsan.word_embeddings
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`; where it writes this file beside the weights (the class is registered
-        for an auto class), the config's `auto_map` also names [`RWSANModel`] for `AutoModel`, so that
-        `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads the encoder as it does with `rwsan`
-        installed. (A class registers for one auto class only.)"""
-        if self._auto_class is not None:
-            module_name = RWSANModel.__module__.rsplit(".", 1)[-1]
-            auto_map = getattr(self.config, "auto_map", None) or {}
-            self.config.auto_map = {**auto_map, "AutoModel": f"{module_name}.{RWSANModel.__name__}"}
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def set_input_embeddings(self, value: nn.Embedding):
         self.rwsan.word_embeddings = value

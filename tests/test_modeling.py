@@ -556,6 +556,10 @@ def test_save_and_load_round_trip(tmp_path, tiny_model):
 
 
 def test_remote_code_loads_where_rwsan_cannot_be_imported(tmp_path, tiny_model):
+    # An encoder of its own config: the VQA model's (which its `rwsan` shares) would bring the VQA model's auto_map.
+    encoder = RWSANModel(copy.deepcopy(tiny_model.config))
+    encoder.load_state_dict(tiny_model.rwsan.state_dict())
+    encoder.save_pretrained(tmp_path / "encoder")
     tiny_model.save_pretrained(tmp_path / "model")
     inputs = tiny_inputs(tiny_model.config)
     with torch.no_grad():
@@ -588,6 +592,14 @@ def test_remote_code_loads_where_rwsan_cannot_be_imported(tmp_path, tiny_model):
             logits = model(*expected["inputs"]).logits
             pooled = encoder(*expected["inputs"]).pooler_output
         torch.testing.assert_close(logits, expected["logits"], atol=0, rtol=0)
+        torch.testing.assert_close(pooled, expected["pooled"], atol=0, rtol=0)
+        # An encoder's folder takes a new classifier, as with rwsan installed.
+        headed = AutoModelForVisualQuestionAnswering.from_pretrained(
+            {str(tmp_path / "encoder")!r}, trust_remote_code=True
+        ).eval()
+        assert type(headed).__name__ == "RWSANForVQA", type(headed).__name__
+        with torch.no_grad():
+            pooled = headed.rwsan(*expected["inputs"]).pooler_output
         torch.testing.assert_close(pooled, expected["pooled"], atol=0, rtol=0)
         print("remote ok")
         """

@@ -44,6 +44,7 @@ from rwsan.predict import write_predictions
 from rwsan.processing_rwsan import check_processor_fits_model, load_glove_embeddings
 from rwsan.reporting import plot_training_history, write_model_card
 from rwsan.training import (
+    ResumeError,
     StopOnNonFiniteLoss,
     VQATrainer,
     VQATrainingArguments,
@@ -391,7 +392,10 @@ def main(argv: list[str] | None = None):
             resume = get_last_checkpoint(training_args.output_dir)
             if resume is None:
                 raise UsageError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
-        train_result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            train_result = trainer.train(resume_from_checkpoint=resume)
+        except ResumeError as error:
+            raise UsageError(str(error)) from None
         metrics.update(train_result.metrics)
         if training_args.world_size > 1:
             print(

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
 from transformers.utils import logging
 
 from .data import unpack_image_features
@@ -372,6 +373,31 @@ class GraphedForwardBackward(CUDAGraphedFunction):
             parameter.grad = None
 
 
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot resume from as it was started."""
+
+
+class EpochLengthRecord(TrainerCallback, ExportableState):
+    """Keeps the run's optimizer steps an epoch in its checkpoints (`trainer_state.json`), for `VQATrainer` to refuse
+    a resumed run whose epochs have another length: the Trainer would place the checkpoint's step in the wrong
+    epoch, skipping or repeating data, and the paper's epoch-based schedule would restart misplaced."""
+
+    def __init__(self):
+        self.update_steps_per_epoch = None
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"update_steps_per_epoch": self.update_steps_per_epoch}}
+
+    @staticmethod
+    def recorded_in(checkpoint: str | os.PathLike) -> int | None:
+        """The steps an epoch recorded in `checkpoint`, or None (no record, or saved before records were kept)."""
+        state_file = Path(checkpoint) / "trainer_state.json"
+        if not state_file.is_file():
+            return None
+        record = TrainerState.load_from_json(str(state_file)).stateful_callbacks.get(EpochLengthRecord.__name__, {})
+        return record.get("attributes", {}).get("update_steps_per_epoch")
+
+
 class VQATrainer(Trainer):
     """The `Trainer` with the paper's schedule, region bucketing and question-id-keyed evaluation.
 
@@ -382,6 +408,9 @@ class VQATrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.epoch_length = EpochLengthRecord()
+        self.add_callback(self.epoch_length)
+        self.resumed_checkpoint = None
         # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
         self.graphed_passes: tuple[torch.nn.Module, GraphedForwardBackward] | None = None
         self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
@@ -422,9 +451,26 @@ class VQATrainer(Trainer):
         self.accelerator.backward(loss)
         return loss.detach()
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; a checkpoint whose epochs had another number of optimizer steps (another batch size,
+        number of processes, gradient accumulation or training set) raises a `ResumeError`."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.resumed_checkpoint = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
-        self.update_steps_per_epoch = values[1]
+        self.update_steps_per_epoch = self.epoch_length.update_steps_per_epoch = values[1]
+        recorded = EpochLengthRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else None
+        if recorded is not None and recorded != self.update_steps_per_epoch:
+            raise ResumeError(
+                f"{self.resumed_checkpoint} was trained with {recorded} optimizer steps an epoch, but this run makes "
+                f"{self.update_steps_per_epoch} (global batch {values[4]}): the checkpoint's step would fall in "
+                "another epoch, skipping or repeating data, and the learning-rate schedule would be misplaced. "
+                "Resume with the batch size, number of processes, gradient accumulation and training split the run "
+                "was started with."
+            )
         return values
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):

@@ -170,6 +170,26 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def test_resuming_with_epochs_of_another_length_is_refused(tiny_prepared_vqa, tmp_path):
+    """Batch 8 makes 27 steps an epoch where the checkpoint's run made 14: step 14 would be read as half an epoch."""
+    import train_vqa
+
+    output = tmp_path / "run"
+    arguments = ["--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "epoch"]
+    train_vqa.main([*common_arguments(tiny_prepared_vqa, output), *arguments])
+    state = json.loads((output / "checkpoint-14" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["EpochLengthRecord"]["attributes"] == {"update_steps_per_epoch": 14}
+    message = (
+        f"{output / 'checkpoint-14'} was trained with 14 optimizer steps an epoch, but this run makes 27 (global batch "
+        "8): the checkpoint's step would fall in another epoch"
+    )
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(
+            [*common_arguments(tiny_prepared_vqa, output), *arguments, "--per_device_train_batch_size", "8",
+             "--num_train_epochs", "2", "--resume_from_checkpoint", "last"]
+        )  # fmt: skip
+
+
 def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path):
     import train_vqa
 

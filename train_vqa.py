@@ -27,6 +27,7 @@ original starts from GloVe 840B 300d).
 
 import hashlib
 import json
+import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -160,7 +161,11 @@ def prepare_toy_dataset(num_images: int, questions_per_image: int, seed: int) ->
     raw, prepared = TOY_CACHE / f"raw-{name}", TOY_CACHE / f"prepared-{name}"
     if not prepared.is_dir():
         if not raw.is_dir():
-            make_toy_vqa(raw, seed=seed, num_images=num_images, questions_per_image=questions_per_image)
+            # Written under another name and renamed when whole: a stopped run leaves no half set to be prepared.
+            partial = raw.with_name(f"{raw.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            make_toy_vqa(partial, seed=seed, num_images=num_images, questions_per_image=questions_per_image)
+            partial.rename(raw)
         prepare_vqa(raw, prepared)
     return prepared
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState
 
-from rwsan.data import VQACollator
+from rwsan.data import VQACollator, load_vqa_dataset
 from rwsan.training import RegionGroupedSampler, StopOnNonFiniteLoss, VQATrainingArguments, paper_lr_multiplier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +232,6 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
         "--predict_split", "test-dev",
         "--save_logits",
     )  # fmt: skip
-    from rwsan.data import load_vqa_dataset
-
     test_dev = load_vqa_dataset(tiny_prepared_vqa, "test-dev")
     answers = set(test_dev.processor.id2label.values())
     predictions = json.loads((output / "predictions_test-dev.json").read_text())
@@ -412,6 +410,31 @@ def test_the_toy_run_ends_with_sample_answers_from_packed_regions(tmp_path):
     )
 
 
+def test_a_toy_set_stopped_while_written_is_made_again(tmp_path, monkeypatch):
+    """Else the next run would prepare the half-written set, and cache it without its val split."""
+    import data_scripts.make_toy_vqa
+    import train_vqa
+
+    monkeypatch.setattr(train_vqa, "TOY_CACHE", tmp_path / "cache")
+    make_toy_vqa = data_scripts.make_toy_vqa.make_toy_vqa
+
+    def stopped_after_the_train_images(output_dir, **kwargs):
+        make_toy_vqa(output_dir, **kwargs)
+        for features in (Path(output_dir) / "coco_extract" / "val2014").iterdir():
+            features.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_scripts.make_toy_vqa, "make_toy_vqa", stopped_after_the_train_images)
+    with pytest.raises(KeyboardInterrupt):
+        train_vqa.prepare_toy_dataset(num_images=40, questions_per_image=2, seed=0)
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["raw-40x2-seed0.partial"]
+
+    monkeypatch.setattr(data_scripts.make_toy_vqa, "make_toy_vqa", make_toy_vqa)
+    prepared = train_vqa.prepare_toy_dataset(num_images=40, questions_per_image=2, seed=0)
+    assert len(load_vqa_dataset(prepared, "val")) == 6 * 2  # 15% of the 40 images
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["prepared-40x2-seed0", "raw-40x2-seed0"]
+
+
 def test_packed_regions_are_refused_where_accelerate_would_cut_batches(tiny_prepared_vqa, tmp_path):
     config = tmp_path / "accelerator.json"
     config.write_text(json.dumps({"split_batches": True}))
@@ -425,7 +448,6 @@ def test_packed_regions_are_refused_where_accelerate_would_cut_batches(tiny_prep
 
 def test_model_that_does_not_fit_the_data_is_refused(tiny_prepared_vqa, tmp_path):
     from rwsan import RWSANConfig, RWSANForVQA
-    from rwsan.data import load_vqa_dataset
 
     processor = load_vqa_dataset(tiny_prepared_vqa, "val").processor
     fitting = dict(
@@ -507,7 +529,6 @@ def test_a_non_finite_loss_names_the_last_checkpoint_saved_before_the_last_finit
 
 def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path):
     import train_vqa
-    from rwsan.data import load_vqa_dataset
 
     processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
     vocabulary = processor.tokenizer.get_vocab()
@@ -698,7 +719,6 @@ def tiny_trainer(
     multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`, over these
     defaults."""
     from rwsan import RWSANConfig, RWSANForVQA
-    from rwsan.data import load_vqa_dataset
     from rwsan.training import VQATrainer
 
     dataset = load_vqa_dataset(dataset_dir, "train")
@@ -735,7 +755,6 @@ def tiny_trainer(
 def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_vqa):
     from transformers import EvalPrediction
 
-    from rwsan.data import load_vqa_dataset
     from rwsan.evaluation import compute_vqa_accuracy
     from rwsan.training import vqa_metrics
 

@@ -314,10 +314,13 @@ class VQACollator:
                 f"{[features.shape for features in region_features]}"
             )
         has_labels, has_question_ids = self._given("labels", items), self._given("question_id", items)
-        if has_labels and len(items[0]["labels"]) != self.num_answers:
-            raise ValueError(
-                f"labels have {len(items[0]['labels'])} answers but the collator was built for {self.num_answers}"
-            )
+        if has_labels:
+            for index, item in enumerate(items):
+                if np.shape(item["labels"]) != (self.num_answers,):
+                    raise ValueError(
+                        f"items[{index}]: labels of shape {np.shape(item['labels'])}, but the collator was built for "
+                        f"{self.num_answers} answers"
+                    )
 
         question_lengths = np.array([len(item["input_ids"]) for item in items])
         region_counts = np.array([len(features) for features in region_features])

@@ -239,8 +239,12 @@ def test_a_batch_crosses_from_a_worker_as_one_block(dataset, pack_regions):
 
 
 def test_collator_refuses_inconsistent_items():
-    with pytest.raises(ValueError, match="labels have 3 answers but the collator was built for 4"):
+    with pytest.raises(ValueError, match=r"items\[0\]: labels of shape \(3,\), but the collator was built for 4"):
         VQACollator(num_answers=4)(hand_items())
+    items = hand_items()
+    items[1]["labels"] = items[1]["labels"][:2]
+    with pytest.raises(ValueError, match=r"items\[1\]: labels of shape \(2,\), but the collator was built for 3"):
+        VQACollator(num_answers=3)(items)
     items = hand_items()
     del items[1]["labels"]
     with pytest.raises(ValueError, match="'labels' is given for some items of the batch but not for others"):

@@ -171,11 +171,14 @@ def prepare_toy_dataset(num_images: int, questions_per_image: int, seed: int) ->
 
 
 def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
-    def load(split):
-        return load_vqa_dataset(data_args.dataset_dir, split, data_args.max_question_length, data_args.max_regions)
+    def load(option, split, way_out=""):
+        try:
+            return load_vqa_dataset(data_args.dataset_dir, split, data_args.max_question_length, data_args.max_regions)
+        except ValueError as error:
+            raise ValueError(f"{option} {split}: {error}{way_out}") from None
 
-    def load_annotated(option, split):
-        dataset = load(split)
+    def load_annotated(option, split, way_out=""):
+        dataset = load(option, split, way_out)
         if not dataset.has_answers:
             raise ValueError(
                 f"{option} {split}: the split has no answers (the test splits are unannotated); training and "
@@ -184,10 +187,23 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
         return dataset
 
     train_dataset = load_annotated("--train_split", data_args.train_split) if training_args.do_train else None
-    trained_on = set(data_args.train_split.split("+")) if training_args.do_train else set()
-    evaluate = training_args.do_eval and data_args.eval_split and data_args.eval_split not in trained_on
-    eval_dataset = load_annotated("--eval_split", data_args.eval_split) if evaluate else None
-    predict_dataset = load(data_args.predict_split) if training_args.do_predict else None
+    evaluate = training_args.do_eval and bool(data_args.eval_split)
+    if evaluate and training_args.do_train:
+        trained_on = set(data_args.train_split.split("+"))
+        evaluated = set(data_args.eval_split.split("+"))
+        if evaluated <= trained_on:
+            # Training on all annotated data (train+val+vg, for the test server) leaves nothing to evaluate on.
+            evaluate = False
+            if training_args.process_index == 0:
+                print(f"Not evaluating: --eval_split {data_args.eval_split} is trained on", file=sys.stderr)
+        elif evaluated & trained_on:
+            raise ValueError(
+                f"--eval_split {data_args.eval_split} shares {'+'.join(sorted(evaluated & trained_on))} with "
+                f"--train_split {data_args.train_split}: its accuracy would be measured partly on training questions"
+            )
+    way_out = "; give --eval_split another split, or --eval_strategy no to train without evaluating"
+    eval_dataset = load_annotated("--eval_split", data_args.eval_split, way_out) if evaluate else None
+    predict_dataset = load("--predict_split", data_args.predict_split) if training_args.do_predict else None
     return train_dataset, eval_dataset, predict_dataset
 
 
@@ -232,6 +248,9 @@ class PrintEpochAccuracy(TrainerCallback):
 
     training = False
 
+    def __init__(self, split: str):
+        self.split = split
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
 
@@ -245,7 +264,9 @@ class PrintEpochAccuracy(TrainerCallback):
                 for name, value in metrics.items()
                 if name.startswith("eval_accuracy_")
             )
-            print(f"epoch {state.epoch:.0f}: val VQA accuracy {metrics['eval_accuracy']:.2f} ({per_type})")
+            # Evaluations by steps fall inside epochs: "epoch 0.74", "epoch 1".
+            epoch = f"{state.epoch:.2f}".rstrip("0").rstrip(".")
+            print(f"epoch {epoch}: {self.split} VQA accuracy {metrics['eval_accuracy']:.2f} ({per_type})")
 
 
 def baselines(train_dataset, eval_dataset) -> dict[str, float]:
@@ -322,6 +343,8 @@ def main(argv: list[str] | None = None):
             "--glove_path initialises the word embedding of a new model; with --model_name_or_path it would "
             "overwrite the trained one"
         )
+    if data_args.pad_to_multiple_of is not None and data_args.pad_to_multiple_of < 1:
+        raise UsageError(f"--pad_to_multiple_of must be at least 1, got {data_args.pad_to_multiple_of}")
     if training_args.cuda_graphs and data_args.pad_to_multiple_of is None:
         raise UsageError(
             "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of (20 makes 5 shapes)"
@@ -386,7 +409,7 @@ def main(argv: list[str] | None = None):
         processing_class=processor,
         compute_metrics=vqa_metrics(eval_dataset, model.config.id2label) if eval_dataset is not None else None,
         preprocess_logits_for_metrics=answer_indices,
-        callbacks=[StopOnNonFiniteLoss(), PrintEpochAccuracy()],
+        callbacks=[StopOnNonFiniteLoss(), PrintEpochAccuracy(data_args.eval_split)],
     )
 
     output_dir = Path(training_args.output_dir)
@@ -447,7 +470,7 @@ def main(argv: list[str] | None = None):
             print(f"Wrote {path} ({len(indices)} questions)")
 
     if trainer.is_world_process_zero() and eval_dataset is not None:
-        print(f"Final val VQA accuracy: {metrics['eval_accuracy']:.2f}")
+        print(f"Final {data_args.eval_split} VQA accuracy: {metrics['eval_accuracy']:.2f}")
         if "baseline_question_only" in metrics:
             print(
                 f"Baselines on the same split: majority answer {metrics['baseline_majority_answer']:.2f}, "

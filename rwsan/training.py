@@ -66,6 +66,10 @@ class VQATrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Drop batch keys the model does not take (question_id is kept)."}
     )
+    # Every parameter takes part in every step: DDP's search for unused ones would only walk the graph each step.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Let DDP look for parameters without gradients each step (none here)."}
+    )
     warmup_epochs: int = field(
         default=3, metadata={"help": "Epochs at 1/(n+1), 2/(n+1), ... of the base rate (paper: 3)."}
     )
@@ -125,6 +129,10 @@ class VQATrainingArguments(TrainingArguments):
             raise ValueError(
                 "--label_smoothing_factor smooths class labels; VQA's labels are soft answer scores already, "
                 "which the Trainer's label smoother cannot take"
+            )
+        if self.fp16 and self.device.type == "cpu":
+            raise ValueError(
+                "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use --bf16"
             )
         if self.compile_blocks and self.torch_compile:
             raise ValueError(

@@ -201,7 +201,9 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
                 f"--eval_split {data_args.eval_split} shares {'+'.join(sorted(evaluated & trained_on))} with "
                 f"--train_split {data_args.train_split}: its accuracy would be measured partly on training questions"
             )
-    way_out = "; give --eval_split another split, or --eval_strategy no to train without evaluating"
+    way_out = "; give --eval_split a split of the dataset" + (
+        ", or --eval_strategy no to train without evaluating" if training_args.do_train else ""
+    )
     eval_dataset = load_annotated("--eval_split", data_args.eval_split, way_out) if evaluate else None
     predict_dataset = load("--predict_split", data_args.predict_split) if training_args.do_predict else None
     return train_dataset, eval_dataset, predict_dataset
@@ -381,9 +383,16 @@ def main(argv: list[str] | None = None):
                 "nothing to do: give --do_train, --do_predict, or --eval_strategy steps or epoch with an --eval_split"
             )
         processor = reference.processor
+        # The cut this run makes (the data may be prepared with longer questions), which the saved processor and
+        # the config of a model trained here record.
+        processor.max_question_length = data_args.max_question_length
+        processor.max_regions = data_args.max_regions
         model = build_model(model_args, processor, reference.feature_size)
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from error
+    if training_args.do_train:
+        model.config.max_question_length = processor.max_question_length
+        model.config.max_regions = processor.max_regions
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     if training_args.dataloader_drop_last and (eval_dataset is not None or predict_dataset is not None):

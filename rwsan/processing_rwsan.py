@@ -17,8 +17,11 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
 from .configuration_rwsan import checked_answer_vocabulary
+
+logger = logging.get_logger(__name__)
 
 PAD_TOKEN = "PAD"
 UNK_TOKEN = "UNK"
@@ -582,9 +585,9 @@ def check_processor_fits_model(
 ) -> None:
     """Raises a `ValueError` where `processor` does not fit the model of `config` (an `RWSANConfig`): other answers
     (the processor would name the model's answers wrongly), a tokenizer of another size than the word embedding
-    (its ids would mean other words, or fall outside the embedding), region features of another size, or another
-    number of question words or regions kept than the model was made for (`config.max_question_length`,
-    `config.max_regions`).
+    (its ids would mean other words, or fall outside the embedding), or region features of another size. Warns
+    where the processor keeps another number of question words or regions than the model was trained on
+    (`config.max_question_length`, `config.max_regions`).
 
     `model_name` and `processor_name` say in the message which model and processor are meant.
     """
@@ -615,11 +618,14 @@ def check_processor_fits_model(
             f"{processor_name} takes region features of {processor.image_feature_size} values but {model_name} "
             f"expects {config.image_feature_size} (config.image_feature_size)"
         )
+    # The model runs on any number of words and regions; the config records what its training kept. Another cut
+    # may be meant (data prepared with longer questions, folders converted before the config took the
+    # processor's lengths), so it is said, not refused.
     for name, what in (("max_question_length", "question words"), ("max_regions", "regions")):
         if getattr(processor, name) != getattr(config, name):
-            raise ValueError(
-                f"{processor_name} keeps {getattr(processor, name)} {what} but {model_name} was made for "
-                f"{getattr(config, name)} (config.{name}): set the processor's {name} to the model's"
+            logger.warning_once(
+                f"{processor_name} keeps {getattr(processor, name)} {what} but {model_name} was trained on "
+                f"{getattr(config, name)} (config.{name}): answers may differ from the model's own"
             )
 
 

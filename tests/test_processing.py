@@ -17,8 +17,9 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
+from transformers.testing_utils import CaptureLogger
 
-from rwsan import RWSANConfig
+from rwsan import RWSANConfig, processing_rwsan
 from rwsan.processing_rwsan import (
     RWSANProcessor,
     answer_scores,
@@ -416,15 +417,29 @@ def test_check_processor_fits_model_passes_the_fitting_model(processor):
          "same questions$"),
         ({"image_feature_size": 2048},
          r"^processor P takes region features of 2 values but model M expects 2048 \(config.image_feature_size\)$"),
-        ({"max_question_length": 14},
-         r"^processor P keeps 4 question words but model M was made for 14 \(config.max_question_length\): set the "
-         r"processor's max_question_length to the model's$"),
-        ({"max_regions": 36}, r"^processor P keeps 3 regions but model M was made for 36 \(config.max_regions\)"),
     ],
 )  # fmt: skip
 def test_check_processor_fits_model_names_what_differs(processor, overrides, message):
     with pytest.raises(ValueError, match=message):
         check_processor_fits_model(processor, fitting_config(**overrides), "model M", "processor P")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"max_question_length": 14}, "processor P keeps 4 question words but model M was trained on 14 "
+         "(config.max_question_length): answers may differ from the model's own"),
+        ({"max_regions": 36}, "processor P keeps 3 regions but model M was trained on 36 (config.max_regions)"),
+    ],
+)  # fmt: skip
+def test_check_processor_fits_model_warns_of_other_lengths(processor, overrides, message):
+    """The model runs on any length: another cut may be meant, and is said rather than refused."""
+    with CaptureLogger(processing_rwsan.logger) as captured:
+        check_processor_fits_model(processor, fitting_config(**overrides), "model M", "processor P")
+    assert message in captured.out
+    with CaptureLogger(processing_rwsan.logger) as captured:
+        check_processor_fits_model(processor, fitting_config(), "model M", "processor P")
+    assert captured.out == ""
 
 
 def test_check_processor_fits_model_needs_the_processor_answers(tokenizer):

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState
 
+from rwsan import RWSANProcessor
 from rwsan.data import VQACollator, load_vqa_dataset
 from rwsan.training import RegionGroupedSampler, StopOnNonFiniteLoss, VQATrainingArguments, paper_lr_multiplier
 
@@ -190,6 +191,21 @@ def test_resuming_with_epochs_of_another_length_is_refused(tiny_prepared_vqa, tm
         )  # fmt: skip
 
 
+def test_the_saved_processor_and_config_keep_the_cut_the_run_made(tiny_prepared_vqa, tmp_path):
+    """Prepared with 16 words and 100 regions, trained on 6 and 5: the saved folder answers as trained."""
+    import train_vqa
+
+    output = tmp_path / "run"
+    cut = ["--max_question_length", "6", "--max_regions", "5"]
+    steps = ["--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"]
+    train_vqa.main([*common_arguments(tiny_prepared_vqa, output), *cut, *steps])
+    config = json.loads((output / "config.json").read_text())
+    processor = RWSANProcessor.from_pretrained(output)
+    assert (config["max_question_length"], config["max_regions"]) == (6, 5)
+    assert (processor.max_question_length, processor.max_regions) == (6, 5)
+    assert load_vqa_dataset(tiny_prepared_vqa, "train").processor.max_question_length == 16
+
+
 def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path):
     import train_vqa
 
@@ -328,7 +344,7 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         (
             ["--eval_split", "nosuch"],
             "--eval_split nosuch: Unknown split 'nosuch' in 'nosuch'; .* has test, test-dev, train, val; give "
-            "--eval_split another split, or --eval_strategy no to train without evaluating",
+            "--eval_split a split of the dataset, or --eval_strategy no to train without evaluating",
         ),
     ],
 )
@@ -338,6 +354,15 @@ def test_arguments_that_would_train_or_answer_wrongly_are_refused(tiny_prepared_
     with pytest.raises(train_vqa.UsageError, match=re.escape(message).replace(re.escape(".*"), ".*")):
         train_vqa.main([*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *extra])
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_eval_split_without_training_is_not_told_to_train_without_evaluating(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    arguments = ["--eval_split", "nosuch", "--do_train", "false", "--model_name_or_path", "model"]
+    with pytest.raises(train_vqa.UsageError) as refused:
+        train_vqa.main([*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *arguments])
+    assert str(refused.value).endswith("has test, test-dev, train, val; give --eval_split a split of the dataset")
 
 
 def test_a_dashed_dataset_dir_is_the_dataset_not_the_toy_set(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@
 
 import argparse
 import json
+import numbers
 import os
 import tempfile
 from collections import Counter
@@ -54,7 +55,7 @@ def write_predictions(
     """
     question_ids = _integer_vector("question_ids", question_ids)
     answer_indices = _integer_vector("answer_indices", answer_indices)
-    bad_key = next((label_id for label_id in id2label if not isinstance(label_id, int)), None)
+    bad_key = next((label_id for label_id in id2label if not _is_integer(label_id)), None)
     if bad_key is not None:
         raise ValueError(f"id2label must have integer keys, as config.id2label has; it has {bad_key!r}")
     if len(question_ids) != len(answer_indices):
@@ -78,6 +79,10 @@ def write_predictions(
     return predictions
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _integer_vector(name: str, values) -> np.ndarray:
     # Rounding a float question id (float32 holds integers exactly only up to 2**24) would give another question.
     array = np.asarray(values)
@@ -90,15 +95,21 @@ def _integer_vector(name: str, values) -> np.ndarray:
 
 def check_writable(path: str | os.PathLike) -> None:
     """Raises a `PredictionError` unless a file can be written at `path` (its missing parent folders are made)."""
-    path = Path(path)
+    path = Path(path).absolute()
     if path.is_dir():
         raise PredictionError(f"{path} is a folder; name the file to write, e.g. {path / 'predictions.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as error:
-        raise PredictionError(f"cannot write {path}: {error}") from None
+    # Folders are made only when the file is written: a run that fails before leaves none behind.
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        raise PredictionError(f"cannot write {path}: {existing} is a file, not a folder")
+    if existing != path.parent and not os.access(existing, os.W_OK | os.X_OK):
+        raise PredictionError(f"cannot write {path}: no permission to make folders in {existing}")
+    if existing == path.parent:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise PredictionError(f"cannot write {path}: {error}") from None
 
 
 def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple[RWSANForVQA, RWSANProcessor]:

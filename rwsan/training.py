@@ -462,9 +462,10 @@ class VQATrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; a checkpoint whose epochs had another number of optimizer steps (another batch size,
         number of processes, gradient accumulation or training set) raises a `ResumeError`."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self.resumed_checkpoint = resume_from_checkpoint or None
+        if resume_from_checkpoint is True:
+            # Without a checkpoint the Trainer raises, as it should; it is given True for that.
+            self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def set_initial_training_values(self, args, dataloader):

@@ -223,9 +223,9 @@ def test_attention_weights_of_a_padded_batch_cover_only_real_words_and_regions(v
     vqa.tokenizer.padding_side = tokenizer_padding_side
     try:
         batched = vqa(inputs, batch_size=2, output_attentions=True)
+        assert vqa.tokenizer.padding_side == tokenizer_padding_side, "the user's setting is left as it was"
     finally:
         vqa.tokenizer.padding_side = "right"
-    assert vqa.tokenizer.padding_side == "right"
     for result, single_input in zip(batched, inputs):
         single = vqa(single_input, output_attentions=True)
         assert result["words"] == single["words"]

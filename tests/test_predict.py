@@ -173,6 +173,8 @@ def test_write_predictions_refuses_bad_predictions(tmp_path, question_ids, answe
 def test_write_predictions_refuses_an_id2label_with_string_keys(tmp_path):
     with pytest.raises(ValueError, match="id2label must have integer keys, as config.id2label has; it has '0'"):
         write_predictions([1], [0], {"0": "yes"}, tmp_path / "p.json")
+    written = write_predictions([1, 2], [1, 0], dict(zip(np.arange(2), ["yes", "no"])), tmp_path / "p.json")
+    assert written == [{"question_id": 1, "answer": "no"}, {"question_id": 2, "answer": "yes"}]
 
 
 def test_an_unwritable_output_is_refused_before_answering(toy_vqa, tmp_path):
@@ -182,9 +184,14 @@ def test_an_unwritable_output_is_refused_before_answering(toy_vqa, tmp_path):
         run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(tmp_path))
     a_file = tmp_path / "a_file"
     a_file.write_text("kept")
-    with pytest.raises(PredictionError, match=f"^cannot write {a_file / 'p.json'}: "):
-        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(a_file / "p.json"))
+    output = a_file / "sub" / "p.json"
+    with pytest.raises(PredictionError, match=f"^cannot write {output}: {a_file} is a file, not a folder$"):
+        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(output))
     assert a_file.read_text() == "kept"
+    # A writable place passes the check; its missing folders are made only when the answers are written.
+    with pytest.raises(PredictionError, match="^model folder not found"):
+        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "new" / "p.json"))
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_features_file, tmp_path):

@@ -862,6 +862,13 @@ def test_remove_unused_columns_keeps_the_question_ids(tiny_prepared_vqa, tmp_pat
     np.testing.assert_array_equal(results[0].predictions, results[1].predictions)
 
 
+def test_resuming_from_the_last_checkpoint_of_a_folder_without_any_is_refused(tiny_prepared_vqa, tmp_path):
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / "run", 0.0, use_cpu=True)
+    with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+
+
 def train_with_and_without(option: str, dataset_dir: Path, output: Path, dropout: float, **arguments):
     """Two `tiny_trainer`s trained, with `option` True then False. Each trains before the next is built: building a
     Trainer seeds the random generators."""

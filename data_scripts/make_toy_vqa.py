@@ -553,15 +553,18 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--num_proc", type=int, default=1, help="Processes that write the feature files.")
     parser.add_argument("--overwrite", action="store_true", help="Replace the toy set in a non-empty output_dir.")
     args = parser.parse_args(argv)
-    output_dir = make_toy_vqa(
-        args.output_dir,
-        seed=args.seed,
-        num_images=args.num_images,
-        feature_size=args.feature_size,
-        questions_per_image=args.questions_per_image,
-        num_proc=args.num_proc,
-        overwrite=args.overwrite,
-    )
+    try:
+        output_dir = make_toy_vqa(
+            args.output_dir,
+            seed=args.seed,
+            num_images=args.num_images,
+            feature_size=args.feature_size,
+            questions_per_image=args.questions_per_image,
+            num_proc=args.num_proc,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError, NotADirectoryError) as error:
+        parser.error(str(error))
     num_questions = args.num_images * args.questions_per_image
     print(f"Wrote {args.num_images} images and {num_questions} questions to {output_dir}")
 

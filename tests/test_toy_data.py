@@ -429,6 +429,22 @@ def test_refuses_an_output_path_that_is_a_file(tmp_path):
         make_toy_vqa(tmp_path / "toy")
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--num_images", "5"], "num_images must be between 10 and"),
+        (["--output_dir", "{existing}"], "is not empty"),
+    ],
+)
+def test_command_line_refuses_bad_options_without_a_traceback(toy_dir, arguments, message, capsys):
+    arguments = [argument.format(existing=toy_dir) for argument in arguments]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--output_dir", str(toy_dir.parent / "new"), *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert ": error: " in error and message in error
+
+
 def test_command_line_writes_the_same_data_set(toy_dir, tmp_path, capsys):
     main(["--output_dir", str(tmp_path / "cli"), "--num_images", str(NUM_IMAGES), "--feature_size", "32"])
     assert "Wrote 40 images and 200 questions" in capsys.readouterr().out

@@ -13,7 +13,6 @@ lives in a temporary folder.
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.arguments import require_at_least  # noqa: E402
-from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
+from bench.raw_vqa_files import (  # noqa: E402
+    NUM_ANNOTATORS,
+    annotation,
+    generate_once,
+    write_random_image,
+    write_train_split,
+)
 from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
 from rwsan.processing_rwsan import answer_scores, split_question  # noqa: E402
 
@@ -148,24 +153,9 @@ def prepare(raw_dir: Path, prepared_dir: Path, num_proc: int, feature_size: int)
 
 def run(dataset_dir: Path, args) -> dict[str, float]:
     raw_dir, prepared_dir = dataset_dir / "raw", dataset_dir / "prepared"
-    # What the kept data was generated with: a later run with other sizes must not time it as its own.
+    start = time.perf_counter()
     settings = {"num_images": args.num_images, "feature_size": args.feature_size}
-    if raw_dir.exists():
-        settings_path = raw_dir / "settings.json"
-        kept = json.loads(settings_path.read_text()) if settings_path.exists() else "unknown settings"
-        if kept != settings:
-            raise SystemExit(
-                f"error: {dataset_dir} holds data generated with {kept}, not {settings}: give those options, "
-                "another --dataset_dir, or remove it"
-            )
-    else:
-        start = time.perf_counter()
-        # Generated aside and renamed when whole, so that a failed run leaves nothing to be taken for the data.
-        partial_dir = dataset_dir / "raw.partial"
-        shutil.rmtree(partial_dir, ignore_errors=True)
-        write_raw_vqa(partial_dir, args.num_images, args.feature_size)
-        (partial_dir / "settings.json").write_text(json.dumps(settings) + "\n")
-        partial_dir.rename(raw_dir)
+    if generate_once(raw_dir, settings, lambda folder: write_raw_vqa(folder, args.num_images, args.feature_size)):
         print(f"generated {args.num_images} raw images in {time.perf_counter() - start:.1f} s")
     if not prepared_dir.exists():
         seconds, peak_rss = prepare(raw_dir, prepared_dir, args.num_proc, args.feature_size)

@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     # bench is a folder of the repository, not part of the installed package.
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.arguments import require_at_least  # noqa: E402
+from bench.arguments import checked_device, require_at_least  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.configuration_rwsan import PAPER_NUM_ANSWERS  # noqa: E402
 from rwsan.pipeline_rwsan import RWSANVQAPipeline, save_for_pipeline  # noqa: E402
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     require_at_least(parser, args, 1, "regions", "repeats", "threads")
     require_at_least(parser, args, 0, "warmup")
+    device = checked_device(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         model = RWSANForVQA(RWSANConfig(vocab_size=PAPER_VOCAB_SIZE, id2label=processor.id2label))
         save_for_pipeline(model, processor, folder)
-        vqa = pipeline("vqa-features", model=folder, pipeline_class=RWSANVQAPipeline, device=args.device)
+        vqa = pipeline("vqa-features", model=folder, pipeline_class=RWSANVQAPipeline, device=device)
         report = measure(vqa, args.regions, args.warmup, args.repeats)
     print(json.dumps(report, indent=2))
     return report

@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.arguments import require_at_least  # noqa: E402
+from bench.arguments import checked_device, require_at_least  # noqa: E402
 from bench.kernel_profile import print_kernel_profile, profiler_for, summarize  # noqa: E402
 from bench.train_throughput import (  # noqa: E402
     GRAPH_WARMUP_PASSES,
@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None):
     )
     args = parser.parse_args(argv)
     require_at_least(parser, args, 1, "steps")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    try:
+        args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch_sizes must be integers separated by commas, got {args.batch_sizes!r}")
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch_sizes must be at least 1, got {min(args.batch_sizes)}")
+    device = checked_device(parser, args.device)
     # Inductor's C++ kernels are seen by the profiler only when they record themselves; the setting is the
     # process's, so it is undone afterwards.
     with torch._inductor.config.patch({"cpp.enable_kernel_profile": device.type == "cpu"}):
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None):
 
 def report(args: argparse.Namespace, device: torch.device):
     config = RWSANConfig(**TINY_SIZES) if args.tiny else RWSANConfig()
-    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    batch_sizes = args.batch_sizes
 
     step = build_step(config, "sdpa", device, args.compile)
     batch = full_batch(config, batch_sizes[0], device)

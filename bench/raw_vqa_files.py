@@ -3,6 +3,8 @@ one `.npz` per image (`x` float32 (feature_size, num_regions), as the release sh
 VQA-v2 train question and annotation files."""
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +45,25 @@ def write_train_split(root: Path, questions: list[dict], annotations: list[dict]
     (root / "vqa").mkdir()
     (root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps({"questions": questions}))
     (root / "vqa" / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def generate_once(raw_dir: Path, settings: dict, write: Callable[[Path], None]) -> bool:
+    """Writes raw data into `raw_dir` with `write(folder)`, unless it holds data generated with the same `settings`
+    (kept in its settings.json); returns whether it wrote. Data of other settings stops the run (`SystemExit`): a
+    benchmark must not time it as its own. The data is written aside and renamed when whole, so that a stopped run
+    leaves nothing to be taken for it."""
+    if raw_dir.exists():
+        settings_path = raw_dir / "settings.json"
+        kept = json.loads(settings_path.read_text()) if settings_path.exists() else "unknown settings"
+        if kept != settings:
+            raise SystemExit(
+                f"error: {raw_dir.parent} holds data generated with {kept}, not {settings}: give those options, "
+                "another --dataset_dir, or remove it"
+            )
+        return False
+    partial_dir = raw_dir.with_name(f"{raw_dir.name}.partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    write(partial_dir)
+    (partial_dir / "settings.json").write_text(json.dumps(settings) + "\n")
+    partial_dir.rename(raw_dir)
+    return True

@@ -88,9 +88,15 @@ if str(REPO_ROOT) not in sys.path:
     # data_scripts is a folder of the repository, not part of the installed package.
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.arguments import require_at_least  # noqa: E402
+from bench.arguments import checked_device, require_at_least  # noqa: E402
 from bench.kernel_profile import KernelProfile, print_kernel_profile, profiler_for, summarize  # noqa: E402
-from bench.raw_vqa_files import NUM_ANNOTATORS, annotation, write_random_image, write_train_split  # noqa: E402
+from bench.raw_vqa_files import (  # noqa: E402
+    NUM_ANNOTATORS,
+    annotation,
+    generate_once,
+    write_random_image,
+    write_train_split,
+)
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features  # noqa: E402
@@ -247,6 +253,10 @@ def compiles(key: str) -> bool:
 # The rows reusing the fastest synthetic variant (grouped, loader_training) pick the fastest bf16 variant that ran.
 FAST_PATH_CANDIDATES = tuple(key for key, variant in VARIANTS.items() if variant.autocast_dtype == torch.bfloat16)
 TRAINER_ROWS = tuple(key for key in ROWS if key.startswith(("trainer", "evaluate")))
+# Rows of loading or answering alone, whose rates are not comparable with those of training.
+NOT_TRAINING_ROWS = ("loader", "loader_packed", "loader_in_process", "evaluate", "evaluate_graphs")
+# Characters of a row's title in the printed table (the JSON keeps it whole).
+TITLE_WIDTH = 68
 CUDA_ONLY_TRAINER_ROWS = ("trainer_graphs", "trainer_blocking", "trainer_encoders", "evaluate_graphs")
 # The Trainer rows with its fastest options, which compile the blocks (or the encoders) on CUDA.
 FASTEST_TRAINER_ROWS = ("trainer", "trainer_in_process", "trainer_blocking", "trainer_encoders")
@@ -673,6 +683,8 @@ class Benchmark:
             return "skipped: compiling takes minutes on a CPU (--compile_on_cpu runs it)"
         if key in FAST_PATH_REUSERS and self.fast_path is None:
             return "skipped: no fast variant ran"
+        if key == "loader_in_process" and self.args.num_workers == 0:
+            return "skipped: loader_packed loads in the main process too (--num_workers 0)"
         return None
 
     # -- synthetic rows
@@ -711,7 +723,8 @@ class Benchmark:
     ) -> Row:
         """Warms up on every batch of `warmup_batches` (each padded shape) and on `batches()`, then times as many
         steps of a second `batches()` as fit in --seconds_per_row (at most --steps), a whole number of rounds of
-        `round_length` batches when that many fit (so that every variant times the same batches of a pool)."""
+        `round_length` batches, at least one unless --steps is fewer (so that every variant times the same batches
+        of a pool)."""
         start = time.perf_counter()
         for batch in warmup_batches:
             for _ in range(self.args.warmup_steps):
@@ -726,9 +739,7 @@ class Benchmark:
         step_seconds = time.perf_counter() - step_start
         warmup_seconds = time.perf_counter() - start
         print(f"   warm-up (compilation included) {warmup_seconds:.1f} s", flush=True)
-        num_steps = max(1, min(self.args.steps, int(self.args.seconds_per_row / step_seconds)))
-        if num_steps >= round_length:
-            num_steps -= num_steps % round_length
+        num_steps = timed_step_count(step_seconds, self.args.seconds_per_row, self.args.steps, round_length)
 
         graphs = compiled_graph_count()
         shapes = []
@@ -782,24 +793,25 @@ class Benchmark:
         if self._dataset is None:
             root = self.args.dataset_dir or Path(self.work_dir.name)
             prepared = root / "prepared"
+            config = self.model_config()
+            start = time.perf_counter()
+            settings = {"num_images": self.args.num_images, "tiny": self.args.tiny}
+            generate_once(root / "raw", settings, lambda folder: write_raw_vqa(folder, config, self.args.num_images))
             if not prepared.is_dir():
-                start = time.perf_counter()
-                if not (root / "raw").is_dir():
-                    write_raw_vqa(root / "raw", self.model_config(), self.args.num_images)
                 prepare_vqa(
                     root / "raw",
                     prepared,
                     num_proc=min(8, os.cpu_count() or 1),
-                    feature_size=self.model_config().image_feature_size,
+                    feature_size=config.image_feature_size,
                 )
                 print(
                     f"   generated and prepared the data set in {time.perf_counter() - start:.1f} s",
                     flush=True,
                 )
             dataset = load_vqa_dataset(prepared, "train")
-            if dataset.num_answers != self.model_config().num_labels:
+            if dataset.num_answers != config.num_labels:
                 raise ValueError(
-                    f"{prepared} has {dataset.num_answers} answers but the model {self.model_config().num_labels}; "
+                    f"{prepared} has {dataset.num_answers} answers but the model {config.num_labels}; "
                     "give another --dataset_dir (this one was made with or without --tiny)"
                 )
             self._dataset = dataset
@@ -933,12 +945,9 @@ class Benchmark:
             "--group_by_regions": group_by_regions,
             "--pack_regions": pack_regions,
         }
-        options = ["bf16"] + [flag for flag, given in flags.items() if given]
-        if blocking_copies:
-            options.append("blocking copies")
         row = Row(
             key,
-            f"train_vqa Trainer ({', '.join(options)}, adamw_torch_fused, {workers} workers)",
+            trainer_title(workers, blocking_copies, flags),
             "",
             samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
             warmup_seconds=timer.steady_start - timer.train_start,
@@ -1015,6 +1024,24 @@ class Benchmark:
         )
 
 
+def trainer_title(workers: int, blocking_copies: bool, flags: dict[str, bool]) -> str:
+    """A Trainer row's title; what tells the Trainer rows apart comes first, as the table cuts titles to
+    TITLE_WIDTH."""
+    loading = f"{workers} workers" + (", blocking copies" if blocking_copies else "")
+    options = ["bf16"] + [flag for flag, given in flags.items() if given] + ["adamw_torch_fused"]
+    return f"train_vqa Trainer ({loading}; {', '.join(options)})"
+
+
+def timed_step_count(step_seconds: float, seconds: float, max_steps: int, round_length: int) -> int:
+    """How many steps of `step_seconds` to time: as many as fit in `seconds`, at most `max_steps`, in whole rounds of
+    `round_length` batches, at least one unless `max_steps` is fewer. Rows that timed different batches of a pool
+    would compare different work (region counts differ by batch), so a slow row may take longer than `seconds`."""
+    num_steps = max(1, min(max_steps, int(seconds / step_seconds)))
+    if round_length > max_steps:
+        return num_steps
+    return max(round_length, num_steps - num_steps % round_length)
+
+
 def pool_rounds(pool: list[dict[str, torch.Tensor]]) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
     """The pool's batches over and over, from the first, each time it is called."""
     return lambda: itertools.cycle(pool)
@@ -1029,8 +1056,13 @@ def endless(loader: DataLoader) -> Iterator:
 
 
 def ratio(row: Row, rows: dict[str, Row], baseline: str) -> str:
+    """The row's training rate over `baseline`'s, or "-" (rows that do not train: loading, evaluation)."""
     reference = rows.get(baseline)
-    if row.samples_per_second is None or reference is None or not reference.samples_per_second:
+    if (
+        row.key in NOT_TRAINING_ROWS
+        or row.samples_per_second is None
+        or not (reference and reference.samples_per_second)
+    ):
         return "-"
     return f"{row.samples_per_second / reference.samples_per_second:.2f}x"
 
@@ -1049,7 +1081,8 @@ def format_row(row: Row, rows: dict[str, Row]) -> str:
     )
     remark = (row.error or row.note)[:160]
     return (
-        f"{row.title[:68]:68s} {rate:>10s} {ratio(row, rows, 'original'):>9s} {ratio(row, rows, 'fp32_eager'):>8s} "
+        f"{row.title[:TITLE_WIDTH]:{TITLE_WIDTH}s} {rate:>10s} {ratio(row, rows, 'original'):>9s} "
+        f"{ratio(row, rows, 'fp32_eager'):>8s} "
         f"{format_memory(row.peak_memory_bytes):>10s} {warmup:>8s} {shape:>12s}  {remark}"
     )
 
@@ -1057,8 +1090,8 @@ def format_row(row: Row, rows: dict[str, Row]) -> str:
 def print_table(rows: dict[str, Row], header: str):
     print(f"\n{header}")
     print(
-        f"{'variant':68s} {'samples/s':>10s} {'/original':>9s} {'/fp32':>8s} {'peak mem':>10s} {'warm-up':>8s} "
-        f"{'padded TxR':>12s}  note"
+        f"{'variant':{TITLE_WIDTH}s} {'samples/s':>10s} {'/original':>9s} {'/fp32':>8s} {'peak mem':>10s} "
+        f"{'warm-up':>8s} {'padded TxR':>12s}  note"
     )
     section = None
     for key in ROWS:
@@ -1148,8 +1181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "loader_batches",
         "trainer_steps",
         "eval_questions",
+        "threads",
     )
-    require_at_least(parser, args, 0, "profile_steps")
+    require_at_least(parser, args, 0, "profile_steps", "num_workers")
+    args.device = checked_device(parser, args.device)
     if not 1 <= args.pad_to_multiple_of <= MAX_REGIONS:
         parser.error(f"--pad_to_multiple_of must be in [1, {MAX_REGIONS}], got {args.pad_to_multiple_of}")
     return args
@@ -1157,13 +1192,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
-    device = torch.device(args.device)
+    device = args.device
     if args.num_workers is None:
         # On a CPU the training threads need every core: a worker process there slows training more than loading
         # in the main process does (a few milliseconds per batch).
@@ -1190,7 +1221,10 @@ def main(argv: list[str] | None = None) -> dict:
             "device": device_description(device),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "arguments": {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
+            "arguments": {
+                name: str(value) if isinstance(value, (Path, torch.device)) else value
+                for name, value in vars(args).items()
+            },
             "rows": [asdict(benchmark.rows[key]) for key in ROWS if key in benchmark.rows],
             "finished": finished,
             "total_seconds": time.perf_counter() - start,

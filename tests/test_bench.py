@@ -4,11 +4,15 @@ their refusals of counts that would fail after minutes of work."""
 import json
 
 import pytest
+import torch
 from test_fast_path import load_bench_module
 
 data_loading = load_bench_module("data_loading")
 model_speed = load_bench_module("model_speed")
 pipeline_latency = load_bench_module("pipeline_latency")
+profile_step = load_bench_module("profile_step")
+train_throughput = load_bench_module("train_throughput")
+raw_vqa_files = load_bench_module("raw_vqa_files")
 
 # 30 images of 3 questions: one batch of 64 per epoch, and answers frequent enough for a vocabulary.
 SMALL_LOADING = ["--num_images", "30", "--feature_size", "16", "--num_proc", "1", "--batches", "2"]
@@ -36,8 +40,29 @@ def test_data_loading_times_both_loaders_and_reuses_only_its_own_data(tmp_path, 
         (model_speed, ["--steps", "0"], "--steps must be at least 1, got 0"),
         (model_speed, ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
         (pipeline_latency, ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (train_throughput, ["--threads", "0"], "--threads must be at least 1, got 0"),
+        (train_throughput, ["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
+        (profile_step, ["--batch_sizes", "4,x"], "--batch_sizes must be integers separated by commas, got '4,x'"),
+        (profile_step, ["--batch_sizes", "2,0"], "--batch_sizes must be at least 1, got 0"),
+        pytest.param(
+            pipeline_latency,
+            ["--device", "cuda"],
+            "--device cuda, but torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA device"),
+        ),
     ],
-    ids=["too few images", "no original batch", "no step", "negative warm-up", "no repeat"],
+    ids=[
+        "too few images",
+        "no original batch",
+        "no step",
+        "negative warm-up",
+        "no repeat",
+        "no thread",
+        "negative workers",
+        "batch size not a number",
+        "no batch",
+        "no CUDA",
+    ],
 )
 def test_counts_that_would_fail_late_are_refused_at_once(script, arguments, message, capsys):
     with pytest.raises(SystemExit):
@@ -58,3 +83,23 @@ def test_pipeline_latency_reports_the_regions_the_model_saw(capsys):
     assert report["regions"] == 100  # the processor keeps max_regions
     assert json.loads(capsys.readouterr().out) == report
     assert report["pipeline_p50_ms"] > 0 and report["forward_p50_ms"] > 0
+
+
+def test_generated_data_is_whole_or_made_again(tmp_path):
+    """A run stopped while generating leaves only raw.partial; the next one writes the data whole."""
+
+    def stopped(folder):
+        (folder / "coco_extract").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    def write(folder):
+        (folder / "vqa").mkdir(parents=True)
+
+    raw = tmp_path / "raw"
+    with pytest.raises(KeyboardInterrupt):
+        raw_vqa_files.generate_once(raw, {"num_images": 3}, stopped)
+    assert not raw.exists()
+    assert raw_vqa_files.generate_once(raw, {"num_images": 3}, write)
+    assert sorted(path.name for path in raw.iterdir()) == ["settings.json", "vqa"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["raw"]
+    assert not raw_vqa_files.generate_once(raw, {"num_images": 3}, stopped)

@@ -340,6 +340,9 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
     assert list(measured) == rows.split(",") and results["finished"]
+    # On a CPU the loader rows load in the main process (--num_workers 0): loader_packed is loader_in_process.
+    in_process = measured.pop("loader_in_process")
+    assert in_process["note"] == "skipped: loader_packed loads in the main process too (--num_workers 0)"
     for row in measured.values():
         assert row["error"] is None and row["samples_per_second"] > 0, row
     # The Trainer rows profile two more steps: every step runs the model's products, with their gradients.
@@ -352,6 +355,42 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16
+
+
+def test_the_table_tells_the_trainer_rows_apart_and_rates_only_training_rows():
+    fastest = {"--compile_blocks": True, "--cuda_graphs": True, "--group_by_regions": True, "--pack_regions": True}
+    encoders = {**fastest, "--compile_blocks": False, "compiled encoders (bench only)": True}
+    titles = [
+        bench.trainer_title(8, False, fastest),
+        bench.trainer_title(0, False, fastest),
+        bench.trainer_title(8, True, fastest),
+        bench.trainer_title(8, False, encoders),
+    ]
+    assert len({title[: bench.TITLE_WIDTH] for title in titles}) == len(titles), titles
+    rows = {
+        "fp32_eager": bench.Row("fp32_eager", "fp32", "", samples_per_second=10.0),
+        "bf16_sdpa": bench.Row("bf16_sdpa", "bf16", "", samples_per_second=25.0),
+        "loader": bench.Row("loader", "loader", "", samples_per_second=5000.0),
+        "evaluate": bench.Row("evaluate", "evaluate", "", samples_per_second=40.0),
+    }
+    assert bench.ratio(rows["bf16_sdpa"], rows, "fp32_eager") == "2.50x"
+    assert bench.ratio(rows["loader"], rows, "fp32_eager") == "-"
+    assert bench.ratio(rows["evaluate"], rows, "fp32_eager") == "-"
+    assert bench.ratio(rows["bf16_sdpa"], rows, "original") == "-"
+
+
+@pytest.mark.parametrize(
+    ("step_seconds", "max_steps", "expected"),
+    [
+        (1.1, 200, 36),  # 36 fit: whole rounds of 4
+        (0.1, 6, 4),  # --steps 6: one round
+        (12.0, 200, 4),  # 3 fit: one whole round all the same, over the time
+        (12.0, 3, 3),  # a round is more than --steps allows
+    ],
+)
+def test_rows_time_whole_rounds_of_the_batch_pool(step_seconds, max_steps, expected):
+    """Rows that timed different batches of the pool would compare different work."""
+    assert bench.timed_step_count(step_seconds, 40.0, max_steps, round_length=4) == expected
 
 
 def test_benchmark_json_keeps_the_rows_measured_before_the_run_is_cut_off(tmp_path, monkeypatch):

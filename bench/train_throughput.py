@@ -683,8 +683,9 @@ class Benchmark:
             return "skipped: compiling takes minutes on a CPU (--compile_on_cpu runs it)"
         if key in FAST_PATH_REUSERS and self.fast_path is None:
             return "skipped: no fast variant ran"
-        if key == "loader_in_process" and self.args.num_workers == 0:
-            return "skipped: loader_packed loads in the main process too (--num_workers 0)"
+        twins = {"loader_in_process": "loader_packed", "trainer_in_process": "trainer"}
+        if key in twins and self.args.num_workers == 0:
+            return f"skipped: {twins[key]} loads in the main process too (--num_workers 0)"
         return None
 
     # -- synthetic rows

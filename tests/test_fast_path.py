@@ -333,18 +333,17 @@ def test_bucket_shapes_are_those_the_collator_pads_to():
 def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer"
     rows += ",trainer_in_process,evaluate"
-    # One round of the four pool batches per row, so that the rows time the same samples.
+    # One round of the four pool batches per row, so that the rows time the same samples. A worker process, for the
+    # rows that load with workers to differ from those that load in the main process (the CPU default is none).
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
-    sizes += ["--trainer_steps", "1", "--profile_steps", "2", "--eval_questions", "40"]
+    sizes += ["--trainer_steps", "1", "--profile_steps", "2", "--eval_questions", "40", "--num_workers", "1"]
     bench.main(["--tiny", *sizes, "--rows", rows, "--json", str(tmp_path / "results.json")])
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
     assert list(measured) == rows.split(",") and results["finished"]
-    # On a CPU the loader rows load in the main process (--num_workers 0): loader_packed is loader_in_process.
-    in_process = measured.pop("loader_in_process")
-    assert in_process["note"] == "skipped: loader_packed loads in the main process too (--num_workers 0)"
     for row in measured.values():
         assert row["error"] is None and row["samples_per_second"] > 0, row
+    assert "(1 workers" in measured["trainer"]["title"] and "(0 workers" in measured["trainer_in_process"]["title"]
     # The Trainer rows profile two more steps: every step runs the model's products, with their gradients.
     for key in ("trainer", "trainer_in_process"):
         kernels = measured[key]["kernel_profile"]
@@ -355,6 +354,16 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16
+
+
+def test_without_workers_the_rows_loading_in_the_main_process_are_not_repeated(tmp_path):
+    sizes = ["--batch_size", "8", "--num_images", "20", "--loader_batches", "2", "--num_workers", "0"]
+    bench.main(["--tiny", *sizes, "--rows", "loader_in_process,trainer_in_process", "--json", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [row["note"] for row in rows] == [
+        "skipped: loader_packed loads in the main process too (--num_workers 0)",
+        "skipped: trainer loads in the main process too (--num_workers 0)",
+    ]
 
 
 def test_the_table_tells_the_trainer_rows_apart_and_rates_only_training_rows():

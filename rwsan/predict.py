@@ -94,22 +94,23 @@ def _integer_vector(name: str, values) -> np.ndarray:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Raises a `PredictionError` unless a file can be written at `path` (its missing parent folders are made)."""
+    """Raises a `PredictionError` unless a file can be written at `path`, its missing parent folders made. Nothing is
+    made here: a run that fails before writing leaves nothing behind."""
     path = Path(path).absolute()
     if path.is_dir():
         raise PredictionError(f"{path} is a folder; name the file to write, e.g. {path / 'predictions.json'}")
-    # Folders are made only when the file is written: a run that fails before leaves none behind.
     existing = next(folder for folder in path.parents if folder.exists())
     if not existing.is_dir():
         raise PredictionError(f"cannot write {path}: {existing} is a file, not a folder")
-    if existing != path.parent and not os.access(existing, os.W_OK | os.X_OK):
-        raise PredictionError(f"cannot write {path}: no permission to make folders in {existing}")
-    if existing == path.parent:
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as error:
-            raise PredictionError(f"cannot write {path}: {error}") from None
+    if existing != path.parent:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PredictionError(f"cannot write {path}: no permission to make folders in {existing}")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise PredictionError(f"cannot write {path}: {error}") from None
 
 
 def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple[RWSANForVQA, RWSANProcessor]:

@@ -207,8 +207,8 @@ def float16_logits(logits: torch.Tensor, labels=None) -> torch.Tensor:
 class RegionGroupedSampler(LengthGroupedSampler):
     """`LengthGroupedSampler` over region counts whose order depends only on the seed and the epoch.
 
-    The Trainer calls `set_epoch` before every epoch, so a run resumed from a checkpoint draws the same batches as
-    an uninterrupted one (a generator seeded once would continue from wherever the killed process left it).
+    `VQATrainer` sets the epoch before every epoch, so a run resumed from a checkpoint draws the same batches as an
+    uninterrupted one (a generator seeded once would continue from wherever the killed process left it).
     """
 
     def __init__(self, batch_size: int, region_counts: list[int], seed: int):
@@ -381,6 +381,20 @@ class GraphedForwardBackward(CUDAGraphedFunction):
             parameter.grad = None
 
 
+class SamplerEpoch(TrainerCallback):
+    """Sets the epoch of `VQATrainer`'s region-grouped sampler before each epoch. The Trainer's own `set_epoch` does
+    not reach it where a resumed epoch skips its first batches on several processes (accelerate then wraps the
+    sampler twice): the resumed epoch would take epoch 0's order, training some questions twice and others never."""
+
+    def __init__(self, trainer: "VQATrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer.region_sampler is not None:
+            # As the Trainer counts the epochs a resumed run has trained.
+            self.trainer.region_sampler.set_epoch(state.global_step // self.trainer.update_steps_per_epoch)
+
+
 class ResumeError(ValueError):
     """A checkpoint that this run cannot resume from as it was started."""
 
@@ -419,6 +433,8 @@ class VQATrainer(Trainer):
         self.epoch_length = EpochLengthRecord()
         self.add_callback(self.epoch_length)
         self.resumed_checkpoint = None
+        self.region_sampler: RegionGroupedSampler | None = None
+        self.add_callback(SamplerEpoch(self))
         # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
         self.graphed_passes: tuple[torch.nn.Module, GraphedForwardBackward] | None = None
         self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
@@ -500,11 +516,12 @@ class VQATrainer(Trainer):
         if not self.args.group_by_regions:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return RegionGroupedSampler(
+        self.region_sampler = RegionGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
             region_counts=dataset.num_regions.tolist(),
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
+        return self.region_sampler
 
     def floating_point_ops(self, inputs: dict[str, torch.Tensor]) -> int:
         # The Trainer's estimate (6 x question tokens x parameters) leaves out the image regions, most of the work.

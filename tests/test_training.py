@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,20 +217,41 @@ def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path
         train_vqa.main([*common_arguments(tiny_prepared_vqa, output), "--resume_from_checkpoint", "last"])
 
 
-def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
+def run_two_processes(*arguments):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO_ROOT / "train_vqa.py"),
-        *common_arguments(tiny_prepared_vqa, tmp_path / "ddp"),
-        "--num_train_epochs", "1",
-        "--eval_strategy", "no",
-        "--save_strategy", "no",
-        "--ddp_backend", "gloo",
+        str(REPO_ROOT / "train_vqa.py"), *arguments, "--ddp_backend", "gloo",
     ]  # fmt: skip
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prepared_vqa, tmp_path):
+    """Region-grouped batches: a resumed epoch that skips its first batches on several processes must take its own
+    order, not epoch 0's. 210 questions in batches of 2 x 16: 7 steps an epoch; step 10 is inside the second."""
+    arguments = [
+        "--num_train_epochs", "2",
+        "--group_by_regions", "true",
+        "--eval_strategy", "no",
+        "--save_strategy", "steps",
+        "--save_steps", "10",
+    ]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_two_processes(*common_arguments(tiny_prepared_vqa, straight), *arguments)
+    shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    run_two_processes(*common_arguments(tiny_prepared_vqa, resumed), *arguments, "--resume_from_checkpoint", "last")
+    expected, weights = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == weights.keys()
+    for name in expected:
+        assert torch.equal(expected[name], weights[name]), name
+
+
+def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
+    arguments = ["--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "no"]
+    result = run_two_processes(*common_arguments(tiny_prepared_vqa, tmp_path / "ddp"), *arguments)
     fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
     assert set(fingerprints) == {"0", "1"}, result.stdout[-2000:]
     assert fingerprints["0"] == fingerprints["1"]

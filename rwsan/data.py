@@ -156,6 +156,8 @@ class VQADataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = operator.index(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"question index {index} is out of range for {len(self)} questions")
         return self.__getitems__([index + len(self) if index < 0 else index])[0]
 
     def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:

@@ -62,8 +62,11 @@ def test_getitems_gives_the_items_of_getitem(dataset):
         for key in batched:
             np.testing.assert_array_equal(batched[key], single[key])
     assert dataset[-1]["question_id"] == dataset.question_ids[-1]
-    with pytest.raises(IndexError, match=r"question indices must be in \[0, 38\), got \[38\]"):
-        dataset[38]
+    for index in (38, -39):
+        with pytest.raises(IndexError, match=f"^question index {index} is out of range for 38 questions$"):
+            dataset[index]
+    with pytest.raises(IndexError, match=r"question indices must be in \[0, 38\), got \[5, 38\]"):
+        dataset.__getitems__([5, 38])
 
 
 def test_regions_and_questions_are_cut(prepared_dir):

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
-from transformers.utils import logging
+from transformers.utils import is_torch_xla_available, logging
 
 from .data import unpack_image_features
 from .evaluation import compute_vqa_accuracy
@@ -106,6 +106,10 @@ class VQATrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         copies_left_alone = _names_non_blocking(self.accelerator_config)
+        # Without a GPU or other accelerator the run is on the CPU whatever it is told, and the Trainer refuses
+        # --bf16 there unless told --use_cpu.
+        if not self.use_cpu and not torch.accelerator.is_available() and not is_torch_xla_available():
+            self.use_cpu = True
         super().__post_init__()
         # A blocking copy of each batch to the GPU waits for the steps queued before it: the host could not
         # prepare the next step while the GPU runs this one. Copies from pinned memory need not wait. Only on CUDA,

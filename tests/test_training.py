@@ -732,12 +732,22 @@ def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message)
         VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, cuda_graphs=True, **other)
 
 
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="a GPU or other accelerator is there")
+def test_without_an_accelerator_bf16_runs_on_the_cpu_untold(tmp_path):
+    """The Trainer alone refuses --bf16 without a GPU unless given --use_cpu."""
+    arguments = VQATrainingArguments(output_dir=str(tmp_path), bf16=True)
+    assert arguments.use_cpu and arguments.device.type == "cpu"
+    with pytest.raises(ValueError, match=re.escape("--fp16 runs nothing in half precision on the CPU")):
+        VQATrainingArguments(output_dir=str(tmp_path), fp16=True)
+
+
 @pytest.fixture
 def training_device(monkeypatch):
     """Sets the device `VQATrainingArguments` train on (`"cuda"`, `"mps"`, ...) without one being there."""
 
     def set_device(device_type: str):
         monkeypatch.setattr(VQATrainingArguments, "device", property(lambda self: torch.device(device_type)))
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: device_type != "cpu")
 
     return set_device
 

@@ -25,10 +25,12 @@ original starts from GloVe 840B 300d).
 `--cuda_graphs` (with `--pad_to_multiple_of`) replays each step's passes as a CUDA graph.
 """
 
+import argparse
 import hashlib
 import json
 import shutil
 import sys
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +117,7 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset_dir: str | None = field(
-        default=None, metadata={"help": "A folder made by data_scripts/prepare_vqa.py (default: the toy set)."}
+        default=None, metadata={"help": "A folder made by data_scripts/prepare_vqa.py; none: the built-in toy set."}
     )
     train_split: str = field(default="train", metadata={"help": "train, train+val or train+val+vg."})
     eval_split: str = field(
@@ -124,8 +126,9 @@ class DataArguments:
     predict_split: str = field(
         default="test",
         metadata={
-            "help": "Split answered by --do_predict: test (the whole test set, one file for the evaluation server's "
-            "test-dev and test-std phases, as the original) or test-dev (its questions only)."
+            "help": "Split answered by --do_predict into predictions_SPLIT.json: test (the whole test set, one file "
+            "for the evaluation server's test-dev and test-std phases, as the original), test-dev (its questions "
+            "only), or an annotated split (val) to score with data_scripts/evaluate_predictions.py."
         },
     )
     save_logits: bool = field(default=False, metadata={"help": "With --do_predict, also save the float16 scores."})
@@ -313,13 +316,28 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The options with their defaults, and the module's docstring with its commands as written."""
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQATrainingArguments, bool]:
     """The three argument groups, and whether this is the toy run (no --dataset_dir): then `TOY_ARGUMENTS` come
     first, as defaults the command line overrides. Options cannot be abbreviated: `--dataset_d` would otherwise
     name --dataset_dir to the parser but not to the toy check."""
     given, _ = HfArgumentParser(DataArguments, allow_abbrev=False, add_help=False).parse_known_args(argv)
     toy = given.dataset_dir is None
-    parser = HfArgumentParser((ModelArguments, DataArguments, VQATrainingArguments), allow_abbrev=False)
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, VQATrainingArguments),
+        allow_abbrev=False,
+        description=__doc__,
+        epilog=textwrap.fill(
+            "Without --dataset_dir (the toy run), these come before the options given, and override the defaults "
+            f"shown: {' '.join(TOY_ARGUMENTS)}",
+            width=100,
+            break_on_hyphens=False,
+        ),
+        formatter_class=HelpFormatter,
+    )
     try:
         # No `train_vqa.args` file either: its arguments would come before the toy ones, unseen by the toy check.
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(
@@ -458,7 +476,9 @@ def main(argv: list[str] | None = None):
             provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
             # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
             model_id = getattr(trainer, "hub_model_id", None) or output_dir.name
-            write_model_card(output_dir, model.config, provenance, metrics, model_id)
+            # The toy set is no hub dataset: the card names none.
+            datasets = () if toy else ("vqa_v2",)
+            write_model_card(output_dir, model.config, provenance, metrics, model_id, datasets=datasets)
     if training_args.push_to_hub and training_args.do_train:
         # Before the prediction files are written: the upload takes the whole output folder.
         trainer.push_to_hub()

@@ -1381,9 +1381,13 @@ def exit_on_termination_requests():
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--data_root", required=True, help="Folder with vqa/ and coco_extract/.")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--output_dir", required=True, help="The prepared dataset: images/, questions/, processor/, report.json."
+    )
     parser.add_argument("--features_tsv", nargs="+", default=None, help="Bottom-up-attention TSV feature files.")
     parser.add_argument("--num_proc", type=int, default=1, help="Processes that decode the feature files.")
     parser.add_argument("--strict", action="store_true", help="Stop at the first bad input, do not list it.")
@@ -1392,9 +1396,13 @@ def main(argv: list[str] | None = None):
         action="store_true",
         help="Replace an existing output_dir, if it is a dataset prepared earlier (or empty).",
     )
-    parser.add_argument("--max_question_length", type=int, default=16)
-    parser.add_argument("--feature_size", type=int, default=2048)
-    parser.add_argument("--feature_dtype", choices=FEATURE_DTYPES, default="float16")
+    parser.add_argument(
+        "--max_question_length", type=int, default=16, help="Words kept of each question (the paper's 16)."
+    )
+    parser.add_argument("--feature_size", type=int, default=2048, help="Values of a region feature.")
+    parser.add_argument(
+        "--feature_dtype", choices=FEATURE_DTYPES, default="float16", help="How the region features are stored."
+    )
     parser.add_argument(
         "--allow_incomplete_eval_splits",
         action="store_true",

@@ -59,11 +59,13 @@ def write_model_card(
     metrics: dict | None = None,
     model_id: str | None = None,
     license: str = "apache-2.0",
+    datasets: tuple[str, ...] = ("vqa_v2",),
 ) -> Path:
     """A hub model card (README.md with metadata) for an RWSANForVQA folder.
 
     `provenance` is a sentence saying where the weights come from ("trained with ... on ...", "converted from ...").
-    `license` is the weights' license, as the hub names it.
+    `license` is the weights' license, and `datasets` the hub datasets they were trained on (none: the metadata
+    names none), as the hub names them.
     `model_id` is what the usage example loads: the hub repository, or by default the folder's name (give the final
     name where the card is written in a folder that is renamed afterwards).
     """
@@ -88,6 +90,7 @@ def write_model_card(
             "num_labels",
         )
     }
+    dataset_lines = "".join(["datasets:\n", *(f"- {dataset}\n" for dataset in datasets)]) if datasets else ""
     card = f"""---
 license: {license}
 library_name: transformers
@@ -97,9 +100,7 @@ tags:
 - vqa
 - visual-question-answering
 - bottom-up-attention
-datasets:
-- vqa_v2
-metrics:
+{dataset_lines}metrics:
 - accuracy
 ---
 

@@ -289,7 +289,7 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     assert 0 <= metrics["eval_accuracy"] <= 100
     assert (output / "training_curves.png").stat().st_size > 10_000
     card = (output / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0") and "| accuracy |" in card
+    assert card.startswith("---\nlicense: apache-2.0") and "| accuracy |" in card and "\ndatasets:\n- vqa_v2\n" in card
     config = json.loads((output / "config.json").read_text())
     assert "custom_pipelines" in config and "AutoModelForVisualQuestionAnswering" in config["auto_map"]
     logits = np.load(output / "logits_test-dev.npy")
@@ -473,6 +473,8 @@ def test_the_toy_run_ends_with_sample_answers_from_packed_regions(tmp_path):
     assert len(answers) == 5 and all(
         re.match(r"  Q: .+\?  ->  .+ \(\d\.\d\d\); annotators: ", line) for line in answers
     )
+    # The toy set is no hub dataset (a run on prepared VQA-v2 names vqa_v2).
+    assert "\ndatasets:" not in (tmp_path / "run" / "README.md").read_text()
 
 
 def test_a_toy_set_stopped_while_written_is_made_again(tmp_path, monkeypatch):

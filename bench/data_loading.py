@@ -11,6 +11,7 @@ lives in a temporary folder.
 """
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -155,7 +156,8 @@ def run(dataset_dir: Path, args) -> dict[str, float]:
     raw_dir, prepared_dir = dataset_dir / "raw", dataset_dir / "prepared"
     start = time.perf_counter()
     settings = {"num_images": args.num_images, "feature_size": args.feature_size}
-    if generate_once(raw_dir, settings, lambda folder: write_raw_vqa(folder, args.num_images, args.feature_size)):
+    writer = functools.partial(write_raw_vqa, num_images=args.num_images, feature_size=args.feature_size)
+    if generate_once(raw_dir, settings, writer, prepared_dir):
         print(f"generated {args.num_images} raw images in {time.perf_counter() - start:.1f} s")
     if not prepared_dir.exists():
         seconds, peak_rss = prepare(raw_dir, prepared_dir, args.num_proc, args.feature_size)

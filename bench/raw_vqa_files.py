@@ -47,20 +47,27 @@ def write_train_split(root: Path, questions: list[dict], annotations: list[dict]
     (root / "vqa" / "v2_mscoco_train2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
 
 
-def generate_once(raw_dir: Path, settings: dict, write: Callable[[Path], None]) -> bool:
+def generate_once(raw_dir: Path, settings: dict, write: Callable[[Path], None], prepared_dir: Path) -> bool:
     """Writes raw data into `raw_dir` with `write(folder)`, unless it holds data generated with the same `settings`
-    (kept in its settings.json); returns whether it wrote. Data of other settings stops the run (`SystemExit`): a
-    benchmark must not time it as its own. The data is written aside and renamed when whole, so that a stopped run
-    leaves nothing to be taken for it."""
+    (kept in its settings.json); returns whether it wrote. Data of other or unrecorded settings stops the run
+    (`SystemExit`): a benchmark must not time it as its own. Where it writes, `prepared_dir`, made from earlier raw
+    data, is removed. The data is written aside and renamed when whole, so that a stopped run leaves nothing to be
+    taken for it."""
     if raw_dir.exists():
         settings_path = raw_dir / "settings.json"
-        kept = json.loads(settings_path.read_text()) if settings_path.exists() else "unknown settings"
+        if not settings_path.exists():
+            raise SystemExit(
+                f"error: {raw_dir.parent} holds data whose settings were not recorded (made before they were): "
+                "remove it, or give another --dataset_dir"
+            )
+        kept = json.loads(settings_path.read_text())
         if kept != settings:
             raise SystemExit(
                 f"error: {raw_dir.parent} holds data generated with {kept}, not {settings}: give those options, "
                 "another --dataset_dir, or remove it"
             )
         return False
+    shutil.rmtree(prepared_dir, ignore_errors=True)
     partial_dir = raw_dir.with_name(f"{raw_dir.name}.partial")
     shutil.rmtree(partial_dir, ignore_errors=True)
     write(partial_dir)

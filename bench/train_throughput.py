@@ -61,6 +61,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -797,7 +798,8 @@ class Benchmark:
             config = self.model_config()
             start = time.perf_counter()
             settings = {"num_images": self.args.num_images, "tiny": self.args.tiny}
-            generate_once(root / "raw", settings, lambda folder: write_raw_vqa(folder, config, self.args.num_images))
+            writer = functools.partial(write_raw_vqa, config=config, num_images=self.args.num_images)
+            generate_once(root / "raw", settings, writer, prepared)
             if not prepared.is_dir():
                 prepare_vqa(
                     root / "raw",

@@ -95,11 +95,21 @@ def test_generated_data_is_whole_or_made_again(tmp_path):
     def write(folder):
         (folder / "vqa").mkdir(parents=True)
 
-    raw = tmp_path / "raw"
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
     with pytest.raises(KeyboardInterrupt):
-        raw_vqa_files.generate_once(raw, {"num_images": 3}, stopped)
+        raw_vqa_files.generate_once(raw, {"num_images": 3}, stopped, prepared)
     assert not raw.exists()
-    assert raw_vqa_files.generate_once(raw, {"num_images": 3}, write)
+    assert raw_vqa_files.generate_once(raw, {"num_images": 3}, write, prepared)
     assert sorted(path.name for path in raw.iterdir()) == ["settings.json", "vqa"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["raw"]
-    assert not raw_vqa_files.generate_once(raw, {"num_images": 3}, stopped)
+    assert not raw_vqa_files.generate_once(raw, {"num_images": 3}, stopped, prepared)
+
+
+def test_data_prepared_from_earlier_raw_data_is_not_taken_for_new(tmp_path):
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    prepared.mkdir()  # from raw data of other settings, since removed
+    assert raw_vqa_files.generate_once(raw, {"num_images": 3}, lambda folder: folder.mkdir(), prepared)
+    assert not prepared.exists()
+    (raw / "settings.json").unlink()  # data kept from before settings were recorded
+    with pytest.raises(SystemExit, match="holds data whose settings were not recorded .*: remove it, or give another"):
+        raw_vqa_files.generate_once(raw, {"num_images": 3}, lambda folder: folder.mkdir(), prepared)

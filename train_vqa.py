@@ -10,7 +10,7 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
     # train on train, evaluate on val after every epoch (official VQA accuracy)
     python train_vqa.py --dataset_dir data/vqa-prepared --train_split train --output_dir runs/train
     # train on train+val+vg, then answer the test set for the evaluation server
-    python train_vqa.py --dataset_dir data/vqa-prepared --train_split train+val+vg --output_dir runs/full \
+    python train_vqa.py --dataset_dir data/vqa-prepared --train_split train+val+vg --output_dir runs/full \\
         --do_predict
     # several GPUs or machines: the same command under accelerate (or torchrun)
     accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa-prepared --bf16 ...

@@ -1,7 +1,7 @@
 """Score a VQA-v2 result file with the official accuracy and print it as the original RWSAN code does.
 
-    python data_scripts/evaluate_predictions.py --predictions result.json \
-        --questions v2_OpenEnded_mscoco_val2014_questions.json \
+    python data_scripts/evaluate_predictions.py --predictions result.json \\
+        --questions v2_OpenEnded_mscoco_val2014_questions.json \\
         --annotations v2_mscoco_val2014_annotations.json [--json accuracy.json]
 
 The result file is the official format, a list of `{"question_id": ..., "answer": ...}`; it must answer

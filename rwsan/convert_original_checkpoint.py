@@ -1,6 +1,6 @@
 """Convert a checkpoint of the paper's code (`BrightQin/RWSAN`) into a `RWSANForVQA` folder.
 
-    python -m rwsan.convert_original_checkpoint --checkpoint epoch16.pkl --output_dir rwsan-vqa \
+    python -m rwsan.convert_original_checkpoint --checkpoint epoch16.pkl --output_dir rwsan-vqa \\
         [--answer_dict answer_dict.json] [--processor data/vqa/processor]
 
 The original saves `{'state_dict', 'optimizer', 'lr_base'}` with `torch.save` (keys prefixed `module.` when it

@@ -87,6 +87,14 @@ def common_arguments(dataset: Path, output: Path, *extra):
     ]  # fmt: skip
 
 
+def assert_same_weights(first: Path, second: Path):
+    """The two runs' saved models hold the same tensors, to the bit."""
+    first_weights, second_weights = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert first_weights.keys() == second_weights.keys()
+    for name in first_weights:
+        assert torch.equal(first_weights[name], second_weights[name]), name
+
+
 def logged(output: Path, name: str) -> dict[int, float]:
     """The value of `name` at each optimizer step that logged it, from the run's trainer_state.json."""
     state = json.loads((output / "trainer_state.json").read_text())
@@ -165,11 +173,7 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
     run_training(*common_arguments(tiny_prepared_vqa, interrupted), *arguments, "--resume_from_checkpoint", resume)
     history = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
     assert {"step": 14, "resumed_from_here": 1} in history
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(interrupted / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    assert_same_weights(tmp_path / "straight", interrupted)
 
 
 def test_resuming_with_epochs_of_another_length_is_refused(tiny_prepared_vqa, tmp_path):
@@ -243,10 +247,7 @@ def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prep
     run_two_processes(*common_arguments(tiny_prepared_vqa, straight), *arguments)
     shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
     run_two_processes(*common_arguments(tiny_prepared_vqa, resumed), *arguments, "--resume_from_checkpoint", "last")
-    expected, weights = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert expected.keys() == weights.keys()
-    for name in expected:
-        assert torch.equal(expected[name], weights[name]), name
+    assert_same_weights(straight, resumed)
 
 
 def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):

@@ -479,6 +479,11 @@ class VQATrainer(Trainer):
         self.accelerator.backward(loss)
         return loss.detach()
 
+    @property
+    def update_steps_per_epoch(self) -> int | None:
+        """Optimizer steps an epoch of the run being trained, as the Trainer counts them."""
+        return self.epoch_length.update_steps_per_epoch
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; a checkpoint whose epochs had another number of optimizer steps (another batch size,
         number of processes, gradient accumulation or training set) raises a `ResumeError`."""
@@ -490,7 +495,7 @@ class VQATrainer(Trainer):
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
-        self.update_steps_per_epoch = self.epoch_length.update_steps_per_epoch = values[1]
+        self.epoch_length.update_steps_per_epoch = values[1]
         recorded = EpochLengthRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else None
         if recorded is not None and recorded != self.update_steps_per_epoch:
             raise ResumeError(

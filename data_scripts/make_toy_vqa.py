@@ -14,7 +14,8 @@ predicts the answer badly. Layout of `output_dir`:
     vqa/v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
     vqa/v2_mscoco_{train2014,val2014}_annotations.json
     coco_extract/{train2014,val2014,test2015}/COCO_<split>_<12-digit image id>.jpg.npz
-    toy_scenes.json   (the ground-truth scenes; not part of the official formats)
+    toy_scenes.json   (the ground-truth scenes; not part of the official formats; written last, while
+                      toy_vqa.unfinished marks a set still being written)
 
 Usage:
     python data_scripts/make_toy_vqa.py --output_dir datasets --seed 0 --num_images 2000 --num_proc 2
@@ -57,6 +58,10 @@ OBJECT_HALF_EXTENT = {"small": 0.06, "large": 0.12}
 COUNT_ANSWERS = tuple(str(count) for count in range(MAX_OBJECTS + 1))
 YES_NO_ANSWERS = ("yes", "no")
 
+# Written last, it also marks a toy set as this script's (--overwrite replaces only those).
+SCENES_FILE = "toy_scenes.json"
+# Present while a toy set is written: a set without its scenes file is unfinished, and may still be overwritten.
+UNFINISHED_MARKER = "toy_vqa.unfinished"
 SPLIT_FRACTIONS = {"train2014": 0.70, "val2014": 0.15, "test2015": 0.15}
 ANNOTATED_SPLITS = ("train2014", "val2014")
 TEST_SPLIT, TEST_DEV_SPLIT = "test2015", "test-dev2015"
@@ -423,18 +428,21 @@ def prepare_output_dir(output_dir: Path, overwrite: bool):
         # The folders have the names of real VQA data (prepare_vqa.py reads both from one data root): only a toy
         # set, which its scenes file marks, is deleted.
         data_folders = [path for path in (output_dir / "vqa", output_dir / "coco_extract") if path.exists()]
-        if data_folders and not (output_dir / "toy_scenes.json").is_file():
+        toy_markers = (output_dir / SCENES_FILE, output_dir / UNFINISHED_MARKER)
+        if data_folders and not any(marker.is_file() for marker in toy_markers):
             raise FileExistsError(
                 f"output_dir {output_dir} holds {', '.join(path.name + '/' for path in data_folders)} but no "
-                "toy_scenes.json: it is not a toy set this script made (real VQA data, or an interrupted toy run), "
-                "and --overwrite replaces only toy sets. Choose another output_dir, or remove those folders by hand."
+                f"{SCENES_FILE}: it is not a toy set this script made (real VQA data, say), and --overwrite replaces "
+                "only toy sets. Choose another output_dir, or remove those folders by hand."
             )
         # Stale feature files would be picked up by the loaders, which glob the feature folders.
-        for path in (output_dir / "vqa", output_dir / "coco_extract", output_dir / "toy_scenes.json"):
+        for path in (output_dir / "vqa", output_dir / "coco_extract", *toy_markers):
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / UNFINISHED_MARKER).touch()
     for split in SPLIT_FRACTIONS:
         (output_dir / "coco_extract" / split).mkdir(parents=True)
     (output_dir / "vqa").mkdir()
@@ -527,7 +535,6 @@ def make_toy_vqa(
         write_json(vqa_dir / f"v2_OpenEnded_mscoco_{split}_questions.json", questions_file(split, split_questions))
     for split in ANNOTATED_SPLITS:
         write_json(vqa_dir / f"v2_mscoco_{split}_annotations.json", annotations_file(split, annotations[split]))
-    write_json(output_dir / "toy_scenes.json", {"seed": seed, "feature_size": feature_size, "scenes": scenes})
 
     feature_dir = output_dir / "coco_extract"
     tasks = (
@@ -540,6 +547,8 @@ def make_toy_vqa(
         for scene in scenes
     )
     write_all_region_features(tasks, make_region_projection(seed, feature_size), num_proc)
+    write_json(output_dir / SCENES_FILE, {"seed": seed, "feature_size": feature_size, "scenes": scenes})
+    (output_dir / UNFINISHED_MARKER).unlink()
     return output_dir
 
 

@@ -411,6 +411,29 @@ def test_refuses_a_non_empty_output_dir_unless_overwrite(tmp_path):
     assert len(list((tmp_path / "coco_extract" / "train2014").iterdir())) == 6
 
 
+def test_an_interrupted_set_does_not_look_finished_and_can_be_overwritten(tmp_path, monkeypatch):
+    import data_scripts.make_toy_vqa as make_toy_vqa_module
+
+    write_region_features = make_toy_vqa_module.write_region_features
+    written = []
+
+    def write_then_stop(task):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(write_region_features(task))
+
+    monkeypatch.setattr(make_toy_vqa_module, "write_region_features", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        make_toy_vqa(tmp_path, num_images=10, feature_size=FEATURE_SIZE)
+    assert not (tmp_path / "toy_scenes.json").exists()
+    assert (tmp_path / "toy_vqa.unfinished").is_file()
+
+    monkeypatch.undo()
+    make_toy_vqa(tmp_path, num_images=10, feature_size=FEATURE_SIZE, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["coco_extract", "toy_scenes.json", "vqa"]
+    assert sum(1 for _ in (tmp_path / "coco_extract").rglob("*.npz")) == 10
+
+
 @pytest.mark.parametrize("real_folder", ["vqa", "coco_extract"])
 def test_overwrite_never_deletes_data_it_did_not_make(tmp_path, real_folder):
     real_file = tmp_path / real_folder / "train2014" / "real_data.json"

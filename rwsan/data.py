@@ -4,6 +4,7 @@ The region features stay in the memory-mapped Arrow files of `images/`: a questi
 and fetching a batch is a few numpy slices of those files, copied once into the padded batch by the collator.
 """
 
+import json
 import math
 import operator
 import os
@@ -231,10 +232,21 @@ def load_vqa_dataset(
     if unknown:
         raise ValueError(
             f"Unknown split {', '.join(map(repr, unknown))} in {split!r}; {folder} has {', '.join(available)}"
+            + _why_skipped(folder, unknown)
         )
     if len(set(splits)) != len(splits):
         raise ValueError(f"split {split!r} names a split twice")
     return VQADataset(folder, splits, max_question_length, max_regions)
+
+
+def _why_skipped(folder: Path, splits: list[str]) -> str:
+    """What report.json says of splits that preparation skipped (their questions file was absent, or none of their
+    images had features), as the end of an error message."""
+    try:
+        skipped = json.loads((folder / "report.json").read_text())["skipped_splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return "".join(f"; {split} was skipped when prepared: {skipped[split]}" for split in splits if split in skipped)
 
 
 def _padded_length(length: int, multiple: int | None) -> int:

@@ -30,8 +30,10 @@ Output layout (`OUTPUT_DIR/`):
 Both vocabularies reproduce the original's, order included. Images whose features cannot be used (unreadable
 file, another feature size, NaN/inf values, ...), and questions or annotations that are repeated or disagree,
 are listed in report.json and their questions left out; `--strict` stops at the first such problem instead. A
-val, test or test-dev question without usable image features stops the conversion unless
-`--allow_incomplete_eval_splits` is given, and so does a split that would keep none of its questions.
+val, test or test-dev question left out (no usable image features, no annotation, or an annotation about another
+image) stops the conversion unless `--allow_incomplete_eval_splits` is given, and so does a split that would keep
+none of its questions; questions of images without a feature file are found before any image is converted. Trailing
+all-zero feature rows are padding, as in the original, and are not stored.
 
 The output is written into a temporary sibling folder that replaces OUTPUT_DIR only once everything succeeded.
 OUTPUT_DIR must lie apart from DATA_ROOT and the TSV files, and `--overwrite` replaces only an earlier
@@ -257,6 +259,8 @@ def locate_inputs(data_root: Path, features_tsv: list[Path]) -> RawInputs:
         # Not is_file(): a named pipe is a valid source too.
         if not path.exists():
             raise FileNotFoundError(f"feature file {path} not found")
+        if path.is_dir():
+            raise IsADirectoryError(f"feature file {path} is a folder: name the .tsv files in it")
         if path.is_file():
             check_starts_as_text(path)
     inputs.features_tsv = list(features_tsv)
@@ -451,25 +455,37 @@ def checked_image(
     image_id: int,
     features: np.ndarray,
     boxes: np.ndarray | None,
+    num_boxes: int | None,
     width: int | None,
     height: int | None,
     path: str,
     settings: DecodeSettings,
 ) -> DecodedImage | Problem:
-    """Validates an image's region features (num_regions, feature_size); converts them to the output dtype."""
+    """Validates an image's region features (rows, feature_size), cuts their trailing all-zero rows and converts
+    them to the output dtype. All-zero rows are padding (some extractors pad every image to a fixed count), which
+    the original's `make_mask` hides from the model: stored, they would count as regions. The boxes and
+    `num_boxes` (where the file has them) may count the regions with or without that padding."""
 
     def problem(kind: str, reason: str) -> Problem:
         return Problem(kind, path, reason, image_id=image_id)
 
-    if boxes is not None:
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
-        if len(features) != len(boxes):
-            return problem("unreadable", f"{len(features)} feature rows but {len(boxes)} boxes")
+    if boxes is not None and (boxes.ndim != 2 or boxes.shape[1] != 4):
+        return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
     if len(features) == 0:
         return problem("no_regions", "no regions")
     if not np.isfinite(features).all():
         return problem("non_finite", f"{np.count_nonzero(~np.isfinite(features))} NaN or infinite feature values")
+    real_rows = np.flatnonzero(features.any(axis=1))
+    if len(real_rows) == 0:
+        return problem("no_regions", f"all its {len(features)} feature rows are zero, which marks padding")
+    num_regions = int(real_rows[-1]) + 1
+    rows = f"{len(features)} feature rows" + (
+        f" ({num_regions} before their zero padding)" if num_regions < len(features) else ""
+    )
+    counts = {"boxes": None if boxes is None else len(boxes), "num_bbox": num_boxes}
+    for name, count in counts.items():
+        if count is not None and count not in (num_regions, len(features)):
+            return problem("unreadable", f"{rows} but {name} counts {count}")
     if settings.feature_dtype == "float16" and np.abs(features).max() > FLOAT16_MAX:
         return problem(
             "float16_overflow",
@@ -477,8 +493,8 @@ def checked_image(
         )
     return DecodedImage(
         image_id,
-        np.ascontiguousarray(features, dtype=settings.feature_dtype),
-        None if boxes is None else np.ascontiguousarray(boxes, dtype=np.float32),
+        np.ascontiguousarray(features[:num_regions], dtype=settings.feature_dtype),
+        None if boxes is None else np.ascontiguousarray(boxes[:num_regions], dtype=np.float32),
         width,
         height,
         path,
@@ -528,15 +544,7 @@ class NpzImage:
         # When both axes equal the feature size, the original's orientation (feature_size, N) wins.
         if region_features.shape[0] == settings.feature_size:
             region_features = region_features.T
-        counted_array, num_counted = ("x", len(region_features)) if boxes is None else ("bbox", len(boxes))
-        if num_boxes is not None and num_boxes != num_counted:
-            return Problem(
-                "unreadable",
-                self.path,
-                f"num_bbox is {num_boxes} but {counted_array} has {num_counted} regions",
-                image_id=self.image_id,
-            )
-        return checked_image(self.image_id, region_features, boxes, width, height, self.path, settings)
+        return checked_image(self.image_id, region_features, boxes, num_boxes, width, height, self.path, settings)
 
 
 TSV_COLUMNS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
@@ -583,6 +591,7 @@ class TsvImage:
             self.image_id,
             region_features.reshape(num_boxes, settings.feature_size),
             boxes.reshape(num_boxes, 4),
+            None,
             width,
             height,
             where,
@@ -595,22 +604,31 @@ def image_id_from_file_name(path: Path) -> int:
     return int(path.name.split("_")[-1].split(".")[0])
 
 
+def npz_files(inputs: RawInputs) -> Iterator[tuple[Path, int | None]]:
+    """The `.npz` files of the feature folders, in order, with the image id of each (None where the name has none).
+    Hidden files (the `._*` that macOS adds to archives) are not features, and the original's glob skips them too."""
+    for folder in inputs.feature_folders:
+        for path in sorted(folder.glob("*.npz")):
+            if path.name.startswith("."):
+                continue
+            try:
+                yield path, image_id_from_file_name(path)
+            except ValueError:
+                yield path, None
+
+
 def list_images(
     inputs: RawInputs, wanted_image_ids: set[int], problems: ProblemLog, skipped: Counter
 ) -> Iterator[NpzImage | TsvImage]:
     """The images to convert, in a fixed order (feature folders, then TSV files). Images no question refers to
     are counted in `skipped` instead of being decoded."""
-    for folder in inputs.feature_folders:
-        for path in sorted(folder.glob("*.npz")):
-            try:
-                image_id = image_id_from_file_name(path)
-            except ValueError:
-                problems.add(Problem("bad_file_name", str(path), "no image id in the file name"))
-                continue
-            if image_id in wanted_image_ids:
-                yield NpzImage(str(path), image_id)
-            else:
-                skipped["unreferenced"] += 1
+    for path, image_id in npz_files(inputs):
+        if image_id is None:
+            problems.add(Problem("bad_file_name", str(path), "no image id in the file name"))
+        elif image_id in wanted_image_ids:
+            yield NpzImage(str(path), image_id)
+        else:
+            skipped["unreferenced"] += 1
     for path in inputs.features_tsv:
         with open(path, "rb") as file:
             for line_number, line in _numbered_text_lines(file, path):
@@ -809,6 +827,7 @@ def write_images(
                 )
                 continue
             first_path_of_image[decoded.image_id] = decoded.path
+            table.left_out.pop(decoded.image_id, None)  # an earlier copy was unusable
             table.row_of_image[decoded.image_id] = len(table.num_regions)
             table.num_regions.append(len(decoded.features))
             pending.append(decoded)
@@ -937,6 +956,10 @@ def joined_questions(
     return kept
 
 
+# The problems that leave a question out of its split.
+QUESTION_DROPPING_PROBLEMS = ("missing_annotation", "image_mismatch", "missing_image")
+
+
 def check_kept_questions(
     split: str,
     questions_path: Path,
@@ -945,20 +968,22 @@ def check_kept_questions(
     split_problems: list[Problem],
     allow_incomplete_eval_splits: bool,
 ):
-    """Stops where a split lost all its questions (mismatched files, say), or an evaluation split some of them
-    for want of image features."""
+    """Stops where a split lost all its questions (mismatched files, say), or an evaluation split any of them."""
     if num_kept == 0:
         raise ValueError(
             f"{split}: none of its {num_questions} questions ({questions_path}) is kept: "
             f"{describe_problems(split_problems)}"
         )
-    missing_images = [problem for problem in split_problems if problem.kind == "missing_image"]
-    if split in EVALUATION_SPLITS and missing_images and not allow_incomplete_eval_splits:
-        raise ValueError(
-            f"{split}: {len(missing_images)} of its {num_questions} questions have no usable image features "
-            f"({describe_problems(missing_images)}); an evaluation split needs every question, pass "
-            "--allow_incomplete_eval_splits to leave them out"
-        )
+    dropped = [problem for problem in split_problems if problem.kind in QUESTION_DROPPING_PROBLEMS]
+    if split in EVALUATION_SPLITS and dropped and not allow_incomplete_eval_splits:
+        raise incomplete_eval_split_error(split, num_questions, dropped)
+
+
+def incomplete_eval_split_error(split: str, num_questions: int, dropped: list[Problem]) -> ValueError:
+    return ValueError(
+        f"{split}: {len(dropped)} of its {num_questions} questions would be left out ({describe_problems(dropped)}); "
+        "an evaluation split needs every question, pass --allow_incomplete_eval_splits to leave them out"
+    )
 
 
 def question_columns(
@@ -1190,6 +1215,33 @@ def load_raw_questions(inputs: RawInputs) -> RawQuestions:
     return RawQuestions(questions, annotations, answers, vocabulary)
 
 
+def check_eval_images_have_feature_files(inputs: RawInputs, raw: RawQuestions, allow_incomplete_eval_splits: bool):
+    """Stops before any image is decoded where an evaluation split's questions name images without a feature file,
+    which the check after decoding finds only once every image is converted (hours at full scale). Only feature
+    folders can be listed ahead: TSV files would have to be read through. A split none of whose images has a
+    file is left to be skipped, as after decoding."""
+    if allow_incomplete_eval_splits or inputs.features_tsv:
+        return
+    listed = {image_id for _, image_id in npz_files(inputs)}
+    for split in inputs.converted_splits:
+        questions = raw.questions[split]
+        if split not in EVALUATION_SPLITS or listed.isdisjoint(question.image_id for question in questions):
+            continue
+        without_file = {
+            question.question_id: Problem(
+                "missing_image",
+                str(inputs.question_files[split]),
+                f"its image {question.image_id} has no features",
+                image_id=question.image_id,
+                question_id=question.question_id,
+            )
+            for question in questions
+            if question.image_id not in listed
+        }
+        if without_file:
+            raise incomplete_eval_split_error(split, len(questions), list(without_file.values()))
+
+
 def write_prepared_dataset(
     work_dir: Path,
     inputs: RawInputs,
@@ -1201,6 +1253,7 @@ def write_prepared_dataset(
     allow_incomplete_eval_splits: bool,
 ) -> dict:
     """Writes images/, questions/, processor/ and report.json into `work_dir`; returns the report."""
+    check_eval_images_have_feature_files(inputs, raw, allow_incomplete_eval_splits)
     wanted_image_ids = {question.image_id for split in inputs.converted_splits for question in raw.questions[split]}
     images = write_images(inputs, wanted_image_ids, work_dir / "images", settings, workers, problems)
     if not images.num_regions:
@@ -1284,7 +1337,7 @@ def decoding_workers(num_proc: int) -> Iterator[ProcessPoolExecutor | None]:
 def prepare_vqa(
     data_root: str | os.PathLike,
     output_dir: str | os.PathLike,
-    features_tsv: list[str | os.PathLike] | None = None,
+    features_tsv: str | os.PathLike | list[str | os.PathLike] | None = None,
     num_proc: int = 1,
     strict: bool = False,
     overwrite: bool = False,
@@ -1304,6 +1357,8 @@ def prepare_vqa(
     if feature_dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature_dtype must be one of {', '.join(FEATURE_DTYPES)}, got {feature_dtype!r}")
     data_root, output_dir = Path(data_root), Path(output_dir)
+    if isinstance(features_tsv, (str, os.PathLike)):
+        features_tsv = [features_tsv]
     features_tsv = [Path(path) for path in features_tsv or []]
     check_output_apart_from_inputs(output_dir, data_root, features_tsv)
     check_output_dir(output_dir, overwrite)
@@ -1406,15 +1461,15 @@ def main(argv: list[str] | None = None):
     parser.add_argument(
         "--allow_incomplete_eval_splits",
         action="store_true",
-        help="Leave out val, test and test-dev questions whose image has no usable features (listed in "
-        "report.json) instead of stopping; val accuracy is then computed on fewer questions, and test-dev or test "
-        "results miss them.",
+        help="Leave out val, test and test-dev questions whose image has no usable features, or whose annotation "
+        "is missing or about another image (listed in report.json), instead of stopping; val accuracy is then "
+        "computed on fewer questions, and test-dev or test results miss them.",
     )
     args = parser.parse_args(argv)
     exit_on_termination_requests()
     try:
         prepare_vqa(**vars(args))
-    except (FileNotFoundError, FileExistsError, ValueError, DatasetNotMovedError) as error:
+    except (FileNotFoundError, IsADirectoryError, FileExistsError, ValueError, DatasetNotMovedError) as error:
         parser.exit(1, f"error: {error}\n")
 
 

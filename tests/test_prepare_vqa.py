@@ -20,6 +20,7 @@ from datasets import load_from_disk
 
 from data_scripts import prepare_vqa as prepare_vqa_module
 from data_scripts.prepare_vqa import build_answer_vocabulary, build_question_vocabulary, prepare_vqa
+from rwsan.data import load_vqa_dataset
 from rwsan.processing_rwsan import RWSANProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +274,69 @@ def test_npz_files_with_only_x_are_converted_without_boxes(raw_vqa_dir, tmp_path
     assert (rows[77]["image_width"], rows[77]["image_height"]) == (640, 480)
 
 
+def zero_padded(features: np.ndarray, num_rows: int) -> np.ndarray:
+    return np.concatenate([features, np.zeros((num_rows - len(features), features.shape[1]), features.dtype)])
+
+
+def test_trailing_zero_feature_rows_are_padding_and_not_stored(raw_vqa_dir, tmp_path):
+    # As extractors that pad every image to a fixed count write them; the original masks such rows out. Image 9
+    # counts its boxes without the padding, 30 with it, 42 has no boxes; 61's second of 3 regions is zero.
+    write_npz(npz_path(raw_vqa_dir, "train2014", 9), zero_padded(raw_region_features(9, 3), 10), raw_boxes(9, 3))
+    write_npz(
+        npz_path(raw_vqa_dir, "train2014", 30),
+        zero_padded(raw_region_features(30, 5), 8),
+        zero_padded(raw_boxes(30, 5), 8),
+    )
+    np.savez(npz_path(raw_vqa_dir, "train2014", 42), x=zero_padded(raw_region_features(42, 2), 6).T)
+    inner_zero = raw_region_features(61, 3)
+    inner_zero[1] = 0
+    write_npz(npz_path(raw_vqa_dir, "train2014", 61), inner_zero, raw_boxes(61, 3))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    assert report["problems"] == []
+    rows = image_rows(tmp_path / "prepared")
+    for image_id, num_regions in ((9, 3), (30, 5), (42, 2)):
+        assert rows[image_id]["num_regions"] == num_regions
+        expected = raw_region_features(image_id, num_regions).astype(np.float16)
+        np.testing.assert_array_equal(stored_features(rows[image_id]), expected)
+    assert rows[30]["boxes"] == raw_boxes(30, 5).tolist()
+    assert rows[61]["num_regions"] == 3
+
+
+@pytest.mark.parametrize(
+    ("features", "extra", "reason"),
+    [
+        (zero_padded(raw_region_features(9, 3), 10), {"num_bbox": np.array(5)}, "10 feature rows (3 before their "
+         "zero padding) but num_bbox counts 5"),
+        (raw_region_features(9, 3), {"bbox": raw_boxes(9, 4)}, "3 feature rows but boxes counts 4"),
+        (np.zeros((4, RAW_FEATURE_SIZE), np.float32), {}, "all its 4 feature rows are zero, which marks padding"),
+    ],
+)  # fmt: skip
+def test_region_counts_that_disagree_or_all_zero_features_are_problems(raw_vqa_dir, tmp_path, features, extra, reason):
+    np.savez(npz_path(raw_vqa_dir, "train2014", 9), x=features.T, **extra)
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert report["problems"][0]["reason"] == reason
+    assert report["splits"]["train"] == {"questions": 24, "kept": 21}
+
+
+def test_hidden_npz_files_are_not_read(raw_vqa_dir, tmp_path):
+    # macOS adds a `._<name>` beside every file of an archive it makes; the original's glob skips them too.
+    for path in list((raw_vqa_dir / "coco_extract").rglob("*.npz")):
+        path.with_name(f"._{path.name}").write_bytes(b"Mac OS X resource fork")
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", strict=True)
+    assert report["problems"] == [] and report["images"]["converted"] == 15
+
+
+def test_an_unusable_image_read_again_from_another_source_is_kept(raw_vqa_dir, tmp_path):
+    npz_path(raw_vqa_dir, "train2014", 9).write_bytes(b"not a zip archive")
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text(tsv_line(9, 3))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=tsv_path)
+    assert report["problem_counts"] == {"unreadable": 1}
+    assert report["images"]["converted"] == 15 and report["images"]["left_out"] == 0
+    assert report["splits"]["train"] == {"questions": 24, "kept": 24}
+
+
 def test_image_sizes_stored_as_one_element_arrays_are_read(raw_vqa_dir, tmp_path):
     # As some feature extractors write them; NumPy 2 refuses int() of such an array.
     features = raw_region_features(9, 3)
@@ -484,6 +548,14 @@ def test_missing_tsv_file_stops_with_its_path(raw_vqa_dir, tmp_path):
         prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tmp_path / "nowhere.tsv"])
 
 
+def test_a_tsv_folder_is_refused_before_any_image_is_converted(raw_vqa_dir, tmp_path):
+    # The official trainval_36.zip unpacks to a folder of .tsv files.
+    (tmp_path / "trainval_36").mkdir()
+    message = f"feature file {tmp_path / 'trainval_36'} is a folder: name the .tsv files in it"
+    with pytest.raises(IsADirectoryError, match=re.escape(message)):
+        prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tmp_path / "trainval_36"])
+
+
 def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):
     for name in (
         "VG_questions.json",
@@ -501,6 +573,12 @@ def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):
     # The test questions still count for the question vocabulary, as in the original.
     vocabulary = RWSANProcessor.from_pretrained(str(tmp_path / "prepared" / "processor")).tokenizer.get_vocab()
     assert "sky" in vocabulary and "smiling" not in vocabulary
+    # Loading a skipped split says why it is not there.
+    message = f"test was skipped when prepared: {report['skipped_splits']['test']}"
+    with pytest.raises(
+        ValueError, match=r"Unknown split 'test' in 'train\+test'; .* has train, val; " + re.escape(message)
+    ):
+        load_vqa_dataset(tmp_path / "prepared", "train+test")
 
 
 def test_splits_of_which_no_image_has_features_are_skipped_and_strict_works(raw_vqa_dir, tmp_path, capsys):
@@ -597,27 +675,66 @@ def test_repeated_and_mismatched_records_are_reported_and_the_first_kept(raw_vqa
         prepare(raw_vqa_dir, tmp_path / "strict", strict=True)
 
 
+def eval_split_message(split: str, num_dropped: int, num_questions: int, problems: str) -> str:
+    return (
+        f"{split}: {num_dropped} of its {num_questions} questions would be left out ({problems}); an evaluation split "
+        "needs every question, pass --allow_incomplete_eval_splits to leave them out"
+    )
+
+
 @pytest.mark.parametrize(
     ("folder", "image_id", "split", "num_questions"), [("val2014", 164, "val", 12), ("test2015", 57, "test", 3)]
 )
-def test_eval_questions_without_features_stop_unless_allowed(
-    raw_vqa_dir, tmp_path, folder, image_id, split, num_questions
+def test_eval_questions_without_feature_files_stop_before_any_image_is_converted_unless_allowed(
+    raw_vqa_dir, tmp_path, monkeypatch, folder, image_id, split, num_questions
 ):
     npz_path(raw_vqa_dir, folder, image_id).unlink()
     num_missing = 3 if split == "val" else 1
     questions_path = raw_vqa_dir / "vqa" / f"v2_OpenEnded_mscoco_{folder}_questions.json"
-    message = (
-        f"{split}: {num_missing} of its {num_questions} questions have no usable image features ({num_missing} x "
-        f"missing_image (first: {questions_path}: its image {image_id} has no features)); an evaluation split needs "
-        "every question, pass --allow_incomplete_eval_splits to leave them out"
-    )
-    with pytest.raises(ValueError, match=re.escape(message)):
+    problems = f"{num_missing} x missing_image (first: {questions_path}: its image {image_id} has no features)"
+    decoded = []
+    decode_image = prepare_vqa_module.decode_image
+    monkeypatch.setattr(prepare_vqa_module, "decode_image", lambda *args: decoded.append(1) or decode_image(*args))
+    with pytest.raises(ValueError, match=re.escape(eval_split_message(split, num_missing, num_questions, problems))):
         prepare(raw_vqa_dir, tmp_path / "prepared")
-    assert not (tmp_path / "prepared").exists()
+    assert not decoded and not (tmp_path / "prepared").exists()
 
     report = prepare(raw_vqa_dir, tmp_path / "prepared", allow_incomplete_eval_splits=True)
     assert report["splits"][split] == {"questions": num_questions, "kept": num_questions - num_missing}
     assert report["problem_counts"] == {"missing_image": num_missing}
+
+
+def test_eval_questions_of_unusable_images_stop_once_the_images_are_converted(raw_vqa_dir, tmp_path):
+    path = npz_path(raw_vqa_dir, "val2014", 164)
+    path.write_bytes(b"not a zip archive")
+    questions_path = raw_vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    problems = f"3 x missing_image (first: {questions_path}: its image 164 was left out (unreadable: {path}))"
+    with pytest.raises(ValueError, match=re.escape(eval_split_message("val", 3, 12, problems))):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_val_questions_without_their_annotation_stop_unless_allowed(raw_vqa_dir, tmp_path):
+    annotations_path = raw_vqa_dir / "vqa" / VAL_ANNOTATIONS_FILE
+    questions_path = raw_vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    annotations = json.loads(annotations_path.read_text())["annotations"]
+    dropped, moved = annotations[0], annotations[1]
+
+    def drop_the_first_and_move_the_second(content):
+        del content["annotations"][0]
+        content["annotations"][0]["image_id"] = 77
+
+    edit_json(annotations_path, drop_the_first_and_move_the_second)
+    problems = (
+        f"1 x missing_annotation (first: {questions_path}: question {dropped['question_id']} has no annotation in "
+        f"{annotations_path}), 1 x image_mismatch (first: {annotations_path}: the annotation of question "
+        f"{moved['question_id']} is about image 77, the question in {questions_path} about image {moved['image_id']})"
+    )
+    with pytest.raises(ValueError, match=re.escape(eval_split_message("val", 2, 12, problems))):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", allow_incomplete_eval_splits=True)
+    assert report["splits"]["val"] == {"questions": 12, "kept": 10}
 
 
 def test_existing_output_is_refused_without_overwrite(raw_vqa_dir, tmp_path):

@@ -72,6 +72,20 @@ class RWSANConfig(PreTrainedConfig):
     """
 
     model_type = "rwsan"
+    # The outputs of `RWSANForVQA` beside the loss and logits, which the `Trainer`'s evaluation and prediction leave
+    # out (they would be gathered over the whole split, and `compute_metrics` would get them with the logits).
+    keys_to_ignore_at_inference = [
+        "pooler_output",
+        "question_last_hidden_state",
+        "image_last_hidden_state",
+        "question_hidden_states",
+        "image_hidden_states",
+        "question_attentions",
+        "image_attentions",
+        "guided_attentions",
+        "question_flattening_weights",
+        "image_flattening_weights",
+    ]
 
     vocab_size: int = 20573
     word_embedding_size: int = 300

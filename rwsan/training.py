@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from transformers.utils import is_torch_xla_available, logging
 
 from .data import unpack_image_features
 from .evaluation import compute_vqa_accuracy
-from .modeling_rwsan import RWSANForVQAOutput
 
 logger = logging.get_logger(__name__)
 
@@ -198,9 +197,6 @@ def answer_indices(logits: torch.Tensor, labels=None) -> torch.Tensor:
     """`preprocess_logits_for_metrics`: keep the best answer only, so evaluation memory does not grow with
     questions x answers."""
     return logits.argmax(dim=-1)
-
-
-_OUTPUTS_BESIDE_LOGITS = [output.name for output in fields(RWSANForVQAOutput) if output.name not in ("loss", "logits")]
 
 
 def float16_logits(logits: torch.Tensor, labels=None) -> torch.Tensor:
@@ -553,8 +549,7 @@ class VQATrainer(Trainer):
         if getattr(self.args, "cuda_graphs", False):
             loss, logits = self._graphed_prediction(model, inputs)
             return loss, None if prediction_loss_only else logits, question_ids
-        # Only the logits leave the model: hidden states would be gathered over the whole split.
-        ignore_keys = _OUTPUTS_BESIDE_LOGITS if ignore_keys is None else ignore_keys
+        # Without ignore_keys, the Trainer leaves out the config's keys_to_ignore_at_inference: all but the logits.
         loss, predictions, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         return loss, predictions, question_ids
 

@@ -1,6 +1,7 @@
 """RWSANConfig / RWSANForVQA: numbers against the original, masks, attention paths, loss, saving and loading."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel, AutoModelForVisualQuestionAnswering
 
 from rwsan import RWSANConfig, RWSANForVQA, RWSANModel
-from rwsan.modeling_rwsan import RWSANLowRankAttention
+from rwsan.modeling_rwsan import RWSANLayerNorm, RWSANLowRankAttention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = REPO_ROOT.parent / "shared" / "rwsan-original"
@@ -481,6 +482,34 @@ def test_autocast_bfloat16_stays_finite_and_close(tiny_model):
             mixed = tiny_model(input_ids=input_ids, image_features=image_features.half()).logits
     assert torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed.float(), reference, atol=0.1, rtol=0.05)
+
+
+def test_layer_norm_of_a_float16_model_keeps_deviations_float16_can_hold():
+    # The norm of the centred values is sqrt(511) times their deviation: 5,000 x 22.6 is past float16's 65,504.
+    layer_norm = RWSANLayerNorm(512, eps=1e-6)
+    torch.nn.init.normal_(layer_norm.weight)
+    hidden_states = (torch.randn(2, 512, generator=torch.Generator().manual_seed(0)) * 5000).half()
+    with torch.no_grad():
+        half = layer_norm.half()(hidden_states)
+        reference = layer_norm.float()(hidden_states.float())
+    torch.testing.assert_close(half.float(), reference, atol=2e-2, rtol=1e-2)
+
+
+def test_a_plain_trainer_evaluates_on_the_logits_alone(tiny_model, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from rwsan.modeling_rwsan import RWSANForVQAOutput
+
+    beside_logits = [field.name for field in dataclasses.fields(RWSANForVQAOutput)][2:]
+    assert tiny_model.config.keys_to_ignore_at_inference == beside_logits
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    dataset = [{"input_ids": ids, "image_features": features} for ids, features in zip(input_ids, image_features)]
+    arguments = TrainingArguments(tmp_path, use_cpu=True, report_to="none", per_device_eval_batch_size=2)
+    predictions = Trainer(model=tiny_model, args=arguments).predict(dataset).predictions
+    with torch.no_grad():
+        logits = tiny_model(input_ids=input_ids, image_features=image_features).logits
+    assert isinstance(predictions, np.ndarray)
+    np.testing.assert_allclose(predictions, logits.numpy(), atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -40,7 +40,7 @@ import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from rwsan import RWSANConfig, RWSANForVQA, save_for_pipeline
+from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
 from rwsan.predict import write_predictions
@@ -457,11 +457,9 @@ def main(argv: list[str] | None = None):
                 f"rank {training_args.process_index} of {training_args.world_size}: weights sha256 "
                 f"{weights_fingerprint(trainer.accelerator.unwrap_model(trainer.model))}"
             )
+        # With the pipeline code and `custom_pipelines`: the folder answers questions as a hub repository would.
         trainer.save_model()
         trainer.save_state()
-        if trainer.is_world_process_zero():
-            # Adds the pipeline code and `custom_pipelines`, so the folder answers questions as a hub repo would.
-            save_for_pipeline(trainer.accelerator.unwrap_model(trainer.model), processor, training_args.output_dir)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
     if trainer.is_world_process_zero():

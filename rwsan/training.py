@@ -31,6 +31,8 @@ from transformers.utils import is_torch_xla_available, logging
 
 from .data import unpack_image_features
 from .evaluation import compute_vqa_accuracy
+from .pipeline_rwsan import save_for_pipeline
+from .processing_rwsan import RWSANProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -510,6 +512,16 @@ class VQATrainer(Trainer):
             self.lr_scheduler = paper_lr_scheduler(optimizer or self.optimizer, self.update_steps_per_epoch, self.args)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """`Trainer.save_model`; the run's own folder (not a checkpoint) is saved with the pipeline
+        ([`save_for_pipeline`]) when the processing class is an `RWSANProcessor`, so that `pipeline(model=folder,
+        trust_remote_code=True)` answers questions from it, and from the hub repository `push_to_hub` fills: that
+        saves the model again before it uploads, which would otherwise leave the pipeline out of config.json."""
+        super().save_model(output_dir, _internal_call)
+        final_folder = output_dir is None or Path(output_dir).resolve() == Path(self.args.output_dir).resolve()
+        if final_folder and self.args.should_save and isinstance(self.processing_class, RWSANProcessor):
+            save_for_pipeline(self.accelerator.unwrap_model(self.model), self.processing_class, self.args.output_dir)
 
     def create_model_card(self, **kwargs):
         """Keeps a model card already in the output folder (train_vqa.py writes one with the VQA accuracy of each

@@ -405,6 +405,7 @@ class FakeHub:
     def __init__(self):
         self.uploads: list[list[str]] = []
         self.model_cards: list[str] = []
+        self.configs: list[dict] = []
 
     def create_repo(self, repo_name, **kwargs):
         return SimpleNamespace(repo_id=f"user/{repo_name}")
@@ -415,6 +416,7 @@ class FakeHub:
             sorted(path.name for path in folder.iterdir() if not any(fnmatch(path.name, p) for p in ignore_patterns))
         )
         self.model_cards.append((folder / "README.md").read_text())
+        self.configs.append(json.loads((folder / "config.json").read_text()))
 
 
 def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepared_vqa, tmp_path, monkeypatch):
@@ -431,6 +433,11 @@ def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepa
     assert not [name for name in hub.uploads[-1] if name.startswith(("predictions_", "logits_", "question_ids_"))]
     assert "| accuracy |" in hub.model_cards[-1] and "generated_from_trainer" not in hub.model_cards[-1]
     assert 'pipeline(model="user/run", trust_remote_code=True)' in hub.model_cards[-1]
+    # What that line of the card needs: the pipeline's code, named in config.json (`push_to_hub` saves the model
+    # again before it uploads).
+    assert {"pipeline_rwsan.py", "processor_config.json"} <= set(hub.uploads[-1])
+    assert hub.configs[-1]["custom_pipelines"]["rwsan-vqa-features"]["impl"] == "pipeline_rwsan.RWSANVQAPipeline"
+    assert "custom_pipelines" in json.loads((output / "config.json").read_text())
     assert (output / "predictions_test.json").exists()  # the default --predict_split: the whole test set
 
 

@@ -52,7 +52,8 @@ from rwsan.training import (
     VQATrainer,
     VQATrainingArguments,
     answer_indices,
-    float16_logits,
+    answers_and_float16_logits,
+    checkpoint_folders,
     vqa_metrics,
 )
 
@@ -61,7 +62,7 @@ TOY_CACHE = Path(".cache") / "toy_vqa"
 # The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 1M parameters instead
 # of 19.5M) on the toy set, so that it trains on two CPU cores in minutes. The schedule keeps the paper's shape
 # (warm-up, then two decays) over 10 epochs; everything here can be overridden on the command line.
-TOY_ARGUMENTS = [
+TOY_MODEL_SIZES = [
     "--hidden_size", "128",
     "--intermediate_size", "256",
     "--word_embedding_size", "64",
@@ -69,15 +70,21 @@ TOY_ARGUMENTS = [
     "--flat_output_size", "256",
     "--num_srwsa_repeats", "1",
     "--num_sgrwsa_repeats", "1",
-    "--num_train_epochs", "10",
-    "--learning_rate", "1e-3",
+]  # fmt: skip
+TOY_SCHEDULE = [
     "--warmup_epochs", "1",
     "--lr_decay_epochs", "8", "9",
+]  # fmt: skip
+TOY_TRAINING_ARGUMENTS = [
+    "--num_train_epochs", "10",
+    "--learning_rate", "1e-3",
     "--logging_steps", "50",
     "--save_total_limit", "2",
+    "--overwrite_output_dir",
     "--use_cpu",
     "--output_dir", "runs/toy",
 ]  # fmt: skip
+TOY_ARGUMENTS = TOY_MODEL_SIZES + TOY_SCHEDULE + TOY_TRAINING_ARGUMENTS
 
 
 @dataclass
@@ -214,8 +221,10 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
 
 def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWSANForVQA:
     if model_args.model_name_or_path:
+        # The one config override a trained model takes (main refuses the sizes): dropout is a training choice.
+        dropout = {} if model_args.dropout is None else {"dropout": model_args.dropout}
         model = RWSANForVQA.from_pretrained(
-            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation
+            model_args.model_name_or_path, attn_implementation=model_args.attn_implementation, **dropout
         )
     else:
         config = RWSANConfig(
@@ -324,15 +333,25 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
     """The three argument groups, and whether this is the toy run (no --dataset_dir): then `TOY_ARGUMENTS` come
     first, as defaults the command line overrides. Options cannot be abbreviated: `--dataset_d` would otherwise
     name --dataset_dir to the parser but not to the toy check."""
-    given, _ = HfArgumentParser(DataArguments, allow_abbrev=False, add_help=False).parse_known_args(argv)
-    toy = given.dataset_dir is None
+    given_data, given_model, given_training = (
+        HfArgumentParser(arguments, allow_abbrev=False, add_help=False).parse_known_args(argv)[0]
+        for arguments in (DataArguments, ModelArguments, VQATrainingArguments)
+    )
+    toy = given_data.dataset_dir is None
+    # A model given brings its own sizes, and the Trainer's schedule takes no epochs of the paper's.
+    toy_arguments = (
+        ([] if given_model.model_name_or_path else TOY_MODEL_SIZES)
+        + (TOY_SCHEDULE if given_training.paper_schedule else [])
+        + TOY_TRAINING_ARGUMENTS
+    )
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, VQATrainingArguments),
         allow_abbrev=False,
         description=__doc__,
         epilog=textwrap.fill(
             "Without --dataset_dir (the toy run), these come before the options given, and override the defaults "
-            f"shown: {' '.join(TOY_ARGUMENTS)}",
+            f"shown: {' '.join(TOY_ARGUMENTS)} (the sizes only without --model_name_or_path, the epochs of the "
+            "schedule only without --paper_schedule false)",
             width=100,
             break_on_hyphens=False,
         ),
@@ -341,7 +360,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
     try:
         # No `train_vqa.args` file either: its arguments would come before the toy ones, unseen by the toy check.
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-            (TOY_ARGUMENTS if toy else []) + argv, look_for_args_file=False
+            (toy_arguments if toy else []) + argv, look_for_args_file=False
         )
     except ValueError as error:  # an inconsistent combination, found by VQATrainingArguments
         raise UsageError(str(error)) from error
@@ -358,6 +377,37 @@ def main(argv: list[str] | None = None):
         )
     if data_args.save_logits and not training_args.do_predict:
         raise UsageError("--save_logits keeps the scores of --do_predict's answers; give --do_predict too")
+    if data_args.predict_split != "test" and not training_args.do_predict:
+        raise UsageError(f"--predict_split {data_args.predict_split} is the split --do_predict answers; give it too")
+    if training_args.resume_from_checkpoint and not training_args.do_train:
+        raise UsageError("--resume_from_checkpoint resumes training; with --do_train false, use --model_name_or_path")
+    earlier_checkpoints = []
+    if training_args.do_train and not training_args.resume_from_checkpoint:
+        earlier_checkpoints = list(checkpoint_folders(training_args.output_dir).values())
+    if earlier_checkpoints and not training_args.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
+            f"({', '.join(path.name for path in earlier_checkpoints)}): a new run's would mix with them, and "
+            "--resume_from_checkpoint last could take theirs. Resume that run with --resume_from_checkpoint last, "
+            "start afresh with --overwrite_output_dir (which deletes them), or choose another --output_dir"
+        )
+    evaluation_loop_options = {
+        "--prediction_loss_only": training_args.prediction_loss_only,
+        "--eval_do_concat_batches false": not training_args.eval_do_concat_batches,
+        "--batch_eval_metrics": training_args.batch_eval_metrics,
+    }
+    for option, given in evaluation_loop_options.items():
+        if given:
+            raise UsageError(
+                f"{option} changes what evaluation and prediction hand on, and the VQA accuracy and the predictions "
+                "file need every question's answer at once"
+            )
+    sizes = sorted(set(model_args.config_overrides()) - {"dropout"})
+    if sizes and model_args.model_name_or_path:
+        raise UsageError(
+            f"{', '.join('--' + name for name in sizes)} size a new model; {model_args.model_name_or_path} has its "
+            "own (give them without --model_name_or_path)"
+        )
     if model_args.glove_path and model_args.model_name_or_path:
         raise UsageError(
             "--glove_path initialises the word embedding of a new model; with --model_name_or_path it would "
@@ -447,6 +497,11 @@ def main(argv: list[str] | None = None):
             resume = get_last_checkpoint(training_args.output_dir)
             if resume is None:
                 raise UsageError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+        # Only now, with everything checked: a refused run deletes nothing.
+        with training_args.main_process_first(local=False, desc="deleting the earlier run's checkpoints"):
+            if training_args.process_index == 0:
+                for path in earlier_checkpoints:
+                    shutil.rmtree(path)
         try:
             train_result = trainer.train(resume_from_checkpoint=resume)
         except ResumeError as error:
@@ -476,7 +531,10 @@ def main(argv: list[str] | None = None):
             model_id = getattr(trainer, "hub_model_id", None) or output_dir.name
             # The toy set is no hub dataset: the card names none.
             datasets = () if toy else ("vqa_v2",)
-            write_model_card(output_dir, model.config, provenance, metrics, model_id, datasets=datasets)
+            evaluated_split = data_args.eval_split if eval_dataset is not None else None
+            write_model_card(
+                output_dir, model.config, provenance, metrics, model_id, datasets=datasets, eval_split=evaluated_split
+            )
     if training_args.push_to_hub and training_args.do_train:
         # Before the prediction files are written: the upload takes the whole output folder.
         trainer.push_to_hub()
@@ -484,11 +542,10 @@ def main(argv: list[str] | None = None):
     if predict_dataset is not None:
         trainer.compute_metrics = None  # test splits have no answers to score against
         if data_args.save_logits:
-            trainer.preprocess_logits_for_metrics = float16_logits
+            trainer.preprocess_logits_for_metrics = answers_and_float16_logits
         prediction = trainer.predict(predict_dataset)
         if trainer.is_world_process_zero():
-            scores = np.asarray(prediction.predictions)
-            indices = scores.argmax(-1) if data_args.save_logits else scores
+            indices, scores = prediction.predictions if data_args.save_logits else (prediction.predictions, None)
             path = output_dir / f"predictions_{data_args.predict_split}.json"
             write_predictions(prediction.label_ids, indices, model.config.id2label, path)
             if data_args.save_logits:

@@ -60,12 +60,14 @@ def write_model_card(
     model_id: str | None = None,
     license: str = "apache-2.0",
     datasets: tuple[str, ...] = ("vqa_v2",),
+    eval_split: str | None = None,
 ) -> Path:
     """A hub model card (README.md with metadata) for an RWSANForVQA folder.
 
     `provenance` is a sentence saying where the weights come from ("trained with ... on ...", "converted from ...").
     `license` is the weights' license, and `datasets` the hub datasets they were trained on (none: the metadata
     names none), as the hub names them.
+    `eval_split` names the split the accuracies were measured on.
     `model_id` is what the usage example loads: the hub repository, or by default the folder's name (give the final
     name where the card is written in a folder that is renamed afterwards).
     """
@@ -116,7 +118,7 @@ It answers questions about an image from its precomputed bottom-up-attention reg
 {json.dumps(sizes, indent=2)}
 ```
 
-## Results (official VQA accuracy, %)
+## Results{f" on `{eval_split}`" if eval_split else ""} (VQA accuracy in %, as the original's vqaEval.py computes it)
 
 | metric | value |
 | --- | --- |

@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,14 @@ class VQATrainingArguments(TrainingArguments):
         metadata={"help": "Completed epochs after which the rate is multiplied by --lr_decay_rate (paper: 12 14)."},
     )
     lr_decay_rate: float = field(default=0.2, metadata={"help": "Multiplier at each decay epoch (paper: 0.2)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train afresh in an output_dir holding checkpoints of an earlier run, deleting them first "
+            "(without it such a run is refused: its checkpoints would mix with the earlier ones, and "
+            "--resume_from_checkpoint last could take theirs)."
+        },
+    )
     paper_schedule: bool = field(
         default=True,
         metadata={
@@ -130,6 +138,13 @@ class VQATrainingArguments(TrainingArguments):
                     f"{', '.join(given)} shape the Trainer's learning-rate schedule, which the paper's replaces; "
                     "give --paper_schedule false to use them"
                 )
+        else:
+            given = [f"--{name}" for name in PAPER_SCHEDULE_OPTIONS if getattr(self, name) != _default_of(name)]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} shape the paper's learning-rate schedule, which --paper_schedule false "
+                    "replaces with the Trainer's (--lr_scheduler_type, --warmup_steps)"
+                )
         if self.label_smoothing_factor:
             raise ValueError(
                 "--label_smoothing_factor smooths class labels; VQA's labels are soft answer scores already, "
@@ -157,6 +172,15 @@ class VQATrainingArguments(TrainingArguments):
             for what, given in unsupported.items():
                 if given:
                     raise ValueError(f"--cuda_graphs does not work with {what}")
+
+
+PAPER_SCHEDULE_OPTIONS = ("warmup_epochs", "lr_decay_epochs", "lr_decay_rate")
+
+
+def _default_of(name: str):
+    """The default of a `VQATrainingArguments` field."""
+    default = VQATrainingArguments.__dataclass_fields__[name]
+    return default.default_factory() if default.default_factory is not MISSING else default.default
 
 
 def _names_non_blocking(accelerator_config) -> bool:
@@ -201,9 +225,11 @@ def answer_indices(logits: torch.Tensor, labels=None) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def float16_logits(logits: torch.Tensor, labels=None) -> torch.Tensor:
-    """`preprocess_logits_for_metrics` for keeping the scores (for ensembling): half the memory of float32."""
-    return logits.half()
+def answers_and_float16_logits(logits: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`preprocess_logits_for_metrics` for keeping the scores (for ensembling) in half the memory of float32, with
+    the best answers taken from the logits as they came: float16 rounds near-ties to equal scores, whose argmax
+    would then differ from `answer_indices`'."""
+    return answer_indices(logits), logits.half()
 
 
 class RegionGroupedSampler(LengthGroupedSampler):
@@ -639,13 +665,19 @@ class StopOnNonFiniteLoss(TrainerCallback):
 def last_checkpoint_before(output_dir: str | os.PathLike, step: int, start_step: int) -> str | None:
     """The Trainer's checkpoint folder in `output_dir` with the highest step below `step`, or at `start_step` (the
     one a run resumed from), or None."""
+    steps = checkpoint_folders(output_dir)
+    eligible = [checkpoint_step for checkpoint_step in steps if checkpoint_step < step or checkpoint_step == start_step]
+    return str(steps[max(eligible)]) if eligible else None
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> dict[int, Path]:
+    """The Trainer's checkpoint folders in `output_dir`, by step, in step order."""
     folder = Path(output_dir)
     if not folder.is_dir():
-        return None
-    steps = [
-        int(match.group(1))
+        return {}
+    steps = {
+        int(match.group(1)): path
         for path in folder.iterdir()
         if path.is_dir() and (match := _CHECKPOINT_NAME.match(path.name)) is not None
-    ]
-    eligible = [checkpoint_step for checkpoint_step in steps if checkpoint_step < step or checkpoint_step == start_step]
-    return str(folder / f"{PREFIX_CHECKPOINT_DIR}-{max(eligible)}") if eligible else None
+    }
+    return dict(sorted(steps.items()))

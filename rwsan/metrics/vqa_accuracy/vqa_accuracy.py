@@ -60,7 +60,8 @@ class VqaAccuracy(evaluate.Metric):
                     "references": datasets.Sequence(datasets.Value("string")),
                 }
             ),
-            reference_urls=["https://visualqa.org/evaluation.html"],
+            # The script this metric reproduces, then the task's page (which describes the current script).
+            reference_urls=["https://github.com/BrightQin/RWSAN", "https://visualqa.org/evaluation.html"],
         )
 
     def _compute(self, predictions, references, answer_types=None):

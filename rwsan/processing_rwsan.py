@@ -511,15 +511,16 @@ class RWSANProcessor(ProcessorMixin):
         """
         id2label = self._require_answer_vocabulary("post_process")
         top_k = checked_top_k(top_k)
-        scores = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float32).sigmoid()
-        if scores.ndim != 2 or scores.shape[1] != len(id2label):
-            raise ValueError(f"logits must have shape (batch_size, {len(id2label)}), got {tuple(scores.shape)}")
-        if scores.isnan().any():
+        logits = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float32)
+        if logits.ndim != 2 or logits.shape[1] != len(id2label):
+            raise ValueError(f"logits must have shape (batch_size, {len(id2label)}), got {tuple(logits.shape)}")
+        if logits.isnan().any():
             raise ValueError("logits contain NaN values")
-        top_scores, top_ids = scores.topk(min(top_k, len(id2label)), dim=-1)
+        # Ranked by logit: the sigmoid rounds every logit above about 17 to a score of 1.0, ties in any order.
+        top_logits, top_ids = logits.topk(min(top_k, len(id2label)), dim=-1)
         return [
             [{"answer": id2label[label_id], "score": score} for score, label_id in zip(row_scores, row_ids)]
-            for row_scores, row_ids in zip(top_scores.tolist(), top_ids.tolist())
+            for row_scores, row_ids in zip(top_logits.sigmoid().tolist(), top_ids.tolist())
         ]
 
     def _encode_questions(self, questions: Sequence[str], padding: str) -> dict[str, np.ndarray]:

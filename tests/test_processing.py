@@ -472,6 +472,13 @@ def test_post_process(processor):
     assert [prediction["score"] for prediction in everything[0]] == pytest.approx([0.9, 0.75, 0.5, 0.25, 0.1])
 
 
+def test_post_process_ranks_confident_answers_by_logit(processor):
+    # Both sigmoids round to 1.0 in float32; the answer is the one with the higher logit, as argmax gives it.
+    top2 = processor.post_process(torch.tensor([[17.0, 0.0, 0.0, 25.0, 0.0], [25.0, 0.0, 0.0, 17.0, 0.0]]), top_k=2)
+    assert [[prediction["answer"] for prediction in row] for row in top2] == [["3", "yes"], ["yes", "3"]]
+    assert top2[0][0]["score"] == 1.0
+
+
 def test_post_process_rejects_nan_logits(processor):
     with pytest.raises(ValueError, match="logits contain NaN values"):
         processor.post_process(torch.tensor([[0.0, math.nan, 0.0, 0.0, 0.0]]))

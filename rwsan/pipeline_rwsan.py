@@ -10,12 +10,14 @@ import os
 import zipfile
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
+from transformers.utils.hub import hf_api
 
 from .processing_rwsan import HALF_CHARACTER, check_processor_fits_model, checked_top_k, is_text, no_regions_fault
 
@@ -27,6 +29,8 @@ TASK = "vqa-features"
 # and has registered TASK itself; this way `pipeline("vqa-features", model=folder)` runs the installed code, and
 # `pipeline(model=folder, trust_remote_code=True)` (task read off the config) runs the folder's copy.
 SAVED_TASK = "rwsan-vqa-features"
+# What `save_pretrained(push_to_hub=True)` takes for the upload, as `PreTrainedModel.save_pretrained` does.
+_HUB_OPTIONS = ("repo_id", "commit_message", "token", "private", "revision", "create_pr")
 ALL_WORDS_UNKNOWN_WARNING = "all question words are unknown to the vocabulary"
 INPUT_KEYS = ("question", "image_features", "boxes")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "image_features", "image_attention_mask")
@@ -176,13 +180,18 @@ class RWSANVQAPipeline(Pipeline):
             inputs = [_NumberedInput(index, item) for index, item in enumerate(inputs)]
         return super().__call__(inputs, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Saves the model with `custom_pipelines` in its config.json and this file beside it, and the processor,
-        so that `pipeline(model=save_directory, trust_remote_code=True)` works without the `rwsan` package.
+        so that `pipeline(model=save_directory, trust_remote_code=True)` works without the `rwsan` package. With
+        `push_to_hub`, the folder is then uploaded whole in one commit (`repo_id`, by default the folder's name,
+        `commit_message`, `token`, `private`, `revision`, `create_pr` as `PreTrainedModel.save_pretrained` takes
+        them): the base class would push the model and the tokenizer each with the files it wrote, leaving the
+        processor and the pipeline's code off the hub.
 
         The model's own config is left as it was: the base class sets `custom_pipelines` on it, and every later
         `model.save_pretrained` (a training checkpoint, say) would then name a pipeline file it does not write.
         """
+        hub_options = {name: kwargs.pop(name) for name in _HUB_OPTIONS if name in kwargs}
         # The base class writes `custom_pipelines` from the class's registration, one entry per task name.
         register_pipeline()
         self._registered_impl = {SAVED_TASK: PIPELINE_REGISTRY.supported_tasks[TASK]}
@@ -198,6 +207,30 @@ class RWSANVQAPipeline(Pipeline):
             elif hasattr(config, "custom_pipelines"):
                 del config.custom_pipelines
         self.processor.save_pretrained(save_directory)
+        if push_to_hub:
+            self._upload_folder(save_directory, **hub_options)
+
+    def _upload_folder(
+        self,
+        save_directory,
+        repo_id: str | None = None,
+        commit_message: str | None = None,
+        token: bool | str | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ):
+        repo_id = repo_id or Path(save_directory).resolve().name
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        self._upload_modified_files(
+            save_directory,
+            repo_id,
+            {},
+            commit_message=commit_message,
+            token=token,
+            create_pr=create_pr,
+            revision=revision,
+        )
 
     def get_iterator(self, *args, **kwargs):
         # Batches are padded on the tokenizer's padding_side, read when the iterator is made; RWSAN's questions and

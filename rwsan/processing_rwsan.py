@@ -10,6 +10,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
-from transformers.utils import logging
+from transformers.utils import PROCESSOR_NAME, logging
 
 from .configuration_rwsan import checked_answer_vocabulary
 
@@ -412,6 +413,19 @@ class RWSANProcessor(ProcessorMixin):
         self.max_question_length = max_question_length
         self.max_regions = max_regions
         self.image_feature_size = image_feature_size
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """`ProcessorMixin.from_pretrained`. A local folder without `processor_config.json` (a model saved without
+        its processor, say) is refused by name: loading would otherwise fail on the tokenizer, with an error that
+        asks for sentencepiece."""
+        folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        if folder.is_dir() and not (folder / PROCESSOR_NAME).is_file():
+            raise OSError(
+                f"{folder} has no {PROCESSOR_NAME}, so no RWSANProcessor to load (a model saved without it?); save "
+                f"one there with processor.save_pretrained({str(folder)!r})"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -3,6 +3,7 @@ inputs, and loading a saved folder with and without the `rwsan` package."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -458,6 +459,14 @@ def test_pipeline_factory_loads_a_folder_saved_without_the_pipeline(model, proce
     loaded = pipeline("vqa-features", model=str(tmp_path), device="cpu")
     assert type(loaded) is RWSANVQAPipeline
     assert_same_answers(loaded(item), vqa(item))
+
+
+def test_a_folder_without_the_processor_is_refused_by_name(model, tmp_path):
+    register_for_tests()
+    model.save_pretrained(tmp_path)
+    message = f"{tmp_path} has no processor_config.json, so no RWSANProcessor to load"
+    with pytest.raises(OSError, match=re.escape(message)):
+        pipeline("vqa-features", model=str(tmp_path), device="cpu")
 
 
 def test_saved_folder_runs_where_rwsan_cannot_be_imported(saved_folder, vqa, tmp_path):

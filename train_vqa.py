@@ -7,7 +7,7 @@ cached), on the CPU, in a few minutes:
 
 On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
 
-    # train on train, evaluate on val after every epoch (official VQA accuracy)
+    # train on train, evaluate on val after every epoch (VQA accuracy as RWSAN's evaluation script computes it)
     python train_vqa.py --dataset_dir data/vqa-prepared --train_split train --output_dir runs/train
     # train on train+val+vg, then answer the test set for the evaluation server
     python train_vqa.py --dataset_dir data/vqa-prepared --train_split train+val+vg --output_dir runs/full \\

@@ -1,11 +1,12 @@
-"""Score a VQA-v2 result file with the official accuracy and print it as the original RWSAN code does.
+"""Score a VQA-v2 result file with the VQA accuracy of RWSAN's evaluation script (the VQA API's vqaEval.py before
+GT-Vision-Lab/VQA's commit a013f00) and print it as the original RWSAN code does.
 
     python data_scripts/evaluate_predictions.py --predictions result.json \\
         --questions v2_OpenEnded_mscoco_val2014_questions.json \\
         --annotations v2_mscoco_val2014_annotations.json [--json accuracy.json]
 
-The result file is the official format, a list of `{"question_id": ..., "answer": ...}`; it must answer
-exactly the annotated questions. With `--json`, the official accuracy dict (`overall`, `perQuestionType`,
+The result file is in the evaluation server's format, a list of `{"question_id": ..., "answer": ...}`; it must answer
+exactly the annotated questions. With `--json`, the script's accuracy dict (`overall`, `perQuestionType`,
 `perAnswerType`, in percent) is written there too.
 """
 
@@ -38,7 +39,7 @@ def _require(condition: bool, path: Path, expected: str) -> None:
 
 
 def print_accuracy_report(accuracy: dict[str, Any]) -> None:
-    """Print the lines the original `train/execution.py` prints after the official evaluation."""
+    """Print the lines the original `train/execution.py` prints after its evaluation."""
     print("\n")
     print(f"Overall Accuracy is: {accuracy['overall']:.02f}\n")
     print("Per Answer Type Accuracy is the following:")
@@ -57,11 +58,15 @@ def _write_json(path: Path, content: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--predictions", type=Path, required=True, help="official result file")
-    parser.add_argument("--questions", type=Path, required=True, help="official question file")
-    parser.add_argument("--annotations", type=Path, required=True, help="official annotation file")
-    parser.add_argument("--json", type=Path, help="also write the official accuracy dict to this file")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--predictions", type=Path, required=True, help="result file, in the evaluation server's format"
+    )
+    parser.add_argument("--questions", type=Path, required=True, help="VQA-v2 question file")
+    parser.add_argument("--annotations", type=Path, required=True, help="VQA-v2 annotation file")
+    parser.add_argument(
+        "--json", type=Path, help="also write the accuracy dict (overall, perQuestionType, perAnswerType) to this file"
+    )
     args = parser.parse_args(argv)
 
     try:

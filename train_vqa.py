@@ -151,10 +151,10 @@ class DataArguments:
             "to move between processes and to the GPU (faster loading with workers on a GPU)."
         },
     )
-    toy_num_images: int = field(default=2000, metadata={"help": "Images of the built-in toy set."})
+    toy_num_images: int = field(default=2000, metadata={"help": "Images of the built-in toy set (10 or more)."})
     # More questions per image than VQA-v2's ~5: they cost no feature storage, and a model that sees each image
     # asked many things learns to read it rather than memorise it.
-    toy_questions_per_image: int = field(default=20, metadata={"help": "Questions per image of the toy set."})
+    toy_questions_per_image: int = field(default=20, metadata={"help": "Questions per image of the toy set (1 to 20)."})
     toy_seed: int = field(default=0, metadata={"help": "Seed of the built-in toy set."})
 
 
@@ -440,9 +440,14 @@ def main(argv: list[str] | None = None):
 
     if toy:
         with training_args.main_process_first(desc="toy VQA set"):
-            data_args.dataset_dir = str(
-                prepare_toy_dataset(data_args.toy_num_images, data_args.toy_questions_per_image, data_args.toy_seed)
-            )
+            try:
+                data_args.dataset_dir = str(
+                    prepare_toy_dataset(data_args.toy_num_images, data_args.toy_questions_per_image, data_args.toy_seed)
+                )
+            except ValueError as error:
+                raise UsageError(
+                    f"the toy set (--toy_num_images, --toy_questions_per_image, --toy_seed): {error}"
+                ) from None
     try:
         train_dataset, eval_dataset, predict_dataset = load_splits(data_args, training_args)
         reference = train_dataset or eval_dataset or predict_dataset

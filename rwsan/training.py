@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, get_last_checkpoint
 from transformers.utils import is_torch_xla_available, logging
 
 from .data import unpack_image_features
@@ -48,6 +48,10 @@ class VQATrainingArguments(TrainingArguments):
     """
 
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
+    do_eval: bool = field(
+        default=True,
+        metadata={"help": "Evaluate as --eval_strategy says (every epoch); false: never, as --eval_strategy no."},
+    )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
     num_train_epochs: float = field(default=16, metadata={"help": "Training epochs (paper: 16)."})
@@ -119,7 +123,12 @@ class VQATrainingArguments(TrainingArguments):
         # --bf16 there unless told --use_cpu.
         if not self.use_cpu and not torch.accelerator.is_available() and not is_torch_xla_available():
             self.use_cpu = True
+        # The Trainer evaluates by eval_strategy alone, and turns do_eval on from it: false was ignored. Here each
+        # follows the other: do_eval false is eval_strategy no, and eval_strategy no leaves do_eval false.
+        if not self.do_eval:
+            self.eval_strategy = "no"
         super().__post_init__()
+        self.do_eval = self.eval_strategy != IntervalStrategy.NO
         # A blocking copy of each batch to the GPU waits for the steps queued before it: the host could not
         # prepare the next step while the GPU runs this one. Copies from pinned memory need not wait. Only on CUDA,
         # where this is measured and tested: copies to MPS without blocking can silently corrupt data

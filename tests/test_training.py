@@ -319,10 +319,12 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
         "--dataset_dir", str(tiny_prepared_vqa),
         "--output_dir", str(tmp_path / "again"),
         "--model_name_or_path", str(output),
-        "--do_train", "false", "--do_predict", "--predict_split", "test-dev", "--eval_strategy", "no",
+        "--do_train", "false", "--do_predict", "--predict_split", "test-dev", "--do_eval", "false",
         "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
     )  # fmt: skip
     assert json.loads((tmp_path / "again" / "predictions_test-dev.json").read_text()) == predictions
+    # --do_eval false evaluated nothing (the Trainer would have, by --eval_strategy's default, epoch).
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == {}
 
 
 @pytest.mark.parametrize(
@@ -461,6 +463,15 @@ def test_a_dashed_dataset_dir_is_the_dataset_not_the_toy_set(tmp_path, monkeypat
     with pytest.raises(train_vqa.UsageError, match="nonexistent is not a prepared VQA dataset"):
         train_vqa.main(arguments)
     assert not (tmp_path / ".cache").exists()
+
+
+def test_bad_toy_set_options_are_usage_errors(tmp_path, monkeypatch):
+    import train_vqa
+
+    monkeypatch.chdir(tmp_path)
+    message = "the toy set (--toy_num_images, --toy_questions_per_image, --toy_seed): num_images must be between 10"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(["--toy_num_images", "5", "--output_dir", str(tmp_path / "run")])
 
 
 class FakeHub:

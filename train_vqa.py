@@ -329,6 +329,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """The options with their defaults, and the module's docstring with its commands as written."""
 
 
+def _names_a_local_path(name: str) -> bool:
+    """Whether a model name can only be a local path: a hub repository is `name` or `namespace/name`."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQATrainingArguments, bool]:
     """The three argument groups, and whether this is the toy run (no --dataset_dir): then `TOY_ARGUMENTS` come
     first, as defaults the command line overrides. Options cannot be abbreviated: `--dataset_d` would otherwise
@@ -402,6 +407,9 @@ def main(argv: list[str] | None = None):
                 f"{option} changes what evaluation and prediction hand on, and the VQA accuracy and the predictions "
                 "file need every question's answer at once"
             )
+    model_path = model_args.model_name_or_path
+    if model_path and not Path(model_path).exists() and _names_a_local_path(model_path):
+        raise UsageError(f"--model_name_or_path {model_path}: no such folder")
     sizes = sorted(set(model_args.config_overrides()) - {"dropout"})
     if sizes and model_args.model_name_or_path:
         raise UsageError(

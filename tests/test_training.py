@@ -357,6 +357,8 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
             "nothing to do: give --do_train, --do_predict, or --eval_strategy steps or epoch with an --eval_split",
         ),
         (["--glove_path", "glove.txt", "--model_name_or_path", "model"], "--glove_path initialises the word embed"),
+        (["--model_name_or_path", "/nowhere/model"], "--model_name_or_path /nowhere/model: no such folder"),
+        (["--model_name_or_path", "runs/old/model"], "--model_name_or_path runs/old/model: no such folder"),
         (["--lr_scheduler_type", "cosine", "--warmup_steps", "10"], "--lr_scheduler_type, --warmup_steps shape the"),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
         (["--save_logits"], "--save_logits keeps the scores of --do_predict's answers; give --do_predict too"),

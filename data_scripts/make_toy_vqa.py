@@ -18,7 +18,9 @@ predicts the answer badly. Layout of `output_dir`:
                       toy_vqa.unfinished marks a set still being written)
 
 Usage:
-    python data_scripts/make_toy_vqa.py --output_dir datasets --seed 0 --num_images 2000 --num_proc 2
+    # the set train_vqa.py trains on by default
+    python data_scripts/make_toy_vqa.py --output_dir datasets --seed 0 --num_images 2000 --questions_per_image 20 \\
+        --num_proc 2
 """
 
 import argparse
@@ -552,13 +554,32 @@ def make_toy_vqa(
     return output_dir
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", required=True, help="Folder that receives vqa/ and coco_extract/.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_images", type=int, default=2000)
-    parser.add_argument("--feature_size", type=int, default=2048)
-    parser.add_argument("--questions_per_image", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="Fixes the whole set (non-negative).")
+    parser.add_argument(
+        "--num_images",
+        type=int,
+        default=2000,
+        help=f"Images in all ({MIN_NUM_IMAGES} to {MAX_IMAGE_ID}), split 70/15/15 into train, val and test.",
+    )
+    parser.add_argument(
+        "--feature_size",
+        type=int,
+        default=2048,
+        help=f"Values of a region feature (at least {NUM_REGION_CODES}; 2048 in the real features).",
+    )
+    parser.add_argument(
+        "--questions_per_image",
+        type=int,
+        default=5,
+        help=f"Distinct questions per image (1 to {MAX_QUESTIONS_PER_IMAGE}; train_vqa.py's toy set has 20).",
+    )
     parser.add_argument("--num_proc", type=int, default=1, help="Processes that write the feature files.")
     parser.add_argument("--overwrite", action="store_true", help="Replace the toy set in a non-empty output_dir.")
     args = parser.parse_args(argv)

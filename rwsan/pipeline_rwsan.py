@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import create_repo
 from transformers import AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
-from transformers.utils.hub import hf_api
 
 from .processing_rwsan import HALF_CHARACTER, check_processor_fits_model, checked_top_k, is_text, no_regions_fault
 
@@ -183,15 +183,17 @@ class RWSANVQAPipeline(Pipeline):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Saves the model with `custom_pipelines` in its config.json and this file beside it, and the processor,
         so that `pipeline(model=save_directory, trust_remote_code=True)` works without the `rwsan` package. With
-        `push_to_hub`, the folder is then uploaded whole in one commit (`repo_id`, by default the folder's name,
-        `commit_message`, `token`, `private`, `revision`, `create_pr` as `PreTrainedModel.save_pretrained` takes
-        them): the base class would push the model and the tokenizer each with the files it wrote, leaving the
-        processor and the pipeline's code off the hub.
+        `push_to_hub`, the files this save wrote are then uploaded in one commit (`repo_id`, by default the
+        folder's name, `commit_message`, `token`, `private`, `revision`, `create_pr` as
+        `PreTrainedModel.save_pretrained` takes them): the base class would push the model and the tokenizer each
+        with the files it wrote, leaving the processor and the pipeline's code off the hub.
 
         The model's own config is left as it was: the base class sets `custom_pipelines` on it, and every later
         `model.save_pretrained` (a training checkpoint, say) would then name a pipeline file it does not write.
         """
         hub_options = {name: kwargs.pop(name) for name in _HUB_OPTIONS if name in kwargs}
+        # What the folder held before: only what this save writes is uploaded (not a training run's checkpoints).
+        files_before = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
         # The base class writes `custom_pipelines` from the class's registration, one entry per task name.
         register_pipeline()
         self._registered_impl = {SAVED_TASK: PIPELINE_REGISTRY.supported_tasks[TASK]}
@@ -208,11 +210,12 @@ class RWSANVQAPipeline(Pipeline):
                 del config.custom_pipelines
         self.processor.save_pretrained(save_directory)
         if push_to_hub:
-            self._upload_folder(save_directory, **hub_options)
+            self._upload_saved_files(save_directory, files_before, **hub_options)
 
-    def _upload_folder(
+    def _upload_saved_files(
         self,
         save_directory,
+        files_before: dict[str, float],
         repo_id: str | None = None,
         commit_message: str | None = None,
         token: bool | str | None = None,
@@ -221,11 +224,11 @@ class RWSANVQAPipeline(Pipeline):
         create_pr: bool = False,
     ):
         repo_id = repo_id or Path(save_directory).resolve().name
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         self._upload_modified_files(
             save_directory,
             repo_id,
-            {},
+            files_before,
             commit_message=commit_message,
             token=token,
             create_pr=create_pr,

@@ -418,23 +418,27 @@ def test_saved_folder_holds_the_pipeline_code_and_the_processor(saved_folder, mo
     assert not hasattr(model.config, "custom_pipelines")
 
 
-def test_saving_to_the_hub_uploads_the_whole_folder_in_one_commit(vqa, tmp_path, monkeypatch):
+def test_saving_to_the_hub_uploads_what_it_saved_in_one_commit(vqa, tmp_path, monkeypatch):
     commits = []
 
     class FakeHub:
-        def create_repo(self, repo_id, **kwargs):
-            return SimpleNamespace(repo_id=f"user/{repo_id}")
-
         def create_commit(self, repo_id, operations, commit_message, **kwargs):
             commits.append((repo_id, commit_message, sorted(operation.path_in_repo for operation in operations)))
 
     monkeypatch.setattr("transformers.utils.hub.hf_api", FakeHub)
-    monkeypatch.setattr("rwsan.pipeline_rwsan.hf_api", FakeHub)
+    monkeypatch.setattr(
+        "rwsan.pipeline_rwsan.create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=f"user/{repo_id}")
+    )
+    # A training run's folder: its checkpoints and predictions are not this save's to upload.
+    (tmp_path / "shared" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "shared" / "checkpoint-5" / "optimizer.pt").write_bytes(b"state")
+    (tmp_path / "shared" / "predictions_test.json").write_text("[]")
     vqa.save_pretrained(tmp_path / "shared", push_to_hub=True, commit_message="RWSAN")
     [(repo_id, message, files)] = commits
     assert (repo_id, message) == ("user/shared", "RWSAN")
-    assert files == sorted(path.name for path in (tmp_path / "shared").iterdir())
-    assert {"config.json", "model.safetensors", "pipeline_rwsan.py", "processor_config.json"} <= set(files)
+    saved = {"config.json", "model.safetensors", "pipeline_rwsan.py", "processor_config.json", "tokenizer.json"}
+    assert saved <= set(files)
+    assert not [name for name in files if name.startswith(("checkpoint-", "predictions_"))]
 
 
 def test_pipeline_factory_loads_the_saved_folder(saved_folder, vqa):

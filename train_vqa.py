@@ -460,9 +460,7 @@ def main(argv: list[str] | None = None):
         train_dataset, eval_dataset, predict_dataset = load_splits(data_args, training_args)
         reference = train_dataset or eval_dataset or predict_dataset
         if reference is None:
-            raise UsageError(
-                "nothing to do: give --do_train, --do_predict, or --eval_strategy steps or epoch with an --eval_split"
-            )
+            raise UsageError("nothing to do: give --do_train, --do_predict, or --do_eval with an --eval_split")
         processor = reference.processor
         # The cut this run makes (the data may be prepared with longer questions), which the saved processor and
         # the config of a model trained here record.

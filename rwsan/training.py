@@ -48,9 +48,15 @@ class VQATrainingArguments(TrainingArguments):
     """
 
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
-    do_eval: bool = field(
-        default=True,
-        metadata={"help": "Evaluate as --eval_strategy says (every epoch); false: never, as --eval_strategy no."},
+    do_eval: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate: by default as --eval_strategy says (every epoch); false: never; true with "
+            "--eval_strategy no: once, at the end.",
+            # As the parser takes a plain bool option: `--do_eval` alone is true.
+            "nargs": "?",
+            "const": True,
+        },
     )
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device (paper: 64)."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size per device."})
@@ -123,12 +129,15 @@ class VQATrainingArguments(TrainingArguments):
         # --bf16 there unless told --use_cpu.
         if not self.use_cpu and not torch.accelerator.is_available() and not is_torch_xla_available():
             self.use_cpu = True
-        # The Trainer evaluates by eval_strategy alone, and turns do_eval on from it: false was ignored. Here each
-        # follows the other: do_eval false is eval_strategy no, and eval_strategy no leaves do_eval false.
-        if not self.do_eval:
+        # The Trainer evaluates by eval_strategy alone, and turns do_eval on from it: false was ignored. False is
+        # eval_strategy no here; true stays true (a final evaluation), and unset follows eval_strategy.
+        do_eval = self.do_eval
+        if do_eval is False:
             self.eval_strategy = "no"
+        self.do_eval = bool(do_eval)
         super().__post_init__()
-        self.do_eval = self.eval_strategy != IntervalStrategy.NO
+        if do_eval is None:
+            self.do_eval = self.eval_strategy != IntervalStrategy.NO
         # A blocking copy of each batch to the GPU waits for the steps queued before it: the host could not
         # prepare the next step while the GPU runs this one. Copies from pinned memory need not wait. Only on CUDA,
         # where this is measured and tested: copies to MPS without blocking can silently corrupt data

@@ -354,7 +354,7 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         (["--do_train", "false", "--do_predict"], "--do_train false evaluates or predicts with the weights of"),
         (
             ["--do_train", "false", "--model_name_or_path", "model", "--eval_strategy", "no"],
-            "nothing to do: give --do_train, --do_predict, or --eval_strategy steps or epoch with an --eval_split",
+            "nothing to do: give --do_train, --do_predict, or --do_eval with an --eval_split",
         ),
         (["--glove_path", "glove.txt", "--model_name_or_path", "model"], "--glove_path initialises the word embed"),
         (["--model_name_or_path", "/nowhere/model"], "--model_name_or_path /nowhere/model: no such folder"),
@@ -465,6 +465,40 @@ def test_a_dashed_dataset_dir_is_the_dataset_not_the_toy_set(tmp_path, monkeypat
     with pytest.raises(train_vqa.UsageError, match="nonexistent is not a prepared VQA dataset"):
         train_vqa.main(arguments)
     assert not (tmp_path / ".cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "do_eval", "eval_strategy"),
+    [
+        ({}, True, "epoch"),
+        ({"eval_strategy": "no"}, False, "no"),
+        ({"do_eval": False}, False, "no"),
+        ({"do_eval": True, "eval_strategy": "no"}, True, "no"),
+    ],
+)
+def test_do_eval_and_eval_strategy_follow_each_other(tmp_path, given, do_eval, eval_strategy):
+    arguments = VQATrainingArguments(tmp_path, **given)
+    assert (arguments.do_eval, arguments.eval_strategy) == (do_eval, eval_strategy)
+
+
+def test_do_eval_with_eval_strategy_no_evaluates_once_at_the_end(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    arguments = [
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--do_eval",
+        "--logging_steps",
+        "1",
+    ]
+    metrics = train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+    assert "eval_accuracy" in metrics
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    assert not [entry for entry in state["log_history"] if "eval_accuracy" in entry]  # none during training
 
 
 def test_bad_toy_set_options_are_usage_errors(tmp_path, monkeypatch):

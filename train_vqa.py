@@ -58,6 +58,8 @@ from rwsan.training import (
 )
 
 TOY_CACHE = Path(".cache") / "toy_vqa"
+# The files --do_predict writes into the output folder.
+PREDICTION_FILES = ("predictions_*.json", "logits_*.npy", "question_ids_*.npy")
 
 # The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 1M parameters instead
 # of 19.5M) on the toy set, so that it trains on two CPU cores in minutes. The schedule keeps the paper's shape
@@ -80,7 +82,6 @@ TOY_TRAINING_ARGUMENTS = [
     "--learning_rate", "1e-3",
     "--logging_steps", "50",
     "--save_total_limit", "2",
-    "--overwrite_output_dir",
     "--use_cpu",
     "--output_dir", "runs/toy",
 ]  # fmt: skip
@@ -329,6 +330,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """The options with their defaults, and the module's docstring with its commands as written."""
 
 
+def earlier_run_outputs(output_dir: Path) -> list[Path]:
+    """What an earlier run left in `output_dir` that a new one would not replace: its checkpoints, and its
+    prediction files (which --push_to_hub would upload with the new model)."""
+    if not output_dir.is_dir():
+        return []
+    predictions = [path for pattern in PREDICTION_FILES for path in sorted(output_dir.glob(pattern)) if path.is_file()]
+    return list(checkpoint_folders(output_dir).values()) + predictions
+
+
 def _names_a_local_path(name: str) -> bool:
     """Whether a model name can only be a local path: a hub repository is `name` or `namespace/name`."""
     return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
@@ -344,10 +354,13 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
     )
     toy = given_data.dataset_dir is None
     # A model given brings its own sizes, and the Trainer's schedule takes no epochs of the paper's.
+    # Its own folder, runs/toy, the toy run makes afresh each time (make demo twice); a folder given is kept safe as
+    # any run's.
     toy_arguments = (
         ([] if given_model.model_name_or_path else TOY_MODEL_SIZES)
         + (TOY_SCHEDULE if given_training.paper_schedule else [])
         + TOY_TRAINING_ARGUMENTS
+        + (["--overwrite_output_dir"] if given_training.output_dir is None else [])
     )
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, VQATrainingArguments),
@@ -356,7 +369,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
         epilog=textwrap.fill(
             "Without --dataset_dir (the toy run), these come before the options given, and override the defaults "
             f"shown: {' '.join(TOY_ARGUMENTS)} (the sizes only without --model_name_or_path, the epochs of the "
-            "schedule only without --paper_schedule false)",
+            "schedule only without --paper_schedule false), and --overwrite_output_dir without --output_dir",
             width=100,
             break_on_hyphens=False,
         ),
@@ -386,15 +399,16 @@ def main(argv: list[str] | None = None):
         raise UsageError(f"--predict_split {data_args.predict_split} is the split --do_predict answers; give it too")
     if training_args.resume_from_checkpoint and not training_args.do_train:
         raise UsageError("--resume_from_checkpoint resumes training; with --do_train false, use --model_name_or_path")
-    earlier_checkpoints = []
+    earlier_outputs = []
     if training_args.do_train and not training_args.resume_from_checkpoint:
-        earlier_checkpoints = list(checkpoint_folders(training_args.output_dir).values())
+        earlier_outputs = earlier_run_outputs(Path(training_args.output_dir))
+    earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
     if earlier_checkpoints and not training_args.overwrite_output_dir:
         raise UsageError(
             f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
-            f"({', '.join(path.name for path in earlier_checkpoints)}): a new run's would mix with them, and "
-            "--resume_from_checkpoint last could take theirs. Resume that run with --resume_from_checkpoint last, "
-            "start afresh with --overwrite_output_dir (which deletes them), or choose another --output_dir"
+            f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
+            "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
+            "--overwrite_output_dir (which deletes them), or choose another --output_dir"
         )
     evaluation_loop_options = {
         "--prediction_loss_only": training_args.prediction_loss_only,
@@ -402,11 +416,14 @@ def main(argv: list[str] | None = None):
         "--batch_eval_metrics": training_args.batch_eval_metrics,
     }
     for option, given in evaluation_loop_options.items():
-        if given:
+        if given and (training_args.do_eval or training_args.do_predict):
             raise UsageError(
                 f"{option} changes what evaluation and prediction hand on, and the VQA accuracy and the predictions "
                 "file need every question's answer at once"
             )
+    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
+        # As a shell would; from_pretrained takes the path as it is (`--model_name_or_path=~/model` is not expanded).
+        model_args.model_name_or_path = str(Path(model_args.model_name_or_path).expanduser())
     model_path = model_args.model_name_or_path
     if model_path and not Path(model_path).exists() and _names_a_local_path(model_path):
         raise UsageError(f"--model_name_or_path {model_path}: no such folder")
@@ -509,10 +526,18 @@ def main(argv: list[str] | None = None):
             if resume is None:
                 raise UsageError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
         # Only now, with everything checked: a refused run deletes nothing.
-        with training_args.main_process_first(local=False, desc="deleting the earlier run's checkpoints"):
-            if training_args.process_index == 0:
-                for path in earlier_checkpoints:
-                    shutil.rmtree(path)
+        with training_args.main_process_first(local=False, desc="deleting the earlier run's outputs"):
+            if training_args.process_index == 0 and earlier_outputs:
+                print(
+                    f"--overwrite_output_dir: deleting {', '.join(path.name for path in earlier_outputs)} of an "
+                    f"earlier run in {training_args.output_dir}",
+                    file=sys.stderr,
+                )
+                for path in earlier_outputs:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
         try:
             train_result = trainer.train(resume_from_checkpoint=resume)
         except ResumeError as error:

@@ -403,11 +403,14 @@ def test_arguments_that_would_train_or_answer_wrongly_are_refused(tiny_prepared_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_new_run_into_a_folder_of_checkpoints_is_refused_unless_told_to_delete_them(tiny_prepared_vqa, tmp_path):
+def test_a_new_run_into_a_folder_of_checkpoints_is_refused_unless_told_to_delete_them(
+    tiny_prepared_vqa, tmp_path, capsys
+):
     import train_vqa
 
     output = tmp_path / "run"
     (output / "checkpoint-40").mkdir(parents=True)
+    (output / "predictions_test.json").write_text("[]")  # would be pushed with the new model
     arguments = common_arguments(tiny_prepared_vqa, output, "--max_steps", "1", "--save_strategy", "no")
     message = f"--output_dir {output} holds checkpoints of an earlier run (checkpoint-40): a new run's would mix"
     with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
@@ -416,7 +419,23 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused_unless_told_to_delete
 
     train_vqa.main([*arguments, "--overwrite_output_dir"])
     assert sorted(path.name for path in output.glob("checkpoint-*")) == []
-    assert (output / "model.safetensors").exists()
+    assert not (output / "predictions_test.json").exists() and (output / "model.safetensors").exists()
+    assert f"deleting checkpoint-40, predictions_test.json of an earlier run in {output}" in capsys.readouterr().err
+
+
+def test_evaluation_loop_options_are_free_where_nothing_is_evaluated_or_answered(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    arguments = ["--max_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--prediction_loss_only"]
+    assert "train_loss" in train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+
+
+def test_a_model_path_from_home_is_expanded(tiny_prepared_vqa, tmp_path, monkeypatch):
+    import train_vqa
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(train_vqa.UsageError, match=re.escape(f"--model_name_or_path {tmp_path / 'gone'}: no such")):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", "--model_name_or_path", "~/gone"))
 
 
 def test_a_trained_model_takes_a_new_dropout(tiny_prepared_vqa, tmp_path):
@@ -435,9 +454,12 @@ def test_toy_defaults_step_aside_for_a_given_model_and_the_trainer_schedule():
 
     model_args, _, training_args, toy = train_vqa.parse_arguments([])
     assert toy and (model_args.hidden_size, training_args.warmup_epochs) == (128, 1)
+    # The toy run makes its own folder afresh, not one it is given.
+    assert training_args.overwrite_output_dir and training_args.output_dir == "runs/toy"
+    assert not train_vqa.parse_arguments(["--output_dir", "runs/mine"])[2].overwrite_output_dir
     model_args, _, training_args, _ = train_vqa.parse_arguments(["--model_name_or_path", "m", "--paper_schedule", "0"])
     assert model_args.hidden_size is None and training_args.warmup_epochs == 3
-    assert training_args.num_train_epochs == 10 and training_args.overwrite_output_dir
+    assert training_args.num_train_epochs == 10
 
 
 def test_kept_logits_leave_the_answers_of_the_float32_logits():

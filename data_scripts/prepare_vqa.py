@@ -33,7 +33,8 @@ are listed in report.json and their questions left out; `--strict` stops at the 
 val, test or test-dev question left out (no usable image features, no annotation, or an annotation about another
 image) stops the conversion unless `--allow_incomplete_eval_splits` is given, and so does a split that would keep
 none of its questions; questions of images without a feature file are found before any image is converted. Trailing
-all-zero feature rows are padding, as in the original, and are not stored.
+all-zero feature rows are padding and are not stored (the original's mask hides every all-zero row; inner ones,
+which real features do not have, are kept as regions).
 
 The output is written into a temporary sibling folder that replaces OUTPUT_DIR only once everything succeeded.
 OUTPUT_DIR must lie apart from DATA_ROOT and the TSV files, and `--overwrite` replaces only an earlier
@@ -814,7 +815,8 @@ def write_images(
         for decoded in tqdm(decoded_images, desc="Image features", unit=" images"):
             if isinstance(decoded, Problem):
                 problems.add(decoded)
-                table.left_out[decoded.image_id] = decoded
+                if decoded.image_id not in table.row_of_image:  # else a usable copy was read before
+                    table.left_out[decoded.image_id] = decoded
                 continue
             if decoded.image_id in first_path_of_image:
                 problems.add(

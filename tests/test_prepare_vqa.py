@@ -327,10 +327,15 @@ def test_hidden_npz_files_are_not_read(raw_vqa_dir, tmp_path):
     assert report["problems"] == [] and report["images"]["converted"] == 15
 
 
-def test_an_unusable_image_read_again_from_another_source_is_kept(raw_vqa_dir, tmp_path):
-    npz_path(raw_vqa_dir, "train2014", 9).write_bytes(b"not a zip archive")
+@pytest.mark.parametrize("usable_first", [False, True])
+def test_an_image_with_a_usable_and_an_unusable_copy_is_kept(raw_vqa_dir, tmp_path, usable_first):
+    # The .npz is read before the TSV line: one of them is unreadable.
     tsv_path = tmp_path / "features.tsv"
-    tsv_path.write_text(tsv_line(9, 3))
+    if usable_first:
+        tsv_path.write_text("9\t640\t480\t1\tAAAA\n")  # 1 box of 3 values
+    else:
+        npz_path(raw_vqa_dir, "train2014", 9).write_bytes(b"not a zip archive")
+        tsv_path.write_text(tsv_line(9, 3))
     report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=tsv_path)
     assert report["problem_counts"] == {"unreadable": 1}
     assert report["images"]["converted"] == 15 and report["images"]["left_out"] == 0

@@ -152,7 +152,13 @@ class DataArguments:
             "to move between processes and to the GPU (faster loading with workers on a GPU)."
         },
     )
-    toy_num_images: int = field(default=2000, metadata={"help": "Images of the built-in toy set (10 or more)."})
+    toy_num_images: int = field(
+        default=2000,
+        metadata={
+            "help": "Images of the built-in toy set (10 or more; with few questions per image, enough that some answer "
+            "occurs 9 times, the vocabulary's threshold)."
+        },
+    )
     # More questions per image than VQA-v2's ~5: they cost no feature storage, and a model that sees each image
     # asked many things learns to read it rather than memorise it.
     toy_questions_per_image: int = field(default=20, metadata={"help": "Questions per image of the toy set (1 to 20)."})

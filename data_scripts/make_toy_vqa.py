@@ -428,13 +428,14 @@ def prepare_output_dir(output_dir: Path, overwrite: bool):
                 f"output_dir {output_dir} is not empty; pass overwrite=True (--overwrite) to replace its data set."
             )
         # The folders have the names of real VQA data (prepare_vqa.py reads both from one data root): only a toy
-        # set, which its scenes file marks, is deleted.
+        # set, which its scenes file (or, while it is written, the unfinished marker) marks, is deleted.
         data_folders = [path for path in (output_dir / "vqa", output_dir / "coco_extract") if path.exists()]
         toy_markers = (output_dir / SCENES_FILE, output_dir / UNFINISHED_MARKER)
         if data_folders and not any(marker.is_file() for marker in toy_markers):
             raise FileExistsError(
                 f"output_dir {output_dir} holds {', '.join(path.name + '/' for path in data_folders)} but no "
-                f"{SCENES_FILE}: it is not a toy set this script made (real VQA data, say), and --overwrite replaces "
+                f"{SCENES_FILE} or {UNFINISHED_MARKER}: it is not a toy set this script made (real VQA data, say), "
+                "and --overwrite replaces "
                 "only toy sets. Choose another output_dir, or remove those folders by hand."
             )
         # Stale feature files would be picked up by the loaders, which glob the feature folders.
@@ -488,8 +489,8 @@ def make_toy_vqa(
             direction (each value gets noise of standard deviation `feature_noise / sqrt(feature_size)`).
         overwrite (`bool`, *optional*, defaults to `False`):
             Replace the toy set in a non-empty `output_dir` (its `vqa/`, `coco_extract/` and
-            `toy_scenes.json`). A folder with `vqa/` or `coco_extract/` but no `toy_scenes.json` (real VQA data,
-            say) is refused.
+            `toy_scenes.json`, or `toy_vqa.unfinished` where writing it was stopped). A folder with `vqa/` or
+            `coco_extract/` but neither marker (real VQA data, say) is refused.
 
     Returns:
         `Path`: `output_dir`.

@@ -439,7 +439,10 @@ def test_overwrite_never_deletes_data_it_did_not_make(tmp_path, real_folder):
     real_file = tmp_path / real_folder / "train2014" / "real_data.json"
     real_file.parent.mkdir(parents=True)
     real_file.write_text("[]")
-    message = f"output_dir {tmp_path} holds {real_folder}/ but no toy_scenes.json: it is not a toy set this script made"
+    message = (
+        f"output_dir {tmp_path} holds {real_folder}/ but no toy_scenes.json or toy_vqa.unfinished: it is not a toy set "
+        "this script made"
+    )
     with pytest.raises(FileExistsError, match=re.escape(message)):
         make_toy_vqa(tmp_path, num_images=10, feature_size=FEATURE_SIZE, overwrite=True)
     assert real_file.read_text() == "[]"

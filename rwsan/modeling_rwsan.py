@@ -113,12 +113,14 @@ class RWSANLayerNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         centered = hidden_states - hidden_states.mean(-1, keepdim=True)
         # The unbiased standard deviation as the norm of the centred values: one reduction forward and backward,
-        # about twice as fast in training as `Tensor.std` (which computes the mean again) on the CPU. The norm is
-        # sqrt(size - 1) times the standard deviation: float16 (a model in float16, no autocast) would overflow
-        # for deviations `Tensor.std` still gives, so it is taken in float32 there.
-        norm_dtype = torch.float32 if hidden_states.dtype == torch.float16 else None
-        norm = torch.linalg.vector_norm(centered, dim=-1, keepdim=True, dtype=norm_dtype)
-        std = (norm / math.sqrt(hidden_states.shape[-1] - 1)).to(hidden_states.dtype)
+        # about twice as fast in training as `Tensor.std` (which computes the mean again) on the CPU.
+        scale = math.sqrt(hidden_states.shape[-1] - 1)
+        if hidden_states.dtype == torch.float16 and not torch.is_autocast_enabled(hidden_states.device.type):
+            # The norm is `scale` times the deviation: in float16 it would overflow for deviations `Tensor.std`
+            # still gives. CUDA autocast takes the norm in float32 by itself, and is left to do so.
+            std = (torch.linalg.vector_norm(centered, dim=-1, keepdim=True, dtype=torch.float32) / scale).half()
+        else:
+            std = torch.linalg.vector_norm(centered, dim=-1, keepdim=True) / scale
         return torch.addcmul(self.bias, centered / (std + self.eps), self.weight)
 
 

@@ -49,7 +49,8 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
 
 With --profile_steps N, each Trainer row runs N more steps after the timed ones under torch.profiler and prints what
-the device ran in them, summed by kernel name (`bench/kernel_profile.py`; kept in the JSON too).
+the device ran in them, summed by kernel name (`bench/kernel_profile.py`; kept in the JSON too). With batches grouped
+by regions they are taken from the middle of a mega-batch (right after the timed steps come its largest batches).
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -527,14 +528,28 @@ class TimeBudget:
 
 class SteadyStateTimer(TrainerCallback):
     """Times the Trainer's optimizer steps `warmup_steps + 1` to `warmup_steps + timed_steps` (after compilation,
-    graph recording and the workers' start), synchronising with the device only at those two points."""
+    graph recording and the workers' start), synchronising with the device only at those two points. The rate is
+    printed at once, so that a run stopped later (profiling, a timeout) still leaves it in the log."""
 
-    def __init__(self, warmup_steps: int, timed_steps: int, synchronize: Callable[[], None]):
+    def __init__(
+        self,
+        warmup_steps: int,
+        timed_steps: int,
+        synchronize: Callable[[], None],
+        batch_size: int,
+        name: str,
+        count_recordings: Callable[[], int] = lambda: 0,
+    ):
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
         self.synchronize = synchronize
+        self.batch_size = batch_size
+        self.name = name
+        # How many CUDA graphs the Trainer has recorded so far (a recording while timed costs eager passes).
+        self.count_recordings = count_recordings
         self.train_start = self.steady_start = self.end = None
-        self.graphs_at_steady_start = None
+        self.graphs_at_steady_start = self.recordings_at_steady_start = None
+        self.notes: list[str] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.train_start = time.perf_counter()
@@ -544,9 +559,18 @@ class SteadyStateTimer(TrainerCallback):
             self.synchronize()
             self.steady_start = time.perf_counter()
             self.graphs_at_steady_start = compiled_graph_count()
+            self.recordings_at_steady_start = self.count_recordings()
         elif state.global_step == self.warmup_steps + self.timed_steps:
             self.synchronize()
             self.end = time.perf_counter()
+            if compiled_graph_count() != self.graphs_at_steady_start:
+                self.notes.append("recompiled while timed")
+            if self.count_recordings() != self.recordings_at_steady_start:
+                self.notes.append("recorded a CUDA graph while timed")
+            rate = self.timed_steps * self.batch_size / (self.end - self.steady_start)
+            print(
+                f"{self.name}: {rate:,.1f} samples/s over steps {self.warmup_steps + 1}-{state.global_step}", flush=True
+            )
 
 
 class StepProfiler(TrainerCallback):
@@ -916,10 +940,11 @@ class Benchmark:
             # Batches come sorted by regions within mega-batches: one whole mega-batch meets every padded shape.
             warmup_steps = max(warmup_steps, TRAINER_MEGA_BATCHES)
         timed_end = warmup_steps + self.args.trainer_steps
+        profiled_after = profile_start(timed_end, self.args.profile_steps, group_by_regions)
         training_args = self.trainer_arguments(
             key,
             workers,
-            max_steps=timed_end + self.args.profile_steps,
+            max_steps=profiled_after + self.args.profile_steps,
             compile_blocks=compiled == "blocks",
             cuda_graphs=cuda_graphs,
             group_by_regions=group_by_regions,
@@ -927,8 +952,8 @@ class Benchmark:
             # None: VQATrainingArguments' default, copies that do not wait where batches are pinned.
             accelerator_config={"non_blocking": False} if blocking_copies else None,
         )
-        timer = SteadyStateTimer(warmup_steps, self.args.trainer_steps, self.synchronize)
-        profiler = StepProfiler(timed_end, self.args.profile_steps, self.device, self.synchronize)
+        timer = SteadyStateTimer(warmup_steps, self.args.trainer_steps, self.synchronize, self.args.batch_size, key)
+        profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
         model = self.build_model("sdpa")
         if compiled == "encoders":
             compile_encoders(model, dynamic=True)
@@ -939,8 +964,8 @@ class Benchmark:
             data_collator=self.collator(bucketed=True, packed=pack_regions),
             callbacks=[timer, profiler],
         )
+        timer.count_recordings = functools.partial(cuda_graphs_recorded, trainer)
         trainer.train()
-        recompiled = timer.graphs_at_steady_start is not None and compiled_graph_count() != timer.graphs_at_steady_start
         flags = {
             "--compile_blocks": compiled == "blocks",
             "compiled encoders (bench only)": compiled == "encoders",
@@ -955,11 +980,14 @@ class Benchmark:
             samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
             warmup_seconds=timer.steady_start - timer.train_start,
             timed_steps=self.args.trainer_steps,
-            note="recompiled while timed" if recompiled else "",
+            note=", ".join(timer.notes),
             kernel_profile=profiler.kernels,
         )
         if profiler.kernels is not None:
-            print_kernel_profile(profiler.kernels, f"{key}, {profiler.steps} steps", self.device, profiler.wall_seconds)
+            steps = f"steps {profiled_after + 1}-{profiled_after + profiler.steps}"
+            print_kernel_profile(
+                profiler.kernels, f"{key}, {profiler.steps} steps ({steps})", self.device, profiler.wall_seconds
+            )
         del trainer
         self.release_compiled_state()
         return row
@@ -1033,6 +1061,21 @@ def trainer_title(workers: int, blocking_copies: bool, flags: dict[str, bool]) -
     loading = f"{workers} workers" + (", blocking copies" if blocking_copies else "")
     options = ["bf16"] + [flag for flag, given in flags.items() if given] + ["adamw_torch_fused"]
     return f"train_vqa Trainer ({loading}; {', '.join(options)})"
+
+
+def cuda_graphs_recorded(trainer: VQATrainer) -> int:
+    """The CUDA graphs of training steps the trainer has recorded (--cuda_graphs)."""
+    return 0 if trainer.graphed_passes is None else len(trainer.graphed_passes[1].graphs)
+
+
+def profile_start(timed_end: int, profile_steps: int, grouped: bool) -> int:
+    """The step after which a Trainer row's profiled steps begin: the last timed one, or, where batches are grouped by
+    regions (each mega-batch of TRAINER_MEGA_BATCHES sorted largest first), the one that centres them in the next
+    mega-batch, where batches are of middling size; right after the timed steps they would be the largest."""
+    if not (grouped and profile_steps):
+        return timed_end
+    next_mega_batch = -(-timed_end // TRAINER_MEGA_BATCHES) * TRAINER_MEGA_BATCHES
+    return max(timed_end, next_mega_batch + (TRAINER_MEGA_BATCHES - profile_steps) // 2)
 
 
 def timed_step_count(step_seconds: float, seconds: float, max_steps: int, round_length: int) -> int:

@@ -356,6 +356,30 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     assert measured["loader"]["mean_padded_question_length"] == 16
 
 
+def test_profiled_steps_of_grouped_batches_are_of_middling_size():
+    # Steps 251-253 would be the three largest batches of a mega-batch of 50 sorted largest first.
+    assert bench.TRAINER_MEGA_BATCHES == 50
+    assert bench.profile_start(250, 3, grouped=True) == 273
+    assert bench.profile_start(260, 3, grouped=True) == 323
+    assert bench.profile_start(250, 3, grouped=False) == bench.profile_start(250, 0, grouped=True) == 250
+
+
+def test_the_trainer_timer_notes_graphs_recorded_while_timed(capsys):
+    from types import SimpleNamespace
+
+    recorded = [5]
+    timer = bench.SteadyStateTimer(
+        2, 3, lambda: None, batch_size=4, name="trainer", count_recordings=lambda: recorded[0]
+    )
+    timer.on_train_begin(None, None, None)
+    for step in range(1, 6):
+        recorded[0] += step == 4  # a new shape met at step 4, inside the timed steps 3-5
+        timer.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert timer.notes == ["recorded a CUDA graph while timed"]
+    # The rate is in the log as soon as the timed steps end.
+    assert re.fullmatch(r"trainer: [\d,.]+ samples/s over steps 3-5\n", capsys.readouterr().out)
+
+
 def test_without_workers_the_rows_loading_in_the_main_process_are_not_repeated(tmp_path):
     sizes = ["--batch_size", "8", "--num_images", "20", "--loader_batches", "2", "--num_workers", "0"]
     bench.main(["--tiny", *sizes, "--rows", "loader_in_process,trainer_in_process", "--json", str(tmp_path / "r.json")])

@@ -388,12 +388,14 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
         )
     except ValueError as error:  # an inconsistent combination, found by VQATrainingArguments
         raise UsageError(str(error)) from error
+    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
+        # As a shell would: from_pretrained takes it as it is, and `--model_name_or_path=~/model` is not expanded.
+        model_args.model_name_or_path = str(Path(model_args.model_name_or_path).expanduser())
     return model_args, data_args, training_args, toy
 
 
-def main(argv: list[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, training_args, toy = parse_arguments(argv)
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VQATrainingArguments):
+    """Refuses options that would train or answer wrongly, or be ignored, before anything runs."""
     if not training_args.do_train and not model_args.model_name_or_path:
         raise UsageError(
             "--do_train false evaluates or predicts with the weights of --model_name_or_path; give it (a new "
@@ -405,17 +407,6 @@ def main(argv: list[str] | None = None):
         raise UsageError(f"--predict_split {data_args.predict_split} is the split --do_predict answers; give it too")
     if training_args.resume_from_checkpoint and not training_args.do_train:
         raise UsageError("--resume_from_checkpoint resumes training; with --do_train false, use --model_name_or_path")
-    earlier_outputs = []
-    if training_args.do_train and not training_args.resume_from_checkpoint:
-        earlier_outputs = earlier_run_outputs(Path(training_args.output_dir))
-    earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
-    if earlier_checkpoints and not training_args.overwrite_output_dir:
-        raise UsageError(
-            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
-            f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
-            "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
-            "--overwrite_output_dir (which deletes them), or choose another --output_dir"
-        )
     evaluation_loop_options = {
         "--prediction_loss_only": training_args.prediction_loss_only,
         "--eval_do_concat_batches false": not training_args.eval_do_concat_batches,
@@ -427,9 +418,6 @@ def main(argv: list[str] | None = None):
                 f"{option} changes what evaluation and prediction hand on, and the VQA accuracy and the predictions "
                 "file need every question's answer at once"
             )
-    if model_args.model_name_or_path and model_args.model_name_or_path.startswith("~"):
-        # As a shell would; from_pretrained takes the path as it is (`--model_name_or_path=~/model` is not expanded).
-        model_args.model_name_or_path = str(Path(model_args.model_name_or_path).expanduser())
     model_path = model_args.model_name_or_path
     if model_path and not Path(model_path).exists() and _names_a_local_path(model_path):
         raise UsageError(f"--model_name_or_path {model_path}: no such folder")
@@ -458,6 +446,30 @@ def main(argv: list[str] | None = None):
             "--pack_regions does not work with split_batches or dispatch_batches in --accelerator_config: the "
             "packed regions of a batch cannot be cut between processes by sample"
         )
+
+
+def outputs_to_replace(training_args: VQATrainingArguments) -> list[Path]:
+    """What a new training run will delete from its output folder (with --overwrite_output_dir): an earlier run's
+    checkpoints and prediction files. Without the option, checkpoints there refuse the run."""
+    if not training_args.do_train or training_args.resume_from_checkpoint:
+        return []
+    earlier_outputs = earlier_run_outputs(Path(training_args.output_dir))
+    earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
+    if earlier_checkpoints and not training_args.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
+            f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
+            "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
+            "--overwrite_output_dir (which deletes them), or choose another --output_dir"
+        )
+    return earlier_outputs
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, training_args, toy = parse_arguments(argv)
+    check_arguments(model_args, data_args, training_args)
+    earlier_outputs = outputs_to_replace(training_args)
     # Only once the arguments hold together: a run refused above trains nothing.
     if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:
         print(

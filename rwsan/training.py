@@ -564,8 +564,13 @@ class VQATrainer(Trainer):
         saves the model again before it uploads, which would otherwise leave the pipeline out of config.json."""
         super().save_model(output_dir, _internal_call)
         final_folder = output_dir is None or Path(output_dir).resolve() == Path(self.args.output_dir).resolve()
-        if final_folder and self.args.should_save and isinstance(self.processing_class, RWSANProcessor):
-            save_for_pipeline(self.accelerator.unwrap_model(self.model), self.processing_class, self.args.output_dir)
+        if not (final_folder and self.args.should_save and isinstance(self.processing_class, RWSANProcessor)):
+            return
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Their processes each hold a shard: the pipeline's save of the weights held here would be wrong.
+            logger.warning_once("FSDP/DeepSpeed: the output folder is saved without the pipeline (save_for_pipeline)")
+            return
+        save_for_pipeline(self.accelerator.unwrap_model(self.model), self.processing_class, self.args.output_dir)
 
     def create_model_card(self, **kwargs):
         """Keeps a model card already in the output folder (train_vqa.py writes one with the VQA accuracy of each

@@ -30,9 +30,10 @@ TOY_FEATURE_SIZE = 24
 
 @pytest.fixture(scope="session")
 def toy_vqa(tmp_path_factory) -> Path:
-    """A toy VQA set of 20 images, prepared; returns the prepared folder (the raw files are in `../raw`)."""
+    """A toy VQA set of 60 images, prepared; returns the prepared folder (the raw files are in `../raw`). Smaller
+    sets keep one answer (the vocabulary takes answers seen 9 times), and every prediction would be it."""
     root = tmp_path_factory.mktemp("toy_vqa")
-    make_toy_vqa(root / "raw", seed=0, num_images=20, feature_size=TOY_FEATURE_SIZE, questions_per_image=3)
+    make_toy_vqa(root / "raw", seed=0, num_images=60, feature_size=TOY_FEATURE_SIZE, questions_per_image=5)
     prepare_vqa(root / "raw", root / "prepared", feature_size=TOY_FEATURE_SIZE)
     return root / "prepared"
 
@@ -42,7 +43,11 @@ def toy_model_dir(toy_vqa, tmp_path_factory) -> Path:
     """A tiny random RWSAN with the toy set's vocabularies, saved with its processor and the pipeline."""
     processor = RWSANProcessor.from_pretrained(toy_vqa / "processor")
     folder = tmp_path_factory.mktemp("toy_model")
-    save_for_pipeline(tiny_model_for(processor), processor, folder)
+    model = tiny_model_for(processor)
+    # The random head's biases would give most questions one answer whatever they ask.
+    with torch.no_grad():
+        model.classifier.bias.zero_()
+    save_for_pipeline(model, processor, folder)
     return folder
 
 
@@ -68,6 +73,8 @@ def test_a_split_is_answered_once_per_question_in_the_server_format(toy_vqa, toy
     predictions = json.loads(output.read_text())
     dataset = load_vqa_dataset(toy_vqa, split)
     assert len(dataset) > 3
+    # Answers that differ by question, for the comparison below to tell questions apart.
+    assert len({prediction["answer"] for prediction in predictions}) >= 2
     assert [prediction["question_id"] for prediction in predictions] == dataset.question_ids.tolist()
     assert all(prediction.keys() == {"question_id", "answer"} for prediction in predictions)
     assert all(type(prediction["question_id"]) is int for prediction in predictions)

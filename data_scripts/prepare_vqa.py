@@ -32,9 +32,8 @@ file, another feature size, NaN/inf values, ...), and questions or annotations t
 are listed in report.json and their questions left out; `--strict` stops at the first such problem instead. A
 val, test or test-dev question left out (no usable image features, no annotation, or an annotation about another
 image) stops the conversion unless `--allow_incomplete_eval_splits` is given, and so does a split that would keep
-none of its questions; questions of images without a feature file are found before any image is converted. Trailing
-all-zero feature rows are padding and are not stored (the original's mask hides every all-zero row; inner ones,
-which real features do not have, are kept as regions).
+none of its questions; questions of images without a feature file are found before any image is converted.
+All-zero feature rows are padding, which the original's mask hides, and are not stored.
 
 The output is written into a temporary sibling folder that replaces OUTPUT_DIR only once everything succeeded.
 OUTPUT_DIR must lie apart from DATA_ROOT and the TSV files, and `--overwrite` replaces only an earlier
@@ -462,10 +461,11 @@ def checked_image(
     path: str,
     settings: DecodeSettings,
 ) -> DecodedImage | Problem:
-    """Validates an image's region features (rows, feature_size), cuts their trailing all-zero rows and converts
-    them to the output dtype. All-zero rows are padding (some extractors pad every image to a fixed count), which
-    the original's `make_mask` hides from the model: stored, they would count as regions. The boxes and
-    `num_boxes` (where the file has them) may count the regions with or without that padding."""
+    """Validates an image's region features (rows, feature_size), drops their all-zero rows and converts them to
+    the output dtype. All-zero rows are padding (some extractors pad every image to a fixed count), which the
+    original's `make_mask` hides from the model: stored, they would count as regions, and left out they change no
+    logit (nothing in the model depends on a region's place). The boxes and `num_boxes` (where the file has them)
+    may count the rows with or without the trailing padding."""
 
     def problem(kind: str, reason: str) -> Problem:
         return Problem(kind, path, reason, image_id=image_id)
@@ -494,8 +494,8 @@ def checked_image(
         )
     return DecodedImage(
         image_id,
-        np.ascontiguousarray(features[:num_regions], dtype=settings.feature_dtype),
-        None if boxes is None else np.ascontiguousarray(boxes[:num_regions], dtype=np.float32),
+        np.ascontiguousarray(features[real_rows], dtype=settings.feature_dtype),
+        None if boxes is None else np.ascontiguousarray(boxes[real_rows], dtype=np.float32),
         width,
         height,
         path,

@@ -278,9 +278,9 @@ def zero_padded(features: np.ndarray, num_rows: int) -> np.ndarray:
     return np.concatenate([features, np.zeros((num_rows - len(features), features.shape[1]), features.dtype)])
 
 
-def test_trailing_zero_feature_rows_are_padding_and_not_stored(raw_vqa_dir, tmp_path):
+def test_zero_feature_rows_are_padding_and_not_stored(raw_vqa_dir, tmp_path):
     # As extractors that pad every image to a fixed count write them; the original masks such rows out. Image 9
-    # counts its boxes without the padding, 30 with it, 42 has no boxes; 61's second of 3 regions is zero.
+    # counts its boxes without the padding, 30 with it, 42 has no boxes; 61's second of 3 rows is zero.
     write_npz(npz_path(raw_vqa_dir, "train2014", 9), zero_padded(raw_region_features(9, 3), 10), raw_boxes(9, 3))
     write_npz(
         npz_path(raw_vqa_dir, "train2014", 30),
@@ -300,7 +300,9 @@ def test_trailing_zero_feature_rows_are_padding_and_not_stored(raw_vqa_dir, tmp_
         expected = raw_region_features(image_id, num_regions).astype(np.float16)
         np.testing.assert_array_equal(stored_features(rows[image_id]), expected)
     assert rows[30]["boxes"] == raw_boxes(30, 5).tolist()
-    assert rows[61]["num_regions"] == 3
+    assert rows[61]["num_regions"] == 2
+    np.testing.assert_array_equal(stored_features(rows[61]), inner_zero[[0, 2]].astype(np.float16))
+    assert rows[61]["boxes"] == raw_boxes(61, 3)[[0, 2]].tolist()
 
 
 @pytest.mark.parametrize(

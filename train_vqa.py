@@ -39,12 +39,18 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import PROCESSOR_NAME
 
 from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
 from rwsan.predict import write_predictions
-from rwsan.processing_rwsan import check_processor_fits_model, load_glove_embeddings
+from rwsan.processing_rwsan import (
+    RWSANProcessor,
+    check_processor_fits_model,
+    check_same_vocabularies,
+    load_glove_embeddings,
+)
 from rwsan.reporting import plot_training_history, write_model_card
 from rwsan.training import (
     ResumeError,
@@ -250,12 +256,22 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
             f"{model.config.image_feature_size} (config.image_feature_size)."
         )
     if model_args.model_name_or_path:
+        model_folder = Path(model_args.model_name_or_path)
         try:
-            check_processor_fits_model(
-                processor, model.config, model_args.model_name_or_path, "the dataset's processor"
-            )
+            check_processor_fits_model(processor, model.config, str(model_folder), "the dataset's processor")
+            # A folder saved with its processor tells which words its ids are: of one size, they may still differ.
+            if (model_folder / PROCESSOR_NAME).is_file():
+                check_same_vocabularies(
+                    RWSANProcessor.from_pretrained(model_folder),
+                    processor,
+                    str(model_folder),
+                    "the dataset's processor",
+                )
         except ValueError as error:
-            raise UsageError(f"{error}. Prepare the data with the model's processor, or train a new model.") from None
+            raise UsageError(
+                f"{error}. Use data prepared from the question and annotation files the model was trained or "
+                "converted with, or train a new model."
+            ) from None
     if model_args.glove_path:
         embeddings = load_glove_embeddings(
             model_args.glove_path, processor.tokenizer.get_vocab(), model.config.word_embedding_size

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .data import VQACollator, load_vqa_dataset
 from .modeling_rwsan import RWSANForVQA
 from .pipeline_rwsan import RWSANVQAPipeline
-from .processing_rwsan import RWSANProcessor, check_processor_fits_model
+from .processing_rwsan import RWSANProcessor, check_processor_fits_model, check_same_vocabularies
 from .visualization import plot_attention
 
 
@@ -175,7 +175,10 @@ def predict_split(
         max_question_length=processor.max_question_length,
         max_regions=processor.max_regions,
     )
-    _check_same_vocabularies(processor, dataset.processor, dataset_dir)
+    try:
+        check_same_vocabularies(processor, dataset.processor, "the model's", f"{dataset_dir} (prepared)")
+    except ValueError as error:
+        raise PredictionError(str(error)) from None
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -195,14 +198,6 @@ def predict_split(
             logits = model(**{name: tensor.to(model.device) for name, tensor in batch.items()}).logits
             answer_indices.append(logits.argmax(-1).cpu())
     return torch.cat(question_ids).numpy(), torch.cat(answer_indices).numpy()
-
-
-def _check_same_vocabularies(model_processor: RWSANProcessor, dataset_processor: RWSANProcessor, dataset_dir):
-    # A dataset prepared with other vocabularies would feed the model the wrong words and name the wrong answers.
-    if model_processor.tokenizer.get_vocab() != dataset_processor.tokenizer.get_vocab():
-        raise PredictionError(f"{dataset_dir} was prepared with another question vocabulary than the model's")
-    if model_processor.id2label != dataset_processor.id2label:
-        raise PredictionError(f"{dataset_dir} was prepared with another answer vocabulary than the model's")
 
 
 def save_attention_plot(result: dict, path: str | os.PathLike, image_path: str | os.PathLike | None = None):

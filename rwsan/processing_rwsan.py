@@ -595,6 +595,17 @@ class RWSANProcessor(ProcessorMixin):
         return self.id2label
 
 
+def check_same_vocabularies(expected: RWSANProcessor, given: RWSANProcessor, expected_name: str, given_name: str):
+    """Raises a `ValueError` where `given` numbers question words or answers otherwise than `expected` (data prepared
+    from other question files than a model's, say): the model would read other words and name other answers."""
+    for what, expected_vocabulary, given_vocabulary in (
+        ("question", expected.tokenizer.get_vocab(), given.tokenizer.get_vocab()),
+        ("answer", expected.id2label, given.id2label),
+    ):
+        if expected_vocabulary != given_vocabulary:
+            raise ValueError(f"{given_name} has another {what} vocabulary than {expected_name}")
+
+
 def check_processor_fits_model(
     processor: RWSANProcessor, config, model_name: str = "the model", processor_name: str = "the processor"
 ) -> None:

@@ -690,6 +690,21 @@ def test_model_that_does_not_fit_the_data_is_refused(tiny_prepared_vqa, tmp_path
     assert result.returncode == 1
     assert "are not those of the dataset's processor" in result.stderr
 
+    # Words numbered otherwise (questions read in another order when prepared): the same size, other ids.
+    import train_vqa
+    from rwsan.processing_rwsan import build_question_tokenizer
+
+    words = sorted(processor.tokenizer.get_vocab(), key=processor.tokenizer.get_vocab().get)
+    shuffled = {word: index for index, word in enumerate(words[:2] + words[2:][::-1])}
+    other_words = RWSANProcessor(build_question_tokenizer(shuffled), id2label=processor.id2label, image_feature_size=32)
+    folder = tmp_path / "other-words"
+    RWSANForVQA(RWSANConfig(**{**fitting, "image_feature_size": 32})).save_pretrained(folder)
+    other_words.save_pretrained(folder)
+    arguments = ["--model_name_or_path", str(folder), "--do_train", "false"]
+    message = f"the dataset's processor has another question vocabulary than {folder}. Use data prepared from"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+
 
 def test_diverging_loss_stops_with_the_step_and_the_last_checkpoint(tiny_prepared_vqa, tmp_path):
     result = run_training(

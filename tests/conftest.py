@@ -3,7 +3,12 @@
 
 import contextlib
 import json
+import os
 from pathlib import Path
+
+# No test may reach the network: every library that asks the hub is told it is offline (and answers at once), before
+# any of them is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
 import pytest

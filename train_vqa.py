@@ -146,8 +146,14 @@ class DataArguments:
         },
     )
     save_logits: bool = field(default=False, metadata={"help": "With --do_predict, also save the float16 scores."})
-    max_regions: int = field(default=100, metadata={"help": "Regions kept per image (paper: 100)."})
-    max_question_length: int = field(default=16, metadata={"help": "Words kept per question (paper: 16)."})
+    max_regions: int | None = field(
+        default=None,
+        metadata={"help": "Regions kept per image (default: the paper's 100, or --model_name_or_path's own)."},
+    )
+    max_question_length: int | None = field(
+        default=None,
+        metadata={"help": "Words kept per question (default: the paper's 16, or --model_name_or_path's own)."},
+    )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Round padded lengths up to a multiple (fewer shapes to compile or record)."}
     )
@@ -376,13 +382,17 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
     )
     toy = given_data.dataset_dir is None
     # A model given brings its own sizes, and the Trainer's schedule takes no epochs of the paper's.
-    # Its own folder, runs/toy, the toy run makes afresh each time (make demo twice); a folder given is kept safe as
-    # any run's.
+    # Its own folder, runs/toy, the toy run makes afresh each time (make demo twice); a folder given, or one a given
+    # model may lie in, is kept safe as any run's.
     toy_arguments = (
         ([] if given_model.model_name_or_path else TOY_MODEL_SIZES)
         + (TOY_SCHEDULE if given_training.paper_schedule else [])
         + TOY_TRAINING_ARGUMENTS
-        + (["--overwrite_output_dir"] if given_training.output_dir is None else [])
+        + (
+            ["--overwrite_output_dir"]
+            if given_training.output_dir is None and not given_model.model_name_or_path
+            else []
+        )
     )
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, VQATrainingArguments),
@@ -391,7 +401,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
         epilog=textwrap.fill(
             "Without --dataset_dir (the toy run), these come before the options given, and override the defaults "
             f"shown: {' '.join(TOY_ARGUMENTS)} (the sizes only without --model_name_or_path, the epochs of the "
-            "schedule only without --paper_schedule false), and --overwrite_output_dir without --output_dir",
+            "schedule only without --paper_schedule false), and --overwrite_output_dir without --output_dir and "
+            "--model_name_or_path",
             width=100,
             break_on_hyphens=False,
         ),
@@ -412,6 +423,8 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VQATrainingArguments):
     """Refuses options that would train or answer wrongly, or be ignored, before anything runs."""
+    if not (training_args.do_train or training_args.do_predict or (training_args.do_eval and data_args.eval_split)):
+        raise UsageError("nothing to do: give --do_train, --do_predict, or --do_eval with an --eval_split")
     if not training_args.do_train and not model_args.model_name_or_path:
         raise UsageError(
             "--do_train false evaluates or predicts with the weights of --model_name_or_path; give it (a new "
@@ -437,6 +450,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     model_path = model_args.model_name_or_path
     if model_path and not Path(model_path).exists() and _names_a_local_path(model_path):
         raise UsageError(f"--model_name_or_path {model_path}: no such folder")
+    if training_args.do_train and model_path and Path(model_path).resolve() == Path(training_args.output_dir).resolve():
+        raise UsageError(
+            f"--output_dir {training_args.output_dir} is the folder of --model_name_or_path: training would replace "
+            "the model it starts from; give another --output_dir"
+        )
     sizes = sorted(set(model_args.config_overrides()) - {"dropout"})
     if sizes and model_args.model_name_or_path:
         raise UsageError(
@@ -464,6 +482,23 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
 
 
+def fill_in_lengths(model_args: ModelArguments, data_args: DataArguments):
+    """The question and region cuts not given: those a given model was trained with (its config records them), so
+    that it is evaluated or trained on as it answers elsewhere, else the paper's."""
+    defaults = RWSANConfig()
+    if model_args.model_name_or_path:
+        try:
+            defaults = RWSANConfig.from_pretrained(model_args.model_name_or_path)
+        except (OSError, ValueError) as error:
+            # A mistyped folder reads as a hub repository: say both.
+            where = "" if Path(model_args.model_name_or_path).exists() else "no such folder, and as a hub repository: "
+            raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {where}{error}") from None
+    if data_args.max_question_length is None:
+        data_args.max_question_length = defaults.max_question_length
+    if data_args.max_regions is None:
+        data_args.max_regions = defaults.max_regions
+
+
 def outputs_to_replace(training_args: VQATrainingArguments) -> list[Path]:
     """What a new training run will delete from its output folder (with --overwrite_output_dir): an earlier run's
     checkpoints and prediction files. Without the option, checkpoints there refuse the run."""
@@ -486,6 +521,7 @@ def main(argv: list[str] | None = None):
     model_args, data_args, training_args, toy = parse_arguments(argv)
     check_arguments(model_args, data_args, training_args)
     earlier_outputs = outputs_to_replace(training_args)
+    fill_in_lengths(model_args, data_args)
     # Only once the arguments hold together: a run refused above trains nothing.
     if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:
         print(
@@ -510,8 +546,6 @@ def main(argv: list[str] | None = None):
     try:
         train_dataset, eval_dataset, predict_dataset = load_splits(data_args, training_args)
         reference = train_dataset or eval_dataset or predict_dataset
-        if reference is None:
-            raise UsageError("nothing to do: give --do_train, --do_predict, or --do_eval with an --eval_split")
         processor = reference.processor
         # The cut this run makes (the data may be prepared with longer questions), which the saved processor and
         # the config of a model trained here record.

@@ -462,6 +462,46 @@ def test_toy_defaults_step_aside_for_a_given_model_and_the_trainer_schedule():
     assert training_args.num_train_epochs == 10
 
 
+def test_a_given_model_keeps_its_own_question_and_region_cuts_unless_told(tmp_path):
+    import train_vqa
+    from rwsan import RWSANConfig
+
+    RWSANConfig(max_question_length=4, max_regions=5).save_pretrained(tmp_path / "model")
+    for given, expected in (([], (4, 5)), (["--max_regions", "7"], (4, 7))):
+        model_args, data_args, _, _ = train_vqa.parse_arguments(
+            ["--model_name_or_path", str(tmp_path / "model"), *given]
+        )
+        train_vqa.fill_in_lengths(model_args, data_args)
+        assert (data_args.max_question_length, data_args.max_regions) == expected
+    model_args, data_args, _, _ = train_vqa.parse_arguments([])
+    train_vqa.fill_in_lengths(model_args, data_args)
+    assert (data_args.max_question_length, data_args.max_regions) == (16, 100)
+
+
+def test_a_run_that_would_train_over_its_starting_model_is_refused(tiny_prepared_vqa, tmp_path, monkeypatch):
+    import train_vqa
+    from rwsan import RWSANConfig
+
+    RWSANConfig().save_pretrained(tmp_path / "run")
+    message = f"--output_dir {tmp_path / 'run'} is the folder of --model_name_or_path: training would replace"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(
+            common_arguments(tiny_prepared_vqa, tmp_path / "run", "--model_name_or_path", str(tmp_path / "run"))
+        )
+    # The toy run fine-tuning its own model (runs/toy, its default folder) is refused too, not overwritten.
+    monkeypatch.chdir(tmp_path)
+    RWSANConfig().save_pretrained(tmp_path / "runs" / "toy")
+    with pytest.raises(train_vqa.UsageError, match="is the folder of --model_name_or_path"):
+        train_vqa.main(["--model_name_or_path", "runs/toy"])
+
+
+def test_a_mistyped_model_folder_is_said_to_be_missing_before_the_hub(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    with pytest.raises(train_vqa.UsageError, match=r"^--model_name_or_path runs/tyo: no such folder, and as a hub"):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", "--model_name_or_path", "runs/tyo"))
+
+
 def test_kept_logits_leave_the_answers_of_the_float32_logits():
     from rwsan.training import answers_and_float16_logits
 
@@ -472,8 +512,10 @@ def test_kept_logits_leave_the_answers_of_the_float32_logits():
 
 def test_an_unknown_eval_split_without_training_is_not_told_to_train_without_evaluating(tiny_prepared_vqa, tmp_path):
     import train_vqa
+    from rwsan import RWSANConfig
 
-    arguments = ["--eval_split", "nosuch", "--do_train", "false", "--model_name_or_path", "model"]
+    RWSANConfig().save_pretrained(tmp_path / "model")  # the split is refused before the weights are read
+    arguments = ["--eval_split", "nosuch", "--do_train", "false", "--model_name_or_path", str(tmp_path / "model")]
     with pytest.raises(train_vqa.UsageError) as refused:
         train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
     assert str(refused.value).endswith("has test, test-dev, train, val; give --eval_split a split of the dataset")

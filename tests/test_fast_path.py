@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import BF16_TOLERANCE
 from torch._dynamo.utils import counters
 
 from rwsan import RWSANConfig, RWSANForVQA
@@ -19,8 +20,6 @@ from rwsan.data import VQACollator
 from rwsan.modeling_rwsan import RWSANLayerNorm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# bfloat16 keeps 8 bits of mantissa: logits of magnitude ~1 agree to a few units of 2**-8 after the whole network.
-BF16_TOLERANCE = {"atol": 3e-2, "rtol": 2e-2}
 
 
 def load_bench_module(name: str):

@@ -555,12 +555,16 @@ def test_missing_tsv_file_stops_with_its_path(raw_vqa_dir, tmp_path):
         prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tmp_path / "nowhere.tsv"])
 
 
-def test_a_tsv_folder_is_refused_before_any_image_is_converted(raw_vqa_dir, tmp_path):
+def test_a_tsv_folder_is_refused_before_any_image_is_converted(raw_vqa_dir, tmp_path, monkeypatch):
     # The official trainval_36.zip unpacks to a folder of .tsv files.
     (tmp_path / "trainval_36").mkdir()
+    decoded = []
+    decode_image = prepare_vqa_module.decode_image
+    monkeypatch.setattr(prepare_vqa_module, "decode_image", lambda *args: decoded.append(1) or decode_image(*args))
     message = f"feature file {tmp_path / 'trainval_36'} is a folder: name the .tsv files in it"
     with pytest.raises(IsADirectoryError, match=re.escape(message)):
         prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tmp_path / "trainval_36"])
+    assert not decoded
 
 
 def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):

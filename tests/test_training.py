@@ -96,6 +96,17 @@ def assert_same_weights(first: Path, second: Path):
         assert torch.equal(first_weights[name], second_weights[name]), name
 
 
+def mark_for_resume(checkpoint: Path) -> dict:
+    """Adds a mark to the checkpoint's log history, which only a run resumed from it carries on (a run started afresh
+    would end with the same weights too); returns the mark."""
+    state_path = checkpoint / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    mark = {"step": state["global_step"], "resumed_from_here": 1}
+    state["log_history"].append(mark)
+    state_path.write_text(json.dumps(state))
+    return mark
+
+
 def logged(output: Path, name: str) -> dict[int, float]:
     """The value of `name` at each optimizer step that logged it, from the run's trainer_state.json."""
     state = json.loads((output / "trainer_state.json").read_text())
@@ -163,17 +174,12 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
-    # A mark in the checkpoint's log history, which only a run that resumed from it carries on: a run started
-    # afresh would end with the same weights too.
-    state = json.loads((first_checkpoint / "trainer_state.json").read_text())
-    state["log_history"].append({"step": 14, "resumed_from_here": 1})
-    (first_checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    mark = mark_for_resume(first_checkpoint)
 
     # "last" (the newest checkpoint of the output folder) is the one written before the kill.
     resume = "last" if sampling else str(first_checkpoint)
     run_training(*common_arguments(tiny_prepared_vqa, interrupted), *arguments, "--resume_from_checkpoint", resume)
-    history = json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
-    assert {"step": 14, "resumed_from_here": 1} in history
+    assert mark in json.loads((interrupted / "trainer_state.json").read_text())["log_history"]
     assert_same_weights(tmp_path / "straight", interrupted)
 
 
@@ -247,7 +253,9 @@ def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prep
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_two_processes(*common_arguments(tiny_prepared_vqa, straight), *arguments)
     shutil.copytree(straight / "checkpoint-10", resumed / "checkpoint-10")
+    mark = mark_for_resume(resumed / "checkpoint-10")
     run_two_processes(*common_arguments(tiny_prepared_vqa, resumed), *arguments, "--resume_from_checkpoint", "last")
+    assert mark in json.loads((resumed / "trainer_state.json").read_text())["log_history"]
     assert_same_weights(straight, resumed)
 
 
@@ -500,6 +508,32 @@ def test_a_mistyped_model_folder_is_said_to_be_missing_before_the_hub(tiny_prepa
 
     with pytest.raises(train_vqa.UsageError, match=r"^--model_name_or_path runs/tyo: no such folder, and as a hub"):
         train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", "--model_name_or_path", "runs/tyo"))
+
+
+def test_kept_logits_leave_the_answers_of_the_float32_logits_through_train_vqa(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+    from rwsan import RWSANConfig, RWSANForVQA
+
+    processor = load_vqa_dataset(tiny_prepared_vqa, "val").processor
+    sizes = dict(hidden_size=32, intermediate_size=64, word_embedding_size=16, flat_mlp_size=16, flat_output_size=48)
+    config = RWSANConfig(
+        vocab_size=len(processor.tokenizer), id2label=dict(processor.id2label), image_feature_size=32, **sizes
+    )
+    model = RWSANForVQA(config)
+    # Every question scores 10.0 for answer 0 and 10.001 for answer 1: one value in float16.
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.bias[:2] = torch.tensor([10.0, 10.001])
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    arguments = ["--model_name_or_path", str(tmp_path / "model"), "--do_train", "false", "--do_eval", "false"]
+    arguments += ["--do_predict", "--predict_split", "val", "--save_logits"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+    logits = np.load(tmp_path / "run" / "logits_val.npy")
+    assert (logits[:, 0] == logits[:, 1]).all()
+    answers = {item["answer"] for item in json.loads((tmp_path / "run" / "predictions_val.json").read_text())}
+    assert answers == {processor.id2label[1]}
 
 
 def test_kept_logits_leave_the_answers_of_the_float32_logits():
@@ -846,9 +880,9 @@ def test_region_grouped_order_depends_only_on_seed_and_epoch():
     assert sum(max(batch) - min(batch) for batch in batches) / len(batches) < 45
 
 
-@pytest.mark.parametrize("given", [True, False])
-def test_region_grouping_and_packing_reach_the_training_batches(tiny_prepared_vqa, tmp_path, monkeypatch, given):
-    """train_vqa.py's --group_by_regions and --pack_regions take effect (a run with them ignored trains too)."""
+def record_training_steps(monkeypatch) -> list[tuple[object, set[str]]]:
+    """Has train_vqa.py train with a `VQATrainer` that records each step's sampler and batch keys, in the list
+    returned."""
     import train_vqa
     from rwsan.training import VQATrainer
 
@@ -860,16 +894,27 @@ def test_region_grouping_and_packing_reach_the_training_batches(tiny_prepared_vq
             return super().training_step(model, inputs, num_items_in_batch)
 
     monkeypatch.setattr(train_vqa, "VQATrainer", RecordingTrainer)
+    return steps
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_region_grouping_and_packing_reach_the_training_batches(tiny_prepared_vqa, tmp_path, monkeypatch, given):
+    """train_vqa.py's --group_by_regions and --pack_regions take effect (a run with them ignored trains too)."""
+    import train_vqa
+
+    steps = record_training_steps(monkeypatch)
     options = ["--group_by_regions", "true", "--pack_regions"] if given else []
     arguments = ["--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", *options]
-    train_vqa.main([*common_arguments(tiny_prepared_vqa, tmp_path / "run"), *arguments])
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
     assert len(steps) == 2
     for sampler, keys in steps:
         assert isinstance(sampler, RegionGroupedSampler) == given
         assert ("image_feature_positions" in keys) == given
 
 
-def test_pack_regions_with_workers_trains_like_padded_batches(tiny_prepared_vqa, tmp_path):
+def test_pack_regions_with_workers_trains_like_padded_batches(tiny_prepared_vqa, tmp_path, monkeypatch):
+    import train_vqa
+
     arguments = [
         "--max_steps", "3",
         "--logging_steps", "1",
@@ -877,10 +922,12 @@ def test_pack_regions_with_workers_trains_like_padded_batches(tiny_prepared_vqa,
         "--save_strategy", "no",
     ]  # fmt: skip
     padded, packed = tmp_path / "padded", tmp_path / "packed"
-    run_training(*common_arguments(tiny_prepared_vqa, padded), *arguments)
+    train_vqa.main(common_arguments(tiny_prepared_vqa, padded, *arguments))
+    steps = record_training_steps(monkeypatch)
     # Later arguments win: the workers replace common_arguments' none.
     workers = ["--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true"]
-    run_training(*common_arguments(tiny_prepared_vqa, packed), *arguments, "--pack_regions", "true", *workers)
+    train_vqa.main(common_arguments(tiny_prepared_vqa, packed, *arguments, "--pack_regions", "true", *workers))
+    assert [("image_feature_positions" in keys) for _, keys in steps] == [True] * 3
     assert len(logged(padded, "loss")) == 3
     assert logged(packed, "loss") == logged(padded, "loss")
 

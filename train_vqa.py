@@ -199,6 +199,20 @@ def prepare_toy_dataset(num_images: int, questions_per_image: int, seed: int) ->
     return prepared
 
 
+def eval_split_is_trained_on(data_args: DataArguments, training_args: VQATrainingArguments) -> bool:
+    """Whether the run trains on all of --eval_split (train+val+vg, for the test server): nothing is left to
+    evaluate on, and it is not evaluated."""
+    trained_on = set(data_args.train_split.split("+")) if training_args.do_train else set()
+    return set(data_args.eval_split.split("+")) <= trained_on
+
+
+def evaluates(data_args: DataArguments, training_args: VQATrainingArguments) -> bool:
+    """Whether the run evaluates on --eval_split."""
+    return (
+        training_args.do_eval and bool(data_args.eval_split) and not eval_split_is_trained_on(data_args, training_args)
+    )
+
+
 def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     def load(option, split, way_out=""):
         try:
@@ -220,8 +234,7 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     if evaluate and training_args.do_train:
         trained_on = set(data_args.train_split.split("+"))
         evaluated = set(data_args.eval_split.split("+"))
-        if evaluated <= trained_on:
-            # Training on all annotated data (train+val+vg, for the test server) leaves nothing to evaluate on.
+        if eval_split_is_trained_on(data_args, training_args):
             evaluate = False
             if training_args.process_index == 0:
                 print(f"Not evaluating: --eval_split {data_args.eval_split} is trained on", file=sys.stderr)
@@ -236,6 +249,21 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     eval_dataset = load_annotated("--eval_split", data_args.eval_split, way_out) if evaluate else None
     predict_dataset = load("--predict_split", data_args.predict_split) if training_args.do_predict else None
     return train_dataset, eval_dataset, predict_dataset
+
+
+def saved_processor(model_name_or_path: str) -> RWSANProcessor | None:
+    """The processor saved with a model (a folder or hub repository), or None where it was saved without one (a
+    converted checkpoint, say)."""
+    local = Path(model_name_or_path).is_dir()
+    if local and not (Path(model_name_or_path) / PROCESSOR_NAME).is_file():
+        return None
+    try:
+        return RWSANProcessor.from_pretrained(model_name_or_path)
+    except OSError:
+        if local:
+            raise
+        print(f"{model_name_or_path} has no processor to compare the dataset's words with", file=sys.stderr)
+        return None
 
 
 def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWSANForVQA:
@@ -265,14 +293,10 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
         model_folder = Path(model_args.model_name_or_path)
         try:
             check_processor_fits_model(processor, model.config, str(model_folder), "the dataset's processor")
-            # A folder saved with its processor tells which words its ids are: of one size, they may still differ.
-            if (model_folder / PROCESSOR_NAME).is_file():
-                check_same_vocabularies(
-                    RWSANProcessor.from_pretrained(model_folder),
-                    processor,
-                    str(model_folder),
-                    "the dataset's processor",
-                )
+            # A model saved with its processor tells which words its ids are: of one size, they may still differ.
+            model_processor = saved_processor(model_args.model_name_or_path)
+            if model_processor is not None:
+                check_same_vocabularies(model_processor, processor, str(model_folder), "the dataset's processor")
         except ValueError as error:
             raise UsageError(
                 f"{error}. Use data prepared from the question and annotation files the model was trained or "
@@ -423,7 +447,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VQATrainingArguments):
     """Refuses options that would train or answer wrongly, or be ignored, before anything runs."""
-    if not (training_args.do_train or training_args.do_predict or (training_args.do_eval and data_args.eval_split)):
+    if not (training_args.do_train or training_args.do_predict or evaluates(data_args, training_args)):
         raise UsageError("nothing to do: give --do_train, --do_predict, or --do_eval with an --eval_split")
     if not training_args.do_train and not model_args.model_name_or_path:
         raise UsageError(
@@ -442,7 +466,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         "--batch_eval_metrics": training_args.batch_eval_metrics,
     }
     for option, given in evaluation_loop_options.items():
-        if given and (training_args.do_eval or training_args.do_predict):
+        if given and (evaluates(data_args, training_args) or training_args.do_predict):
             raise UsageError(
                 f"{option} changes what evaluation and prediction hand on, and the VQA accuracy and the predictions "
                 "file need every question's answer at once"
@@ -450,7 +474,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     model_path = model_args.model_name_or_path
     if model_path and not Path(model_path).exists() and _names_a_local_path(model_path):
         raise UsageError(f"--model_name_or_path {model_path}: no such folder")
-    if training_args.do_train and model_path and Path(model_path).resolve() == Path(training_args.output_dir).resolve():
+    model_folder = Path(model_path) if model_path and Path(model_path).is_dir() else None
+    if training_args.do_train and model_folder and model_folder.resolve() == Path(training_args.output_dir).resolve():
         raise UsageError(
             f"--output_dir {training_args.output_dir} is the folder of --model_name_or_path: training would replace "
             "the model it starts from; give another --output_dir"
@@ -499,20 +524,31 @@ def fill_in_lengths(model_args: ModelArguments, data_args: DataArguments):
         data_args.max_regions = defaults.max_regions
 
 
-def outputs_to_replace(training_args: VQATrainingArguments) -> list[Path]:
-    """What a new training run will delete from its output folder (with --overwrite_output_dir): an earlier run's
-    checkpoints and prediction files. Without the option, checkpoints there refuse the run."""
+def outputs_to_replace(model_args: ModelArguments, training_args: VQATrainingArguments) -> list[Path]:
+    """What a new training run deletes from its output folder with --overwrite_output_dir: an earlier run's
+    checkpoints and prediction files. Without the option, checkpoints there refuse the run (prediction files are
+    left), and so does the option where the model the run starts from lies among them."""
     if not training_args.do_train or training_args.resume_from_checkpoint:
         return []
     earlier_outputs = earlier_run_outputs(Path(training_args.output_dir))
     earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
-    if earlier_checkpoints and not training_args.overwrite_output_dir:
-        raise UsageError(
-            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
-            f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
-            "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
-            "--overwrite_output_dir (which deletes them), or choose another --output_dir"
-        )
+    if not training_args.overwrite_output_dir:
+        if earlier_checkpoints:
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
+                f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
+                "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
+                "--overwrite_output_dir (which deletes them), or choose another --output_dir"
+            )
+        return []
+    if model_args.model_name_or_path and Path(model_args.model_name_or_path).exists():
+        model_folder = Path(model_args.model_name_or_path).resolve()
+        for path in earlier_outputs:
+            if model_folder.is_relative_to(path.resolve()):
+                raise UsageError(
+                    f"--model_name_or_path {model_args.model_name_or_path} is {path.name} of --output_dir, which "
+                    "--overwrite_output_dir deletes: give another --output_dir"
+                )
     return earlier_outputs
 
 
@@ -520,7 +556,7 @@ def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args, toy = parse_arguments(argv)
     check_arguments(model_args, data_args, training_args)
-    earlier_outputs = outputs_to_replace(training_args)
+    earlier_outputs = outputs_to_replace(model_args, training_args)
     fill_in_lengths(model_args, data_args)
     # Only once the arguments hold together: a run refused above trains nothing.
     if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:

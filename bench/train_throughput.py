@@ -936,11 +936,12 @@ class Benchmark:
         workers = self.args.num_workers if workers is None else workers
         dataset = self.dataset()
         warmup_steps = self.args.warmup_steps * len(self.bucket_shapes()) if cuda else self.args.warmup_steps
+        mega_batch = trainer_mega_batch(len(dataset), self.args.batch_size)
         if group_by_regions:
             # Batches come sorted by regions within mega-batches: one whole mega-batch meets every padded shape.
-            warmup_steps = max(warmup_steps, TRAINER_MEGA_BATCHES)
+            warmup_steps = max(warmup_steps, mega_batch)
         timed_end = warmup_steps + self.args.trainer_steps
-        profiled_after = profile_start(timed_end, self.args.profile_steps, group_by_regions)
+        profiled_after = profile_start(timed_end, self.args.profile_steps, mega_batch if group_by_regions else None)
         training_args = self.trainer_arguments(
             key,
             workers,
@@ -1068,14 +1069,20 @@ def cuda_graphs_recorded(trainer: VQATrainer) -> int:
     return 0 if trainer.graphed_passes is None else len(trainer.graphed_passes[1].graphs)
 
 
-def profile_start(timed_end: int, profile_steps: int, grouped: bool) -> int:
+def trainer_mega_batch(num_questions: int, batch_size: int) -> int:
+    """Batches in a mega-batch of the Trainer's length-grouped sampler on a set of `num_questions` (transformers'
+    `get_length_grouped_indices`: 50, or fewer so that the set makes 4 of them); 50 at the paper's 3,129 answers."""
+    return max(1, min(num_questions // (batch_size * 4), TRAINER_MEGA_BATCHES))
+
+
+def profile_start(timed_end: int, profile_steps: int, mega_batch: int | None) -> int:
     """The step after which a Trainer row's profiled steps begin: the last timed one, or, where batches are grouped by
-    regions (each mega-batch of TRAINER_MEGA_BATCHES sorted largest first), the one that centres them in the next
-    mega-batch, where batches are of middling size; right after the timed steps they would be the largest."""
-    if not (grouped and profile_steps):
+    regions in mega-batches of `mega_batch` batches (each sorted largest first), the one that centres them in the
+    next mega-batch, where batches are of middling size; right after the timed steps they would be the largest."""
+    if mega_batch is None or not profile_steps:
         return timed_end
-    next_mega_batch = -(-timed_end // TRAINER_MEGA_BATCHES) * TRAINER_MEGA_BATCHES
-    return max(timed_end, next_mega_batch + (TRAINER_MEGA_BATCHES - profile_steps) // 2)
+    next_mega_batch = -(-timed_end // mega_batch) * mega_batch
+    return max(timed_end, next_mega_batch + (mega_batch - profile_steps) // 2)
 
 
 def timed_step_count(step_seconds: float, seconds: float, max_steps: int, round_length: int) -> int:

@@ -133,6 +133,11 @@ class VQATrainingArguments(TrainingArguments):
         # eval_strategy no here; true stays true (a final evaluation), and unset follows eval_strategy.
         do_eval = self.do_eval
         if do_eval is False:
+            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) not in (
+                "no",
+                _default_of("eval_strategy"),
+            ):
+                raise ValueError(f"--do_eval false and --eval_strategy {self.eval_strategy} disagree: give one of them")
             self.eval_strategy = "no"
         self.do_eval = bool(do_eval)
         super().__post_init__()
@@ -566,9 +571,10 @@ class VQATrainer(Trainer):
         final_folder = output_dir is None or Path(output_dir).resolve() == Path(self.args.output_dir).resolve()
         if not (final_folder and self.args.should_save and isinstance(self.processing_class, RWSANProcessor)):
             return
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            # Their processes each hold a shard: the pipeline's save of the weights held here would be wrong.
-            logger.warning_once("FSDP/DeepSpeed: the output folder is saved without the pipeline (save_for_pipeline)")
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        if self.is_fsdp_enabled or zero_stage == 3:
+            # Each process holds a shard of the weights: the pipeline's save of those held here would be wrong.
+            logger.warning_once("FSDP/ZeRO-3: the output folder is saved without the pipeline (save_for_pipeline)")
             return
         save_for_pipeline(self.accelerator.unwrap_model(self.model), self.processing_class, self.args.output_dir)
 

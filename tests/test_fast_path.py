@@ -357,10 +357,11 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
 
 def test_profiled_steps_of_grouped_batches_are_of_middling_size():
     # Steps 251-253 would be the three largest batches of a mega-batch of 50 sorted largest first.
-    assert bench.TRAINER_MEGA_BATCHES == 50
-    assert bench.profile_start(250, 3, grouped=True) == 273
-    assert bench.profile_start(260, 3, grouped=True) == 323
-    assert bench.profile_start(250, 3, grouped=False) == bench.profile_start(250, 0, grouped=True) == 250
+    assert bench.trainer_mega_batch(31_290, 64) == 50  # the generated set at the paper's 3,129 answers
+    assert bench.trainer_mega_batch(3000, 64) == 11 and bench.trainer_mega_batch(100, 64) == 1
+    assert bench.profile_start(250, 3, mega_batch=50) == 273
+    assert bench.profile_start(260, 3, mega_batch=50) == 323
+    assert bench.profile_start(250, 3, mega_batch=None) == bench.profile_start(250, 0, mega_batch=50) == 250
 
 
 def test_the_trainer_timer_notes_graphs_recorded_while_timed(capsys):

@@ -386,6 +386,7 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         (["--prediction_loss_only"], "--prediction_loss_only changes what evaluation and prediction hand on"),
         (["--eval_do_concat_batches", "false"], "--eval_do_concat_batches false changes what evaluation"),
         (["--batch_eval_metrics"], "--batch_eval_metrics changes what evaluation and prediction hand on"),
+        (["--do_eval", "false", "--eval_strategy", "steps"], "--do_eval false and --eval_strategy steps disagree"),
         (
             ["--model_name_or_path", "model", "--hidden_size", "64", "--num_srwsa_repeats", "2", "--dropout", "0.2"],
             "--hidden_size, --num_srwsa_repeats size a new model; model has its own (give them without "
@@ -431,11 +432,51 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused_unless_told_to_delete
     assert f"deleting checkpoint-40, predictions_test.json of an earlier run in {output}" in capsys.readouterr().err
 
 
-def test_evaluation_loop_options_are_free_where_nothing_is_evaluated_or_answered(tiny_prepared_vqa, tmp_path):
+@pytest.mark.parametrize("nothing_evaluated", [["--eval_strategy", "no"], ["--train_split", "train+val"]])
+def test_evaluation_loop_options_are_free_where_nothing_is_evaluated_or_answered(
+    tiny_prepared_vqa, tmp_path, nothing_evaluated
+):
     import train_vqa
 
-    arguments = ["--max_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--prediction_loss_only"]
+    arguments = ["--max_steps", "1", "--save_strategy", "no", "--prediction_loss_only", *nothing_evaluated]
     assert "train_loss" in train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+
+
+def test_earlier_predictions_are_kept_unless_told_and_a_starting_checkpoint_is_never_deleted(
+    tiny_prepared_vqa, tmp_path
+):
+    import train_vqa
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "predictions_test.json").write_text("[]")
+    arguments = ["--max_steps", "1", "--save_strategy", "no", "--eval_strategy", "no"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments))
+    assert (output / "predictions_test.json").exists()
+
+    # Fine-tuning a checkpoint of the folder into the folder, with the option that deletes its checkpoints.
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "first", *arguments))
+    shutil.copytree(tmp_path / "first", output / "checkpoint-1")
+    start = ["--model_name_or_path", str(output / "checkpoint-1"), "--overwrite_output_dir"]
+    message = f"--model_name_or_path {output / 'checkpoint-1'} is checkpoint-1 of --output_dir, which"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments, *start))
+    assert (output / "checkpoint-1" / "model.safetensors").exists()
+
+
+def test_a_hub_model_named_like_the_output_folder_is_not_taken_for_it(tiny_prepared_vqa):
+    import train_vqa
+
+    arguments = [
+        "--dataset_dir",
+        str(tiny_prepared_vqa),
+        "--model_name_or_path",
+        "org/rwsan",
+        "--output_dir",
+        "org/rwsan",
+    ]
+    train_vqa.check_arguments(*train_vqa.parse_arguments(arguments)[:3])
+    assert train_vqa.saved_processor("org/rwsan") is None  # offline: nothing to compare with, and said so
 
 
 def test_a_model_path_from_home_is_expanded(tiny_prepared_vqa, tmp_path, monkeypatch):

@@ -25,7 +25,6 @@ original starts from GloVe 840B 300d).
 `--cuda_graphs` (with `--pad_to_multiple_of`) replays each step's passes as a CUDA graph.
 """
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -41,6 +40,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import PROCESSOR_NAME
 
+from data_scripts import make_toy_vqa as toy_data
 from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
@@ -183,7 +183,6 @@ class UsageError(Exception):
 
 def prepare_toy_dataset(num_images: int, questions_per_image: int, seed: int) -> Path:
     """Make the toy VQA set in the raw official formats and prepare it, as a user would real VQA-v2; cached."""
-    from data_scripts.make_toy_vqa import make_toy_vqa
     from data_scripts.prepare_vqa import prepare_vqa
 
     name = f"{num_images}x{questions_per_image}-seed{seed}"
@@ -193,7 +192,7 @@ def prepare_toy_dataset(num_images: int, questions_per_image: int, seed: int) ->
             # Written under another name and renamed when whole: a stopped run leaves no half set to be prepared.
             partial = raw.with_name(f"{raw.name}.partial")
             shutil.rmtree(partial, ignore_errors=True)
-            make_toy_vqa(partial, seed=seed, num_images=num_images, questions_per_image=questions_per_image)
+            toy_data.make_toy_vqa(partial, seed=seed, num_images=num_images, questions_per_image=questions_per_image)
             partial.rename(raw)
         prepare_vqa(raw, prepared)
     return prepared
@@ -230,18 +229,16 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
         return dataset
 
     train_dataset = load_annotated("--train_split", data_args.train_split) if training_args.do_train else None
-    evaluate = training_args.do_eval and bool(data_args.eval_split)
-    if evaluate and training_args.do_train:
-        trained_on = set(data_args.train_split.split("+"))
-        evaluated = set(data_args.eval_split.split("+"))
-        if eval_split_is_trained_on(data_args, training_args):
-            evaluate = False
-            if training_args.process_index == 0:
-                print(f"Not evaluating: --eval_split {data_args.eval_split} is trained on", file=sys.stderr)
-        elif evaluated & trained_on:
+    evaluate = evaluates(data_args, training_args)
+    if training_args.do_eval and data_args.eval_split and eval_split_is_trained_on(data_args, training_args):
+        if training_args.process_index == 0:
+            print(f"Not evaluating: --eval_split {data_args.eval_split} is trained on", file=sys.stderr)
+    elif evaluate and training_args.do_train:
+        shared = set(data_args.eval_split.split("+")) & set(data_args.train_split.split("+"))
+        if shared:
             raise ValueError(
-                f"--eval_split {data_args.eval_split} shares {'+'.join(sorted(evaluated & trained_on))} with "
-                f"--train_split {data_args.train_split}: its accuracy would be measured partly on training questions"
+                f"--eval_split {data_args.eval_split} shares {'+'.join(sorted(shared))} with --train_split "
+                f"{data_args.train_split}: its accuracy would be measured partly on training questions"
             )
     way_out = "; give --eval_split a split of the dataset" + (
         ", or --eval_strategy no to train without evaluating" if training_args.do_train else ""
@@ -289,14 +286,14 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
             f"The dataset's region features have {feature_size} values but the model expects "
             f"{model.config.image_feature_size} (config.image_feature_size)."
         )
-    if model_args.model_name_or_path:
-        model_folder = Path(model_args.model_name_or_path)
+    model_path = model_args.model_name_or_path
+    if model_path:
         try:
-            check_processor_fits_model(processor, model.config, str(model_folder), "the dataset's processor")
+            check_processor_fits_model(processor, model.config, model_path, "the dataset's processor")
             # A model saved with its processor tells which words its ids are: of one size, they may still differ.
-            model_processor = saved_processor(model_args.model_name_or_path)
+            model_processor = saved_processor(model_path)
             if model_processor is not None:
-                check_same_vocabularies(model_processor, processor, str(model_folder), "the dataset's processor")
+                check_same_vocabularies(model_processor, processor, model_path, "the dataset's processor")
         except ValueError as error:
             raise UsageError(
                 f"{error}. Use data prepared from the question and annotation files the model was trained or "
@@ -378,10 +375,6 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The options with their defaults, and the module's docstring with its commands as written."""
-
-
 def earlier_run_outputs(output_dir: Path) -> list[Path]:
     """What an earlier run left in `output_dir` that a new one would not replace: its checkpoints, and its
     prediction files (which --push_to_hub would upload with the new model)."""
@@ -430,7 +423,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
             width=100,
             break_on_hyphens=False,
         ),
-        formatter_class=HelpFormatter,
+        formatter_class=toy_data.HelpFormatter,
     )
     try:
         # No `train_vqa.args` file either: its arguments would come before the toy ones, unseen by the toy check.

@@ -881,6 +881,21 @@ def first_of_each_question(records: list, key: str, path: str, kind: str, proble
     return {question_id: records[position] for question_id, position in position_of.items()}
 
 
+def missing_image_problem(
+    question: QuestionRecord, questions_path: str, image_problem: Problem | None = None
+) -> Problem:
+    """The problem of a question left out for want of its image's features: none, or `image_problem` made them
+    unusable."""
+    reason = (
+        f"its image {question.image_id} was left out ({image_problem.kind}: {image_problem.path})"
+        if image_problem
+        else f"its image {question.image_id} has no features"
+    )
+    return Problem(
+        "missing_image", questions_path, reason, image_id=question.image_id, question_id=question.question_id
+    )
+
+
 def joined_questions(
     split: str,
     questions: list[QuestionRecord],
@@ -938,21 +953,7 @@ def joined_questions(
                 )
                 continue
         if question.image_id not in images.row_of_image:
-            image_problem = images.left_out.get(question.image_id)
-            reason = (
-                f"its image {question.image_id} was left out ({image_problem.kind}: {image_problem.path})"
-                if image_problem
-                else f"its image {question.image_id} has no features"
-            )
-            problems.add(
-                Problem(
-                    "missing_image",
-                    questions_path,
-                    reason,
-                    image_id=question.image_id,
-                    question_id=question.question_id,
-                )
-            )
+            problems.add(missing_image_problem(question, questions_path, images.left_out.get(question.image_id)))
             continue
         kept.append((question, annotation))
     return kept
@@ -1229,14 +1230,9 @@ def check_eval_images_have_feature_files(inputs: RawInputs, raw: RawQuestions, a
         questions = raw.questions[split]
         if split not in EVALUATION_SPLITS or listed.isdisjoint(question.image_id for question in questions):
             continue
+        questions_path = str(inputs.question_files[split])
         without_file = {
-            question.question_id: Problem(
-                "missing_image",
-                str(inputs.question_files[split]),
-                f"its image {question.image_id} has no features",
-                image_id=question.image_id,
-                question_id=question.question_id,
-            )
+            question.question_id: missing_image_problem(question, questions_path)
             for question in questions
             if question.image_id not in listed
         }

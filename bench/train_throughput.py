@@ -953,8 +953,6 @@ class Benchmark:
             # None: VQATrainingArguments' default, copies that do not wait where batches are pinned.
             accelerator_config={"non_blocking": False} if blocking_copies else None,
         )
-        timer = SteadyStateTimer(warmup_steps, self.args.trainer_steps, self.synchronize, self.args.batch_size, key)
-        profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
         model = self.build_model("sdpa")
         if compiled == "encoders":
             compile_encoders(model, dynamic=True)
@@ -963,9 +961,19 @@ class Benchmark:
             args=training_args,
             train_dataset=dataset,
             data_collator=self.collator(bucketed=True, packed=pack_regions),
-            callbacks=[timer, profiler],
         )
-        timer.count_recordings = functools.partial(cuda_graphs_recorded, trainer)
+        # The timer before the profiler: at a step both act on, the timed window must end before profiling starts.
+        timer = SteadyStateTimer(
+            warmup_steps,
+            self.args.trainer_steps,
+            self.synchronize,
+            self.args.batch_size,
+            key,
+            count_recordings=functools.partial(cuda_graphs_recorded, trainer),
+        )
+        profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
+        trainer.add_callback(timer)
+        trainer.add_callback(profiler)
         trainer.train()
         flags = {
             "--compile_blocks": compiled == "blocks",

@@ -21,29 +21,35 @@ TABLE_ROWS = 30
 
 @dataclass
 class KernelProfile:
-    """Per step: how many launches, their summed time, and the busiest kernel names as (name, count, ms)."""
+    """Per step: how many launches, their summed time, and every kernel name as (name, count, ms), the busiest
+    first (the printed table shows the first `TABLE_ROWS`). On CUDA also `timeline`, each kernel and copy of the
+    profiled steps in the order the device ran them, as (name, start, duration) in microseconds from the first one's
+    start: the gaps between them are the device's idle time, and the order says which part of a step ran what."""
 
     steps: int
     launches_per_step: float
     milliseconds_per_step: float
     by_name: list[tuple[str, float, float]]
+    timeline: list[tuple[str, float, float]]
 
 
 def profiler_for(device: torch.device) -> profile:
     return profile(activities=[ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU])
 
 
-def work_events(profiler: profile, device: torch.device) -> tuple[list[tuple[str, float]], int]:
-    """(name, microseconds) of each kernel (CUDA), or of each operator (its own time) and each inductor kernel
-    (CPU); and the number of launches: the kernels (CUDA), or the inductor kernels and the operators not called by
-    another operator (CPU)."""
-    if device.type == "cuda":
-        kernels = [
-            (event.name, event.time_range.elapsed_us())
-            for event in profiler.events()
-            if event.device_type == DeviceType.CUDA
-        ]
-        return kernels, len(kernels)
+def device_timeline(profiler: profile) -> list[tuple[str, float, float]]:
+    """(name, start, duration) of each CUDA kernel and copy in start order, in microseconds from the first start."""
+    kernels = sorted(
+        (event for event in profiler.events() if event.device_type == DeviceType.CUDA),
+        key=lambda event: event.time_range.start,
+    )
+    origin = kernels[0].time_range.start if kernels else 0
+    return [(event.name, event.time_range.start - origin, event.time_range.elapsed_us()) for event in kernels]
+
+
+def cpu_work_events(profiler: profile) -> tuple[list[tuple[str, float]], int]:
+    """(name, microseconds) of each operator (its own time) and each inductor kernel, and the number of launches:
+    the inductor kernels and the operators not called by another operator."""
 
     def is_operator(event) -> bool:
         return event is not None and event.name.startswith("aten::")
@@ -59,7 +65,12 @@ def work_events(profiler: profile, device: torch.device) -> tuple[list[tuple[str
 
 def summarize(profiler: profile, device: torch.device, steps: int) -> KernelProfile:
     """The events of `steps` profiled steps, per step, the busiest first."""
-    events, launches = work_events(profiler, device)
+    if device.type == "cuda":
+        timeline = device_timeline(profiler)
+        events, launches = [(name, microseconds) for name, _, microseconds in timeline], len(timeline)
+    else:
+        timeline = []
+        events, launches = cpu_work_events(profiler)
     by_name: dict[str, list[float]] = defaultdict(list)
     for name, microseconds in events:
         by_name[name].append(microseconds)
@@ -68,7 +79,8 @@ def summarize(profiler: profile, device: torch.device, steps: int) -> KernelProf
         steps=steps,
         launches_per_step=launches / steps,
         milliseconds_per_step=sum(microseconds for _, microseconds in events) / steps / 1e3,
-        by_name=[(name, len(times) / steps, sum(times) / steps / 1e3) for name, times in ranked[:TABLE_ROWS]],
+        by_name=[(name, len(times) / steps, sum(times) / steps / 1e3) for name, times in ranked],
+        timeline=timeline,
     )
 
 
@@ -81,7 +93,14 @@ def print_kernel_profile(kernels: KernelProfile, title: str, device: torch.devic
         f"{kernels.milliseconds_per_step:.2f} ms of their time "
         f"({kernels.milliseconds_per_step / 1e3 / wall_seconds:.0%} of the wall)"
     )
+    if kernels.timeline:
+        _, last_start, last_duration = kernels.timeline[-1]
+        span = (last_start + last_duration) / 1e3 / kernels.steps
+        print(
+            f"from the first kernel's start to the last one's end: {span:.2f} ms a step, of which the device ran "
+            f"kernels for {kernels.milliseconds_per_step / span:.0%}"
+        )
     print(f"{'name':90s} {'count':>6s} {'ms':>8s} {'share':>6s}")
-    for name, count, milliseconds in kernels.by_name:
+    for name, count, milliseconds in kernels.by_name[:TABLE_ROWS]:
         share = milliseconds / kernels.milliseconds_per_step
         print(f"{name[:90]:90s} {count:6.0f} {milliseconds:8.3f} {share:6.1%}")

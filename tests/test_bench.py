@@ -113,3 +113,32 @@ def test_data_prepared_from_earlier_raw_data_is_not_taken_for_new(tmp_path):
     (raw / "settings.json").unlink()  # data kept from before settings were recorded
     with pytest.raises(SystemExit, match="holds data whose settings were not recorded .*: remove it, or give another"):
         raw_vqa_files.generate_once(raw, {"num_images": 3}, lambda folder: folder.mkdir(), prepared)
+
+
+def test_cuda_kernel_profile_keeps_every_kernel_in_device_order(capsys):
+    """The GPU's kernels of the profiled steps, from a stand-in profiler: every name is kept (the table prints 30),
+    and the timeline holds each kernel in the order the device started them, the host's events left out."""
+    kernel_profile = load_bench_module("kernel_profile")
+
+    class Event:
+        def __init__(self, name, device_type, start, end):
+            self.name, self.device_type = name, device_type
+            self.time_range = torch.autograd.profiler_util.Interval(start, end)
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernels = [Event(f"kernel_{index}", cuda, 1000 + 10 * index, 1004 + 10 * index) for index in range(40)]
+    events = [kernels[1], Event("aten::mm", cpu, 990, 2000), kernels[0], *kernels[2:]]
+
+    class Profiler:
+        def events(self):
+            return events
+
+    summary = kernel_profile.summarize(Profiler(), torch.device("cuda"), steps=2)
+    assert summary.launches_per_step == 20 and summary.milliseconds_per_step == pytest.approx(0.08)
+    assert len(summary.by_name) == 40 and summary.by_name[0][1:] == (0.5, pytest.approx(0.002))
+    assert summary.timeline[:2] == [("kernel_0", 0, 4), ("kernel_1", 10, 4)] and len(summary.timeline) == 40
+    kernel_profile.print_kernel_profile(summary, "stand-in", torch.device("cuda"), wall_seconds=0.001)
+    printed = capsys.readouterr().out
+    assert "kernel_29" in printed and "kernel_30" not in printed
+    # 40 kernels of 4 us over 394 us, two steps: the device ran kernels for 41% of the span.
+    assert "0.20 ms a step, of which the device ran kernels for 41%" in printed

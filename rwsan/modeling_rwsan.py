@@ -31,6 +31,9 @@ from .configuration_rwsan import RWSANConfig
 MASKED_SCORE = -5e4
 # Compilations TorchDynamo may keep for the blocks' shared forward wrapper (see `compile_blocks`).
 BLOCK_RECOMPILE_LIMIT = 64
+# cuDNN's and the memory-efficient SDPA kernels take 16-bit queries and keys whose head size is a multiple of 8;
+# others (the paper's question self-attention has 4) go to SDPA's math path, several kernels forward and backward.
+FUSED_ATTENTION_HEAD_MULTIPLE = 8
 
 
 @dataclass
@@ -194,9 +197,15 @@ class RWSANLowRankAttention(nn.Module):
         # Kept by reference so that `model.set_attn_implementation(...)` takes effect without rebuilding.
         self.config = config
 
-    def _split_heads(self, states: torch.Tensor, head_size: int) -> torch.Tensor:
+    def _split_heads(self, states: torch.Tensor, head_size: int, padded_head_size: int | None = None) -> torch.Tensor:
+        """`(B, L, heads * head_size)` -> `(B, heads, L, head_size)`, each head padded with zeros to
+        `padded_head_size` where given (before the transposition, so that heads stay side by side in memory, the
+        layout cuDNN's attention takes)."""
         batch_size, length, _ = states.shape
-        return states.view(batch_size, length, self.num_heads, head_size).transpose(1, 2)
+        heads = states.view(batch_size, length, self.num_heads, head_size)
+        if padded_head_size is not None and padded_head_size != head_size:
+            heads = F.pad(heads, (0, padded_head_size - head_size))
+        return heads.transpose(1, 2)
 
     def _project(self, states: torch.Tensor, layers: tuple[nn.Linear, ...]) -> torch.Tensor:
         """`states` through each of `layers`, the outputs side by side `(B, L, sum of out_features)`.
@@ -243,15 +252,19 @@ class RWSANLowRankAttention(nn.Module):
         else:
             query = self.query(query_states)
         value, key = values_and_keys.split([hidden_size, key_size], dim=-1)
-        value = self._split_heads(value, self.head_size)
-        key = self._split_heads(key, self.rank)
-        query = self._split_heads(query, self.rank)
 
         attention_interface = eager_attention_forward
+        query_key_size = self.rank
         if not output_attentions:
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
+            if self.config._attn_implementation == "sdpa":
+                # Zeros appended to every query and key leave each score as it is (the scaling is passed below).
+                query_key_size = -(-self.rank // FUSED_ATTENTION_HEAD_MULTIPLE) * FUSED_ATTENTION_HEAD_MULTIPLE
+        value = self._split_heads(value, self.head_size)
+        key = self._split_heads(key, self.rank, query_key_size)
+        query = self._split_heads(query, self.rank, query_key_size)
         context, attention = attention_interface(
             self,
             query,

@@ -308,6 +308,24 @@ def test_graphed_passes_step_like_eager_steps_on_cuda(items, autocast_dtype, tol
     assert_graphed_steps_like_eager_steps(items, "cuda", tolerance, autocast_dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels need a CUDA device")
+def test_every_attention_of_the_paper_runs_a_fused_kernel_on_cuda():
+    """In bf16 training at the paper's attention sizes (queries and keys of 4, 16 and 64 a head), no attention falls
+    back to SDPA's math path: with the math backend ruled out, a missing fused kernel would raise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    config = RWSANConfig(vocab_size=50, num_labels=10)
+    model = RWSANForVQA(config).cuda().train()
+    input_ids = torch.randint(1, 50, (8, 14), device="cuda")
+    image_features = torch.randn(8, 36, config.image_feature_size, device="cuda")
+    fused = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    with sdpa_kernel(fused), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids, image_features, labels=torch.rand(8, 10, device="cuda")).loss
+        loss.backward()
+    assert torch.isfinite(loss) and model.rwsan.question_encoder.block.attention.query.weight.grad.abs().sum() > 0
+
+
 def test_synthetic_sizes_are_vqa_like():
     rng = np.random.default_rng(0)
     regions = bench.sample_region_counts(rng, 10_000)

@@ -292,9 +292,14 @@ def test_without_pad_token_id_the_attention_mask_is_needed():
 
 
 def test_sdpa_and_eager_paths_agree_in_eval_and_backward(tiny_model):
+    """Also where SDPA gets the narrow queries and keys (ranks 2 and 4 here) padded with zeros to 8 a head, so that
+    cuDNN's and the memory-efficient kernels take them: the scores, and the gradients of those narrow projections,
+    are the eager path's."""
     input_ids, image_features = tiny_inputs(tiny_model.config)
     labels = torch.zeros(input_ids.shape[0], tiny_model.config.num_labels)
     labels[:, 2] = 0.9
+    question_attention = tiny_model.rwsan.question_encoder.block.attention
+    image_attention = tiny_model.rwsan.image_encoder.block.self_attention
     results = {}
     for implementation in ("sdpa", "eager"):
         tiny_model.set_attn_implementation(implementation)
@@ -303,10 +308,20 @@ def test_sdpa_and_eager_paths_agree_in_eval_and_backward(tiny_model):
         with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
             outputs = tiny_model(input_ids=input_ids, image_features=image_features, labels=labels)
         assert (sdpa.call_count > 0) == (implementation == "sdpa")
+        query_and_key_sizes = {(call.args[0].shape[-1], call.args[1].shape[-1]) for call in sdpa.call_args_list}
+        assert query_and_key_sizes == ({(8, 8)} if implementation == "sdpa" else set())
         outputs.loss.backward()
-        results[implementation] = (outputs.logits.detach(), tiny_model.classifier.weight.grad.clone())
+        results[implementation] = [
+            outputs.logits.detach(),
+            tiny_model.classifier.weight.grad.clone(),
+            question_attention.query.weight.grad.clone(),
+            question_attention.key.weight.grad.clone(),
+            image_attention.key.weight.grad.clone(),
+        ]
     torch.testing.assert_close(results["sdpa"][0], results["eager"][0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(results["sdpa"][1], results["eager"][1], atol=1e-5, rtol=1e-4)
+    for sdpa_gradient, eager_gradient in zip(results["sdpa"][1:], results["eager"][1:]):
+        assert eager_gradient.abs().max() > 1e-3
+        torch.testing.assert_close(sdpa_gradient, eager_gradient, atol=1e-5, rtol=1e-4)
 
 
 def attention_modules(model: RWSANForVQA) -> list[RWSANLowRankAttention]:
@@ -564,6 +579,8 @@ def test_training_flops_are_those_of_the_matrix_products(config, shape):
     (one fused operator, unseen by the counter)."""
     batch_size, tokens, regions = shape
     model = RWSANForVQA(config).train()
+    # The model's own products: SDPA computes narrow queries and keys padded with zeros (FUSED_ATTENTION_HEAD_MULTIPLE).
+    model.set_attn_implementation("eager")
     input_ids, image_features = tiny_inputs(config, batch_size, tokens, regions)
     with FlopCounterMode(display=False) as counter:
         model(input_ids, image_features, labels=torch.zeros(batch_size, config.num_labels)).loss.backward()

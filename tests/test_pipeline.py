@@ -400,6 +400,12 @@ def saved_folder(model, processor, tmp_path_factory) -> Path:
 
 def test_saved_folder_holds_the_pipeline_code_and_the_processor(saved_folder, model):
     config = json.loads((saved_folder / "config.json").read_text())
+    # The encoder too loads through remote code (`AutoModel`), as a folder the model saves itself.
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_rwsan.RWSANConfig",
+        "AutoModel": "modeling_rwsan.RWSANModel",
+        "AutoModelForVisualQuestionAnswering": "modeling_rwsan.RWSANForVQA",
+    }
     assert config["custom_pipelines"] == {
         "rwsan-vqa-features": {
             "impl": "pipeline_rwsan.RWSANVQAPipeline",

@@ -118,9 +118,11 @@ class RWSANLayerNorm(nn.Module):
         # The unbiased standard deviation as the norm of the centred values: one reduction forward and backward,
         # about twice as fast in training as `Tensor.std` (which computes the mean again) on the CPU.
         scale = math.sqrt(hidden_states.shape[-1] - 1)
-        if hidden_states.dtype == torch.float16 and not torch.is_autocast_enabled(hidden_states.device.type):
+        cuda_autocast = hidden_states.is_cuda and torch.is_autocast_enabled("cuda")
+        if hidden_states.dtype == torch.float16 and not cuda_autocast:
             # The norm is `scale` times the deviation: in float16 it would overflow for deviations `Tensor.std`
-            # still gives. CUDA autocast takes the norm in float32 by itself, and is left to do so.
+            # still gives. CUDA autocast takes the norm in float32 by itself, and is left to do so (CPU autocast
+            # does not).
             std = (torch.linalg.vector_norm(centered, dim=-1, keepdim=True, dtype=torch.float32) / scale).half()
         else:
             std = torch.linalg.vector_norm(centered, dim=-1, keepdim=True) / scale

@@ -324,6 +324,18 @@ def test_sdpa_and_eager_paths_agree_in_eval_and_backward(tiny_model):
         torch.testing.assert_close(sdpa_gradient, eager_gradient, atol=1e-5, rtol=1e-4)
 
 
+def test_sdpa_drops_attention_weights_in_training_only():
+    """The paper's dropout on the attention weights reaches SDPA in training, and is off in evaluation."""
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(dropout=0.3))
+    input_ids, image_features = tiny_inputs(model.config)
+    for training, expected in ((True, {0.3}), (False, {0.0})):
+        model.train(training)
+        with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+            model(input_ids=input_ids, image_features=image_features)
+        assert {call.kwargs["dropout_p"] for call in sdpa.call_args_list} == expected
+
+
 def attention_modules(model: RWSANForVQA) -> list[RWSANLowRankAttention]:
     return [module for module in model.modules() if isinstance(module, RWSANLowRankAttention)]
 
@@ -503,14 +515,17 @@ def test_autocast_bfloat16_stays_finite_and_close(tiny_model):
     torch.testing.assert_close(mixed.float(), reference, **BF16_TOLERANCE)
 
 
-def test_layer_norm_of_a_float16_model_keeps_deviations_float16_can_hold():
+@pytest.mark.parametrize("cpu_autocast", [None, torch.float16, torch.bfloat16])
+def test_layer_norm_of_a_float16_model_keeps_deviations_float16_can_hold(cpu_autocast):
     # The norm of the centred values is sqrt(511) times their deviation: 5,000 x 22.6 is past float16's 65,504.
+    # CPU autocast, unlike CUDA's, leaves the norm in float16.
     layer_norm = RWSANLayerNorm(512, eps=1e-6)
     torch.nn.init.normal_(layer_norm.weight)
     hidden_states = (torch.randn(2, 512, generator=torch.Generator().manual_seed(0)) * 5000).half()
     with torch.no_grad():
-        half = layer_norm.half()(hidden_states)
-        reference = layer_norm.float()(hidden_states.float())
+        reference = layer_norm(hidden_states.float())
+        with torch.autocast("cpu", dtype=cpu_autocast or torch.bfloat16, enabled=cpu_autocast is not None):
+            half = layer_norm.half()(hidden_states)
     torch.testing.assert_close(half.float(), reference, atol=2e-2, rtol=1e-2)
 
 

@@ -101,8 +101,21 @@ def _shape(state_dict: dict[str, torch.Tensor], key: str, path) -> torch.Size:
 def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], path="checkpoint", **overrides):
     """Read the sizes off the original tensors; repeats, heads and the rest default to the paper's."""
     heads = overrides.get("num_attention_heads", RWSANConfig.num_attention_heads)
+    if heads < 1:
+        raise CheckpointError(f"num_attention_heads must be at least 1, got {heads}")
     prefix = "RWSA_layer.srwsa.denceenc1."
     guided_prefix = "RWSA_layer.sgrwsa.dec1."
+
+    def rank(key: str) -> int:
+        """Queries' and keys' size a head, from a key projection's outputs, all heads side by side."""
+        outputs = _shape(state_dict, key, path)[0]
+        if outputs % heads:
+            raise CheckpointError(
+                f"{path}: '{key}' has {outputs} outputs, which {heads} heads cannot share; give the training run's "
+                "number of heads (MULTI_HEAD)"
+            )
+        return outputs // heads
+
     vocab_size, word_embedding_size = _shape(state_dict, "embedding.weight", path)
     hidden_size, image_feature_size = _shape(state_dict, "img_feat_linear.weight", path)
     sizes = {
@@ -111,9 +124,9 @@ def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], path="c
         "hidden_size": hidden_size,
         "image_feature_size": image_feature_size,
         "intermediate_size": _shape(state_dict, prefix + "ffn.mlp.fc.linear.weight", path)[0],
-        "text_self_attention_rank": _shape(state_dict, prefix + "mhatt.linear_k.weight", path)[0] // heads,
-        "image_self_attention_rank": _shape(state_dict, guided_prefix + "mhatt1.linear_k.weight", path)[0] // heads,
-        "guided_attention_rank": _shape(state_dict, guided_prefix + "mhatt2.linear_k.weight", path)[0] // heads,
+        "text_self_attention_rank": rank(prefix + "mhatt.linear_k.weight"),
+        "image_self_attention_rank": rank(guided_prefix + "mhatt1.linear_k.weight"),
+        "guided_attention_rank": rank(guided_prefix + "mhatt2.linear_k.weight"),
         "flat_mlp_size": _shape(state_dict, "attflat_img.mlp.fc.linear.weight", path)[0],
         "flat_output_size": _shape(state_dict, "attflat_img.linear_merge.weight", path)[0],
         "num_labels": _shape(state_dict, "proj.weight", path)[0],

@@ -144,6 +144,34 @@ def test_existing_output_folder_is_refused(tmp_path, golden):
     assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
 
 
+def test_repeat_counts_given_on_the_command_line_are_the_models(tmp_path, golden):
+    """The weights cannot tell how often the original applied its shared blocks: the counts given are saved and
+    used (the golden logits are those of the paper's 3 and 3)."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    main(["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "out")])
+    main(
+        ["--checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "other")]
+        + ["--num_srwsa_repeats", "2", "--num_sgrwsa_repeats", "1"]
+    )
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    assert (config["num_srwsa_repeats"], config["num_sgrwsa_repeats"]) == (2, 1)
+    logits = {}
+    for name in ("out", "other"):
+        model = RWSANForVQA.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            logits[name] = model(input_ids=golden["ques_ix"], image_features=golden["img_feat"]).logits
+    torch.testing.assert_close(logits["out"], golden["logits"], atol=1e-5, rtol=0)
+    assert (logits["other"] - golden["logits"]).abs().max() > 1e-2
+
+
+def test_answer_dict_whose_two_halves_disagree_is_refused(tmp_path, golden):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    answer_dict = tmp_path / "answers.json"
+    answer_dict.write_text(json.dumps([{"yes": 0, "no": 1}, {"0": "no", "1": "yes"}]))
+    with pytest.raises(CheckpointError, match=r"answer_to_index and index_to_answer disagree, e.g. on \['yes', 'no'\]"):
+        load_original_checkpoint(checkpoint, answer_dict)
+
+
 def test_answer_dict_of_the_wrong_size(tmp_path, golden):
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     answer_dict = tmp_path / "answers.json"
@@ -232,11 +260,13 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
 @pytest.mark.parametrize(
     "arguments, message",
     [
+        (["--processor", "absent"], "Processor folder not found: absent"),
+        (["--num_attention_heads", "0"], "num_attention_heads must be at least 1, got 0"),
         (
             ["--num_attention_heads", "3"],
-            r"RWSANConfig.hidden_size \(64\) must be divisible by num_attention_heads \(3\)\.",
+            ".*ckpt.pkl: 'RWSA_layer.srwsa.denceenc1.mhatt.linear_k.weight' has 16 outputs, which 3 heads cannot "
+            r"share; give the training run's number of heads \(MULTI_HEAD\)",
         ),
-        (["--processor", "absent"], "Processor folder not found: absent"),
     ],
 )
 def test_command_line_mistakes_get_one_line_errors(tmp_path, golden, capsys, arguments, message):

@@ -65,7 +65,8 @@ from rwsan.training import (
 
 TOY_CACHE = Path(".cache") / "toy_vqa"
 # The files --do_predict writes into the output folder.
-PREDICTION_FILES = ("predictions_*.json", "logits_*.npy", "question_ids_*.npy")
+# What a run writes of its predictions, and a run that trains nothing of its evaluation.
+RESULT_FILES = ("predictions_*.json", "logits_*.npy", "question_ids_*.npy", "evaluation_*.json")
 
 # The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 1M parameters instead
 # of 19.5M) on the toy set, so that it trains on two CPU cores in minutes. The schedule keeps the paper's shape
@@ -377,11 +378,11 @@ def weights_fingerprint(model) -> str:
 
 def earlier_run_outputs(output_dir: Path) -> list[Path]:
     """What an earlier run left in `output_dir` that a new one would not replace: its checkpoints, and its
-    prediction files (which --push_to_hub would upload with the new model)."""
+    prediction and evaluation files (which --push_to_hub would upload with the new model)."""
     if not output_dir.is_dir():
         return []
-    predictions = [path for pattern in PREDICTION_FILES for path in sorted(output_dir.glob(pattern)) if path.is_file()]
-    return list(checkpoint_folders(output_dir).values()) + predictions
+    results = [path for pattern in RESULT_FILES for path in sorted(output_dir.glob(pattern)) if path.is_file()]
+    return list(checkpoint_folders(output_dir).values()) + results
 
 
 def _names_a_local_path(name: str) -> bool:
@@ -519,8 +520,8 @@ def fill_in_lengths(model_args: ModelArguments, data_args: DataArguments):
 
 def outputs_to_replace(model_args: ModelArguments, training_args: VQATrainingArguments) -> list[Path]:
     """What a new training run deletes from its output folder with --overwrite_output_dir: an earlier run's
-    checkpoints and prediction files. Without the option, checkpoints there refuse the run (prediction files are
-    left), and so does the option where the model the run starts from lies among them."""
+    checkpoints, prediction and evaluation files. Without the option, checkpoints there refuse the run (the other
+    files are left), and so does the option where the model the run starts from lies among them."""
     if not training_args.do_train or training_args.resume_from_checkpoint:
         return []
     earlier_outputs = earlier_run_outputs(Path(training_args.output_dir))
@@ -543,6 +544,17 @@ def outputs_to_replace(model_args: ModelArguments, training_args: VQATrainingArg
                     "--overwrite_output_dir deletes: give another --output_dir"
                 )
     return earlier_outputs
+
+
+def final_evaluation(trainer: VQATrainer) -> dict[str, float]:
+    """The evaluation of the model the run ends with: the Trainer's own where it evaluated these weights at the
+    last step (at each epoch's end, by default), else a new one (also where the best checkpoint is loaded at the
+    end): a second pass over VQA-v2 val would take as long as the first."""
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_accuracy" in entry), None)
+    if last is not None and last["step"] == state.global_step and not trainer.args.load_best_model_at_end:
+        return {key: value for key, value in last.items() if key != "step"}
+    return trainer.evaluate()
 
 
 def main(argv: list[str] | None = None):
@@ -649,25 +661,29 @@ def main(argv: list[str] | None = None):
         trainer.save_model()
         trainer.save_state()
     if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    if trainer.is_world_process_zero():
-        if toy and train_dataset is not None and eval_dataset is not None:
+        metrics.update(final_evaluation(trainer))
+    if trainer.is_world_process_zero() and not training_args.do_train and eval_dataset is not None:
+        # Beside the model's own metrics.json (the folder may be the model's), which a run that trains nothing keeps.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / f"evaluation_{data_args.eval_split}.json"
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"Wrote {path}")
+    if trainer.is_world_process_zero() and training_args.do_train:
+        if toy and eval_dataset is not None:
             metrics.update(
                 {f"baseline_{name}": value for name, value in baselines(train_dataset, eval_dataset).items()}
             )
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if training_args.do_train:
-            plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
-            provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
-            # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
-            model_id = getattr(trainer, "hub_model_id", None) or output_dir.name
-            # The toy set is no hub dataset: the card names none.
-            datasets = () if toy else ("vqa_v2",)
-            evaluated_split = data_args.eval_split if eval_dataset is not None else None
-            write_model_card(
-                output_dir, model.config, provenance, metrics, model_id, datasets=datasets, eval_split=evaluated_split
-            )
+        plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
+        provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
+        # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
+        model_id = getattr(trainer, "hub_model_id", None) or output_dir.name
+        # The toy set is no hub dataset: the card names none.
+        datasets = () if toy else ("vqa_v2",)
+        evaluated_split = data_args.eval_split if eval_dataset is not None else None
+        write_model_card(
+            output_dir, model.config, provenance, metrics, model_id, datasets=datasets, eval_split=evaluated_split
+        )
     if training_args.push_to_hub and training_args.do_train:
         # Before the prediction files are written: the upload takes the whole output folder.
         trainer.push_to_hub()

@@ -289,9 +289,12 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     assert sorted(item["question_id"] for item in predictions) == sorted(test_dev.question_ids.tolist())
     assert all(set(item) == {"question_id", "answer"} and item["answer"] in answers for item in predictions)
     assert all(isinstance(item["question_id"], int) for item in predictions)
-    # An evaluation after 2 of an epoch's 14 steps, then the final one.
-    assert re.search(r"^epoch 0\.14: val VQA accuracy \d+\.\d\d \(\w+ \d+\.\d\d, ", result.stdout, re.MULTILINE)
-    assert re.search(r"^Final val VQA accuracy: \d+\.\d\d$", result.stdout, re.MULTILINE)
+    # An evaluation after 2 of an epoch's 14 steps, the last: the final accuracy is that one's, not a second pass's.
+    evaluations = re.findall(
+        r"^epoch 0\.14: val VQA accuracy (\d+\.\d\d) \(\w+ \d+\.\d\d, ", result.stdout, re.MULTILINE
+    )
+    assert len(evaluations) == 1
+    assert re.search(rf"^Final val VQA accuracy: {evaluations[0]}$", result.stdout, re.MULTILINE)
     import numpy as np
 
     metrics = json.loads((output / "metrics.json").read_text())
@@ -331,8 +334,23 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
         "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
     )  # fmt: skip
     assert json.loads((tmp_path / "again" / "predictions_test-dev.json").read_text()) == predictions
-    # --do_eval false evaluated nothing (the Trainer would have, by --eval_strategy's default, epoch).
-    assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == {}
+    # --do_eval false evaluated nothing (the Trainer would have, by --eval_strategy's default, epoch), and a run
+    # that trains nothing writes no metrics.json.
+    assert sorted(path.name for path in (tmp_path / "again").iterdir()) == ["predictions_test-dev.json"]
+
+    # Evaluated in its own folder, the model keeps its training figures; the evaluation is written beside them.
+    trained_metrics = (output / "metrics.json").read_text()
+    result = run_training(
+        "--dataset_dir", str(tiny_prepared_vqa),
+        "--output_dir", str(output),
+        "--model_name_or_path", str(output),
+        "--do_train", "false",
+        "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert (output / "metrics.json").read_text() == trained_metrics
+    evaluation = json.loads((output / "evaluation_val.json").read_text())
+    assert evaluation["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    assert f"Wrote {output / 'evaluation_val.json'}" in result.stdout
 
 
 @pytest.mark.parametrize(

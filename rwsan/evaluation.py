@@ -144,6 +144,10 @@ def compute_vqa_accuracy(
     `accuracy_other`, in order of first appearance), equal to the official `overall` and `perAnswerType`
     numbers for the same questions.
     """
+    for name, values in (("predictions", predictions), ("answer_types", answer_types)):
+        if isinstance(values, str):
+            # A string is a sequence too: each of its characters would count as one question's.
+            raise TypeError(f"{name} must be a sequence of strings, one per question, not a string: {values!r}")
     if len(predictions) != len(gt_answers):
         raise ValueError(
             f"Got {len(predictions)} predictions but {len(gt_answers)} lists of ground-truth answers; "

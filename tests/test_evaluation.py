@@ -98,6 +98,9 @@ SMALL_REPORT = (
         ("Im", "im"),  # the official table's capitalised keys never match lower-cased words
         ("somebody'd", "somebodyd"),  # the official table maps this one backwards
         ("  Yes\n", "yes"),
+        # Stripped before the punctuation step: a trailing mark then touches no space and becomes one.
+        ("x-y-\n", "x y"),
+        ("a/b/ ", "b"),
         ("left\tside", "left side"),
         ("t-shirt", "t shirt"),  # a mark touching no space becomes a space
         ("x - ray", "x ray"),  # a mark touching a space is deleted
@@ -149,6 +152,21 @@ def test_ground_truth_answers_keep_number_words_and_articles_as_in_rwsans_script
     assert compute_vqa_accuracy(["2", "dog"], [["2"] * 2 + ["two"] * 8, ["dog"] * 2 + ["a dog"] * 8]) == {
         "accuracy": 60.0
     }
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ("yes", [["yes"] * 10] * 3),
+            "predictions must be a sequence of strings, one per question, not a string: 'yes'",
+        ),
+        ((["yes"] * 3, [["yes"] * 10] * 3, "abc"), "answer_types must be a sequence of strings, one per question, "),
+    ],
+)
+def test_a_string_is_not_taken_for_one_answer_per_character(arguments, message):
+    with pytest.raises(TypeError, match=f"^{re.escape(message)}"):
+        compute_vqa_accuracy(*arguments)
 
 
 def test_compute_vqa_accuracy_overall_and_per_answer_type():

@@ -1133,6 +1133,25 @@ def tiny_trainer(
     )
 
 
+def test_metrics_score_the_annotators_answers_as_rwsans_script():
+    """The stored answers are the annotators' own: the predicted "2" agrees with the two "2"s only (RWSAN's script
+    leaves "two" as it is in disagreeing annotations), 60 rather than 100."""
+    from transformers import EvalPrediction
+
+    from rwsan.training import vqa_metrics
+
+    class OneQuestion:
+        question_ids = np.array([7])
+        answers = [["2", "2"] + ["two"] * 8]
+        answer_types = ["number"]
+
+        def __len__(self):
+            return 1
+
+    metrics = vqa_metrics(OneQuestion(), {0: "2"})(EvalPrediction(np.array([0]), np.array([7])))
+    assert metrics == {"accuracy": 60.0, "accuracy_number": 60.0}
+
+
 def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_vqa):
     from transformers import EvalPrediction
 

@@ -60,15 +60,21 @@ def write_predictions(
         raise ValueError(f"id2label must have integer keys, as config.id2label has; it has {bad_key!r}")
     if len(question_ids) != len(answer_indices):
         raise ValueError(f"{len(question_ids)} question ids but {len(answer_indices)} answers")
+    if len(question_ids) == 0:
+        raise ValueError("no questions to write: the evaluation server wants an answer to each of a split's")
     repeated = [question_id for question_id, count in Counter(question_ids.tolist()).items() if count > 1]
     if repeated:
         raise ValueError(
             f"{len(repeated)} question ids appear more than once (e.g. {', '.join(map(str, repeated[:5]))}); the "
             "evaluation server wants each question exactly once"
         )
-    unknown = sorted({int(index) for index in answer_indices.tolist()} - set(id2label))
+    used = {int(index) for index in answer_indices.tolist()}
+    unknown = sorted(used - set(id2label))
     if unknown:
         raise ValueError(f"answer indices {unknown[:5]} are not in id2label (answer ids 0..{len(id2label) - 1})")
+    not_text = sorted(index for index in used if not isinstance(id2label[index], str))
+    if not_text:
+        raise ValueError(f"id2label's answers must be strings; answer {not_text[0]} is {id2label[not_text[0]]!r}")
     predictions = [
         {"question_id": int(question_id), "answer": id2label[int(index)]}
         for question_id, index in zip(question_ids.tolist(), answer_indices.tolist())

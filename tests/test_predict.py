@@ -161,6 +161,7 @@ def test_write_predictions_writes_the_server_format(tmp_path):
         ([1, 2, 1, 3], [0, 0, 0, 0], "1 question ids appear more than once \\(e.g. 1\\)"),
         ([1, 2], [0], "2 question ids but 1 answers"),
         ([1, 2], [0, 5], "answer indices \\[5\\] are not in id2label \\(answer ids 0..2\\)"),
+        ([], [], "no questions to write: the evaluation server wants an answer to each of a split's"),
         # float32 would turn question 175651001 into 175651008, another question
         (
             np.array([175651001, 175651101], np.float32),
@@ -174,6 +175,12 @@ def test_write_predictions_writes_the_server_format(tmp_path):
 def test_write_predictions_refuses_bad_predictions(tmp_path, question_ids, answer_indices, message):
     with pytest.raises(ValueError, match=message):
         write_predictions(question_ids, answer_indices, {0: "yes", 1: "no", 2: "red"}, tmp_path / "p.json")
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_write_predictions_refuses_answers_that_are_not_text(tmp_path):
+    with pytest.raises(ValueError, match="id2label's answers must be strings; answer 1 is None"):
+        write_predictions([1, 2], [0, 1], {0: "yes", 1: None}, tmp_path / "p.json")
     assert not (tmp_path / "p.json").exists()
 
 

@@ -30,6 +30,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_PATH = REPO_ROOT / "data_scripts" / "evaluate_predictions.py"
 METRIC_PATH = REPO_ROOT / "rwsan" / "metrics" / "vqa_accuracy"
 ORIGINAL_REPO = Path(os.environ.get("RWSAN_ORIGINAL_REPO", "/work/.mirror/BrightQin+RWSAN/repo"))
+# The official code's outputs on the inputs below (see test_reference_file_is_what_the_official_code_gives).
+OFFICIAL_REFERENCE = Path(__file__).resolve().parent / "data" / "official_vqa_eval.json"
 
 
 def _answers(*answers):
@@ -444,48 +446,38 @@ def _tricky_strings(count, seed):
     return strings
 
 
-def test_normalisation_matches_the_official_code(official):
-    official_eval = official.VQAEval(types.SimpleNamespace(getQuesIds=list), None)
-    contraction_keys = list(official_eval.contractions)
-    texts = (
-        TRICKY_ANSWERS
-        + _tricky_strings(2000, seed=0)
-        + contraction_keys
-        + [key.capitalize() for key in contraction_keys]
-        + [f"the {word}, {word}." for word in official_eval.manualMap]
-        + ["." * 40 + "x", "a." * 40 + "5"]
-    )
-    for text in texts:
-        # The steps the official evaluate() applies to a predicted answer.
-        single_line = text.replace("\n", " ").replace("\t", " ").strip()
-        expected = official_eval.processDigitArticle(official_eval.processPunctuation(single_line))
-        assert normalize_answer(text) == expected, repr(text)
-        assert normalize_punctuation(text) == official_eval.processPunctuation(text), repr(text)
-
-
-def _synthetic_vqa(seed, num_questions, distinct_entries):
-    """Annotations and results mixing unanimous and split annotators, answer types and tricky answers."""
+def _synthetic_vqa(seed, num_questions) -> dict:
+    """Questions mixing unanimous and split annotators, answer types and tricky answers, as `[question id, question
+    type, answer type, the ten answers]`, and a prediction for each as `[question id, answer]`, shuffled."""
     generator = random.Random(seed)
     question_types = ["how many", "is the", "what color", "what is", "where"]
     answer_types = ["number", "yes/no", "other"]
     question_ids = generator.sample(range(1, 10**7), num_questions)
-    annotations, results = [], []
+    questions, predictions = [], []
     for question_id in question_ids:
         candidates = generator.sample(TRICKY_ANSWERS, 3)
         if generator.random() < 0.25:
             gt_answers = [candidates[0]] * 10
         else:
             gt_answers = generator.choices(candidates, weights=[5, 3, 2], k=10)
+        question_type = generator.choice(question_types)
+        questions.append([question_id, question_type, generator.choice(answer_types), gt_answers])
+        predictions.append([question_id, generator.choice(candidates + _tricky_strings(1, seed=question_id))])
+    generator.shuffle(predictions)
+    return {"questions": questions, "predictions": predictions}
+
+
+def _annotations_and_results(synthetic: dict, distinct_entries: bool) -> tuple[list[dict], list[dict]]:
+    """`_synthetic_vqa`'s questions in the official annotation format, with or without answer ids (without, identical
+    entries occur, which the official leave-one-out removes together), and its predictions as results."""
+    annotations = []
+    for question_id, question_type, answer_type, gt_answers in synthetic["questions"]:
         if distinct_entries:
             answers = _answers(*gt_answers)
         else:
-            # Without answer ids identical entries occur, which the official leave-one-out removes together.
             answers = [{"answer": answer, "answer_confidence": "yes"} for answer in gt_answers]
-        question_type = generator.choice(question_types)
-        annotations.append(_annotation(question_id, question_type, generator.choice(answer_types), answers))
-        prediction = generator.choice(candidates + _tricky_strings(1, seed=question_id))
-        results.append({"question_id": question_id, "answer": prediction})
-    generator.shuffle(results)
+        annotations.append(_annotation(question_id, question_type, answer_type, answers))
+    results = [{"question_id": question_id, "answer": answer} for question_id, answer in synthetic["predictions"]]
     return annotations, results
 
 
@@ -502,17 +494,68 @@ def _run_official(official, folder, annotations, results):
     return official_eval
 
 
-@pytest.mark.parametrize("distinct_entries", [True, False])
-def test_evaluation_matches_the_official_code(official, tmp_path, distinct_entries):
-    annotations, results = _synthetic_vqa(seed=0, num_questions=400, distinct_entries=distinct_entries)
-    official_eval = _run_official(official, tmp_path, copy.deepcopy(annotations), copy.deepcopy(results))
+def _normalisation_texts(official_eval) -> list[str]:
+    contraction_keys = list(official_eval.contractions)
+    return (
+        TRICKY_ANSWERS
+        + _tricky_strings(2000, seed=0)
+        + contraction_keys
+        + [key.capitalize() for key in contraction_keys]
+        + [f"the {word}, {word}." for word in official_eval.manualMap]
+        + ["." * 40 + "x", "a." * 40 + "5"]
+    )
 
-    detailed = evaluate_vqa_detailed(results, annotations)
-    assert detailed["accuracy"] == official_eval.accuracy
-    assert list(detailed["accuracy"]["perQuestionType"]) == list(official_eval.accuracy["perQuestionType"])
-    assert detailed["evalQA"] == official_eval.evalQA
-    assert detailed["evalQuesType"] == official_eval.evalQuesType
-    assert detailed["evalAnsType"] == official_eval.evalAnsType
+
+def _official_reference(official, folder: Path) -> dict:
+    """What the official code gives: each text's answer normalisation (the steps its evaluate() applies to a
+    prediction) and punctuation step, and the evaluation of two synthetic sets, with those sets."""
+    official_eval = official.VQAEval(types.SimpleNamespace(getQuesIds=list), None)
+    normalisation = []
+    for text in _normalisation_texts(official_eval):
+        single_line = text.replace("\n", " ").replace("\t", " ").strip()
+        answer = official_eval.processDigitArticle(official_eval.processPunctuation(single_line))
+        normalisation.append([text, answer, official_eval.processPunctuation(text)])
+    synthetic = _synthetic_vqa(seed=0, num_questions=400)
+    evaluations = {}
+    for distinct_entries in (True, False):
+        annotations, results = _annotations_and_results(synthetic, distinct_entries)
+        evaluated = _run_official(official, folder, annotations, results)
+        names = ("accuracy", "evalQA", "evalQuesType", "evalAnsType")
+        evaluations[str(distinct_entries)] = {name: getattr(evaluated, name) for name in names}
+    # Through JSON, as the committed file holds it (question ids as keys become strings).
+    return json.loads(json.dumps({"normalisation": normalisation, "synthetic": synthetic, "evaluations": evaluations}))
+
+
+def test_reference_file_is_what_the_official_code_gives(official, tmp_path):
+    """The committed reference, which the tests below check against where the original repository is absent (as
+    in CI), is the official code's output. `RWSAN_WRITE_OFFICIAL_REFERENCE=1` writes it afresh."""
+    reference = _official_reference(official, tmp_path)
+    if os.environ.get("RWSAN_WRITE_OFFICIAL_REFERENCE") == "1":
+        OFFICIAL_REFERENCE.write_text(json.dumps(reference, separators=(",", ":")) + "\n")
+    assert json.loads(OFFICIAL_REFERENCE.read_text()) == reference
+
+
+@pytest.fixture(scope="module")
+def official_reference() -> dict:
+    return json.loads(OFFICIAL_REFERENCE.read_text())
+
+
+def test_normalisation_matches_the_official_code(official_reference):
+    for text, answer, punctuation_only in official_reference["normalisation"]:
+        assert normalize_answer(text) == answer, repr(text)
+        assert normalize_punctuation(text) == punctuation_only, repr(text)
+
+
+@pytest.mark.parametrize("distinct_entries", [True, False])
+def test_evaluation_matches_the_official_code(official_reference, distinct_entries):
+    official = official_reference["evaluations"][str(distinct_entries)]
+    annotations, results = _annotations_and_results(official_reference["synthetic"], distinct_entries)
+    detailed = json.loads(json.dumps(evaluate_vqa_detailed(results, annotations)))
+    assert detailed["accuracy"] == official["accuracy"]
+    assert list(detailed["accuracy"]["perQuestionType"]) == list(official["accuracy"]["perQuestionType"])
+    assert detailed["evalQA"] == official["evalQA"]
+    assert detailed["evalQuesType"] == official["evalQuesType"]
+    assert detailed["evalAnsType"] == official["evalAnsType"]
 
     if distinct_entries:
         answer_by_id = {result["question_id"]: result["answer"] for result in results}
@@ -522,6 +565,6 @@ def test_evaluation_matches_the_official_code(official, tmp_path, distinct_entri
             [annotation["answer_type"] for annotation in annotations],
         )
         assert training_accuracy == {
-            "accuracy": official_eval.accuracy["overall"],
-            **{f"accuracy_{name}": value for name, value in official_eval.accuracy["perAnswerType"].items()},
+            "accuracy": official["accuracy"]["overall"],
+            **{f"accuracy_{name}": value for name, value in official["accuracy"]["perAnswerType"].items()},
         }

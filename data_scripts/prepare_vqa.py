@@ -1202,6 +1202,12 @@ def load_raw_questions(inputs: RawInputs) -> RawQuestions:
         split: load_records(path, "annotations", AnnotationRecord) for split, path in inputs.annotation_files.items()
     }
     answer_splits = [split for split in ANSWER_VOCABULARY_SPLITS if split in annotations]
+    if len(answer_splits) < len(ANSWER_VOCABULARY_SPLITS):
+        print(
+            f"Note: the answer vocabulary comes from {' and '.join(answer_splits)} alone; the paper's (its "
+            f"answer_dict.json, 3,129 answers) counts {' and '.join(ANSWER_VOCABULARY_SPLITS)}, so a model trained "
+            "on this one answers from another list than the paper's checkpoints"
+        )
     answers = build_answer_vocabulary(
         [annotation.multiple_choice_answer for annotation in annotations[split]] for split in answer_splits
     )

@@ -592,6 +592,24 @@ def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):
         load_vqa_dataset(tmp_path / "prepared", "train+test")
 
 
+def test_an_answer_vocabulary_without_val_says_it_is_not_the_papers(raw_vqa_dir, tmp_path, capsys):
+    (raw_vqa_dir / "vqa" / VAL_ANNOTATIONS_FILE).unlink()
+    (raw_vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json").unlink()
+
+    def one_frequent_answer(content):
+        for annotation in content["annotations"]:
+            annotation["multiple_choice_answer"] = "yes"
+
+    # Enough of one answer for a vocabulary of train's alone (its answers are rarer than 9 times each).
+    edit_json(raw_vqa_dir / "vqa" / TRAIN_ANNOTATIONS_FILE, one_frequent_answer)
+    prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert (
+        "Note: the answer vocabulary comes from train alone; the paper's (its answer_dict.json, 3,129 answers) "
+        "counts train and val, so a model trained on this one answers from another list than the paper's "
+        "checkpoints\n"
+    ) in capsys.readouterr().out
+
+
 def test_splits_of_which_no_image_has_features_are_skipped_and_strict_works(raw_vqa_dir, tmp_path, capsys):
     # Trainval TSV files hold no test2015 image: test and test-dev are skipped, not 4 problems.
     shutil.rmtree(raw_vqa_dir / "coco_extract")

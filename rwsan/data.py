@@ -17,7 +17,7 @@ import torch
 from datasets import load_from_disk
 from torch.utils.data import get_worker_info
 
-from .processing_rwsan import RWSANProcessor
+from .processing_rwsan import RWSANProcessor, check_positive_int
 
 PREPARED_DATASET_PARTS = ("images", "questions", "processor")
 
@@ -75,16 +75,18 @@ class VQADataset(torch.utils.data.Dataset):
     [`VQACollator`]. Create with [`load_vqa_dataset`].
     """
 
-    def __init__(self, folder: Path, splits: list[str], max_question_length: int, max_regions: int):
+    def __init__(self, folder: Path, splits: list[str], max_question_length: int | None, max_regions: int | None):
         self.folder = folder
         self.splits = splits
-        self.max_question_length = max_question_length
-        self.max_regions = max_regions
         self.processor = RWSANProcessor.from_pretrained(str(folder / "processor"))
-        if max_question_length > self.processor.max_question_length:
+        # The cuts the data was prepared with, unless others are asked for.
+        prepared = self.processor
+        self.max_question_length = max_question_length or prepared.max_question_length
+        self.max_regions = max_regions or prepared.max_regions
+        if self.max_question_length > prepared.max_question_length:
             raise ValueError(
-                f"The questions of {folder} were cut to {self.processor.max_question_length} words when "
-                f"prepared; prepare them again with --max_question_length {max_question_length} to keep more"
+                f"The questions of {folder} were cut to {prepared.max_question_length} words when "
+                f"prepared; prepare them again with --max_question_length {self.max_question_length} to keep more"
             )
         self._regions = RegionFeatures(load_from_disk(str(folder / "images")).data.table)
         self._questions = [load_from_disk(str(folder / "questions" / split)).data.table for split in splits]
@@ -101,7 +103,7 @@ class VQADataset(torch.utils.data.Dataset):
         self.question_ids = self._column("question_id").to_numpy()
         self.image_ids = self._column("image_id").to_numpy()
         self._image_index = self._column("image_index").to_numpy()
-        self.num_regions = np.minimum(self._regions.num_regions[self._image_index], max_regions)
+        self.num_regions = np.minimum(self._regions.num_regions[self._image_index], self.max_regions)
         self._input_ids, self._question_lengths = self._padded_input_ids()
         if self.has_answers:
             self._label_ids, self._label_scores, self._label_offsets = self._sparse_labels()
@@ -204,8 +206,8 @@ class VQADataset(torch.utils.data.Dataset):
 def load_vqa_dataset(
     folder: str | os.PathLike,
     split: str = "train+val+vg",
-    max_question_length: int = 16,
-    max_regions: int = 100,
+    max_question_length: int | None = None,
+    max_regions: int | None = None,
 ) -> VQADataset:
     """Loads prepared VQA splits (`"train"`, `"train+val+vg"`, ...) of a folder written by
     `data_scripts/prepare_vqa.py`.
@@ -213,8 +215,10 @@ def load_vqa_dataset(
     Args:
         folder: the prepared folder (with images/, questions/ and processor/).
         split: split names joined with "+".
-        max_question_length: questions are cut to this many words (at most the length used when preparing).
-        max_regions: images are cut to this many regions, like the original (100).
+        max_question_length: questions are cut to this many words (at most the length used when preparing);
+            default: that length (16 by default, as the original's).
+        max_regions: images are cut to this many regions; default: the processor's when preparing (100 by
+            default, as the original's).
     """
     folder = Path(folder)
     missing = [part for part in PREPARED_DATASET_PARTS if not (folder / part).is_dir()]
@@ -224,8 +228,8 @@ def load_vqa_dataset(
             "data_scripts/prepare_vqa.py"
         )
     for name, value in (("max_question_length", max_question_length), ("max_regions", max_regions)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+        if value is not None:
+            check_positive_int(name, value)
     available = sorted(path.name for path in (folder / "questions").iterdir() if path.is_dir())
     splits = split.split("+")
     unknown = [name for name in splits if name not in available]
@@ -303,10 +307,9 @@ class VQACollator:
             ("max_regions", max_regions),
             ("max_question_length", max_question_length),
         ):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
+            check_positive_int(name, value)
+        if pad_to_multiple_of is not None:
+            check_positive_int("pad_to_multiple_of", pad_to_multiple_of)
         self.num_answers = num_answers
         self.max_regions = max_regions
         self.max_question_length = max_question_length
@@ -320,7 +323,10 @@ class VQACollator:
         for key in ("input_ids", "image_features"):
             if any(key not in item for item in items):
                 raise ValueError(f"Every item needs {key!r}")
-        region_features = [item["image_features"][: self.max_regions] for item in items]
+        questions = [_question_tokens(item["input_ids"], index) for index, item in enumerate(items)]
+        region_features = [
+            _real_regions(item["image_features"], index)[: self.max_regions] for index, item in enumerate(items)
+        ]
         feature_sizes = {features.shape[-1] for features in region_features}
         if len(feature_sizes) > 1 or any(features.ndim != 2 for features in region_features):
             raise ValueError(
@@ -336,7 +342,7 @@ class VQACollator:
                         f"{self.num_answers} answers"
                     )
 
-        question_lengths = np.array([len(item["input_ids"]) for item in items])
+        question_lengths = np.array([len(tokens) for tokens in questions])
         region_counts = np.array([len(features) for features in region_features])
         # Rounding up never goes past the longest a question or an image can be: the model gains nothing from
         # more padding, and the largest bucket stays the shape of a full batch.
@@ -345,7 +351,8 @@ class VQACollator:
             _padded_length(longest_question, self.pad_to_multiple_of), max(longest_question, self.max_question_length)
         )
         region_length = min(_padded_length(max(1, region_counts.max()), self.pad_to_multiple_of), self.max_regions)
-        batch_size, feature_size, feature_dtype = len(items), feature_sizes.pop(), region_features[0].dtype
+        batch_size, feature_size = len(items), feature_sizes.pop()
+        feature_dtype = np.result_type(*(features.dtype for features in region_features))
         shapes = {
             "input_ids": ((batch_size, question_length), np.int64),
             "attention_mask": ((batch_size, question_length), np.int64),
@@ -365,13 +372,12 @@ class VQACollator:
 
         # Every element is written, padding included: the batch's buffer is not zeroed.
         arrays["input_ids"].fill(0)
-        for row, item in enumerate(items):
-            arrays["input_ids"][row, : question_lengths[row]] = item["input_ids"]
+        for row, tokens in enumerate(questions):
+            arrays["input_ids"][row, : question_lengths[row]] = tokens
         arrays["attention_mask"][:] = _real_positions(question_lengths, question_length)
         arrays["image_attention_mask"][:] = _real_positions(region_counts, region_length)
         if self.pack_regions:
-            # In the first item's dtype, as the padded batch (items of other dtypes are cast, not promoted).
-            np.concatenate(region_features, out=arrays["image_features"], casting="unsafe")
+            np.concatenate(region_features, out=arrays["image_features"])
             # The real positions of the flattened mask, in row-major order: where each packed region goes.
             arrays["image_feature_positions"][:] = np.flatnonzero(arrays["image_attention_mask"])
         else:
@@ -392,6 +398,36 @@ class VQACollator:
         if any(present) and not all(present):
             raise ValueError(f"{key!r} is given for some items of the batch but not for others")
         return all(present)
+
+
+def _question_tokens(input_ids, index: int) -> np.ndarray:
+    """An item's token ids as a numpy vector (torch tensors too), refused where they are not integers or end in
+    padding: every token given counts as real in the attention mask."""
+    tokens = np.asarray(input_ids)
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(
+            f"items[{index}]: input_ids must be a vector of integer token ids, got {tokens.dtype} of shape "
+            f"{tokens.shape}"
+        )
+    if len(tokens) and tokens[-1] == 0:
+        raise ValueError(
+            f"items[{index}]: input_ids end in the padding id 0; the collator pads, and counts every token it is "
+            "given as real: give the question's tokens only (as VQADataset's items are)"
+        )
+    return tokens
+
+
+def _real_regions(image_features, index: int) -> np.ndarray:
+    """An item's region features as a numpy array (torch tensors too), refused where the last row is all zeros,
+    which is padding (no prepared image keeps such a row): every region given counts as real."""
+    features = np.asarray(image_features)
+    if features.ndim == 2 and len(features) and not features[-1].any():
+        raise ValueError(
+            f"items[{index}]: the last row of image_features is all zeros, which is padding; the collator pads, "
+            "and counts every region it is given as real: give the image's real regions only (as VQADataset's "
+            "items are)"
+        )
+    return features
 
 
 def _real_positions(lengths: np.ndarray, padded_length: int) -> np.ndarray:

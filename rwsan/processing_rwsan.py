@@ -134,7 +134,7 @@ def build_question_tokenizer(vocab: Mapping[str, int], max_length: int = 16) -> 
             `max_length` words, like the original.
     """
     _check_vocab(vocab)
-    _check_positive_int("max_length", max_length)
+    check_positive_int("max_length", max_length)
     word_level = Tokenizer(WordLevel(vocab=dict(vocab), unk_token=UNK_TOKEN))
     word_level.normalizer = normalizers.Sequence(
         [
@@ -198,7 +198,7 @@ def load_glove_embeddings(
         `torch.Tensor`: float32, `(len(vocab), embedding_size)`; row `i` is the vector of the word of id `i`.
     """
     _check_vocab(vocab)
-    _check_positive_int("embedding_size", embedding_size)
+    check_positive_int("embedding_size", embedding_size)
     if not os.path.isfile(glove_path):
         raise FileNotFoundError(f"GloVe file not found: {glove_path}")
 
@@ -230,8 +230,10 @@ def load_glove_embeddings(
     return embeddings
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_positive_int(name: str, value) -> None:
+    """Refuses anything but a positive integer (numpy's too), bools and whole floats included: a float size fails
+    only later, at the first slice it makes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -406,9 +408,9 @@ class RWSANProcessor(ProcessorMixin):
                 "The tokenizer must have pad token id 0 and unk token id 1 (see `build_question_tokenizer`), "
                 f"got {tokenizer.pad_token_id} and {tokenizer.unk_token_id}"
             )
-        _check_positive_int("max_question_length", max_question_length)
-        _check_positive_int("max_regions", max_regions)
-        _check_positive_int("image_feature_size", image_feature_size)
+        check_positive_int("max_question_length", max_question_length)
+        check_positive_int("max_regions", max_regions)
+        check_positive_int("image_feature_size", image_feature_size)
         self.id2label = None if id2label is None else checked_answer_vocabulary(id2label)
         self.max_question_length = max_question_length
         self.max_regions = max_regions

@@ -55,6 +55,22 @@ def test_items_join_questions_to_their_image_features(dataset):
     assert answers[0] == ["red"] * 5 + ["Two"] * 2 + ["blue"] * 3
 
 
+def test_images_written_in_many_record_batches_give_each_its_own_features(tmp_path, monkeypatch):
+    """Real VQA features are written in many record batches (16 MiB each); each image's rows are found in its own."""
+    import data_scripts.prepare_vqa as prepare_vqa_module
+
+    monkeypatch.setattr(prepare_vqa_module, "WRITE_BATCH_BYTES", 1)
+    prepare_vqa(write_raw_vqa(tmp_path / "datasets"), tmp_path / "prepared", feature_size=6)
+    many_batches = load_vqa_dataset(tmp_path / "prepared", "train+val+vg")
+    assert len(many_batches._regions.blocks) > 10
+    for index in range(len(many_batches)):
+        image_id = many_batches.image_ids[index]
+        np.testing.assert_array_equal(
+            many_batches[index]["image_features"],
+            raw_region_features(image_id, NUM_REGIONS[image_id]).astype(np.float16),
+        )
+
+
 def test_getitems_gives_the_items_of_getitem(dataset):
     indices = [5, 0, 37, 5]
     for batched, single in zip(dataset.__getitems__(indices), (dataset[index] for index in indices)):
@@ -77,6 +93,13 @@ def test_regions_and_questions_are_cut(prepared_dir):
     assert dataset.num_regions.max() == 2
     with pytest.raises(ValueError, match="were cut to 16 words when prepared; prepare them again with"):
         load_vqa_dataset(prepared_dir, "train", max_question_length=20)
+
+
+def test_by_default_the_cuts_are_those_the_data_was_prepared_with(tmp_path):
+    prepare_vqa(write_raw_vqa(tmp_path / "datasets"), tmp_path / "prepared", feature_size=6, max_question_length=3)
+    dataset = load_vqa_dataset(tmp_path / "prepared", "train")
+    assert (dataset.max_question_length, dataset.max_regions) == (3, 100)
+    assert dataset[0]["input_ids"].tolist() == [2, 3, 4]
 
 
 def test_test_splits_have_no_labels(prepared_dir):
@@ -254,6 +277,53 @@ def test_collator_refuses_inconsistent_items():
         VQACollator(num_answers=3)(items)
     with pytest.raises(ValueError, match="Cannot collate an empty batch"):
         VQACollator(num_answers=3)([])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda item: item.update(input_ids=np.array([5, 6, 0])),
+            r"items\[0\]: input_ids end in the padding id 0; the collator pads, and counts every token it is given "
+            "as real: give the question's tokens only",
+        ),
+        (
+            lambda item: item.update(image_features=np.concatenate([item["image_features"], np.zeros((1, 3))])),
+            r"items\[0\]: the last row of image_features is all zeros, which is padding; ",
+        ),
+        (
+            lambda item: item.update(input_ids=np.array([5.7, 6.2])),
+            r"items\[0\]: input_ids must be a vector of integer token ids, got float64 of shape \(2,\)",
+        ),
+    ],
+    ids=["padded question", "padded image", "float token ids"],
+)
+def test_collator_refuses_items_it_would_mask_wrongly(change, message):
+    """Padded items (the processor's with padding="max_length", the original's arrays) would have their padding
+    counted as real tokens and regions."""
+    items = hand_items()
+    change(items[0])
+    with pytest.raises(ValueError, match=f"^{message}"):
+        VQACollator(num_answers=3)(items)
+
+
+@pytest.mark.parametrize("pack_regions", [False, True])
+def test_collator_takes_torch_items_and_promotes_mixed_feature_dtypes(pack_regions):
+    items = hand_items()
+    items[1]["image_features"] = np.full((1, 3), 1e5, np.float32)  # beyond float16
+    as_tensors = [{key: torch.as_tensor(value) for key, value in item.items()} for item in items]
+    collator = VQACollator(num_answers=3, pack_regions=pack_regions)
+    for batch in (collator(items), collator(as_tensors)):
+        features = unpack_image_features(batch)["image_features"]
+        assert features.dtype == torch.float32 and features[1, 0].tolist() == [1e5] * 3
+        assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+@pytest.mark.parametrize("value", [36.0, "36", True, 0])
+def test_collator_sizes_must_be_positive_integers(value):
+    for name in ("max_regions", "max_question_length", "pad_to_multiple_of"):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive integer, got {re.escape(repr(value))}$"):
+            VQACollator(num_answers=3, **{name: value})
 
 
 def test_dataloader_batches(dataset):

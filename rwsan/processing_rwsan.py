@@ -309,7 +309,17 @@ def _as_float32_array(name: str, values, integers: bool) -> np.ndarray:
             f"{name} must hold {'real numbers' if integers else 'floating-point values'}, got {values.dtype}"
         )
     if isinstance(values, torch.Tensor):
-        return values.detach().to(device="cpu", dtype=torch.float32).numpy()
+        values = values.detach().cpu()
+        values = values.numpy() if values.dtype == torch.float64 else values.to(torch.float32).numpy()
+    if values.dtype.kind == "f" and values.dtype.itemsize > 4:
+        # Wider floats may hold values float32 cannot, which the cast would make infinite: named as such, not as
+        # the "NaN or infinite values" they were not.
+        beyond = np.isfinite(values) & (np.abs(values) > np.finfo(np.float32).max)
+        if beyond.any():
+            raise ValueError(
+                f"{name} holds values beyond float32's range (the model computes in float32 at most), e.g. "
+                f"{float(values[beyond][0])}"
+            )
     return values.astype(np.float32, copy=False)
 
 

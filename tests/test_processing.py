@@ -325,6 +325,9 @@ def test_processor_defaults_match_the_paper():
         ({"image_features": [np.ones((1, 2)), torch.tensor([[1.0, math.inf]])]},
          r"image_features\[1\] contains NaN or infinite values"),
         ({"image_features": [[[1.0, 2.0], [1.0]]]}, r"image_features\[0\] is not a rectangular array"),
+        ({"image_features": [np.ones((1, 2)), torch.tensor([[1e300, 0.0]], dtype=torch.float64)]},
+         r"image_features\[1\] holds values beyond float32's range \(the model computes in float32 at most\), "
+         r"e.g. 1e\+300"),
         ({"image_features": [np.ones((1, 2), dtype=np.int64)]},
          r"image_features\[0\] must hold floating-point values, got int64"),
         ({"image_features": np.ones((3, 2))},

@@ -17,8 +17,9 @@ The variants below pad to multiples of --pad_to_multiple_of, so that only a few 
   graphed_passes        bf16 SDPA with the forward and backward passes recorded as one CUDA graph per padded shape
                         and replayed, Adam eager: a few launches a step instead of thousands (train_vqa.py
                         --cuda_graphs; CUDA only).
-  compiled_blocks       bf16 SDPA with the two weight-shared attention blocks compiled (`model.compile_blocks`,
-                        dynamic shapes): two small graphs instead of one with 18 block applications unrolled.
+  compiled_blocks       bf16 SDPA with the two weight-shared attention blocks and the norms between their
+                        applications compiled (`model.compile_blocks`, dynamic shapes): small graphs instead of
+                        one with 18 block applications unrolled.
   blocks_graphed_passes compiled blocks inside the recorded passes (CUDA only).
   encoders_graphed_passes
                         compiled encoders inside the recorded passes (CUDA only): a larger region than the

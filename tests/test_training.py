@@ -295,6 +295,8 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     )
     assert len(evaluations) == 1
     assert re.search(rf"^Final val VQA accuracy: {evaluations[0]}$", result.stdout, re.MULTILINE)
+    # The Trainer prints the metrics of every pass over val it logs (the training's and any after it).
+    assert len(re.findall(r"^\{'eval_loss'", result.stdout, re.MULTILINE)) == 1
     import numpy as np
 
     metrics = json.loads((output / "metrics.json").read_text())

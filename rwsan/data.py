@@ -265,7 +265,10 @@ class VQACollator:
     `image_attention_mask` `(batch, num_regions)` (1 = real), `labels` `(batch, num_answers)` when the items
     have them, and `question_id` `(batch,)` when the items have it. Questions and regions are padded to the
     longest of the batch, rounded up to a multiple of `pad_to_multiple_of` if given (so that compiled shapes
-    repeat), but never beyond `max_question_length` / `max_regions` (or the longest, if longer).
+    repeat), but never beyond `max_question_length` / `max_regions` (or the longest, if longer). Every token and
+    region an item holds counts as real, as `VQADataset`'s items hold no padding: an item ending in padding (a 0
+    token id, an all-zero region row) is refused. Items may hold numpy arrays or torch tensors; features of several
+    dtypes are promoted to one.
 
     With `pack_regions=True`, `image_features` holds only the real regions, `(total_regions, feature_size)`, the
     items' one after another, and `image_feature_positions` `(total_regions,)` the place of each in the flattened

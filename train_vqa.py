@@ -65,7 +65,6 @@ from rwsan.training import (
 )
 
 TOY_CACHE = Path(".cache") / "toy_vqa"
-# The files --do_predict writes into the output folder.
 # What a run writes of its predictions, and a run that trains nothing of its evaluation.
 RESULT_FILES = ("predictions_*.json", "logits_*.npy", "question_ids_*.npy", "evaluation_*.json")
 

@@ -435,8 +435,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool):
             raise FileExistsError(
                 f"output_dir {output_dir} holds {', '.join(path.name + '/' for path in data_folders)} but no "
                 f"{SCENES_FILE} or {UNFINISHED_MARKER}: it is not a toy set this script made (real VQA data, say), "
-                "and --overwrite replaces "
-                "only toy sets. Choose another output_dir, or remove those folders by hand."
+                "and --overwrite replaces only toy sets. Choose another output_dir, or remove those folders by hand."
             )
         # Stale feature files would be picked up by the loaders, which glob the feature folders.
         for path in (output_dir / "vqa", output_dir / "coco_extract", *toy_markers):

@@ -408,7 +408,16 @@ class GraphedForwardBackward(CUDAGraphedFunction):
     them. The warm-up passes change no weight and, as the random generators are restored after them, no dropout
     mask either. The loss and gradients are valid until the next call, which overwrites them. `module` is the model
     trained: the gradients go to its parameters that require them.
+
+    The graph also takes the gradients' total norm (2-norm over all of them, `gradient_norm` after each call, as
+    `torch.nn.utils.clip_grad_norm_` returns it) and, with `max_grad_norm` above 0, clips them to it: done eagerly,
+    that is a dozen launches and a pass over every gradient each step.
     """
+
+    def __init__(self, *args, max_grad_norm: float = 0.0, **kwargs):
+        self.max_grad_norm = max_grad_norm
+        self.gradient_norm: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
 
     def module_changed(self):
         self.parameters = [parameter for parameter in self.module.parameters() if parameter.requires_grad]
@@ -419,14 +428,20 @@ class GraphedForwardBackward(CUDAGraphedFunction):
                 "CUDA-graphed training steps need the gradients cleared (None) before each step; they write the "
                 "gradients rather than add to them, so gradient accumulation is not possible"
             )
-        loss, gradients = super().__call__(batch)
+        loss, self.gradient_norm, gradients = super().__call__(batch)
         for parameter, gradient in zip(self.parameters, gradients, strict=True):
             parameter.grad = gradient
         return loss
 
-    def recorded_pass(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    def recorded_pass(
+        self, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         loss = self.function(inputs)
-        return loss, [parameter.grad for parameter in self.parameters]
+        gradients = [parameter.grad for parameter in self.parameters]
+        norm = torch.nn.utils.get_total_norm([gradient for gradient in gradients if gradient is not None])
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.parameters, self.max_grad_norm, norm)
+        return loss, norm, gradients
 
     def after_pass(self):
         for parameter in self.parameters:
@@ -512,13 +527,29 @@ class VQATrainer(Trainer):
         if not getattr(self.args, "cuda_graphs", False):
             return super().training_step(model, inputs, num_items_in_batch)
         if self.graphed_passes is None or self.graphed_passes[0] is not model:
-            passes = GraphedForwardBackward(functools.partial(self._forward_backward, model), model)
+            passes = GraphedForwardBackward(
+                functools.partial(self._forward_backward, model), model, max_grad_norm=self.args.max_grad_norm
+            )
             self.graphed_passes = (model, passes)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = {key: value for key, value in self._prepare_inputs(inputs).items() if key != "question_id"}
         return self.graphed_passes[1](inputs)
+
+    def _graphed_gradient_norm(self, model) -> torch.Tensor | None:
+        """The norm of the gradients the last replayed step wrote (clipped there as --max_grad_norm says), or None
+        where the step was not replayed."""
+        if getattr(self.args, "cuda_graphs", False) and self.graphed_passes and self.graphed_passes[0] is model:
+            return self.graphed_passes[1].gradient_norm
+        return None
+
+    def _clip_grad_norm(self, model):
+        norm = self._graphed_gradient_norm(model)
+        return super()._clip_grad_norm(model) if norm is None else norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return super()._get_grad_norm(model, self._graphed_gradient_norm(model) if grad_norm is None else grad_norm)
 
     def _forward_backward(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`Trainer.training_step`'s passes for one process without accumulation (what --cuda_graphs allows)."""

@@ -1243,18 +1243,55 @@ def training_losses(trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+@pytest.fixture
+def eager_gradient_norms(monkeypatch) -> list:
+    """The accelerators that took a gradient norm eagerly (`Accelerator.clip_grad_norm_`), once a call."""
+    from accelerate import Accelerator
+
+    accelerators = []
+    norm = Accelerator.clip_grad_norm_
+
+    def counted(self, *args, **kwargs):
+        accelerators.append(self)
+        return norm(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", counted)
+    return accelerators
+
+
 def test_cuda_graphs_train_like_the_eager_trainer_with_recording_emulated(
-    tiny_prepared_vqa, tmp_path, emulated_cuda_graphs
+    tiny_prepared_vqa, tmp_path, emulated_cuda_graphs, eager_gradient_norms
 ):
     """The Trainer side of --cuda_graphs (each batch into its shape's graph, the gradients handed to the eager
-    optimizer, cleared after each step, the warm-up passes leaving the dropout masks alone) on the CPU, with the
-    graph recording emulated."""
+    optimizer, cleared after each step, the warm-up passes leaving the dropout masks alone, the gradient norm taken
+    in the graph) on the CPU, with the graph recording emulated."""
     graphed, eager = train_with_and_without("cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.1, use_cpu=True)
     losses = [training_losses(trainer) for trainer in (graphed, eager)]
     assert len(losses[1]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert gradient_norms(graphed) == pytest.approx(gradient_norms(eager), rel=1e-5)
+    assert eager_gradient_norms == [eager.accelerator] * 6
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
     assert len(graphed.graphed_passes[1].graphs) >= 2, "the batches should come in several padded shapes"
     assert_same_predictions(graphed, eager, rtol=1e-5, atol=1e-6)
+
+
+def gradient_norms(trainer) -> list[float]:
+    return [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+
+
+def test_cuda_graphs_clip_the_gradients_as_the_eager_trainer_with_recording_emulated(
+    tiny_prepared_vqa, tmp_path, emulated_cuda_graphs, eager_gradient_norms
+):
+    """With --max_grad_norm the graph clips the gradients it writes: the Trainer's own clipping (a pass over every
+    gradient, launched eagerly) is not run after it."""
+    graphed, eager = train_with_and_without(
+        "cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.1, use_cpu=True, max_grad_norm=0.05
+    )
+    norms = [gradient_norms(trainer) for trainer in (graphed, eager)]
+    assert len(norms[1]) == 6 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+    assert min(norms[1]) > 0.1, "every step should be clipped"
+    assert eager_gradient_norms == [eager.accelerator] * 6
+    torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
 
 
 def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_graphs, caplog):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.data_loader import DataLoaderShard
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerState
@@ -276,6 +277,32 @@ class RegionGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+class SideStreamBatchCopy:
+    """Copies pinned batches to a CUDA device on a stream of their own, so that a batch crosses while the steps
+    queued before it run. accelerate copies each batch on the compute stream, where the copy waits for the step
+    before it to finish and the next step waits for the copy (about 2% of a CUDA-graphed step on an H100).
+
+    Calling it with a batch on the host returns the batch on `device`, safe to use on the current stream: that
+    stream waits for the copy (without the host waiting), and the copies' memory is not reused before the current
+    stream is done with it. Tensors already on a device are left as they are."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        current = torch.cuda.current_stream(self.device)
+        on_host = {
+            name: value for name, value in batch.items() if torch.is_tensor(value) and value.device.type == "cpu"
+        }
+        with torch.cuda.stream(self.stream):
+            copied = {name: tensor.to(self.device, non_blocking=True) for name, tensor in on_host.items()}
+        current.wait_stream(self.stream)
+        for tensor in copied.values():
+            tensor.record_stream(current)
+        return batch | copied
+
+
 class CUDAGraphRecorder:
     """Where a `CUDAGraphedFunction` records: one side stream and one memory pool for all its graphs on a CUDA
     device. Sharing the pool is safe because replays never overlap and each graph's outputs are used before the
@@ -505,6 +532,8 @@ class VQATrainer(Trainer):
         # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
         self.graphed_passes: tuple[torch.nn.Module, GraphedForwardBackward] | None = None
         self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
+        # Set where the training batches reach the GPU on a side stream (`get_train_dataloader`).
+        self.batch_copy: SideStreamBatchCopy | None = None
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -516,6 +545,21 @@ class VQATrainer(Trainer):
             # Dynamic shapes: batches padded to different lengths share one compilation of each block.
             model.compile_blocks(dynamic=True)
         return model
+
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        # Pinned batches copied without blocking to one CUDA device by accelerate's loader: copied on a side stream
+        # instead (`_prepare_inputs`), the loader handing them over on the host.
+        if (
+            self.args.device.type == "cuda"
+            and self.args.dataloader_pin_memory
+            and self.accelerator.non_blocking
+            and isinstance(dataloader, DataLoaderShard)
+            and dataloader.device is not None
+        ):
+            self.batch_copy = SideStreamBatchCopy(dataloader.device)
+            dataloader.device = None
+        return dataloader
 
     def _set_signature_columns_if_needed(self):
         # What `remove_unused_columns` (plain `TrainingArguments`' default) keeps: `question_id` is no model input.
@@ -636,6 +680,8 @@ class VQATrainer(Trainer):
         return self.model.training_flops(batch_size, question_length, inputs["image_attention_mask"].shape[1])
 
     def _prepare_inputs(self, inputs):
+        if self.batch_copy is not None:
+            inputs = self.batch_copy(inputs)
         # Batches of `VQACollator(pack_regions=True)` are padded once on the device.
         return unpack_image_features(super()._prepare_inputs(inputs))
 

@@ -1401,6 +1401,33 @@ def test_cuda_graphed_training_steps_never_wait_for_the_device_on_cuda(tiny_prep
         torch.cuda.set_sync_debug_mode("default")
     if not blocking_copies:
         assert trainer.state.global_step == 6
+    assert (trainer.batch_copy is None) == blocking_copies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_copied_on_a_side_stream_train_as_accelerates_copies_on_cuda(tiny_prepared_vqa, tmp_path):
+    """Pinned batches cross to the GPU on a stream of their own while the step before runs (`SideStreamBatchCopy`):
+    the steps must read each batch whole, and its memory must not be reused while a step reads it. The Trainer's
+    blocking copies, on the compute stream, give the reference."""
+    trainers = []
+    for blocking in (False, True):
+        trainer = tiny_trainer(
+            tiny_prepared_vqa,
+            tmp_path / str(blocking),
+            dropout=0.1,
+            pack_regions=True,
+            cuda_graphs=True,
+            bf16=True,
+            optim="adamw_torch_fused",
+            dataloader_num_workers=2,
+            accelerator_config={"non_blocking": False} if blocking else None,
+        )
+        trainer.train()
+        trainers.append(trainer)
+    assert trainers[0].batch_copy is not None and trainers[1].batch_copy is None
+    # Not bitwise: cuDNN's attention backward may add in another order from run to run.
+    assert training_losses(trainers[0]) == pytest.approx(training_losses(trainers[1]), rel=1e-4)
+    torch.testing.assert_close(trainers[0].model.state_dict(), trainers[1].model.state_dict(), atol=1e-5, rtol=1e-4)
 
 
 def assert_same_predictions(graphed, eager, **tolerance):

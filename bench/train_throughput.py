@@ -52,6 +52,8 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
 With --profile_steps N, each Trainer row runs N more steps after the timed ones under torch.profiler and prints what
 the device ran in them, summed by kernel name (`bench/kernel_profile.py`; kept in the JSON too). With batches grouped
 by regions they are taken from the middle of a mega-batch (right after the timed steps come its largest batches).
+With --inductor_option NAME=VALUE, the compiled rows are compiled under that inductor setting (e.g.
+combo_kernels=True, which joins independent small kernels into one launch), to compare it with a run without.
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
@@ -60,6 +62,7 @@ skipped. The most important rows run first (see RUN_ORDER); the whole-model comp
 """
 
 import argparse
+import ast
 import contextlib
 import ctypes
 import datetime
@@ -77,6 +80,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -1170,6 +1174,35 @@ def device_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def inductor_options(parser: argparse.ArgumentParser, given: list[str]) -> dict[str, Any]:
+    """--inductor_option NAME=VALUE texts as {name: value}: each name one of `torch._inductor.config`'s, each value a
+    Python literal of its setting's type (a misspelt name would otherwise leave the row as it was, unnoticed)."""
+    settings = torch._inductor.config.get_config_copy()
+    options = {}
+    for text in given:
+        name, equals, value_text = text.partition("=")
+        if not equals:
+            parser.error(f"--inductor_option {text!r}: give NAME=VALUE")
+        if name not in settings:
+            parser.error(f"--inductor_option {text!r}: torch._inductor.config has no setting {name!r}")
+        try:
+            value = ast.literal_eval(value_text)
+        except (ValueError, SyntaxError):
+            value = value_text
+        default = settings[name]
+        if (
+            default is not None
+            and type(value) is not type(default)
+            and not (isinstance(default, float) and type(value) is int)
+        ):
+            parser.error(
+                f"--inductor_option {text!r}: {name} takes a {type(default).__name__} (it is {default!r}), "
+                f"got {value!r}"
+            )
+        options[name] = value
+    return options
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
@@ -1209,6 +1242,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--eval_questions", type=int, help="Questions of the evaluation rows (default 12,800; 256 with --quick)."
     )
+    parser.add_argument(
+        "--inductor_option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="An inductor setting for every compiled row, e.g. combo_kernels=True (torch._inductor.config; repeat "
+        "the option for several).",
+    )
     parser.add_argument("--compile_on_cpu", action="store_true", help="Also run the compiled row on a CPU.")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's).")
     args = parser.parse_args(argv)
@@ -1247,6 +1288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     require_at_least(parser, args, 0, "profile_steps", "num_workers")
     args.device = checked_device(parser, args.device)
+    args.inductor_options = inductor_options(parser, args.inductor_option)
     if not 1 <= args.pad_to_multiple_of <= MAX_REGIONS:
         parser.error(f"--pad_to_multiple_of must be in [1, {MAX_REGIONS}], got {args.pad_to_multiple_of}")
     return args
@@ -1272,6 +1314,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"(mean {np.mean([len(item['image_features']) for item in benchmark.items]):.1f}), question words mean "
         f"{np.mean([len(item['input_ids']) for item in benchmark.items]):.1f}"
     )
+    if args.inductor_options:
+        header += f"; inductor settings {args.inductor_options}"
     print(header, flush=True)
 
     def results(finished: bool) -> dict:
@@ -1296,7 +1340,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.json.write_text(json.dumps(measured, indent=2, default=str) + "\n")
         return measured
 
-    benchmark.run(args.rows.split(","), after_row=lambda: results(finished=False))
+    with torch._inductor.config.patch(args.inductor_options):
+        benchmark.run(args.rows.split(","), after_row=lambda: results(finished=False))
     print_table(benchmark.rows, header)
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
     final = results(finished=True)

@@ -460,6 +460,23 @@ def test_benchmark_json_keeps_the_rows_measured_before_the_run_is_cut_off(tmp_pa
     assert row["key"] == "fp32_eager" and row["samples_per_second"] > 0
 
 
+def test_inductor_options_are_in_force_while_the_rows_run_and_recorded(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(
+        bench.Benchmark,
+        "run",
+        lambda self, rows, after_row: seen.append(
+            (torch._inductor.config.combo_kernels, torch._inductor.config.max_fusion_size)
+        ),
+    )
+    options = ["--inductor_option", "combo_kernels=True", "--inductor_option", "max_fusion_size=32"]
+    results = bench.main(["--tiny", "--rows", "fp32_eager", "--json", str(tmp_path / "r.json"), *options])
+    assert seen == [(True, 32)]
+    assert (torch._inductor.config.combo_kernels, torch._inductor.config.max_fusion_size) == (False, 64)
+    assert results["arguments"]["inductor_options"] == {"combo_kernels": True, "max_fusion_size": 32}
+    assert "inductor settings {'combo_kernels': True, 'max_fusion_size': 32}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("steps", [0, 2])
 def test_trainer_rows_leave_no_profiler_running(steps):
     """Without --profile_steps nothing is profiled; with it, the profiler stops after its steps. A profiler left

@@ -472,8 +472,9 @@ class RWSANProcessor(ProcessorMixin):
                 model's own mask): trailing ones are dropped, others stay in place with `image_attention_mask`
                 0. Regions beyond `max_regions` are cut.
             image_boxes (*optional*):
-                The region boxes, given like `image_features` with 4 values per region, and with as many rows
-                as the features of the same image.
+                The region boxes, given like `image_features` with 4 values per region: as many rows as the
+                features of the same image, or one per region before their zero padding (features padded into
+                one array may come with each image's own boxes).
             answers (`Sequence[Sequence[str]]`, *optional*):
                 The annotator answers of each question, turned into soft targets as by [`answer_scores`].
             return_tensors (`str`, *optional*, defaults to `"pt"`):
@@ -573,14 +574,17 @@ class RWSANProcessor(ProcessorMixin):
     def _pad_regions(
         self, image_features: list[np.ndarray], image_boxes: list[np.ndarray] | None, padding: str
     ) -> dict[str, np.ndarray]:
+        num_kept_regions = _num_rows_before_zero_padding("image_features", image_features, self.max_regions)
         if image_boxes is not None:
-            for index, (features, boxes) in enumerate(zip(image_features, image_boxes)):
-                if len(boxes) != len(features):
+            # Boxes may stop where the features' padding (or the cut) begins: features padded into one array
+            # come with the boxes of their real regions.
+            for index, (features, boxes, num_kept) in enumerate(zip(image_features, image_boxes, num_kept_regions)):
+                if not num_kept <= len(boxes) <= len(features):
                     raise ValueError(
                         f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has "
-                        f"{len(features)} rows"
+                        f"{len(features)} rows, {num_kept} of them regions the model sees: give a box for each "
+                        "row, or for each of those regions"
                     )
-        num_kept_regions = _num_rows_before_zero_padding("image_features", image_features, self.max_regions)
         num_rows = self.max_regions if padding == "max_length" else max(num_kept_regions)
         padded_features = _pad_rows(image_features, num_kept_regions, num_rows)
         batch = {

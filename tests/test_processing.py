@@ -252,7 +252,11 @@ def test_processor_padded_array_input_matches_list_input(processor):
         features[index, :num_regions] = SAMPLE_BATCH["image_features"][index]
         boxes[index, :num_regions] = SAMPLE_BATCH["image_boxes"][index]
     from_lists = processor(**SAMPLE_BATCH)
-    for image_features, image_boxes in ((features, boxes), (torch.from_numpy(features), torch.from_numpy(boxes))):
+    for image_features, image_boxes in (
+        (features, boxes),
+        (torch.from_numpy(features), torch.from_numpy(boxes)),
+        (features, SAMPLE_BATCH["image_boxes"]),  # each image's own boxes, beside the padded features
+    ):
         from_array = processor(**{**SAMPLE_BATCH, "image_features": image_features, "image_boxes": image_boxes})
         for key in from_lists:
             assert torch.equal(from_array[key], from_lists[key]), key
@@ -346,7 +350,11 @@ def test_processor_defaults_match_the_paper():
         ({"text": ["what"], "answers": [["yes"], ["no"]]},
          "The inputs have different batch sizes: text has 1, answers has 2"),
         ({"image_features": [np.ones((2, 2))], "image_boxes": [np.ones((3, 4))]},
-         r"image_boxes\[0\] has 3 boxes but image_features\[0\] has 2 rows"),
+         r"image_boxes\[0\] has 3 boxes but image_features\[0\] has 2 rows, 2 of them regions the model sees: "
+         r"give a box for each row, or for each of those regions"),
+        ({"image_features": np.stack([np.ones((3, 2)), [[1, 1], [1, 1], [0, 0]]]),
+          "image_boxes": [np.ones((3, 4)), np.ones((1, 4))]},
+         r"image_boxes\[1\] has 1 boxes but image_features\[1\] has 3 rows, 2 of them regions the model sees"),
         ({"image_features": [np.ones((2, 2))], "image_boxes": [np.ones((2, 5))]},
          r"image_boxes\[0\] has shape \(2, 5\), expected \(num_regions, 4\)"),
         ({"text": ["what"], "answers": ["yes"]}, r"answers\[0\] must be a list of annotator answers, got str"),

@@ -294,8 +294,9 @@ def _check_batch_sizes(**batches) -> None:
         raise ValueError("The batch is empty.")
 
 
-def _as_float32_array(name: str, values, integers: bool) -> np.ndarray:
-    """`values` as a float32 numpy array; they must be floating-point, or integers too where `integers`."""
+def _as_float32_array(name: str, values, integers: bool, zero_rows_mark_padding: bool = False) -> np.ndarray:
+    """`values` as a float32 numpy array; they must be floating-point, or integers too where `integers`. Where
+    `zero_rows_mark_padding`, a row of wider floats that float32 would make all zeros is refused."""
     if isinstance(values, torch.Tensor):
         taken = values.is_floating_point() or (integers and not values.is_complex() and values.dtype != torch.bool)
     else:
@@ -320,23 +321,41 @@ def _as_float32_array(name: str, values, integers: bool) -> np.ndarray:
                 f"{name} holds values beyond float32's range (the model computes in float32 at most), e.g. "
                 f"{float(values[beyond][0])}"
             )
+        converted = values.astype(np.float32)
+        # A row whose every value is below float32's smallest would turn into zeros: the region would silently
+        # become padding.
+        if zero_rows_mark_padding and values.ndim >= 2:
+            vanished = values.any(axis=-1) & ~converted.any(axis=-1)
+            if vanished.any():
+                row = values[vanished][0]
+                raise ValueError(
+                    f"{name} has a row whose values are all too small for float32 (the model computes in float32 "
+                    f"at most), e.g. {float(row[np.flatnonzero(row)[0]])}: it would become all zeros, which mark "
+                    "padding"
+                )
+        return converted
     return values.astype(np.float32, copy=False)
 
 
-def _region_batch(name: str, batch, row_size: int, integers: bool = False) -> list[np.ndarray]:
+def _region_batch(
+    name: str, batch, row_size: int, integers: bool = False, zero_rows_mark_padding: bool = False
+) -> list[np.ndarray]:
     """Splits a batch of region rows, a sequence of `(rows, row_size)` arrays or one `(batch_size, rows, row_size)`
     array, into checked float32 `(rows, row_size)` arrays, one per image; `integers`: integer values are taken
-    too (pixel boxes), not only floating-point ones."""
+    too (pixel boxes), not only floating-point ones; `zero_rows_mark_padding`: see `_as_float32_array`."""
     if isinstance(batch, (np.ndarray, torch.Tensor)):
         if batch.ndim != 3:
             raise ValueError(
                 f"{name} must be a sequence of (num_regions, {row_size}) arrays or one (batch_size, "
                 f"num_regions, {row_size}) array, got an array of shape {tuple(batch.shape)}"
             )
-        items = list(_as_float32_array(name, batch, integers))
+        items = list(_as_float32_array(name, batch, integers, zero_rows_mark_padding))
     else:
         _check_batch_sequence(name, batch)
-        items = [_as_float32_array(f"{name}[{index}]", item, integers) for index, item in enumerate(batch)]
+        items = [
+            _as_float32_array(f"{name}[{index}]", item, integers, zero_rows_mark_padding)
+            for index, item in enumerate(batch)
+        ]
 
     for index, item in enumerate(items):
         if item.ndim != 2 or item.shape[1] != row_size:
@@ -508,7 +527,9 @@ class RWSANProcessor(ProcessorMixin):
         if answers is not None:
             _check_batch_sequence("answers", answers)
         if image_features is not None:
-            image_features = _region_batch("image_features", image_features, self.image_feature_size)
+            image_features = _region_batch(
+                "image_features", image_features, self.image_feature_size, zero_rows_mark_padding=True
+            )
         if image_boxes is not None:
             image_boxes = _region_batch("image_boxes", image_boxes, 4, integers=True)
         _check_batch_sizes(text=text, image_features=image_features, image_boxes=image_boxes, answers=answers)

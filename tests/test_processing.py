@@ -332,6 +332,9 @@ def test_processor_defaults_match_the_paper():
         ({"image_features": [np.ones((1, 2)), torch.tensor([[1e300, 0.0]], dtype=torch.float64)]},
          r"image_features\[1\] holds values beyond float32's range \(the model computes in float32 at most\), "
          r"e.g. 1e\+300"),
+        ({"image_features": np.array([[[1.0, 1.0], [1e-50, 0.0]]])},
+         r"image_features has a row whose values are all too small for float32 \(the model computes in float32 at "
+         r"most\), e.g. 1e-50: it would become all zeros, which mark padding"),
         ({"image_features": [np.ones((1, 2), dtype=np.int64)]},
          r"image_features\[0\] must hold floating-point values, got int64"),
         ({"image_features": np.ones((3, 2))},

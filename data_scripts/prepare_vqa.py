@@ -492,9 +492,21 @@ def checked_image(
             "float16_overflow",
             f"feature values up to {np.abs(features).max():g} overflow float16; use --feature_dtype float32",
         )
+    stored = np.ascontiguousarray(features[real_rows], dtype=settings.feature_dtype)
+    # A row of values all below the stored dtype's smallest would be stored as zeros, which mark padding: the
+    # region would silently drop out of training.
+    vanished = ~stored.any(axis=1)
+    if vanished.any():
+        return problem(
+            f"{settings.feature_dtype}_underflow",
+            f"region {int(real_rows[vanished][0])}'s feature values (at most "
+            f"{np.abs(features[real_rows[vanished][0]]).max():g}) are all too small for {settings.feature_dtype} "
+            "and would be stored as zeros, which mark padding"
+            + ("; use --feature_dtype float32" if settings.feature_dtype == "float16" else ""),
+        )
     return DecodedImage(
         image_id,
-        np.ascontiguousarray(features[real_rows], dtype=settings.feature_dtype),
+        stored,
         None if boxes is None else np.ascontiguousarray(boxes[real_rows], dtype=np.float32),
         width,
         height,

@@ -414,6 +414,11 @@ def test_tsv_problems_name_file_and_line(raw_vqa_dir, tmp_path):
             lambda path: write_npz(path, np.full((3, 6), 1e5, np.float32), raw_boxes(9, 3)),
             r"feature values up to 100000 overflow float16; use --feature_dtype float32",
         ),
+        (
+            lambda path: write_npz(path, np.array([[1.0] * 6, [1e-9] * 6, [0.0] * 6], np.float32), raw_boxes(9, 3)),
+            r"region 1's feature values \(at most 1e-09\) are all too small for float16 and would be stored as "
+            r"zeros, which mark padding; use --feature_dtype float32 \(stopped by --strict\)",
+        ),
     ],
 )
 def test_strict_stops_at_the_first_problem(raw_vqa_dir, tmp_path, break_image, message):
@@ -421,6 +426,20 @@ def test_strict_stops_at_the_first_problem(raw_vqa_dir, tmp_path, break_image, m
     with pytest.raises(ValueError, match=message):
         prepare(raw_vqa_dir, tmp_path / "prepared", strict=True)
     assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
+
+
+def test_float64_regions_too_small_for_float32_are_left_out_not_stored_as_padding(raw_vqa_dir, tmp_path):
+    features = np.array([[1.0] * 6, [1e-50] * 6], np.float64)
+    write_npz(npz_path(raw_vqa_dir, "train2014", 9), features, raw_boxes(9, 2))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", feature_dtype="float32")
+    problem = report["problems"][0]
+    assert (problem["kind"], problem["image_id"]) == ("float32_underflow", 9)
+    assert problem["reason"] == (
+        "region 1's feature values (at most 1e-50) are all too small for float32 and would be stored as zeros, "
+        "which mark padding"
+    )
+    assert {problem["kind"] for problem in report["problems"][1:]} == {"missing_image"}
+    assert 9 not in image_rows(tmp_path / "prepared")
 
 
 def test_strict_stops_at_a_question_without_image(raw_vqa_dir, tmp_path):

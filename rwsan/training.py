@@ -547,9 +547,10 @@ class VQATrainer(Trainer):
         return model
 
     def get_train_dataloader(self):
+        """`Trainer.get_train_dataloader`. Where accelerate would copy pinned batches to one CUDA device without
+        blocking, on the compute stream, the loader yields them on the host instead, and `_prepare_inputs` copies
+        them on a side stream (`SideStreamBatchCopy`)."""
         dataloader = super().get_train_dataloader()
-        # Pinned batches copied without blocking to one CUDA device by accelerate's loader: copied on a side stream
-        # instead (`_prepare_inputs`), the loader handing them over on the host.
         if (
             self.args.device.type == "cuda"
             and self.args.dataloader_pin_memory
@@ -570,7 +571,12 @@ class VQATrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not getattr(self.args, "cuda_graphs", False):
             return super().training_step(model, inputs, num_items_in_batch)
-        if self.graphed_passes is None or self.graphed_passes[0] is not model:
+        # Recorded again for another model, or another clipping (its bound is recorded in the graphs).
+        if (
+            self.graphed_passes is None
+            or self.graphed_passes[0] is not model
+            or self.graphed_passes[1].max_grad_norm != self.args.max_grad_norm
+        ):
             passes = GraphedForwardBackward(
                 functools.partial(self._forward_backward, model), model, max_grad_norm=self.args.max_grad_norm
             )

@@ -1292,6 +1292,11 @@ def test_cuda_graphs_clip_the_gradients_as_the_eager_trainer_with_recording_emul
     assert min(norms[1]) > 0.1, "every step should be clipped"
     assert eager_gradient_norms == [eager.accelerator] * 6
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-6, rtol=1e-5)
+    # The bound is recorded in the graphs: another one records them again.
+    recorded = graphed.graphed_passes[1]
+    graphed.args.max_grad_norm = 0.0
+    graphed.train()
+    assert graphed.graphed_passes[1] is not recorded and graphed.graphed_passes[1].max_grad_norm == 0.0
 
 
 def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_graphs, caplog):
@@ -1349,9 +1354,13 @@ def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path):
-    graphed, eager = train_with_and_without("cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.0)
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05], ids=["unclipped", "clipped"])
+def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path, max_grad_norm):
+    graphed, eager = train_with_and_without(
+        "cuda_graphs", tiny_prepared_vqa, tmp_path, dropout=0.0, max_grad_norm=max_grad_norm
+    )
     assert len(graphed.graphed_passes[1].graphs) >= 2
+    assert gradient_norms(graphed) == pytest.approx(gradient_norms(eager), rel=1e-4)
     torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(), atol=1e-5, rtol=1e-4)
     assert_same_predictions(graphed, eager, rtol=1e-4, atol=1e-5)
 
@@ -1417,7 +1426,6 @@ def test_batches_copied_on_a_side_stream_train_as_accelerates_copies_on_cuda(tin
             dropout=0.1,
             pack_regions=True,
             cuda_graphs=True,
-            bf16=True,
             optim="adamw_torch_fused",
             dataloader_num_workers=2,
             accelerator_config={"non_blocking": False} if blocking else None,
@@ -1425,9 +1433,34 @@ def test_batches_copied_on_a_side_stream_train_as_accelerates_copies_on_cuda(tin
         trainer.train()
         trainers.append(trainer)
     assert trainers[0].batch_copy is not None and trainers[1].batch_copy is None
-    # Not bitwise: cuDNN's attention backward may add in another order from run to run.
+    # In float32, as `test_cuda_graphs_train_like_the_eager_trainer_on_cuda`: not bitwise, as the attention's
+    # backward may add in another order from run to run.
     assert training_losses(trainers[0]) == pytest.approx(training_losses(trainers[1]), rel=1e-4)
     torch.testing.assert_close(trainers[0].model.state_dict(), trainers[1].model.state_dict(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_side_stream_copies_are_read_whole_and_kept_while_read_on_cuda():
+    """`SideStreamBatchCopy` with each stream held up in turn (`torch.cuda._sleep`): a read on the compute stream
+    waits for a late copy, and a copy's memory is not handed to the next copy while a late read still needs it."""
+    from rwsan.training import SideStreamBatchCopy
+
+    copy = SideStreamBatchCopy(torch.device("cuda"))
+    size = 1 << 20
+    threes = {"values": torch.full((size,), 3.0).pin_memory(), "count": 3}
+    with torch.cuda.stream(copy.stream):
+        torch.cuda._sleep(50_000_000)
+    on_device = copy(threes)
+    assert on_device["count"] == 3 and on_device["values"].device.type == "cuda"
+    assert on_device["values"].sum().item() == 3.0 * size
+
+    ones, twos = ({"values": torch.full((size,), value).pin_memory()} for value in (1.0, 2.0))
+    torch.cuda._sleep(50_000_000)  # on the compute stream: the read below comes late
+    first = copy(ones)
+    first_sum = first["values"].sum()
+    del first  # the only free block of its size (the first copy's is still held): the next copy's if released
+    copy(twos)
+    assert first_sum.item() == size
 
 
 def assert_same_predictions(graphed, eager, **tolerance):

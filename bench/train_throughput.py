@@ -980,6 +980,9 @@ class Benchmark:
         trainer.add_callback(timer)
         trainer.add_callback(profiler)
         trainer.train()
+        notes = list(timer.notes)
+        if trainer.batch_copy is not None:
+            notes.append("batches copied on a side stream")
         flags = {
             "--compile_blocks": compiled == "blocks",
             "compiled encoders (bench only)": compiled == "encoders",
@@ -994,7 +997,7 @@ class Benchmark:
             samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
             warmup_seconds=timer.steady_start - timer.train_start,
             timed_steps=self.args.trainer_steps,
-            note=", ".join(timer.notes),
+            note=", ".join(notes),
             kernel_profile=profiler.kernels,
         )
         if profiler.kernels is not None:

@@ -119,9 +119,9 @@ class VQATrainingArguments(TrainingArguments):
     cuda_graphs: bool = field(
         default=False,
         metadata={
-            "help": "Record the forward and backward passes of a training step (and the forward pass of evaluation) "
-            "as a CUDA graph, one per padded batch shape (give --pad_to_multiple_of), and replay it: one launch a "
-            "step instead of thousands. One GPU, no --fp16, no accumulation."
+            "help": "Record the forward and backward passes of a training step (and the forward pass of evaluation "
+            "and prediction) as a CUDA graph, one per padded batch shape (give --pad_to_multiple_of), and replay it: "
+            "one launch a step instead of thousands. One GPU, no --fp16, no accumulation."
         },
     )
 

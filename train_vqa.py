@@ -45,7 +45,7 @@ from data_scripts import make_toy_vqa as toy_data
 from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
-from rwsan.predict import write_predictions
+from rwsan.predict import questions_left_out_warning, write_predictions
 from rwsan.processing_rwsan import (
     RWSANProcessor,
     check_processor_fits_model,
@@ -701,6 +701,8 @@ def main(argv: list[str] | None = None):
                 np.save(output_dir / f"logits_{data_args.predict_split}.npy", scores.astype(np.float16))
                 np.save(output_dir / f"question_ids_{data_args.predict_split}.npy", prediction.label_ids)
             print(f"Wrote {path} ({len(indices)} questions)")
+            if warning := questions_left_out_warning(data_args.dataset_dir, data_args.predict_split):
+                print(f"warning: {warning}", file=sys.stderr)
 
     if trainer.is_world_process_zero() and eval_dataset is not None:
         print(f"Final {data_args.eval_split} VQA accuracy: {metrics['eval_accuracy']:.2f}")

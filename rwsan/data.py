@@ -253,6 +253,21 @@ def _why_skipped(folder: Path, splits: list[str]) -> str:
     return "".join(f"; {split} was skipped when prepared: {skipped[split]}" for split in splits if split in skipped)
 
 
+def questions_left_out(folder: str | os.PathLike, split: str) -> dict[str, tuple[int, int]]:
+    """`{split: (questions left out, questions in its raw file)}` for each split of `split` (names joined with "+")
+    that was prepared without some of its questions (`--allow_incomplete_eval_splits`, or a training split's
+    unusable images), as the folder's report.json records it; {} without a report."""
+    try:
+        counts = json.loads((Path(folder) / "report.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    left_out = {}
+    for name in split.split("+"):
+        if name in counts and counts[name]["kept"] < counts[name]["questions"]:
+            left_out[name] = (counts[name]["questions"] - counts[name]["kept"], counts[name]["questions"])
+    return left_out
+
+
 def _padded_length(length: int, multiple: int | None) -> int:
     return length if multiple is None else -(-length // multiple) * multiple
 

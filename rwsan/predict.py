@@ -13,6 +13,7 @@ import argparse
 import json
 import numbers
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ import torch
 from matplotlib.image import imread
 from tqdm.auto import tqdm
 
-from .data import VQACollator, load_vqa_dataset
+from .data import VQACollator, load_vqa_dataset, questions_left_out
 from .modeling_rwsan import RWSANForVQA
 from .pipeline_rwsan import RWSANVQAPipeline
 from .processing_rwsan import RWSANProcessor, check_processor_fits_model, check_same_vocabularies
@@ -32,6 +33,20 @@ from .visualization import plot_attention
 
 class PredictionError(Exception):
     """A problem with the command-line inputs, reported as `error: ...` without a traceback."""
+
+
+def questions_left_out_warning(dataset_dir: str | os.PathLike, split: str) -> str | None:
+    """A warning for predictions of a prepared `split` that lacks some of its questions (prepared with
+    `--allow_incomplete_eval_splits`): the evaluation server expects an answer to each. None where none is
+    missing."""
+    left_out = questions_left_out(dataset_dir, split)
+    if not left_out:
+        return None
+    counts = ", ".join(f"{name} {missing:,} of {total:,}" for name, (missing, total) in left_out.items())
+    return (
+        f"questions were left out when the split was prepared ({counts}); the predictions do not answer them, and "
+        "the evaluation server expects an answer to every question"
+    )
 
 
 def write_predictions(
@@ -305,6 +320,8 @@ def main(argv: list[str] | None = None):
         except OSError as error:
             raise PredictionError(f"cannot write the predictions to {args.output}: {error}") from None
         print(f"Wrote {len(question_ids)} answers to {args.output}")
+        if warning := questions_left_out_warning(args.dataset_dir, args.split):
+            print(f"warning: {warning}", file=sys.stderr)
         return
 
     result = answer_question(

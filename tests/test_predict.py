@@ -4,6 +4,7 @@ file, and the command-line errors."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from matplotlib.image import imread, imsave
 from test_pipeline import tiny_model_for
 
+import train_vqa
 from data_scripts.make_toy_vqa import make_toy_vqa
 from data_scripts.prepare_vqa import prepare_vqa
 from rwsan import RWSANForVQA
@@ -59,6 +61,41 @@ def toy_features_file(toy_vqa) -> Path:
 
 def run_main(*arguments: str):
     main([*arguments, "--device", "cpu"])
+
+
+def test_predictions_of_a_split_prepared_without_some_questions_come_with_a_warning(
+    toy_vqa, toy_model_dir, tmp_path, capsys
+):
+    """A test split prepared with --allow_incomplete_eval_splits answers only the questions it kept; the evaluation
+    server wants every one. A whole split gives no warning."""
+    run_main("--model", str(toy_model_dir), "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "whole.json"))
+    assert "warning" not in capsys.readouterr().err
+
+    raw = tmp_path / "raw"
+    shutil.copytree(toy_vqa.parent / "raw", raw)
+    removed = sorted((raw / "coco_extract" / "test2015").glob("*.npz"))[0]
+    image_id = int(removed.name.split("_")[-1].split(".")[0])
+    removed.unlink()
+    prepare_vqa(raw, tmp_path / "prepared", feature_size=TOY_FEATURE_SIZE, allow_incomplete_eval_splits=True)
+    questions = json.loads((raw / "vqa" / "v2_OpenEnded_mscoco_test2015_questions.json").read_text())["questions"]
+    num_removed = sum(question["image_id"] == image_id for question in questions)
+    assert num_removed > 0
+    warning = (
+        f"warning: questions were left out when the split was prepared (test {num_removed} of {len(questions):,}); "
+        "the predictions do not answer them, and the evaluation server expects an answer to every question\n"
+    )
+    output = tmp_path / "predictions.json"
+    run_main("--model", str(toy_model_dir), "--dataset_dir", str(tmp_path / "prepared"), "--output", str(output))
+    assert len(json.loads(output.read_text())) == len(questions) - num_removed
+    assert capsys.readouterr().err.endswith(warning)
+    # train_vqa.py --do_predict says so too.
+    train_vqa.main([
+        "--model_name_or_path", str(toy_model_dir), "--dataset_dir", str(tmp_path / "prepared"),
+        "--output_dir", str(tmp_path / "run"), "--do_train", "false", "--do_eval", "false", "--do_predict",
+        "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--report_to", "none",
+    ])  # fmt: skip
+    assert json.loads((tmp_path / "run" / "predictions_test.json").read_text()) == json.loads(output.read_text())
+    assert capsys.readouterr().err.endswith(warning)
 
 
 # None: the default, the whole test set, which the evaluation server takes for both its phases.

@@ -259,13 +259,12 @@ def questions_left_out(folder: str | os.PathLike, split: str) -> dict[str, tuple
     unusable images), as the folder's report.json records it; {} without a report."""
     try:
         counts = json.loads((Path(folder) / "report.json").read_text())["splits"]
+        kept_of = {
+            name: (counts[name]["kept"], counts[name]["questions"]) for name in split.split("+") if name in counts
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return {}
-    left_out = {}
-    for name in split.split("+"):
-        if name in counts and counts[name]["kept"] < counts[name]["questions"]:
-            left_out[name] = (counts[name]["questions"] - counts[name]["kept"], counts[name]["questions"])
-    return left_out
+    return {name: (total - kept, total) for name, (kept, total) in kept_of.items() if kept < total}
 
 
 def _padded_length(length: int, multiple: int | None) -> int:

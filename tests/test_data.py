@@ -1,4 +1,5 @@
 import inspect
+import json
 import pickle
 import re
 
@@ -10,7 +11,7 @@ from transformers.trainer_utils import RemoveColumnsCollator
 
 from data_scripts.prepare_vqa import prepare_vqa
 from rwsan import RWSANConfig, RWSANForVQA
-from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
+from rwsan.data import VQACollator, load_vqa_dataset, questions_left_out, unpack_image_features
 
 NUM_REGIONS = {image_id: count for images in RAW_IMAGES.values() for image_id, count in images.items()}
 # Soft scores of the fixture's annotated questions over its answers ("red", "2"), by multiple-choice answer:
@@ -377,3 +378,13 @@ def test_trainer_column_removal_gives_the_model_its_inputs(dataset):
     )
     outputs = RWSANForVQA(config).eval()(**batch)
     assert outputs.logits.shape == (3, 2) and torch.isfinite(outputs.loss)
+
+
+def test_questions_left_out_are_read_from_the_preparation_report(tmp_path):
+    assert questions_left_out(tmp_path, "test") == {}  # no report: nothing known
+    splits = {"val": {"questions": 12, "kept": 12}, "test": {"questions": 30, "kept": 27}}
+    (tmp_path / "report.json").write_text(json.dumps({"splits": splits}))
+    assert questions_left_out(tmp_path, "val+test") == {"test": (3, 30)}
+    assert questions_left_out(tmp_path, "val") == {}
+    (tmp_path / "report.json").write_text(json.dumps({"splits": {"test": {"questions": 30}}}))
+    assert questions_left_out(tmp_path, "test") == {}  # a report of another form: nothing known

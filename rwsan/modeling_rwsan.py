@@ -342,9 +342,16 @@ class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
         return image_states, self_attention, guided_attention
 
 
-def _weight_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """The block's parameter names and shapes, in `named_parameters()` order."""
-    return tuple((name, tuple(parameter.shape)) for name, parameter in block.named_parameters())
+def _weight_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+    """The block's parameter names and shapes, in `named_parameters()` order, each with whether it is a linear
+    layer's (which autocast casts to its lower precision)."""
+    linear = {
+        f"{module_name}.{name}"
+        for module_name, module in block.named_modules()
+        if isinstance(module, nn.Linear)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    return tuple((name, tuple(parameter.shape), name in linear) for name, parameter in block.named_parameters())
 
 
 class RWSANWeightSharingEncoder(nn.Module):
@@ -364,15 +371,18 @@ class RWSANWeightSharingEncoder(nn.Module):
         return {**super().__getstate__(), "compiled_block_with_weights": None, "compiled_block": None}
 
     def compile_block_with_weights(self, **compile_kwargs):
-        """Compiles `(weights, *inputs) -> block(*inputs)` with the block's parameters replaced by views of
-        `weights`, their concatenation in `named_parameters()` order, for `block_for_pass`."""
+        """Compiles `(linear_weights, other_weights, *inputs) -> block(*inputs)` with the block's parameters
+        replaced by views of two tensors, the concatenations (in `named_parameters()` order) of its linear layers'
+        parameters and of the others', for `block_for_pass`."""
         block = self.block
         layout = _weight_layout(block)
-        names, shapes = zip(*layout)
-        sizes = [math.prod(shape) for shape in shapes]
+        groups = [[(name, shape) for name, shape, linear in layout if linear == wanted] for wanted in (True, False)]
 
-        def apply(weights: torch.Tensor, *inputs):
-            views = {name: piece.view(shape) for name, piece, shape in zip(names, weights.split(sizes), shapes)}
+        def apply(linear_weights: torch.Tensor, other_weights: torch.Tensor, *inputs):
+            views = {}
+            for weights, group in zip((linear_weights, other_weights), groups):
+                pieces = weights.split([math.prod(shape) for _, shape in group])
+                views.update({name: piece.view(shape) for (name, shape), piece in zip(group, pieces)})
             return torch.func.functional_call(block, views, inputs)
 
         self.block_weight_layout = layout
@@ -381,19 +391,23 @@ class RWSANWeightSharingEncoder(nn.Module):
 
     def block_for_pass(self) -> Callable | None:
         """What applies the block during one forward pass: None for the block itself or, in training once
-        `compile_block_with_weights` has run, its compiled application to all its weights cut from one tensor,
-        concatenated here once a pass. (Not the block: passed to the encoder, a module would be moved by the
-        device hooks of accelerate's `device_map`, which cannot move offloaded weights.)
+        `compile_block_with_weights` has run, its compiled application to all its weights cut from two tensors
+        (the linear layers' and the others'), concatenated here once a pass. (Not the block: passed to the
+        encoder, a module would be moved by the device hooks of accelerate's `device_map`, which cannot move
+        offloaded weights.)
 
-        Every application then adds one gradient to that tensor, where each weight would receive one of its own:
+        Every application then adds one gradient to each tensor, where each weight would receive one of its own:
         the autograd engine sums one gradient per application instead of one per weight and application (about
         350 small kernels a training step at the paper's configuration), and inductor writes each application's
-        gradient as one tensor. The result is the same up to float rounding (under autocast the applications'
-        gradients are summed in float32, where the eager model sums those of its cached low-precision weights). A
-        block replaced or changed since (other parameters, frozen ones, gradient checkpointing, which would
-        recompute with the block's own weights) is applied as it is. The guided attention's value and key weights,
-        which `RWSANResidualGuidedAttention.project_question` reads outside the block, are in the tensor too, so that
-        it holds the block's weights in one layout; the block's applications give them zero gradients."""
+        gradients as two tensors. Under autocast the linear layers' tensor is cast to autocast's precision here,
+        once a pass, as autocast casts each weight of the eager model once a pass (its cache): the applications
+        would otherwise cast their views of it again, each one. As for the weights that autocast caches in the
+        eager model, the applications' gradients of the cast tensor are then summed in that precision: the result
+        is the same up to its rounding. A block replaced or changed since (other parameters, frozen ones, gradient
+        checkpointing, which would recompute with the block's own weights) is applied as it is. The guided
+        attention's value and key weights, which `RWSANResidualGuidedAttention.project_question` reads outside the
+        block, are in the linear layers' tensor too, so that it holds those layers' weights in one layout; the
+        block's applications give them zero gradients."""
         if self.compiled_block_with_weights is None or not (self.training and torch.is_grad_enabled()):
             return None
         parameters = list(self.block.parameters())
@@ -406,8 +420,21 @@ class RWSANWeightSharingEncoder(nn.Module):
         )
         if not flattenable:
             return None
-        weights = torch.cat([parameter.reshape(-1) for parameter in parameters])
-        return functools.partial(self.compiled_block_with_weights, weights)
+
+        def concatenated(of_linear_layers: bool) -> torch.Tensor:
+            chosen = [
+                parameter.reshape(-1)
+                for parameter, (*_, linear) in zip(parameters, self.block_weight_layout)
+                if linear == of_linear_layers
+            ]
+            return torch.cat(chosen) if chosen else parameters[0].new_empty(0)
+
+        linear_weights, other_weights = concatenated(True), concatenated(False)
+        device_type = linear_weights.device.type
+        # Autocast casts floating-point tensors but float64 ones.
+        if torch.is_autocast_enabled(device_type) and linear_weights.dtype != torch.float64:
+            linear_weights = linear_weights.to(torch.get_autocast_dtype(device_type))
+        return functools.partial(self.compiled_block_with_weights, linear_weights, other_weights)
 
 
 class RWSANResidualSelfAttention(RWSANWeightSharingEncoder):
@@ -533,7 +560,8 @@ class RWSANPreTrainedModel(PreTrainedModel):
         The two blocks do nearly all of the computation, each applied several times a forward pass with the same shapes
         (9 times at the paper's configuration), so the compiler traces two small graphs rather than one with every
         application unrolled, and compiles for less time than `torch.compile(model)`. In training, each block is
-        compiled with its weights as one input, so that their gradients are summed once per application (see
+        compiled with its weights as two inputs (its linear layers', cast once a pass under autocast, and the
+        others'), so that their gradients are summed once per application (see
         `RWSANWeightSharingEncoder.block_for_pass`). The layer norms outside the blocks, applied 13 times a forward
         pass at the paper's configuration, are compiled too: eagerly each is a string of small operators, forward
         and backward. The rest (embedding, LSTM, projection, pooling, classifier) stays eager. Parameter names and

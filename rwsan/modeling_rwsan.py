@@ -400,10 +400,12 @@ class RWSANWeightSharingEncoder(nn.Module):
         the autograd engine sums one gradient per application instead of one per weight and application (about
         350 small kernels a training step at the paper's configuration), and inductor writes each application's
         gradients as two tensors. Under autocast the linear layers' tensor is cast to autocast's precision here,
-        once a pass, as autocast casts each weight of the eager model once a pass (its cache): the applications
-        would otherwise cast their views of it again, each one. As for the weights that autocast caches in the
-        eager model, the applications' gradients of the cast tensor are then summed in that precision: the result
-        is the same up to its rounding. A block replaced or changed since (other parameters, frozen ones, gradient
+        once a pass, as autocast's cache casts the eager model's plain linear weights once a pass: the
+        applications would otherwise cast their views of it again, each one. The applications' gradients of the
+        cast tensor are then summed in that precision, as the eager model sums those of its cached weights; the
+        self-attention's value, key and query weights, which the eager model stacks (and so casts again in each
+        application, summing their gradients in float32), are summed in that precision here too. The result is
+        the same up to its rounding. A block replaced or changed since (other parameters, frozen ones, gradient
         checkpointing, which would recompute with the block's own weights) is applied as it is. The guided
         attention's value and key weights, which `RWSANResidualGuidedAttention.project_question` reads outside the
         block, are in the linear layers' tensor too, so that it holds those layers' weights in one layout; the

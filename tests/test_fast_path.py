@@ -215,10 +215,15 @@ def test_compiled_blocks_cast_their_linear_weights_once_a_pass_under_autocast(it
     autocast_step(compiled)  # tracing
     eager_gradients, eager_casts = autocast_step(eager)
     compiled_gradients, compiled_casts = autocast_step(compiled)
-    # Each cast of the eager model's weights is one of the compiled blocks' concatenations, the activations' casts
-    # are the same: fewer in all (360 against 310 here; each application's casts of its views made 488).
+    # The eager model casts each plain linear weight once a pass (autocast's cache) and its stacked projections'
+    # weights in each application; the compiled blocks cast one concatenation a block; the activations' casts are
+    # the same: fewer in all (310 against 360 here; each application's casts of its views made 488).
     assert compiled_casts < eager_casts
     torch.testing.assert_close(compiled_gradients, eager_gradients, **BF16_TOLERANCE)
+    # Only the linear layers' tensor is cast: the layer norms compute with their float32 weights.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for encoder in (compiled.rwsan.question_encoder, compiled.rwsan.image_encoder):
+            assert [weights.dtype for weights in encoder.block_for_pass().args] == [torch.bfloat16, torch.float32]
     torch._dynamo.reset()
 
 

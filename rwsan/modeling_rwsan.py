@@ -354,6 +354,14 @@ def _weight_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...], bool],
     return tuple((name, tuple(parameter.shape), name in linear) for name, parameter in block.named_parameters())
 
 
+def _linear_and_other(items: list, layout: tuple) -> tuple[list, list]:
+    """`items`, one per parameter of a block's `_weight_layout`, parted into its linear layers' and the others',
+    each in layout order."""
+    linear = [item for item, (*_, is_linear) in zip(items, layout, strict=True) if is_linear]
+    other = [item for item, (*_, is_linear) in zip(items, layout, strict=True) if not is_linear]
+    return linear, other
+
+
 class RWSANWeightSharingEncoder(nn.Module):
     """Base of the two encoders, each applying its one `block` several times a forward pass."""
 
@@ -376,7 +384,7 @@ class RWSANWeightSharingEncoder(nn.Module):
         parameters and of the others', for `block_for_pass`."""
         block = self.block
         layout = _weight_layout(block)
-        groups = [[(name, shape) for name, shape, linear in layout if linear == wanted] for wanted in (True, False)]
+        groups = _linear_and_other([(name, shape) for name, shape, _ in layout], layout)
 
         def apply(linear_weights: torch.Tensor, other_weights: torch.Tensor, *inputs):
             views = {}
@@ -422,16 +430,12 @@ class RWSANWeightSharingEncoder(nn.Module):
         )
         if not flattenable:
             return None
-
-        def concatenated(of_linear_layers: bool) -> torch.Tensor:
-            chosen = [
-                parameter.reshape(-1)
-                for parameter, (*_, linear) in zip(parameters, self.block_weight_layout)
-                if linear == of_linear_layers
-            ]
-            return torch.cat(chosen) if chosen else parameters[0].new_empty(0)
-
-        linear_weights, other_weights = concatenated(True), concatenated(False)
+        linear_weights, other_weights = (
+            torch.cat(pieces) if pieces else parameters[0].new_empty(0)
+            for pieces in _linear_and_other(
+                [parameter.reshape(-1) for parameter in parameters], self.block_weight_layout
+            )
+        )
         device_type = linear_weights.device.type
         # Autocast casts floating-point tensors but float64 ones.
         if torch.is_autocast_enabled(device_type) and linear_weights.dtype != torch.float64:

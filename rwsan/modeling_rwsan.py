@@ -105,6 +105,10 @@ class RWSANLayerNorm(nn.Module):
 
     It differs from `nn.LayerNorm` (biased variance, eps inside the square root); weights trained with one do not
     reproduce with the other, so it is kept as it is.
+
+    Every norm of the model normalises a residual sum, so it takes both terms: `norm(hidden_states, residual)` is
+    the norm of `hidden_states + residual`. Compiled (`compile_blocks`), the addition then runs inside the norm's
+    kernels, forward and backward, rather than as kernels of its own.
     """
 
     def __init__(self, size: int, eps: float):
@@ -113,7 +117,9 @@ class RWSANLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.bias = nn.Parameter(torch.zeros(size))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            hidden_states = hidden_states + residual
         centered = hidden_states - hidden_states.mean(-1, keepdim=True)
         # The unbiased standard deviation as the norm of the centred values: one reduction forward and backward,
         # about twice as fast in training as `Tensor.std` (which computes the mean again) on the CPU.
@@ -299,9 +305,9 @@ class RWSANSelfAttentionBlock(GradientCheckpointingLayer):
         self, question_states: torch.Tensor, question_bias: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         attended, attention = self.attention(question_states, question_bias, output_attentions)
-        question_states = self.attention_norm(question_states + self.attention_dropout(attended))
+        question_states = self.attention_norm(question_states, self.attention_dropout(attended))
         question_states = self.feed_forward_norm(
-            question_states + self.feed_forward_dropout(self.feed_forward(question_states))
+            question_states, self.feed_forward_dropout(self.feed_forward(question_states))
         )
         return question_states, attention
 
@@ -333,12 +339,12 @@ class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`question_values_and_keys`: `guided_attention.project_values_and_keys` of the question states."""
         attended, self_attention = self.self_attention(image_states, image_bias, output_attentions)
-        image_states = self.self_attention_norm(image_states + self.self_attention_dropout(attended))
+        image_states = self.self_attention_norm(image_states, self.self_attention_dropout(attended))
         attended, guided_attention = self.guided_attention(
             image_states, question_bias, output_attentions, question_values_and_keys
         )
-        image_states = self.guided_attention_norm(image_states + self.guided_attention_dropout(attended))
-        image_states = self.feed_forward_norm(image_states + self.feed_forward_dropout(self.feed_forward(image_states)))
+        image_states = self.guided_attention_norm(image_states, self.guided_attention_dropout(attended))
+        image_states = self.feed_forward_norm(image_states, self.feed_forward_dropout(self.feed_forward(image_states)))
         return image_states, self_attention, guided_attention
 
 
@@ -466,11 +472,9 @@ class RWSANResidualSelfAttention(RWSANWeightSharingEncoder):
         block = self.block if block is None else block
         first, first_attention = block(question_states, question_bias, output_attentions)
         second, second_attention = block(
-            self.second_input_norm(first + question_states), question_bias, output_attentions
+            self.second_input_norm(first, question_states), question_bias, output_attentions
         )
-        third, third_attention = block(
-            self.third_input_norm(second + question_states), question_bias, output_attentions
-        )
+        third, third_attention = block(self.third_input_norm(second, question_states), question_bias, output_attentions)
         return third, (first_attention, second_attention, third_attention)
 
 
@@ -506,9 +510,9 @@ class RWSANResidualGuidedAttention(RWSANWeightSharingEncoder):
         block = self.block if block is None else block
         args = (question_values_and_keys, image_bias, question_bias, output_attentions)
         first, first_self, first_guided = block(image_states, *args)
-        second, second_self, second_guided = block(self.second_input_norm(first + image_states), *args)
+        second, second_self, second_guided = block(self.second_input_norm(first, image_states), *args)
         third, third_self, third_guided = block(second, *args)
-        output = self.output_norm(third + image_states)
+        output = self.output_norm(third, image_states)
         return output, (first_self, second_self, third_self), (first_guided, second_guided, third_guided)
 
 
@@ -728,7 +732,7 @@ class RWSANModel(RWSANPreTrainedModel):
 
         pooled_question, question_weights = self.question_flattening(question_states, question_padding)
         pooled_image, image_weights = self.image_flattening(image_states, image_padding)
-        pooled = self.fusion_norm(pooled_question + pooled_image)
+        pooled = self.fusion_norm(pooled_question, pooled_image)
 
         output = RWSANModelOutput(
             pooler_output=pooled,

@@ -88,6 +88,21 @@ def test_layer_norm_is_the_original_formula_forward_and_backward():
     torch.testing.assert_close(output[0], norm.bias, atol=1e-12, rtol=0)
 
 
+def test_layer_norm_of_a_residual_sum_is_the_norm_of_the_sum():
+    torch.manual_seed(0)
+    norm = RWSANLayerNorm(8, eps=1e-6).double()
+    hidden_states, residual = (torch.randn(5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(5, 8, dtype=torch.float64)
+    output = norm(hidden_states, residual)
+    gradients = torch.autograd.grad(output, (hidden_states, residual), upstream)
+    total = (hidden_states + residual).detach().requires_grad_()
+    expected = norm(total)
+    (expected_gradient,) = torch.autograd.grad(expected, total, upstream)
+    assert torch.equal(output, expected)
+    for gradient in gradients:
+        assert torch.equal(gradient, expected_gradient)
+
+
 def test_bf16_sdpa_logits_match_fp32_eager_logits(items):
     batch = collate(items)
     with torch.no_grad():
@@ -149,6 +164,48 @@ def test_compiled_blocks_match_eager_with_a_few_graphs_for_every_shape(items):
         separately_compiled = module._compiled_call_impl is not None
         expected = (isinstance(module, RWSANLayerNorm) and ".block." not in name) or name.endswith(".block")
         assert separately_compiled == expected, name
+    torch._dynamo.reset()
+
+
+def additions_outside_compiled_code(model, batch) -> list[list[int]]:
+    """The shapes of the additions a forward pass runs outside compiled code (TorchDynamo's regions)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
+        model(**batch)
+    shapes = []
+    for event in profiler.events():
+        region = event.cpu_parent
+        while region is not None and not region.name.startswith("Torch-Compiled Region"):
+            region = region.cpu_parent
+        if event.name == "aten::add" and region is None:
+            shapes.append(event.input_shapes[0])
+    return shapes
+
+
+def test_compiled_norms_add_their_residuals(items):
+    """Each norm outside the blocks normalises a residual sum; compiled, it adds inside its own kernels, so that no
+    addition of states runs as a kernel of its own (13 a forward pass at the paper's configuration)."""
+    torch._dynamo.reset()
+    model = tiny_model().train()
+    batch = collate(items, pad_to_multiple_of=20)
+    batch_size, question_length = batch["input_ids"].shape
+    num_regions, hidden = batch["image_features"].shape[1], model.config.hidden_size
+    residual_shapes = {
+        (batch_size, question_length, hidden),
+        (batch_size, num_regions, hidden),
+        (batch_size, model.config.flat_output_size),
+    }
+
+    def residual_additions() -> int:
+        return sum(tuple(shape) in residual_shapes for shape in additions_outside_compiled_code(model, batch))
+
+    # Eagerly: two sums in each application of the question's block, three in the image's, two between each
+    # encoder's three applications, one of the pooled vectors.
+    config = model.config
+    eager = (3 * 2 + 2) * config.num_srwsa_repeats + (3 * 3 + 2) * config.num_sgrwsa_repeats + 1
+    assert residual_additions() == eager
+    model.compile_blocks(backend="eager", dynamic=True)
+    model(**batch)  # tracing
+    assert residual_additions() == 0
     torch._dynamo.reset()
 
 

@@ -372,6 +372,18 @@ def padded_shape(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     return batch["input_ids"].shape[1], batch["image_attention_mask"].shape[1]
 
 
+def mean_padded_shape(shapes: list[tuple[int, int]]) -> dict[str, float]:
+    """A row's mean padded question length and regions over `shapes` (question length, regions); none without
+    shapes."""
+    if not shapes:
+        return {}
+    question_lengths, region_counts = zip(*shapes)
+    return {
+        "mean_padded_question_length": float(np.mean(question_lengths)),
+        "mean_padded_regions": float(np.mean(region_counts)),
+    }
+
+
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch without `question_id`, on the device (asynchronously from pinned memory)."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "question_id"}
@@ -531,6 +543,21 @@ class TimeBudget:
         return self.deadline - time.perf_counter()
 
 
+class ShapeRecordingTrainer(VQATrainer):
+    """`VQATrainer` that keeps the padded (question length, regions) of every training batch it prepares, for the
+    Trainer rows' padded TxR."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.padded_shapes: list[tuple[int, int]] = []
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        if self.model.training:
+            self.padded_shapes.append(padded_shape(inputs))
+        return inputs
+
+
 class SteadyStateTimer(TrainerCallback):
     """Times the Trainer's optimizer steps `warmup_steps + 1` to `warmup_steps + timed_steps` (after compilation,
     graph recording and the workers' start), synchronising with the device only at those two points. The rate is
@@ -544,6 +571,7 @@ class SteadyStateTimer(TrainerCallback):
         batch_size: int,
         name: str,
         count_recordings: Callable[[], int] = lambda: 0,
+        padded_shapes: list[tuple[int, int]] | None = None,
     ):
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
@@ -552,8 +580,11 @@ class SteadyStateTimer(TrainerCallback):
         self.name = name
         # How many CUDA graphs the Trainer has recorded so far (a recording while timed costs eager passes).
         self.count_recordings = count_recordings
+        # The padded shape of each training batch so far, where the Trainer keeps them (`ShapeRecordingTrainer`).
+        self.padded_shapes = padded_shapes
         self.train_start = self.steady_start = self.end = None
-        self.graphs_at_steady_start = self.recordings_at_steady_start = None
+        self.graphs_at_steady_start = self.recordings_at_steady_start = self.shapes_at_steady_start = None
+        self.timed_shapes: list[tuple[int, int]] = []
         self.notes: list[str] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -565,9 +596,11 @@ class SteadyStateTimer(TrainerCallback):
             self.steady_start = time.perf_counter()
             self.graphs_at_steady_start = compiled_graph_count()
             self.recordings_at_steady_start = self.count_recordings()
+            self.shapes_at_steady_start = len(self.padded_shapes or [])
         elif state.global_step == self.warmup_steps + self.timed_steps:
             self.synchronize()
             self.end = time.perf_counter()
+            self.timed_shapes = (self.padded_shapes or [])[self.shapes_at_steady_start :]
             if compiled_graph_count() != self.graphs_at_steady_start:
                 self.notes.append("recompiled while timed")
             if self.count_recordings() != self.recordings_at_steady_start:
@@ -791,7 +824,6 @@ class Benchmark:
         self, key: str, title: str, shapes: list[tuple[int, int]], elapsed: float, warmup_seconds: float, note: str
     ) -> Row:
         """The row of `len(shapes)` timed batches of --batch_size, padded to `shapes` (question length, regions)."""
-        question_lengths, region_counts = zip(*shapes)
         return Row(
             key,
             title,
@@ -799,9 +831,8 @@ class Benchmark:
             samples_per_second=len(shapes) * self.args.batch_size / elapsed,
             warmup_seconds=warmup_seconds,
             timed_steps=len(shapes),
-            mean_padded_question_length=float(np.mean(question_lengths)),
-            mean_padded_regions=float(np.mean(region_counts)),
             note=note,
+            **mean_padded_shape(shapes),
         )
 
     def release_compiled_state(self):
@@ -961,7 +992,7 @@ class Benchmark:
         model = self.build_model("sdpa")
         if compiled == "encoders":
             compile_encoders(model, dynamic=True)
-        trainer = VQATrainer(
+        trainer = ShapeRecordingTrainer(
             model=model,
             args=training_args,
             train_dataset=dataset,
@@ -975,6 +1006,7 @@ class Benchmark:
             self.args.batch_size,
             key,
             count_recordings=functools.partial(cuda_graphs_recorded, trainer),
+            padded_shapes=trainer.padded_shapes,
         )
         profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
         trainer.add_callback(timer)
@@ -999,6 +1031,7 @@ class Benchmark:
             timed_steps=self.args.trainer_steps,
             note=", ".join(notes),
             kernel_profile=profiler.kernels,
+            **mean_padded_shape(timer.timed_shapes),
         )
         if profiler.kernels is not None:
             steps = f"steps {profiled_after + 1}-{profiled_after + profiler.steps}"

@@ -460,6 +460,9 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
         assert kernels["steps"] == 2 and kernels["launches_per_step"] > 1000 and kernels["milliseconds_per_step"] > 0
         counts = {name: count for name, count, _ in kernels["by_name"]}
         assert counts["aten::addmm"] > 0 and counts["aten::mm"] > counts["aten::addmm"]
+        # Padded as the collator pads (--pad_to_multiple_of 20, questions cut at 16).
+        assert measured[key]["mean_padded_question_length"] == 16
+        assert measured[key]["mean_padded_regions"] in (20, 40, 60, 80, 100)
     assert measured["fp32_eager"]["kernel_profile"] is None
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
@@ -479,14 +482,17 @@ def test_the_trainer_timer_notes_graphs_recorded_while_timed(capsys):
     from types import SimpleNamespace
 
     recorded = [5]
+    shapes = []
     timer = bench.SteadyStateTimer(
-        2, 3, lambda: None, batch_size=4, name="trainer", count_recordings=lambda: recorded[0]
+        2, 3, lambda: None, batch_size=4, name="trainer", count_recordings=lambda: recorded[0], padded_shapes=shapes
     )
     timer.on_train_begin(None, None, None)
     for step in range(1, 6):
+        shapes.append((16, 20 * step))  # the Trainer prepares a step's batch before the step ends
         recorded[0] += step == 4  # a new shape met at step 4, inside the timed steps 3-5
         timer.on_step_end(None, SimpleNamespace(global_step=step), None)
     assert timer.notes == ["recorded a CUDA graph while timed"]
+    assert timer.timed_shapes == [(16, 60), (16, 80), (16, 100)]
     # The rate is in the log as soon as the timed steps end.
     assert re.fullmatch(r"trainer: [\d,.]+ samples/s over steps 3-5\n", capsys.readouterr().out)
 

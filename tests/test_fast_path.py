@@ -169,7 +169,10 @@ def test_compiled_blocks_match_eager_with_a_few_graphs_for_every_shape(items):
 
 def additions_outside_compiled_code(model, batch) -> list[list[int]]:
     """The shapes of the additions a forward pass runs outside compiled code (TorchDynamo's regions)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler:
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profiler,
+    ):
         model(**batch)
     shapes = []
     for event in profiler.events():
@@ -185,7 +188,7 @@ def test_compiled_norms_add_their_residuals(items):
     """Each norm outside the blocks normalises a residual sum; compiled, it adds inside its own kernels, so that no
     addition of states runs as a kernel of its own (13 a forward pass at the paper's configuration)."""
     torch._dynamo.reset()
-    model = tiny_model().train()
+    model = tiny_model()
     batch = collate(items, pad_to_multiple_of=20)
     batch_size, question_length = batch["input_ids"].shape
     num_regions, hidden = batch["image_features"].shape[1], model.config.hidden_size
@@ -204,7 +207,8 @@ def test_compiled_norms_add_their_residuals(items):
     eager = (3 * 2 + 2) * config.num_srwsa_repeats + (3 * 3 + 2) * config.num_sgrwsa_repeats + 1
     assert residual_additions() == eager
     model.compile_blocks(backend="eager", dynamic=True)
-    model(**batch)  # tracing
+    with torch.no_grad():
+        model(**batch)  # tracing
     assert residual_additions() == 0
     torch._dynamo.reset()
 

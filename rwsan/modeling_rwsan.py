@@ -106,9 +106,11 @@ class RWSANLayerNorm(nn.Module):
     It differs from `nn.LayerNorm` (biased variance, eps inside the square root); weights trained with one do not
     reproduce with the other, so it is kept as it is.
 
-    Every norm of the model normalises a residual sum, so it takes both terms: `norm(hidden_states, residual)` is
-    the norm of `hidden_states + residual`. Compiled (`compile_blocks`), the addition then runs inside the norm's
-    kernels, forward and backward, rather than as kernels of its own.
+    Every norm of the model normalises a sum of two terms (a residual sum, or the fused pooled vectors), so it
+    takes both: `norm(hidden_states, residual)` is the norm of `hidden_states + residual`. Compiled
+    (`compile_blocks`), the addition then runs inside the norm's kernels, forward and backward, rather than as
+    kernels of its own; there inductor keeps a sum of two bf16 terms in float32 rather than rounding it to bf16
+    first. Forward hooks on a norm see the two terms.
     """
 
     def __init__(self, size: int, eps: float):

@@ -185,8 +185,9 @@ def additions_outside_compiled_code(model, batch) -> list[list[int]]:
 
 
 def test_compiled_norms_add_their_residuals(items):
-    """Each norm outside the blocks normalises a residual sum; compiled, it adds inside its own kernels, so that no
-    addition of states runs as a kernel of its own (13 a forward pass at the paper's configuration)."""
+    """Each norm outside the blocks normalises a sum; compiled, it adds inside its compiled region (where inductor
+    fuses the addition into the norm's kernels), so that no addition of states runs outside compiled code (13 a
+    forward pass at the paper's configuration)."""
     torch._dynamo.reset()
     model = tiny_model()
     batch = collate(items, pad_to_multiple_of=20)
@@ -201,7 +202,7 @@ def test_compiled_norms_add_their_residuals(items):
     def residual_additions() -> int:
         return sum(tuple(shape) in residual_shapes for shape in additions_outside_compiled_code(model, batch))
 
-    # Eagerly: two sums in each application of the question's block, three in the image's, two between each
+    # Eagerly: two sums in each application of the question's block, three in the image's, two around each
     # encoder's three applications, one of the pooled vectors.
     config = model.config
     eager = (3 * 2 + 2) * config.num_srwsa_repeats + (3 * 3 + 2) * config.num_sgrwsa_repeats + 1

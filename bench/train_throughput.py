@@ -581,7 +581,7 @@ class SteadyStateTimer(TrainerCallback):
         # How many CUDA graphs the Trainer has recorded so far (a recording while timed costs eager passes).
         self.count_recordings = count_recordings
         # The padded shape of each training batch so far, where the Trainer keeps them (`ShapeRecordingTrainer`).
-        self.padded_shapes = padded_shapes
+        self.padded_shapes = padded_shapes if padded_shapes is not None else []
         self.train_start = self.steady_start = self.end = None
         self.graphs_at_steady_start = self.recordings_at_steady_start = self.shapes_at_steady_start = None
         self.timed_shapes: list[tuple[int, int]] = []
@@ -596,11 +596,11 @@ class SteadyStateTimer(TrainerCallback):
             self.steady_start = time.perf_counter()
             self.graphs_at_steady_start = compiled_graph_count()
             self.recordings_at_steady_start = self.count_recordings()
-            self.shapes_at_steady_start = len(self.padded_shapes or [])
+            self.shapes_at_steady_start = len(self.padded_shapes)
         elif state.global_step == self.warmup_steps + self.timed_steps:
             self.synchronize()
             self.end = time.perf_counter()
-            self.timed_shapes = (self.padded_shapes or [])[self.shapes_at_steady_start :]
+            self.timed_shapes = self.padded_shapes[self.shapes_at_steady_start :]
             if compiled_graph_count() != self.graphs_at_steady_start:
                 self.notes.append("recompiled while timed")
             if self.count_recordings() != self.recordings_at_steady_start:

@@ -495,13 +495,13 @@ def checked_image(
     stored = np.ascontiguousarray(features[real_rows], dtype=settings.feature_dtype)
     # A row of values all below the stored dtype's smallest would be stored as zeros, which mark padding: the
     # region would silently drop out of training.
-    vanished = ~stored.any(axis=1)
-    if vanished.any():
+    vanished = real_rows[~stored.any(axis=1)]
+    if len(vanished):
+        region = int(vanished[0])
         return problem(
             f"{settings.feature_dtype}_underflow",
-            f"region {int(real_rows[vanished][0])}'s feature values (at most "
-            f"{np.abs(features[real_rows[vanished][0]]).max():g}) are all too small for {settings.feature_dtype} "
-            "and would be stored as zeros, which mark padding"
+            f"region {region}'s feature values (at most {np.abs(features[region]).max():g}) are all too small for "
+            f"{settings.feature_dtype} and would be stored as zeros, which mark padding"
             + ("; use --feature_dtype float32" if settings.feature_dtype == "float16" else ""),
         )
     return DecodedImage(

@@ -13,13 +13,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
 from huggingface_hub import create_repo
 from transformers import AutoModelForVisualQuestionAnswering, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
-from .processing_rwsan import HALF_CHARACTER, check_processor_fits_model, checked_top_k, is_text, no_regions_fault
+from .processing_rwsan import (
+    HALF_CHARACTER,
+    as_float32_array,
+    boxes_fit_regions,
+    check_processor_fits_model,
+    checked_top_k,
+    is_text,
+    no_regions_fault,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -46,20 +53,11 @@ class _NumberedInput:
         self.value = value
 
 
-def _rows_array(where: str, field: str, values, row_size: int) -> np.ndarray:
-    """Checks that `values` are `(num_regions, row_size)` finite real numbers; returns them as float32 numpy."""
-    if isinstance(values, torch.Tensor):
-        if values.is_complex() or values.dtype == torch.bool:
-            raise ValueError(f"{where}: {field} must hold real numbers, got {values.dtype}")
-        rows = values.detach().to(device="cpu", dtype=torch.float32).numpy()
-    else:
-        try:
-            rows = np.asarray(values)
-        except ValueError:
-            raise ValueError(f"{where}: {field} is not a rectangular array") from None
-        if rows.dtype.kind not in "fiu":
-            raise ValueError(f"{where}: {field} must hold real numbers, got dtype {rows.dtype}")
-        rows = rows.astype(np.float32, copy=False)
+def _rows_array(where: str, field: str, values, row_size: int, zero_rows_mark_padding: bool = False) -> np.ndarray:
+    """Checks that `values` are `(num_regions, row_size)` finite real numbers that float32 holds, as the processor
+    checks them (`as_float32_array`: where `zero_rows_mark_padding`, a row that float32 would make all zeros is
+    refused); returns them as float32 numpy."""
+    rows = as_float32_array(f"{where}: {field}", values, integers=True, zero_rows_mark_padding=zero_rows_mark_padding)
     if rows.ndim != 2 or rows.shape[1] != row_size:
         raise ValueError(f"{where}: {field} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})")
     if len(rows) == 0:
@@ -110,11 +108,16 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         )
     if features.shape[0] == feature_size:
         features = features.T
-    features = _rows_array(path, "x", features, feature_size)
+    features = _rows_array(path, "x", features, feature_size, zero_rows_mark_padding=True)
     if boxes is not None:
         boxes = _rows_array(path, "bbox", boxes, 4)
-        if len(boxes) != len(features):
-            raise ValueError(f"{path}: bbox has {len(boxes)} boxes but x has {len(features)} regions")
+        real_rows = np.flatnonzero(features.any(axis=1))
+        num_real = int(real_rows[-1]) + 1 if len(real_rows) else 0
+        if not boxes_fit_regions(len(boxes), len(features), num_real):
+            raise ValueError(
+                f"{path}: bbox has {len(boxes)} boxes but x has {len(features)} rows, {num_real} of them before "
+                "their zero padding: give a box for each row, or for each of those"
+            )
     return {"image_features": features, "boxes": boxes, "image_size": image_size}
 
 
@@ -294,16 +297,16 @@ class RWSANVQAPipeline(Pipeline):
             raise ValueError(f"{where}: image_features {fault}")
         if inputs.get("boxes") is not None:
             region_data["boxes"] = _rows_array(where, "boxes", inputs["boxes"], 4)
-        boxes = region_data["boxes"]
-        if boxes is not None and len(boxes) != len(region_data["image_features"]):
-            raise ValueError(
-                f"{where}: boxes has {len(boxes)} rows but image_features has "
-                f"{len(region_data['image_features'])} regions"
-            )
+        features, boxes = region_data["image_features"], region_data["boxes"]
 
-        model_inputs = self.processor(text=question, image_features=[region_data["image_features"]])
-        all_words_unknown = bool((model_inputs["input_ids"] == self.tokenizer.unk_token_id).all())
+        model_inputs = self.processor(text=question, image_features=[features])
         num_regions = model_inputs["image_features"].shape[1]
+        if boxes is not None and not boxes_fit_regions(len(boxes), len(features), num_regions):
+            raise ValueError(
+                f"{where}: boxes has {len(boxes)} rows but image_features has {len(features)} rows, {num_regions} "
+                "of them regions the model sees: give a box for each row, or for each of those regions"
+            )
+        all_words_unknown = bool((model_inputs["input_ids"] == self.tokenizer.unk_token_id).all())
         return {
             **model_inputs,
             "question": question,
@@ -364,7 +367,9 @@ class RWSANVQAPipeline(Pipeline):
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
         return {
-            "image_features": _rows_array(where, "image_features", image_features, feature_size),
+            "image_features": _rows_array(
+                where, "image_features", image_features, feature_size, zero_rows_mark_padding=True
+            ),
             "boxes": None,
             "image_size": None,
         }

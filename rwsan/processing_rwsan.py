@@ -294,7 +294,7 @@ def _check_batch_sizes(**batches) -> None:
         raise ValueError("The batch is empty.")
 
 
-def _as_float32_array(name: str, values, integers: bool, zero_rows_mark_padding: bool = False) -> np.ndarray:
+def as_float32_array(name: str, values, integers: bool, zero_rows_mark_padding: bool = False) -> np.ndarray:
     """`values` as a float32 numpy array; they must be floating-point, or integers too where `integers`. Where
     `zero_rows_mark_padding`, a row of wider floats that float32 would make all zeros is refused."""
     if isinstance(values, torch.Tensor):
@@ -342,18 +342,18 @@ def _region_batch(
 ) -> list[np.ndarray]:
     """Splits a batch of region rows, a sequence of `(rows, row_size)` arrays or one `(batch_size, rows, row_size)`
     array, into checked float32 `(rows, row_size)` arrays, one per image; `integers`: integer values are taken
-    too (pixel boxes), not only floating-point ones; `zero_rows_mark_padding`: see `_as_float32_array`."""
+    too (pixel boxes), not only floating-point ones; `zero_rows_mark_padding`: see `as_float32_array`."""
     if isinstance(batch, (np.ndarray, torch.Tensor)):
         if batch.ndim != 3:
             raise ValueError(
                 f"{name} must be a sequence of (num_regions, {row_size}) arrays or one (batch_size, "
                 f"num_regions, {row_size}) array, got an array of shape {tuple(batch.shape)}"
             )
-        items = list(_as_float32_array(name, batch, integers, zero_rows_mark_padding))
+        items = list(as_float32_array(name, batch, integers, zero_rows_mark_padding))
     else:
         _check_batch_sequence(name, batch)
         items = [
-            _as_float32_array(f"{name}[{index}]", item, integers, zero_rows_mark_padding)
+            as_float32_array(f"{name}[{index}]", item, integers, zero_rows_mark_padding)
             for index, item in enumerate(batch)
         ]
 
@@ -385,6 +385,13 @@ def _num_rows_before_zero_padding(name: str, features: list[np.ndarray], max_row
             raise ValueError(f"{name}[{index}] {fault}")
         num_rows.append(int(np.flatnonzero(rows[:max_rows].any(axis=1))[-1]) + 1)
     return num_rows
+
+
+def boxes_fit_regions(num_boxes: int, num_rows: int, num_seen: int) -> bool:
+    """Whether `num_boxes` region boxes go with an image's `num_rows` rows of features, of which the model sees the
+    first `num_seen` (up to their zero padding or the cut): a box for each row, or for each of those regions
+    (features padded into one array come with the boxes of their real regions)."""
+    return num_seen <= num_boxes <= num_rows
 
 
 def _pad_rows(items: list[np.ndarray], num_kept_rows: list[int], num_rows: int) -> np.ndarray:
@@ -597,10 +604,8 @@ class RWSANProcessor(ProcessorMixin):
     ) -> dict[str, np.ndarray]:
         num_kept_regions = _num_rows_before_zero_padding("image_features", image_features, self.max_regions)
         if image_boxes is not None:
-            # Boxes may stop where the features' padding (or the cut) begins: features padded into one array
-            # come with the boxes of their real regions.
             for index, (features, boxes, num_kept) in enumerate(zip(image_features, image_boxes, num_kept_regions)):
-                if not num_kept <= len(boxes) <= len(features):
+                if not boxes_fit_regions(len(boxes), len(features), num_kept):
                     raise ValueError(
                         f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has "
                         f"{len(features)} rows, {num_kept} of them regions the model sees: give a box for each "

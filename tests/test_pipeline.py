@@ -250,6 +250,19 @@ def test_feature_file_brings_its_boxes_and_image_size(vqa, tmp_path):
     assert result["boxes"] == (boxes + 1).tolist()
 
 
+def test_features_padded_with_zeros_may_come_with_the_boxes_of_their_regions_only(vqa, tmp_path):
+    # As the processor and prepare_vqa take them: some extractors pad `x` to a fixed count but not `bbox`.
+    features, boxes = region_features(4, seed=6), region_boxes(4)
+    zero_padded = np.concatenate([features, np.zeros((6, FEATURE_SIZE), np.float32)])
+    unpadded = vqa({"question": "what color", "image_features": features, "boxes": boxes}, output_attentions=True)
+    path = write_original_npz(tmp_path / "padded.npz", zero_padded, boxes)
+    for image_features, given_boxes in ((zero_padded, boxes), (path, None)):
+        item = {"question": "what color", "image_features": image_features, "boxes": given_boxes}
+        result = vqa(item, output_attentions=True)
+        assert_same_answers(result["answers"], unpadded["answers"])
+        assert result["boxes"] == boxes.tolist()
+
+
 def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, processor):
     features = region_features(4, seed=7)
     result = vqa({"question": "Zebra giraffe?", "image_features": features}, top_k=3)
@@ -278,7 +291,13 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
         ({"question": "what color", "image_features": torch.full((2, FEATURE_SIZE), float("inf"))},
          "image_features contains NaN or infinite values"),
         ({"question": "what color", "image_features": np.full((2, FEATURE_SIZE), "a")},
-         "image_features must hold real numbers, got dtype <U1"),
+         "image_features must hold real numbers, got <U1"),
+        # Wider floats are checked before float32 takes them: a vanishing region is not dropped as padding, and a
+        # value beyond float32's range is named as such.
+        ({"question": "what color", "image_features": np.array([[1.0] * FEATURE_SIZE, [1e-50] * FEATURE_SIZE])},
+         "image_features has a row whose values are all too small for float32"),
+        ({"question": "what color", "image_features": np.full((2, FEATURE_SIZE), 1e39)},
+         r"image_features holds values beyond float32's range \(the model computes in float32 at most\), e.g. 1e\+39"),
         ({"question": "what color", "image_features": [[1.0] * FEATURE_SIZE, [1.0]]},
          "image_features is not a rectangular array"),
         ({"question": "", "image_features": np.ones((2, FEATURE_SIZE))}, "question is empty"),
@@ -289,7 +308,8 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
         ({"question": "what \udc00", "image_features": np.ones((2, FEATURE_SIZE))},
          r"question 'what \\udc00' holds half of a character \(a lone surrogate escape\): not text"),
         ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((2, 4))},
-         "boxes has 2 rows but image_features has 3 regions"),
+         "boxes has 2 rows but image_features has 3 rows, 3 of them regions the model sees: give a box for each "
+         "row, or for each of those regions"),
         ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((3, 5))},
          r"boxes has shape \(3, 5\), expected \(num_regions, 4\)"),
         ({"question": "what", "image": np.ones((3, FEATURE_SIZE))},
@@ -332,7 +352,9 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
     ):
         ask(wrong_size)
     few_boxes = write_original_npz(tmp_path / "few_boxes.npz", region_features(3, seed=0), region_boxes(2))
-    with pytest.raises(ValueError, match="few_boxes.npz: bbox has 2 boxes but x has 3 regions"):
+    with pytest.raises(
+        ValueError, match=r"few_boxes.npz: bbox has 2 boxes but x has 3 rows, 3 of them before their zero padding: "
+    ):
         ask(few_boxes)
 
 

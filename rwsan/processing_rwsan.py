@@ -506,9 +506,12 @@ class RWSANProcessor(ProcessorMixin):
             return_tensors (`str`, *optional*, defaults to `"pt"`):
                 `"pt"` for torch tensors, `"np"` for numpy arrays.
             padding (`str`, *optional*, defaults to `"longest"`):
-                `"longest"` pads questions and regions to the longest of the batch (questions to at least
-                one position, so that a batch of questions without words still has a PAD); `"max_length"`
-                pads them to `max_question_length` and `max_regions`, like the original.
+                `"longest"` pads questions and regions to the longest of the batch (questions to
+                `max_question_length` where one of them has no words, see below); `"max_length"` pads them to
+                `max_question_length` and `max_regions`, like the original. A question without words (all its
+                characters punctuation, or none) is all padding, over which the model's attention spreads
+                evenly: padded as the original pads every question, it gets the original's answer whatever its
+                batch. (Further padding changes no answer of a question with words.)
 
         Returns:
             [`BatchFeature`] with, for the inputs given:
@@ -590,10 +593,10 @@ class RWSANProcessor(ProcessorMixin):
         encoded = self.tokenizer(list(questions), verbose=False)
         for name in ("input_ids", "attention_mask"):
             encoded[name] = [values[: self.max_question_length] for values in encoded[name]]
-        if padding == "max_length":
+        if padding == "max_length" or not all(encoded["input_ids"]):
             length = self.max_question_length
         else:
-            length = max(1, *(len(input_ids) for input_ids in encoded["input_ids"]))
+            length = max(len(input_ids) for input_ids in encoded["input_ids"])
         padded = self.tokenizer.pad(
             encoded, padding="max_length", max_length=length, padding_side="right", return_tensors="np"
         )

@@ -19,7 +19,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 from transformers.testing_utils import CaptureLogger
 
-from rwsan import RWSANConfig, processing_rwsan
+from rwsan import RWSANConfig, RWSANForVQA, processing_rwsan
 from rwsan.processing_rwsan import (
     RWSANProcessor,
     answer_scores,
@@ -296,10 +296,34 @@ def test_processor_padding_strategies(processor):
     assert isinstance(max_length["image_features"], np.ndarray) and max_length["image_features"].shape == (2, 3, 2)
 
 
-def test_processor_questions_without_words_keep_one_pad(processor):
+def test_processor_pads_a_question_without_words_as_the_original_whatever_its_batch(processor):
+    # All padding, over which attention spreads evenly: padded to the longest question of its batch, its answer
+    # would depend on the batch. Padded to max_question_length, it is the original's, alone or not.
     batch = processor(text=["", "?!"])
-    assert torch.equal(batch["input_ids"], torch.tensor([[0], [0]]))
-    assert torch.equal(batch["attention_mask"], torch.tensor([[0], [0]]))
+    assert torch.equal(batch["input_ids"], torch.zeros(2, 4, dtype=torch.long))
+    assert torch.equal(batch["attention_mask"], torch.zeros(2, 4, dtype=torch.long))
+    assert processor(text=["what", ""])["input_ids"].tolist() == [[2, 0, 0, 0], [0, 0, 0, 0]]
+    assert processor(text=["what", "what is"])["input_ids"].shape == (2, 2)
+
+    torch.manual_seed(0)
+    model = RWSANForVQA(fitting_config(hidden_size=16, intermediate_size=32, flat_mlp_size=8, flat_output_size=16))
+    model.eval()
+    features = [np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[5.0, 6.0], [0.5, 0.0]])]
+
+    def logits(questions, **options):
+        with torch.no_grad():
+            return model(**processor(text=questions, image_features=features[: len(questions)], **options)).logits
+
+    alone = logits(["?!"])
+    assert torch.allclose(logits(["?!", "what is the color"])[0], alone[0], atol=1e-6)
+    assert torch.allclose(logits(["?!"], padding="max_length"), alone, atol=1e-6)
+    # The test can fail: the answer does depend on the padding.
+    one_pad = model(
+        input_ids=torch.zeros(1, 1, dtype=torch.long),
+        attention_mask=torch.zeros(1, 1, dtype=torch.long),
+        image_features=torch.tensor(features[0], dtype=torch.float32)[None],
+    ).logits
+    assert not torch.allclose(one_pad, alone, atol=1e-4)
 
 
 def test_processor_defaults_match_the_paper():

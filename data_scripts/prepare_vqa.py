@@ -131,7 +131,6 @@ WORK_LOCK = ".lock"
 TEXT_CHECK_BYTES = 2**16
 
 FEATURE_DTYPES = ("float16", "float32")
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 # The original pads and cuts every image to 100 regions; the processor records it for the loader.
 MAX_REGIONS = 100
 # Decoded images travel from the workers and into Arrow in groups of about this size, which bounds memory.
@@ -487,10 +486,13 @@ def checked_image(
     for name, count in counts.items():
         if count is not None and count not in (num_regions, len(features)):
             return problem("unreadable", f"{rows} but {name} counts {count}")
-    if settings.feature_dtype == "float16" and np.abs(features).max() > FLOAT16_MAX:
+    # Wider floats than those stored may hold values the stored dtype cannot, which it would make infinite.
+    largest = float(np.abs(features).max())
+    if largest > float(np.finfo(settings.feature_dtype).max):
         return problem(
-            "float16_overflow",
-            f"feature values up to {np.abs(features).max():g} overflow float16; use --feature_dtype float32",
+            f"{settings.feature_dtype}_overflow",
+            f"feature values up to {largest:g} overflow {settings.feature_dtype}"
+            + ("; use --feature_dtype float32" if settings.feature_dtype == "float16" else ""),
         )
     stored = np.ascontiguousarray(features[real_rows], dtype=settings.feature_dtype)
     # A row of values all below the stored dtype's smallest would be stored as zeros, which mark padding: the

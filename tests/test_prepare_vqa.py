@@ -442,6 +442,16 @@ def test_float64_regions_too_small_for_float32_are_left_out_not_stored_as_paddin
     assert 9 not in image_rows(tmp_path / "prepared")
 
 
+def test_float64_values_beyond_float32_are_left_out_not_stored_as_infinite(raw_vqa_dir, tmp_path):
+    features = np.array([[1.0] * 6, [2.0] * 5 + [1e39]], np.float64)
+    write_npz(npz_path(raw_vqa_dir, "train2014", 9), features, raw_boxes(9, 2))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", feature_dtype="float32")
+    problem = report["problems"][0]
+    assert (problem["kind"], problem["image_id"]) == ("float32_overflow", 9)
+    assert problem["reason"] == "feature values up to 1e+39 overflow float32"
+    assert 9 not in image_rows(tmp_path / "prepared")
+
+
 def test_strict_stops_at_a_question_without_image(raw_vqa_dir, tmp_path):
     npz_path(raw_vqa_dir, "val2014", 164).unlink()
     with pytest.raises(ValueError, match=r"val2014_questions\.json: its image 164 has no features"):

@@ -131,6 +131,8 @@ WORK_LOCK = ".lock"
 TEXT_CHECK_BYTES = 2**16
 
 FEATURE_DTYPES = ("float16", "float32")
+# Question and image ids are stored as int64.
+INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 # The original pads and cuts every image to 100 regions; the processor records it for the loader.
 MAX_REGIONS = 100
 # Decoded images travel from the workers and into Arrow in groups of about this size, which bounds memory.
@@ -329,9 +331,11 @@ class AnnotationRecord(NamedTuple):
 
 def _id_fault(value) -> str | None:
     # JSON true and false load as bool, a subclass of int, but are no ids.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return None
-    return f" is {reprlib.repr(value)}, expected an integer"
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f" is {reprlib.repr(value)}, expected an integer"
+    if not INT64_MIN <= value <= INT64_MAX:
+        return f" is {reprlib.repr(value)}, beyond the 64-bit integers ids are stored as"
+    return None
 
 
 def _unencodable_fault(text: str) -> str | None:
@@ -348,6 +352,9 @@ def _answers_fault(value) -> str | None:
     # By the time an annotation is checked, `compact_json_object` has turned its well-formed answers into strings.
     if not isinstance(value, list):
         return f' is {reprlib.repr(value)}, expected a list of {{"answer": <string>}} objects'
+    if not value:
+        # Accuracy is taken over a question's answers: an evaluation would fail on it only after training.
+        return ' is [], expected at least one {"answer": <string>} object'
     for position, answer in enumerate(value):
         if not isinstance(answer, str):
             return f'[{position}] is {reprlib.repr(answer)}, expected an {{"answer": <string>}} object'

@@ -524,6 +524,16 @@ def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove
             '{"annotations": [{"question_id": 1, "multiple_choice_answer": null, "answers": []}]}',
             r"annotations\[0\]\.multiple_choice_answer is None, expected a string",
         ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "multiple_choice_answer": "no", "answers": []}]}',
+            r'annotations\[0\]\.answers is \[\], expected at least one \{"answer": <string>\} object',
+        ),
+        (
+            "VG_questions.json",
+            '{"questions": [{"question_id": 9223372036854775808, "image_id": 9, "question": "Why?"}]}',
+            r"questions\[0\]\.question_id is 9223372036854775808, beyond the 64-bit integers ids are stored as",
+        ),
         # Half of an emoji: JSON loads it, but neither the tokenizer nor Arrow can write it.
         (
             "VG_questions.json",
@@ -538,7 +548,8 @@ def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove
         ),
         (
             "v2_mscoco_val2014_annotations.json",
-            '{"annotations": [{"question_id": 1, "image_id": "9", "multiple_choice_answer": "no", "answers": []}]}',
+            '{"annotations": [{"question_id": 1, "image_id": "9", "multiple_choice_answer": "no", "answers": '
+            '[{"answer": "no"}]}]}',
             r"annotations\[0\]\.image_id is '9', expected an integer",
         ),
     ],

@@ -27,7 +27,7 @@ and the current script 100; 2 x "dog" + 8 x "a dog" with the prediction "dog" li
 with those of RWSAN's and MCAN's code, not with those of tools that use the current script.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,12 @@ def _example_ids(question_ids: Iterable[Any]) -> str:
     return ", ".join(repr(question_id) for question_id in examples)
 
 
+def _check_question_id(question_id: Any, where: str) -> None:
+    # JSON true and false load as bools, which would match questions 1 and 0; lists and objects cannot be looked up.
+    if isinstance(question_id, bool) or not isinstance(question_id, Hashable):
+        raise ValueError(f"{where}: question_id {question_id!r} is not a question id")
+
+
 def _index_predictions(predictions: Mapping[Any, str] | Sequence[Mapping[str, Any]]) -> dict[Any, str]:
     if isinstance(predictions, Mapping):
         indexed = dict(predictions)
@@ -187,6 +193,7 @@ def _index_predictions(predictions: Mapping[Any, str] | Sequence[Mapping[str, An
                 raise ValueError(
                     f"Prediction {index} must be a dict with 'question_id' and 'answer' keys, got {result!r}"
                 )
+            _check_question_id(result["question_id"], f"Prediction {index}")
             if result["question_id"] in indexed:
                 raise ValueError(f"Question id {result['question_id']!r} is predicted more than once.")
             indexed[result["question_id"]] = result["answer"]
@@ -196,6 +203,7 @@ def _index_predictions(predictions: Mapping[Any, str] | Sequence[Mapping[str, An
             f"got {type(predictions).__name__}"
         )
     for question_id, answer in indexed.items():
+        _check_question_id(question_id, "A prediction")
         _check_prediction(answer, f"question id {question_id!r}")
     return indexed
 
@@ -219,11 +227,24 @@ def _check_annotations(annotations: Sequence[Mapping[str, Any]]) -> None:
         if missing_keys:
             raise ValueError(f"Annotation {index} lacks the key(s) {missing_keys}.")
         question_id = annotation["question_id"]
+        _check_question_id(question_id, f"Annotation {index}")
         if question_id in seen_ids:
             raise ValueError(f"Question id {question_id!r} is annotated more than once.")
         seen_ids.add(question_id)
+        for key in ("question_type", "answer_type"):
+            # The official script groups by them, so null groups as any other value.
+            if not (annotation[key] is None or isinstance(annotation[key], str)):
+                raise ValueError(
+                    f"Annotation of question id {question_id!r}: {key} must be a string or null, got "
+                    f"{annotation[key]!r}"
+                )
         answers = annotation["answers"]
-        if not isinstance(answers, Sequence) or len(answers) == 0:
+        if isinstance(answers, (str, Mapping)) or not isinstance(answers, Sequence):
+            raise ValueError(
+                f"Annotation of question id {question_id!r}: answers must be a list of dicts with a string "
+                f"'answer', got {type(answers).__name__}"
+            )
+        if len(answers) == 0:
             raise ValueError(f"Annotation of question id {question_id!r} has no answers.")
         for entry in answers:
             if not isinstance(entry, Mapping) or not isinstance(entry.get("answer"), str):
@@ -258,9 +279,12 @@ def _check_multiple_choice(predictions: Mapping[Any, str], questions: Mapping[st
         raise ValueError("questions must be the official question file contents: a dict with a 'questions' list.")
     if questions.get("task_type") != "Multiple Choice":
         return
-    choices_by_id = {
-        question["question_id"]: question.get("multiple_choices", ()) for question in questions["questions"]
-    }
+    choices_by_id = {}
+    for index, question in enumerate(questions["questions"]):
+        if not isinstance(question, Mapping) or "question_id" not in question:
+            raise ValueError(f"questions[{index}] of the question file must be a dict with a 'question_id'.")
+        _check_question_id(question["question_id"], f"questions[{index}] of the question file")
+        choices_by_id[question["question_id"]] = question.get("multiple_choices", ())
     for question_id, answer in predictions.items():
         if question_id not in choices_by_id:
             raise ValueError(f"Question id {question_id!r} is missing from the question file.")

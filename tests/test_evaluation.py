@@ -230,6 +230,31 @@ def test_evaluate_vqa_names_missing_and_unknown_question_ids():
         ({1: "2"}, [{"question_id": 1, "answers": []}], ValueError, r"Annotation 0 lacks the key\(s\)"),
         ({1: "2"}, [3], ValueError, "Annotation 0 must be a dict, got 3"),
         ({1: "2"}, [_annotation(1, "what", "other", [])], ValueError, "question id 1 has no answers"),
+        (
+            {1: "2"},
+            [_annotation(1, "what", "other", {"answer": "2"})],
+            ValueError,
+            "question id 1: answers must be a list of dicts with a string 'answer', got dict",
+        ),
+        (
+            {1: "2"},
+            [_annotation(1, "what", ["other"], [{"answer": "2"}])],
+            ValueError,
+            r"question id 1: answer_type must be a string or null, got \['other'\]",
+        ),
+        (
+            [{"question_id": [11], "answer": "2"}],
+            SMALL_ANNOTATIONS[:1],
+            ValueError,
+            r"^Prediction 0: question_id \[11\] is not a question id",
+        ),
+        ({True: "2"}, SMALL_ANNOTATIONS[:1], ValueError, "^A prediction: question_id True is not a question id"),
+        (
+            {11: "2"},
+            [{**SMALL_ANNOTATIONS[0], "question_id": [11]}],
+            ValueError,
+            r"^Annotation 0: question_id \[11\] is not a question id",
+        ),
     ],
 )
 def test_evaluate_vqa_rejects_bad_input(predictions, annotations, error, message):
@@ -247,6 +272,9 @@ def test_evaluate_vqa_checks_multiple_choice_answers():
         evaluate_vqa({11: "two"}, SMALL_ANNOTATIONS[:1], questions)
     with pytest.raises(ValueError, match="a dict with a 'questions' list"):
         evaluate_vqa({11: "2"}, SMALL_ANNOTATIONS[:1], {"task_type": "Open-Ended"})
+    without_id = {"task_type": "Multiple Choice", "questions": [{"multiple_choices": ["2"]}]}
+    with pytest.raises(ValueError, match=r"questions\[0\] of the question file must be a dict with a 'question_id'"):
+        evaluate_vqa({11: "2"}, SMALL_ANNOTATIONS[:1], without_id)
 
 
 @pytest.mark.parametrize(

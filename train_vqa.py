@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import PROCESSOR_NAME
+from transformers.utils import CONFIG_NAME, PROCESSOR_NAME
 
 from data_scripts import make_toy_vqa as toy_data
 from rwsan import RWSANConfig, RWSANForVQA
@@ -518,14 +519,83 @@ def fill_in_lengths(model_args: ModelArguments, data_args: DataArguments):
         data_args.max_regions = defaults.max_regions
 
 
-def outputs_to_replace(model_args: ModelArguments, training_args: VQATrainingArguments) -> list[Path]:
+def checkpoint_to_resume(training_args: VQATrainingArguments) -> str | None:
+    """The checkpoint --resume_from_checkpoint names ("last": the newest in --output_dir), refused unless saved
+    whole, or None."""
+    resume = training_args.resume_from_checkpoint
+    if not resume:
+        return None
+    checkpoint = resume
+    if resume == "last":
+        output_dir = Path(training_args.output_dir)
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise UsageError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+    if not Path(checkpoint).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume}: no such folder")
+    if not (Path(checkpoint) / TRAINER_STATE_NAME).is_file():
+        raise UsageError(
+            f"--resume_from_checkpoint {resume}: {checkpoint} is no checkpoint saved whole (it has no "
+            f"{TRAINER_STATE_NAME}, which the Trainer writes after the weights and the optimizer's state; a run "
+            "stopped while saving leaves such a folder: delete it to resume from the checkpoint before)"
+        )
+    return checkpoint
+
+
+# Entries of a saved config that name the code and the saving, not the model its weights are.
+SAVE_RECORD_KEYS = ("transformers_version", "_name_or_path", "architectures", "auto_map", "custom_pipelines", "dtype")
+
+
+def check_resumed_model(model: RWSANForVQA, checkpoint: str) -> None:
+    """Refuses to resume `checkpoint` into a model other than the one it saved: its weights would not fit (another
+    size), or would fit a model that computes otherwise (another number of block repeats, other answers)."""
+    # Through the config class: a saved config leaves out what equals the defaults.
+    saved_config = type(model.config).from_json_file(str(Path(checkpoint) / CONFIG_NAME))
+    saved, built = (json.loads(config.to_json_string(use_diff=False)) for config in (saved_config, model.config))
+    differing = [
+        key
+        for key in sorted(saved.keys() | built.keys())
+        if key not in SAVE_RECORD_KEYS and saved.get(key) != built.get(key)
+    ]
+    if differing:
+
+        def shown(config: dict) -> str:
+            return ", ".join(
+                f"other answers ({len(config.get(key) or {})})"
+                if key in ("id2label", "label2id")
+                else f"{key}={config.get(key)!r}"
+                for key in differing
+                if key != "label2id" or "id2label" not in differing
+            )
+
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} saved a model with {shown(saved)}, but this run builds one with "
+            f"{shown(built)}: resume with the model options (and data) the run was started with"
+        )
+
+
+def outputs_to_replace(
+    model_args: ModelArguments, training_args: VQATrainingArguments, resumed_checkpoint: str | None
+) -> list[Path]:
     """What a new training run deletes from its output folder with --overwrite_output_dir: an earlier run's
     checkpoints, prediction and evaluation files. Without the option, checkpoints there refuse the run (the other
-    files are left), and so does the option where the model the run starts from lies among them."""
-    if not training_args.do_train or training_args.resume_from_checkpoint:
+    files are left), and so does the option where the model the run starts from lies among them. A resumed run
+    deletes nothing, and is refused where the folder holds checkpoints of another run than the one resumed."""
+    if not training_args.do_train:
         return []
-    earlier_outputs = earlier_run_outputs(Path(training_args.output_dir))
+    output_dir = Path(training_args.output_dir)
+    earlier_outputs = earlier_run_outputs(output_dir)
     earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
+    if resumed_checkpoint is not None:
+        if earlier_checkpoints and Path(resumed_checkpoint).resolve().parent != output_dir.resolve():
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} holds checkpoints of another run "
+                f"({', '.join(earlier_checkpoints)}) than the one --resume_from_checkpoint {resumed_checkpoint} "
+                "resumes: the resumed run's checkpoints would mix with them, and --save_total_limit could delete "
+                "or overwrite theirs. Resume into the checkpoint's own folder or into an --output_dir without "
+                "checkpoints"
+            )
+        return []
     if not training_args.overwrite_output_dir:
         if earlier_checkpoints:
             raise UsageError(
@@ -561,7 +631,8 @@ def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args, toy = parse_arguments(argv)
     check_arguments(model_args, data_args, training_args)
-    earlier_outputs = outputs_to_replace(model_args, training_args)
+    resumed_checkpoint = checkpoint_to_resume(training_args)
+    earlier_outputs = outputs_to_replace(model_args, training_args, resumed_checkpoint)
     fill_in_lengths(model_args, data_args)
     # Only once the arguments hold together: a run refused above trains nothing.
     if not (toy or model_args.model_name_or_path or model_args.glove_path) and training_args.process_index == 0:
@@ -598,6 +669,8 @@ def main(argv: list[str] | None = None):
     if training_args.do_train:
         model.config.max_question_length = processor.max_question_length
         model.config.max_regions = processor.max_regions
+    if resumed_checkpoint is not None:
+        check_resumed_model(model, resumed_checkpoint)
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     if training_args.dataloader_drop_last and (eval_dataset is not None or predict_dataset is not None):
@@ -629,11 +702,6 @@ def main(argv: list[str] | None = None):
     output_dir = Path(training_args.output_dir)
     metrics = {}
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint
-        if resume == "last":
-            resume = get_last_checkpoint(training_args.output_dir)
-            if resume is None:
-                raise UsageError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
         # Only now, with everything checked: a refused run deletes nothing.
         with training_args.main_process_first(local=False, desc="deleting the earlier run's outputs"):
             if training_args.process_index == 0 and earlier_outputs:
@@ -648,7 +716,7 @@ def main(argv: list[str] | None = None):
                     else:
                         path.unlink()
         try:
-            train_result = trainer.train(resume_from_checkpoint=resume)
+            train_result = trainer.train(resume_from_checkpoint=resumed_checkpoint)
         except ResumeError as error:
             raise UsageError(str(error)) from None
         metrics.update(train_result.metrics)

@@ -493,25 +493,42 @@ class ResumeError(ValueError):
     """A checkpoint that this run cannot resume from as it was started."""
 
 
-class EpochLengthRecord(TrainerCallback, ExportableState):
-    """Keeps the run's optimizer steps an epoch in its checkpoints (`trainer_state.json`), for `VQATrainer` to refuse
-    a resumed run whose epochs have another length: the Trainer would place the checkpoint's step in the wrong
-    epoch, skipping or repeating data, and the paper's epoch-based schedule would restart misplaced."""
+# Options a resumed run takes from the checkpoint's optimizer state (its parameter groups), not from its arguments.
+OPTIMIZER_STATE_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def _optimizer_options(args: TrainingArguments) -> dict[str, float]:
+    return {name: getattr(args, name) for name in OPTIMIZER_STATE_OPTIONS}
+
+
+class ResumeRecord(TrainerCallback, ExportableState):
+    """Keeps in the run's checkpoints (`trainer_state.json`) what a resumed run must share with it, for `VQATrainer`
+    to refuse one that does not:
+    - the optimizer steps an epoch: else the Trainer would place the checkpoint's step in the wrong epoch, skipping
+      or repeating data, and the paper's epoch-based schedule would restart misplaced;
+    - the optimizer's options (`OPTIMIZER_STATE_OPTIONS`): the resumed optimizer takes them from its saved state, so
+      another --learning_rate, say, would be silently ignored."""
 
     def __init__(self):
         self.update_steps_per_epoch = None
+        self.optimizer_options = None
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"update_steps_per_epoch": self.update_steps_per_epoch}}
+        attributes = {
+            "update_steps_per_epoch": self.update_steps_per_epoch,
+            "optimizer_options": self.optimizer_options,
+        }
+        return {"args": {}, "attributes": attributes}
 
     @staticmethod
-    def recorded_in(checkpoint: str | os.PathLike) -> int | None:
-        """The steps an epoch recorded in `checkpoint`, or None (no record, or saved before records were kept)."""
+    def recorded_in(checkpoint: str | os.PathLike) -> dict[str, Any]:
+        """What `checkpoint` recorded: its `state()` attributes, those it has (none where it was saved before such
+        records were kept)."""
         state_file = Path(checkpoint) / "trainer_state.json"
         if not state_file.is_file():
-            return None
-        record = TrainerState.load_from_json(str(state_file)).stateful_callbacks.get(EpochLengthRecord.__name__, {})
-        return record.get("attributes", {}).get("update_steps_per_epoch")
+            return {}
+        record = TrainerState.load_from_json(str(state_file)).stateful_callbacks.get(ResumeRecord.__name__, {})
+        return {name: value for name, value in record.get("attributes", {}).items() if value is not None}
 
 
 class VQATrainer(Trainer):
@@ -524,8 +541,8 @@ class VQATrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.epoch_length = EpochLengthRecord()
-        self.add_callback(self.epoch_length)
+        self.resume_record = ResumeRecord()
+        self.add_callback(self.resume_record)
         self.resumed_checkpoint = None
         self.region_sampler: RegionGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
@@ -611,21 +628,41 @@ class VQATrainer(Trainer):
     @property
     def update_steps_per_epoch(self) -> int | None:
         """Optimizer steps an epoch of the run being trained, as the Trainer counts them."""
-        return self.epoch_length.update_steps_per_epoch
+        return self.resume_record.update_steps_per_epoch
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; a checkpoint whose epochs had another number of optimizer steps (another batch size,
-        number of processes, gradient accumulation or training set) raises a `ResumeError`."""
+        number of processes, gradient accumulation or training set), or whose optimizer had other options (see
+        `ResumeRecord`), raises a `ResumeError`."""
         self.resumed_checkpoint = resume_from_checkpoint or None
         if resume_from_checkpoint is True:
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.resume_record.optimizer_options = _optimizer_options(self.args)
+        recorded = ResumeRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else {}
+        saved_options = recorded.get("optimizer_options", {})
+        differing = [
+            name for name, value in saved_options.items() if self.resume_record.optimizer_options[name] != value
+        ]
+        if differing:
+            raise ResumeError(
+                f"{self.resumed_checkpoint} was trained with "
+                f"{', '.join(f'--{name} {saved_options[name]}' for name in differing)}, but this run gives "
+                f"{', '.join(f'--{name} {self.resume_record.optimizer_options[name]}' for name in differing)}: the "
+                "resumed optimizer takes these from its saved state, so this run's would be ignored. Resume with "
+                "the values the run was started with, or start a new run from the checkpoint's weights "
+                "(--model_name_or_path)."
+            )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
-        self.epoch_length.update_steps_per_epoch = values[1]
-        recorded = EpochLengthRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else None
+        self.resume_record.update_steps_per_epoch = values[1]
+        recorded = (
+            ResumeRecord.recorded_in(self.resumed_checkpoint).get("update_steps_per_epoch")
+            if self.resumed_checkpoint
+            else None
+        )
         if recorded is not None and recorded != self.update_steps_per_epoch:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained with {recorded} optimizer steps an epoch, but this run makes "

@@ -191,7 +191,7 @@ def test_resuming_with_epochs_of_another_length_is_refused(tiny_prepared_vqa, tm
     arguments = ["--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "epoch"]
     train_vqa.main([*common_arguments(tiny_prepared_vqa, output), *arguments])
     state = json.loads((output / "checkpoint-14" / "trainer_state.json").read_text())
-    assert state["stateful_callbacks"]["EpochLengthRecord"]["attributes"] == {"update_steps_per_epoch": 14}
+    assert state["stateful_callbacks"]["ResumeRecord"]["attributes"]["update_steps_per_epoch"] == 14
     message = (
         f"{output / 'checkpoint-14'} was trained with 14 optimizer steps an epoch, but this run makes 27 (global batch "
         "8): the checkpoint's step would fall in another epoch"
@@ -201,6 +201,53 @@ def test_resuming_with_epochs_of_another_length_is_refused(tiny_prepared_vqa, tm
             [*common_arguments(tiny_prepared_vqa, output), *arguments, "--per_device_train_batch_size", "8",
              "--num_train_epochs", "2", "--resume_from_checkpoint", "last"]
         )  # fmt: skip
+
+
+def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny_prepared_vqa, tmp_path):
+    """Each is refused before training, deleting nothing; the same options resume."""
+    import train_vqa
+
+    output = tmp_path / "run"
+    arguments = [*common_arguments(tiny_prepared_vqa, output), "--eval_strategy", "no", "--save_strategy", "epoch"]
+    train_vqa.main([*arguments, "--num_train_epochs", "1"])
+    checkpoint = output / "checkpoint-14"
+    other_run = tmp_path / "other_run"
+    shutil.copytree(output, other_run)
+    (other_run / "checkpoint-14" / "model.safetensors").write_bytes(b"another run's weights")
+
+    def refused(*extra, message):
+        with pytest.raises(train_vqa.UsageError, match=message):
+            train_vqa.main([*arguments, "--num_train_epochs", "2", *extra])
+
+    # The Trainer restores the optimizer's learning rate, decay, betas and epsilon from the checkpoint.
+    refused(
+        "--resume_from_checkpoint", "last", "--learning_rate", "1e-5",
+        message=re.escape(
+            f"{checkpoint} was trained with --learning_rate 0.0001, but this run gives --learning_rate 1e-05: the "
+            "resumed optimizer takes these from its saved state"
+        ),
+    )  # fmt: skip
+    # Weights of the same shapes would load into a model that applies its blocks twice.
+    refused(
+        "--resume_from_checkpoint", "last", "--num_srwsa_repeats", "2",
+        message=re.escape(
+            f"--resume_from_checkpoint {checkpoint} saved a model with num_srwsa_repeats=1, but this run builds one "
+            "with num_srwsa_repeats=2"
+        ),
+    )  # fmt: skip
+    # Its rotation would delete the other run's checkpoints, and overwrite checkpoint-14.
+    refused(
+        "--resume_from_checkpoint", str(checkpoint), "--output_dir", str(other_run),
+        message=re.escape(f"--output_dir {other_run} holds checkpoints of another run (checkpoint-14) than the one"),
+    )  # fmt: skip
+    assert (other_run / "checkpoint-14" / "model.safetensors").read_bytes() == b"another run's weights"
+    refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
+    (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
+    refused("--resume_from_checkpoint", "last", message=f"{re.escape(str(checkpoint))} is no checkpoint saved whole")
+
+    (tmp_path / "trainer_state.json").rename(checkpoint / "trainer_state.json")
+    train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last"])
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 28
 
 
 def test_the_saved_processor_and_config_keep_the_cut_the_run_made(tiny_prepared_vqa, tmp_path):

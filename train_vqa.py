@@ -247,6 +247,16 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     )
     eval_dataset = load_annotated("--eval_split", data_args.eval_split, way_out) if evaluate else None
     predict_dataset = load("--predict_split", data_args.predict_split) if training_args.do_predict else None
+    if predict_dataset is not None:
+        question_ids, counts = np.unique(predict_dataset.question_ids, return_counts=True)
+        repeated = question_ids[counts > 1]
+        if len(repeated):
+            # Found before the prediction pass rather than by the predictions file after it.
+            raise ValueError(
+                f"--predict_split {data_args.predict_split}: {len(repeated)} questions are in more than one of its "
+                f"splits (e.g. {', '.join(map(str, repeated[:5]))}), and the predictions file answers each question "
+                "once: give one of them (test-dev is a part of test)"
+            )
     return train_dataset, eval_dataset, predict_dataset
 
 
@@ -444,6 +454,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     """Refuses options that would train or answer wrongly, or be ignored, before anything runs."""
     if not (training_args.do_train or training_args.do_predict or evaluates(data_args, training_args)):
         raise UsageError("nothing to do: give --do_train, --do_predict, or --do_eval with an --eval_split")
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {training_args.output_dir} is a file, not a folder")
+    if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        # The Trainer would save the new model's random weights, with a model card, as if trained.
+        raise UsageError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing; give more epochs")
     if not training_args.do_train and not model_args.model_name_or_path:
         raise UsageError(
             "--do_train false evaluates or predicts with the weights of --model_name_or_path; give it (a new "

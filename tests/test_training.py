@@ -447,6 +447,11 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         ),
         (["--predict_split", "val"], "--predict_split val is the split --do_predict answers; give it too"),
         (
+            ["--do_predict", "--predict_split", "test+test-dev"],
+            "--predict_split test+test-dev: .* questions are in more than one of its splits (e.g. ",
+        ),
+        (["--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing; give more epochs"),
+        (
             ["--resume_from_checkpoint", "last", "--do_train", "false", "--model_name_or_path", "model"],
             "--resume_from_checkpoint resumes training; with --do_train false, use --model_name_or_path",
         ),
@@ -477,6 +482,15 @@ def test_arguments_that_would_train_or_answer_wrongly_are_refused(tiny_prepared_
     with pytest.raises(train_vqa.UsageError, match=re.escape(message).replace(re.escape(".*"), ".*")):
         train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *extra))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(train_vqa.UsageError, match=re.escape(f"--output_dir {tmp_path / 'run'} is a file, not a")):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run"))
+    assert (tmp_path / "run").read_text() == "notes"
 
 
 def test_a_new_run_into_a_folder_of_checkpoints_is_refused_unless_told_to_delete_them(

@@ -26,6 +26,7 @@ applications, faster than `--torch_compile`;
 `--cuda_graphs` (with `--pad_to_multiple_of`) replays each step's passes as a CUDA graph.
 """
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -62,6 +63,7 @@ from rwsan.training import (
     answer_indices,
     answers_and_float16_logits,
     checkpoint_folders,
+    schedule_options_conflict,
     vqa_metrics,
 )
 
@@ -450,6 +452,14 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VQA
     return model_args, data_args, training_args, toy
 
 
+def options_given(argv: list[str]) -> set[str]:
+    """The names of the options `argv` gives, whatever their values (a default given counts as given)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, VQATrainingArguments), allow_abbrev=False, add_help=False)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VQATrainingArguments):
     """Refuses options that would train or answer wrongly, or be ignored, before anything runs."""
     if not (training_args.do_train or training_args.do_predict or evaluates(data_args, training_args)):
@@ -647,6 +657,9 @@ def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, training_args, toy = parse_arguments(argv)
     check_arguments(model_args, data_args, training_args)
+    # VQATrainingArguments sees only options given at other values than their defaults.
+    if conflict := schedule_options_conflict(training_args.paper_schedule, options_given(argv)):
+        raise UsageError(conflict)
     resumed_checkpoint = checkpoint_to_resume(training_args)
     earlier_outputs = outputs_to_replace(model_args, training_args, resumed_checkpoint)
     fill_in_lengths(model_args, data_args)

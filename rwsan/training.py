@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 from transformers.utils import is_torch_xla_available, logging
 
 from .data import unpack_image_features
@@ -151,25 +151,14 @@ class VQATrainingArguments(TrainingArguments):
         # (pytorch/pytorch#189690).
         if self.dataloader_pin_memory and self.device.type == "cuda" and not copies_left_alone:
             self.accelerator_config.non_blocking = True
-        if self.paper_schedule:
-            trainer_schedule = {
-                "--lr_scheduler_type": self.lr_scheduler_type != SchedulerType.LINEAR,
-                "--warmup_steps": self.warmup_steps != 0,
-                "--lr_scheduler_kwargs": bool(self.lr_scheduler_kwargs),
-            }
-            given = [option for option, changed in trainer_schedule.items() if changed]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)} shape the Trainer's learning-rate schedule, which the paper's replaces; "
-                    "give --paper_schedule false to use them"
-                )
-        else:
-            given = [f"--{name}" for name in PAPER_SCHEDULE_OPTIONS if getattr(self, name) != _default_of(name)]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)} shape the paper's learning-rate schedule, which --paper_schedule false "
-                    "replaces with the Trainer's (--lr_scheduler_type, --warmup_steps)"
-                )
+        # Options given at their defaults are not seen here; train_vqa.py sees them on its command line.
+        changed = [
+            name
+            for name in TRAINER_SCHEDULE_OPTIONS + PAPER_SCHEDULE_OPTIONS
+            if getattr(self, name) != _default_of(name) and (name != "lr_scheduler_kwargs" or self.lr_scheduler_kwargs)
+        ]
+        if conflict := schedule_options_conflict(self.paper_schedule, changed):
+            raise ValueError(conflict)
         if self.label_smoothing_factor:
             raise ValueError(
                 "--label_smoothing_factor smooths class labels; VQA's labels are soft answer scores already, "
@@ -200,6 +189,27 @@ class VQATrainingArguments(TrainingArguments):
 
 
 PAPER_SCHEDULE_OPTIONS = ("warmup_epochs", "lr_decay_epochs", "lr_decay_rate")
+# The Trainer's own, which the paper's schedule replaces.
+TRAINER_SCHEDULE_OPTIONS = ("lr_scheduler_type", "warmup_steps", "lr_scheduler_kwargs")
+
+
+def schedule_options_conflict(paper_schedule: bool, given: Collection[str]) -> str | None:
+    """Why the schedule options `given` (names) would be ignored by the schedule chosen, or None."""
+    if paper_schedule:
+        ignored = [f"--{name}" for name in TRAINER_SCHEDULE_OPTIONS if name in given]
+        if ignored:
+            return (
+                f"{', '.join(ignored)} shape the Trainer's learning-rate schedule, which the paper's replaces; give "
+                "--paper_schedule false to use them"
+            )
+        return None
+    ignored = [f"--{name}" for name in PAPER_SCHEDULE_OPTIONS if name in given]
+    if ignored:
+        return (
+            f"{', '.join(ignored)} shape the paper's learning-rate schedule, which --paper_schedule false replaces "
+            "with the Trainer's (--lr_scheduler_type, --warmup_steps)"
+        )
+    return None
 
 
 def _default_of(name: str):

@@ -435,6 +435,12 @@ def test_bad_data_arguments_stop_before_training(tiny_prepared_vqa, tmp_path, ex
         (["--model_name_or_path", "/nowhere/model"], "--model_name_or_path /nowhere/model: no such folder"),
         (["--model_name_or_path", "runs/old/model"], "--model_name_or_path runs/old/model: no such folder"),
         (["--lr_scheduler_type", "cosine", "--warmup_steps", "10"], "--lr_scheduler_type, --warmup_steps shape the"),
+        # Given at their defaults they would be as silently ignored.
+        (["--lr_scheduler_type", "linear"], "--lr_scheduler_type shape the Trainer's learning-rate schedule, which"),
+        (
+            ["--paper_schedule", "false", "--warmup_epochs", "3"],
+            "--warmup_epochs shape the paper's learning-rate schedule, which --paper_schedule false replaces",
+        ),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
         (["--save_logits"], "--save_logits keeps the scores of --do_predict's answers; give --do_predict too"),
         (["--dataset_d", "elsewhere"], "Some specified arguments are not used by the HfArgumentParser: ['--dataset_d'"),

@@ -155,7 +155,7 @@ class VQATrainingArguments(TrainingArguments):
         changed = [
             name
             for name in TRAINER_SCHEDULE_OPTIONS + PAPER_SCHEDULE_OPTIONS
-            if getattr(self, name) != _default_of(name) and (name != "lr_scheduler_kwargs" or self.lr_scheduler_kwargs)
+            if getattr(self, name) != _default_of(name)
         ]
         if conflict := schedule_options_conflict(self.paper_schedule, changed):
             raise ValueError(conflict)
@@ -652,7 +652,7 @@ class VQATrainer(Trainer):
         recorded = ResumeRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else {}
         saved_options = recorded.get("optimizer_options", {})
         differing = [
-            name for name, value in saved_options.items() if self.resume_record.optimizer_options[name] != value
+            name for name, value in saved_options.items() if self.resume_record.optimizer_options.get(name) != value
         ]
         if differing:
             raise ResumeError(

@@ -558,12 +558,16 @@ def checkpoint_to_resume(training_args: VQATrainingArguments) -> str | None:
         if checkpoint is None:
             raise UsageError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
     if not Path(checkpoint).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {resume}: no such folder")
+        raise UsageError(
+            f"--resume_from_checkpoint {resume}: no such folder"
+            if not Path(checkpoint).exists()
+            else f"--resume_from_checkpoint {resume}: a file, not a checkpoint's folder"
+        )
     if not (Path(checkpoint) / TRAINER_STATE_NAME).is_file():
         raise UsageError(
             f"--resume_from_checkpoint {resume}: {checkpoint} is no checkpoint saved whole (it has no "
             f"{TRAINER_STATE_NAME}, which the Trainer writes after the weights and the optimizer's state; a run "
-            "stopped while saving leaves such a folder: delete it to resume from the checkpoint before)"
+            "stopped while saving leaves such a folder: delete it, and `last` takes the checkpoint before it)"
         )
     return checkpoint
 
@@ -584,14 +588,20 @@ def check_resumed_model(model: RWSANForVQA, checkpoint: str) -> None:
         if key not in SAVE_RECORD_KEYS and saved.get(key) != built.get(key)
     ]
     if differing:
+        # The answers are listed by name, thousands of them: said as a count and the first that differs.
+        answers = "id2label" in differing and next(
+            answer
+            for answer in sorted(saved["id2label"].keys() | built["id2label"].keys(), key=int)
+            if saved["id2label"].get(answer) != built["id2label"].get(answer)
+        )
 
         def shown(config: dict) -> str:
             return ", ".join(
-                f"other answers ({len(config.get(key) or {})})"
-                if key in ("id2label", "label2id")
+                f"{len(config['id2label'])} answers, answer {answers} {config['id2label'].get(answers)!r}"
+                if key == "id2label"
                 else f"{key}={config.get(key)!r}"
                 for key in differing
-                if key != "label2id" or "id2label" not in differing
+                if key != "label2id"
             )
 
         raise UsageError(
@@ -615,10 +625,10 @@ def outputs_to_replace(
     if resumed_checkpoint is not None:
         if earlier_checkpoints and Path(resumed_checkpoint).resolve().parent != output_dir.resolve():
             raise UsageError(
-                f"--output_dir {training_args.output_dir} holds checkpoints of another run "
-                f"({', '.join(earlier_checkpoints)}) than the one --resume_from_checkpoint {resumed_checkpoint} "
-                "resumes: the resumed run's checkpoints would mix with them, and --save_total_limit could delete "
-                "or overwrite theirs. Resume into the checkpoint's own folder or into an --output_dir without "
+                f"--output_dir {training_args.output_dir} holds checkpoints ({', '.join(earlier_checkpoints)}), and "
+                f"--resume_from_checkpoint {resumed_checkpoint} is not among them: the resumed run's checkpoints "
+                "would mix with theirs, which --save_total_limit could delete or overwrite. Resume into the "
+                "checkpoint's own folder (--resume_from_checkpoint last there), or into an --output_dir without "
                 "checkpoints"
             )
         return []

@@ -110,14 +110,8 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         features = features.T
     features = _rows_array(path, "x", features, feature_size, zero_rows_mark_padding=True)
     if boxes is not None:
+        # Their count is checked against the regions the model sees (`RWSANVQAPipeline.preprocess`).
         boxes = _rows_array(path, "bbox", boxes, 4)
-        real_rows = np.flatnonzero(features.any(axis=1))
-        num_real = int(real_rows[-1]) + 1 if len(real_rows) else 0
-        if not boxes_fit_regions(len(boxes), len(features), num_real):
-            raise ValueError(
-                f"{path}: bbox has {len(boxes)} boxes but x has {len(features)} rows, {num_real} of them before "
-                "their zero padding: give a box for each row, or for each of those"
-            )
     return {"image_features": features, "boxes": boxes, "image_size": image_size}
 
 
@@ -295,15 +289,18 @@ class RWSANVQAPipeline(Pipeline):
         region_data = self._region_data(where, inputs["image_features"])
         if fault := no_regions_fault(region_data["image_features"], self.processor.max_regions):
             raise ValueError(f"{where}: image_features {fault}")
+        names = ("boxes", "image_features")
         if inputs.get("boxes") is not None:
             region_data["boxes"] = _rows_array(where, "boxes", inputs["boxes"], 4)
+        elif region_data["boxes"] is not None:
+            names = (f"{inputs['image_features']}: bbox", "x")
         features, boxes = region_data["image_features"], region_data["boxes"]
 
         model_inputs = self.processor(text=question, image_features=[features])
         num_regions = model_inputs["image_features"].shape[1]
         if boxes is not None and not boxes_fit_regions(len(boxes), len(features), num_regions):
             raise ValueError(
-                f"{where}: boxes has {len(boxes)} rows but image_features has {len(features)} rows, {num_regions} "
+                f"{where}: {names[0]} has {len(boxes)} rows but {names[1]} has {len(features)} rows, {num_regions} "
                 "of them regions the model sees: give a box for each row, or for each of those regions"
             )
         all_words_unknown = bool((model_inputs["input_ids"] == self.tokenizer.unk_token_id).all())

@@ -532,12 +532,14 @@ class ResumeRecord(TrainerCallback, ExportableState):
 
     @staticmethod
     def recorded_in(checkpoint: str | os.PathLike) -> dict[str, Any]:
-        """What `checkpoint` recorded: its `state()` attributes, those it has (none where it was saved before such
-        records were kept)."""
+        """What `checkpoint` recorded: its `state()` attributes, those it has (a checkpoint saved before a record
+        was kept lacks it, and is resumed unchecked)."""
         state_file = Path(checkpoint) / "trainer_state.json"
         if not state_file.is_file():
             return {}
-        record = TrainerState.load_from_json(str(state_file)).stateful_callbacks.get(ResumeRecord.__name__, {})
+        records = TrainerState.load_from_json(str(state_file)).stateful_callbacks
+        # Named EpochLengthRecord before it kept the optimizer's options.
+        record = records.get(ResumeRecord.__name__) or records.get("EpochLengthRecord") or {}
         return {name: value for name, value in record.get("attributes", {}).items() if value is not None}
 
 
@@ -648,22 +650,31 @@ class VQATrainer(Trainer):
         if resume_from_checkpoint is True:
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self.resume_record.optimizer_options = _optimizer_options(self.args)
+        options = _optimizer_options(self.args)
         recorded = ResumeRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else {}
         saved_options = recorded.get("optimizer_options", {})
-        differing = [
-            name for name, value in saved_options.items() if self.resume_record.optimizer_options.get(name) != value
-        ]
+        # Resumed from a checkpoint that did not record them, the optimizer's options are its unknown ones.
+        unknown = self.resumed_checkpoint is not None and not saved_options
+        self.resume_record.optimizer_options = None if unknown else options
+        differing = [name for name in options if name in saved_options and options[name] != saved_options[name]]
         if differing:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained with "
                 f"{', '.join(f'--{name} {saved_options[name]}' for name in differing)}, but this run gives "
-                f"{', '.join(f'--{name} {self.resume_record.optimizer_options[name]}' for name in differing)}: the "
+                f"{', '.join(f'--{name} {options[name]}' for name in differing)}: the "
                 "resumed optimizer takes these from its saved state, so this run's would be ignored. Resume with "
                 "the values the run was started with, or start a new run from the checkpoint's weights "
                 "(--model_name_or_path)."
             )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # A resumed run's state holds the records its checkpoint had, and the Trainer expects one of each of its
+        # stateful callbacks there: a checkpoint saved before a record existed (or under its old name) lacks it.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ExportableState):
+                self.state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
+        return super()._save_checkpoint(model, trial)
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)

@@ -261,6 +261,12 @@ def test_features_padded_with_zeros_may_come_with_the_boxes_of_their_regions_onl
         result = vqa(item, output_attentions=True)
         assert_same_answers(result["answers"], unpadded["answers"])
         assert result["boxes"] == boxes.tolist()
+    # Likewise the boxes of the regions the model sees, where the features have more rows than it takes.
+    many, many_boxes = region_features(MAX_REGIONS + 2, seed=3), region_boxes(MAX_REGIONS)
+    path = write_original_npz(tmp_path / "many.npz", many, many_boxes)
+    assert (
+        vqa({"question": "what color", "image_features": path}, output_attentions=True)["boxes"] == many_boxes.tolist()
+    )
 
 
 def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, processor):
@@ -353,7 +359,7 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
         ask(wrong_size)
     few_boxes = write_original_npz(tmp_path / "few_boxes.npz", region_features(3, seed=0), region_boxes(2))
     with pytest.raises(
-        ValueError, match=r"few_boxes.npz: bbox has 2 boxes but x has 3 rows, 3 of them before their zero padding: "
+        ValueError, match=r"few_boxes.npz: bbox has 2 rows but x has 3 rows, 3 of them regions the model sees: give a "
     ):
         ask(few_boxes)
 

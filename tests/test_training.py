@@ -238,16 +238,30 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
     # Its rotation would delete the other run's checkpoints, and overwrite checkpoint-14.
     refused(
         "--resume_from_checkpoint", str(checkpoint), "--output_dir", str(other_run),
-        message=re.escape(f"--output_dir {other_run} holds checkpoints of another run (checkpoint-14) than the one"),
+        message=re.escape(f"--output_dir {other_run} holds checkpoints (checkpoint-14), and --resume_from_checkpoint"),
     )  # fmt: skip
     assert (other_run / "checkpoint-14" / "model.safetensors").read_bytes() == b"another run's weights"
     refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
     (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
     refused("--resume_from_checkpoint", "last", message=f"{re.escape(str(checkpoint))} is no checkpoint saved whole")
 
-    (tmp_path / "trainer_state.json").rename(checkpoint / "trainer_state.json")
-    train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last"])
-    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 28
+    # As saved before the record kept the optimizer's options, under its old name: resumed, and saved anew.
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    record = state["stateful_callbacks"].pop("ResumeRecord")
+    state["stateful_callbacks"]["EpochLengthRecord"] = {"args": {}, "attributes": {"update_steps_per_epoch": 14}}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    refused(
+        "--resume_from_checkpoint", "last", "--per_device_train_batch_size", "8",
+        message="was trained with 14 optimizer steps an epoch, but this run makes 27",
+    )  # fmt: skip
+    train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last", "--learning_rate", "1"])
+    saved = json.loads((output / "checkpoint-28" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 28
+    # The optimizer kept the checkpoint's unrecorded rate, not the 1 given: its options are not recorded either.
+    assert saved["stateful_callbacks"]["ResumeRecord"]["attributes"] == {
+        **record["attributes"],
+        "optimizer_options": None,
+    }
 
 
 def test_the_saved_processor_and_config_keep_the_cut_the_run_made(tiny_prepared_vqa, tmp_path):

@@ -196,20 +196,18 @@ TRAINER_SCHEDULE_OPTIONS = ("lr_scheduler_type", "warmup_steps", "lr_scheduler_k
 def schedule_options_conflict(paper_schedule: bool, given: Collection[str]) -> str | None:
     """Why the schedule options `given` (names) would be ignored by the schedule chosen, or None."""
     if paper_schedule:
-        ignored = [f"--{name}" for name in TRAINER_SCHEDULE_OPTIONS if name in given]
-        if ignored:
-            return (
-                f"{', '.join(ignored)} shape the Trainer's learning-rate schedule, which the paper's replaces; give "
-                "--paper_schedule false to use them"
-            )
-        return None
-    ignored = [f"--{name}" for name in PAPER_SCHEDULE_OPTIONS if name in given]
-    if ignored:
-        return (
-            f"{', '.join(ignored)} shape the paper's learning-rate schedule, which --paper_schedule false replaces "
-            "with the Trainer's (--lr_scheduler_type, --warmup_steps)"
+        ignored_options = TRAINER_SCHEDULE_OPTIONS
+        what_they_shape = (
+            "the Trainer's learning-rate schedule, which the paper's replaces; give --paper_schedule false to use them"
         )
-    return None
+    else:
+        ignored_options = PAPER_SCHEDULE_OPTIONS
+        what_they_shape = (
+            "the paper's learning-rate schedule, which --paper_schedule false replaces with the Trainer's "
+            "(--lr_scheduler_type, --warmup_steps)"
+        )
+    ignored = [f"--{name}" for name in ignored_options if name in given]
+    return f"{', '.join(ignored)} shape {what_they_shape}" if ignored else None
 
 
 def _default_of(name: str):

@@ -1085,11 +1085,13 @@ def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path)
     ]  # fmt: skip
     eager, compiled, inductor_cache = tmp_path / "eager", tmp_path / "compiled", tmp_path / "inductor"
     run_training(*common_arguments(tiny_prepared_vqa, eager), *arguments)
+    # Scalar C++ (TORCHINDUCTOR_VEC_ISA_OK=0) compiles about a fifth faster on two cores; what is tested is that the
+    # blocks compile and train through the Trainer, not inductor's vectorizer.
     run_training(
         *common_arguments(tiny_prepared_vqa, compiled),
         *arguments,
         "--compile_blocks",
-        environment={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)},
+        environment={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache), "TORCHINDUCTOR_VEC_ISA_OK": "0"},
     )  # fmt: skip
     assert list(inductor_cache.rglob("*.py")), "inductor generated no code: the blocks were not compiled"
     assert len(logged(eager, "loss")) == 4

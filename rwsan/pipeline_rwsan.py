@@ -21,7 +21,7 @@ from transformers.utils import logging
 from .processing_rwsan import (
     HALF_CHARACTER,
     as_float32_array,
-    boxes_fit_regions,
+    box_count_fault,
     check_processor_fits_model,
     checked_top_k,
     is_text,
@@ -298,11 +298,8 @@ class RWSANVQAPipeline(Pipeline):
 
         model_inputs = self.processor(text=question, image_features=[features])
         num_regions = model_inputs["image_features"].shape[1]
-        if boxes is not None and not boxes_fit_regions(len(boxes), len(features), num_regions):
-            raise ValueError(
-                f"{where}: {names[0]} has {len(boxes)} rows but {names[1]} has {len(features)} rows, {num_regions} "
-                "of them regions the model sees: give a box for each row, or for each of those regions"
-            )
+        if boxes is not None and (fault := box_count_fault(len(boxes), len(features), num_regions)):
+            raise ValueError(f"{where}: {names[0]} has {len(boxes)} rows but {names[1]} has {fault}")
         all_words_unknown = bool((model_inputs["input_ids"] == self.tokenizer.unk_token_id).all())
         return {
             **model_inputs,

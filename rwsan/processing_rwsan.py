@@ -387,11 +387,17 @@ def _num_rows_before_zero_padding(name: str, features: list[np.ndarray], max_row
     return num_rows
 
 
-def boxes_fit_regions(num_boxes: int, num_rows: int, num_seen: int) -> bool:
-    """Whether `num_boxes` region boxes go with an image's `num_rows` rows of features, of which the model sees the
-    first `num_seen` (up to their zero padding or the cut): a box for each row, or for each of those regions
-    (features padded into one array come with the boxes of their real regions)."""
-    return num_seen <= num_boxes <= num_rows
+def box_count_fault(num_boxes: int, num_rows: int, num_seen: int) -> str | None:
+    """Why `num_boxes` region boxes do not go with an image's `num_rows` rows of features, of which the model sees
+    the first `num_seen` (up to their zero padding or the cut), said of the features ("... has {fault}"), or None.
+    They go with them as a box for each row, or for each of those regions (features padded into one array come
+    with the boxes of their real regions)."""
+    if num_seen <= num_boxes <= num_rows:
+        return None
+    return (
+        f"{num_rows} rows, {num_seen} of them regions the model sees: give a box for each row, or for each of those "
+        "regions"
+    )
 
 
 def _pad_rows(items: list[np.ndarray], num_kept_rows: list[int], num_rows: int) -> np.ndarray:
@@ -608,11 +614,9 @@ class RWSANProcessor(ProcessorMixin):
         num_kept_regions = _num_rows_before_zero_padding("image_features", image_features, self.max_regions)
         if image_boxes is not None:
             for index, (features, boxes, num_kept) in enumerate(zip(image_features, image_boxes, num_kept_regions)):
-                if not boxes_fit_regions(len(boxes), len(features), num_kept):
+                if fault := box_count_fault(len(boxes), len(features), num_kept):
                     raise ValueError(
-                        f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has "
-                        f"{len(features)} rows, {num_kept} of them regions the model sees: give a box for each "
-                        "row, or for each of those regions"
+                        f"image_boxes[{index}] has {len(boxes)} boxes but image_features[{index}] has {fault}"
                     )
         num_rows = self.max_regions if padding == "max_length" else max(num_kept_regions)
         padded_features = _pad_rows(image_features, num_kept_regions, num_rows)

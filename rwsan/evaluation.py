@@ -186,6 +186,8 @@ def _check_question_id(question_id: Any, where: str) -> None:
 def _index_predictions(predictions: Mapping[Any, str] | Sequence[Mapping[str, Any]]) -> dict[Any, str]:
     if isinstance(predictions, Mapping):
         indexed = dict(predictions)
+        for question_id in indexed:
+            _check_question_id(question_id, "A prediction")
     elif isinstance(predictions, Sequence) and not isinstance(predictions, str):
         indexed = {}
         for index, result in enumerate(predictions):
@@ -203,7 +205,6 @@ def _index_predictions(predictions: Mapping[Any, str] | Sequence[Mapping[str, An
             f"got {type(predictions).__name__}"
         )
     for question_id, answer in indexed.items():
-        _check_question_id(question_id, "A prediction")
         _check_prediction(answer, f"question id {question_id!r}")
     return indexed
 

@@ -554,6 +554,8 @@ class VQATrainer(Trainer):
         self.resume_record = ResumeRecord()
         self.add_callback(self.resume_record)
         self.resumed_checkpoint = None
+        # What the checkpoint resumed recorded (`ResumeRecord.recorded_in`), read once `train` is called.
+        self.resumed_record: dict[str, Any] = {}
         self.region_sampler: RegionGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
         # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
@@ -649,8 +651,8 @@ class VQATrainer(Trainer):
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
         options = _optimizer_options(self.args)
-        recorded = ResumeRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else {}
-        saved_options = recorded.get("optimizer_options", {})
+        self.resumed_record = ResumeRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else {}
+        saved_options = self.resumed_record.get("optimizer_options", {})
         # Resumed from a checkpoint that did not record them, the optimizer's options are its unknown ones.
         unknown = self.resumed_checkpoint is not None and not saved_options
         self.resume_record.optimizer_options = None if unknown else options
@@ -677,11 +679,7 @@ class VQATrainer(Trainer):
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
         self.resume_record.update_steps_per_epoch = values[1]
-        recorded = (
-            ResumeRecord.recorded_in(self.resumed_checkpoint).get("update_steps_per_epoch")
-            if self.resumed_checkpoint
-            else None
-        )
+        recorded = self.resumed_record.get("update_steps_per_epoch")
         if recorded is not None and recorded != self.update_steps_per_epoch:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained with {recorded} optimizer steps an epoch, but this run makes "

@@ -49,6 +49,12 @@ def questions_left_out_warning(dataset_dir: str | os.PathLike, split: str) -> st
     )
 
 
+def repeated_question_ids(question_ids) -> list[int]:
+    """The question ids that occur more than once in `question_ids` (a list or numpy array), in the order they first
+    occur."""
+    return [int(question_id) for question_id, count in Counter(np.asarray(question_ids).tolist()).items() if count > 1]
+
+
 def write_predictions(
     question_ids: Sequence[int],
     answer_indices: Sequence[int],
@@ -77,7 +83,7 @@ def write_predictions(
         raise ValueError(f"{len(question_ids)} question ids but {len(answer_indices)} answers")
     if len(question_ids) == 0:
         raise ValueError("no questions to write: the evaluation server wants an answer to each of a split's")
-    repeated = [question_id for question_id, count in Counter(question_ids.tolist()).items() if count > 1]
+    repeated = repeated_question_ids(question_ids)
     if repeated:
         raise ValueError(
             f"{len(repeated)} question ids appear more than once (e.g. {', '.join(map(str, repeated[:5]))}); the "

@@ -11,6 +11,7 @@ into a model that computes something else, so give the values of the run's confi
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -53,7 +54,6 @@ _KEY_RENAMES = [
     (r"\.ffn\.mlp\.linear\.", ".feed_forward.output."),
     (r"_flattening\.mlp\.fc\.linear\.", "_flattening.score.intermediate."),
     (r"_flattening\.mlp\.linear\.", "_flattening.score.output."),
-    (r"_flattening\.linear_merge\.", "_flattening.output."),
     (r"\.linear_v\.", ".value."),
     (r"\.linear_k\.", ".key."),
     (r"\.linear_q\.", ".query."),
@@ -100,6 +100,11 @@ def _shape(state_dict: dict[str, torch.Tensor], key: str, path) -> torch.Size:
 
 def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], path="checkpoint", **overrides):
     """Read the sizes off the original tensors; repeats, heads and the rest default to the paper's."""
+    # A misspelt name would otherwise become a stray attribute of the config, and the model would silently keep
+    # the default the caller meant to change.
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(RWSANConfig)})
+    if unknown:
+        raise TypeError(f"{unknown} are not RWSANConfig fields, so they cannot override the checkpoint's configuration")
     heads = overrides.get("num_attention_heads", RWSANConfig.num_attention_heads)
     if heads < 1:
         raise CheckpointError(f"num_attention_heads must be at least 1, got {heads}")

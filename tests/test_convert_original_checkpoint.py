@@ -164,6 +164,14 @@ def test_repeat_counts_given_on_the_command_line_are_the_models(tmp_path, golden
     assert (logits["other"] - golden["logits"]).abs().max() > 1e-2
 
 
+def test_a_misspelt_configuration_override_is_refused(tmp_path, golden):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    with pytest.raises(TypeError, match=r"\['num_srwsa_repeat'\] are not RWSANConfig fields"):
+        load_original_checkpoint(checkpoint, num_srwsa_repeat=2)
+    model = load_original_checkpoint(checkpoint, num_srwsa_repeats=2, layer_norm_eps=1e-5)
+    assert (model.config.num_srwsa_repeats, model.config.layer_norm_eps) == (2, 1e-5)
+
+
 def test_answer_dict_whose_two_halves_disagree_is_refused(tmp_path, golden):
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     answer_dict = tmp_path / "answers.json"

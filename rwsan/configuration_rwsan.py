@@ -103,7 +103,7 @@ class RWSANConfig(PreTrainedConfig):
     flat_mlp_size: int = 256
     flat_output_size: int = 1024
     dropout: float | int = 0.1
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float | int = 1e-6
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
@@ -147,8 +147,8 @@ class RWSANConfig(PreTrainedConfig):
         self._check_sizes()
 
     def _check_sizes(self):
-        # A plain ValueError at construction, rather than `@strict`'s validator error type, so that callers can
-        # catch bad sizes the usual way.
+        # Values of the right type but out of range raise a plain ValueError, which callers catch the usual way;
+        # values of another type have already met `@strict`'s error, which names the field and the type.
         positive = (
             "vocab_size",
             "word_embedding_size",

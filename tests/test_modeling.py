@@ -91,6 +91,8 @@ def test_paper_defaults():
         ({"hidden_size": 1, "num_attention_heads": 1}, r"hidden_size must be at least 2 \(it is layer-normalised\)"),
         ({"layer_norm_eps": float("nan")}, r"layer_norm_eps must be positive and finite, got nan"),
         ({"layer_norm_eps": float("inf")}, r"layer_norm_eps must be positive and finite, got inf"),
+        # An integer is a number like any other here, as for dropout.
+        ({"layer_norm_eps": 0}, r"layer_norm_eps must be positive and finite, got 0"),
     ],
 )
 def test_config_rejects_impossible_sizes(overrides, message):

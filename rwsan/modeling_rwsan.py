@@ -306,6 +306,8 @@ class RWSANSelfAttentionBlock(GradientCheckpointingLayer):
     def forward(
         self, question_states: torch.Tensor, question_bias: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`question_states` `(B, T, H)` and `question_bias` `(B, 1, 1, T)` (see `RWSANLowRankAttention.forward`)
+        -> the new states `(B, T, H)` and, with `output_attentions`, the attention map `(B, heads, T, T)`."""
         attended, attention = self.attention(question_states, question_bias, output_attentions)
         question_states = self.attention_norm(question_states, self.attention_dropout(attended))
         question_states = self.feed_forward_norm(
@@ -339,7 +341,10 @@ class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
         question_bias: torch.Tensor,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """`question_values_and_keys`: `guided_attention.project_values_and_keys` of the question states."""
+        """`image_states` `(B, R, H)`; `question_values_and_keys` `(B, T, H + rank * heads)`, the guided attention's
+        `project_values_and_keys` of the question states; `image_bias` `(B, 1, 1, R)` and `question_bias`
+        `(B, 1, 1, T)` (see `RWSANLowRankAttention.forward`) -> the new states `(B, R, H)` and, with
+        `output_attentions`, the self-attention map `(B, heads, R, R)` and the guided one `(B, heads, R, T)`."""
         attended, self_attention = self.self_attention(image_states, image_bias, output_attentions)
         image_states = self.self_attention_norm(image_states, self.self_attention_dropout(attended))
         attended, guided_attention = self.guided_attention(
@@ -712,10 +717,11 @@ class RWSANModel(RWSANPreTrainedModel):
         image_attentions = () if output_attentions else None
         guided_attentions = () if output_attentions else None
 
-        question_block, image_block = self.question_encoder.block_for_pass(), self.image_encoder.block_for_pass()
+        apply_question_block = self.question_encoder.block_for_pass()
+        apply_image_block = self.image_encoder.block_for_pass()
         for _ in range(self.config.num_srwsa_repeats):
             question_states, attentions = self.question_encoder(
-                question_states, question_bias, output_attentions, question_block
+                question_states, question_bias, output_attentions, apply_question_block
             )
             if output_hidden_states:
                 question_hidden_states += (question_states,)
@@ -724,7 +730,7 @@ class RWSANModel(RWSANPreTrainedModel):
         question_values_and_keys = self.image_encoder.project_question(question_states)
         for _ in range(self.config.num_sgrwsa_repeats):
             image_states, self_attentions, cross_attentions = self.image_encoder(
-                image_states, question_values_and_keys, image_bias, question_bias, output_attentions, image_block
+                image_states, question_values_and_keys, image_bias, question_bias, output_attentions, apply_image_block
             )
             if output_hidden_states:
                 image_hidden_states += (image_states,)
@@ -905,12 +911,14 @@ class RWSANForVQA(RWSANPreTrainedModel):
             + attention(regions, tokens, config.guided_attention_rank)
             + feed_forward(regions)
         )
+        # Each encoder pass applies its block three times.
         blocks = 3 * (config.num_srwsa_repeats * question_block + config.num_sgrwsa_repeats * image_block)
         # The guided attention's values and keys of the question, projected once for all applications.
         blocks += values_and_keys(tokens, config.guided_attention_rank)
         forward = lstm + blocks + flattening(tokens) + flattening(regions)
         forward += linear(1, config.flat_output_size, config.num_labels)
         image_projection = linear(regions, config.image_feature_size, hidden)
+        # The forward pass once and the backward pass, twice the forward.
         return batch_size * (3 * forward + 2 * image_projection)
 
 

@@ -515,9 +515,10 @@ class RWSANProcessor(ProcessorMixin):
                 `"longest"` pads questions and regions to the longest of the batch (questions to
                 `max_question_length` where one of them has no words, see below); `"max_length"` pads them to
                 `max_question_length` and `max_regions`, like the original. A question without words (all its
-                characters punctuation, or none) is all padding, over which the model's attention spreads
-                evenly: padded as the original pads every question, it gets the original's answer whatever its
-                batch. (Further padding changes no answer of a question with words.)
+                characters punctuation, or none) is all padding, and attention over it reads the padding
+                positions: padded as the original pads every question, it gets the same answer whatever its batch
+                (its logits still differ from the original's by a few thousandths, see `RWSANModel.forward`).
+                Further padding changes no answer of a question with words.
 
         Returns:
             [`BatchFeature`] with, for the inputs given:

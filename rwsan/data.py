@@ -42,6 +42,7 @@ class RegionFeatures:
     Arrow record batches of `images/`."""
 
     def __init__(self, images: pa.Table):
+        self.image_ids = images.column("image_id").to_numpy()
         features = images.column("features")
         self.feature_size = features.type.value_type.list_size
         self.blocks: list[np.ndarray] = []
@@ -78,7 +79,10 @@ class VQADataset(torch.utils.data.Dataset):
     def __init__(self, folder: Path, splits: list[str], max_question_length: int | None, max_regions: int | None):
         self.folder = folder
         self.splits = splits
-        self.processor = RWSANProcessor.from_pretrained(str(folder / "processor"))
+        try:
+            self.processor = RWSANProcessor.from_pretrained(str(folder / "processor"))
+        except (OSError, ValueError) as error:
+            raise _damaged(folder / "processor", error) from error
         # The cuts the data was prepared with, unless others are asked for.
         prepared = self.processor
         self.max_question_length = max_question_length or prepared.max_question_length
@@ -88,8 +92,9 @@ class VQADataset(torch.utils.data.Dataset):
                 f"The questions of {folder} were cut to {prepared.max_question_length} words when "
                 f"prepared; prepare them again with --max_question_length {self.max_question_length} to keep more"
             )
-        self._regions = RegionFeatures(load_from_disk(str(folder / "images")).data.table)
-        self._questions = [load_from_disk(str(folder / "questions" / split)).data.table for split in splits]
+        self._regions = RegionFeatures(_read_table(folder / "images"))
+        self._questions = [_read_table(folder / "questions" / split) for split in splits]
+        _check_question_counts(folder, splits, [table.num_rows for table in self._questions])
         annotated = ["label_ids" in table.column_names for table in self._questions]
         if len(set(annotated)) > 1:
             with_answers = [split for split, has_answers in zip(splits, annotated) if has_answers]
@@ -103,10 +108,34 @@ class VQADataset(torch.utils.data.Dataset):
         self.question_ids = self._column("question_id").to_numpy()
         self.image_ids = self._column("image_id").to_numpy()
         self._image_index = self._column("image_index").to_numpy()
+        self._check_image_rows()
         self.num_regions = np.minimum(self._regions.num_regions[self._image_index], self.max_regions)
         self._input_ids, self._question_lengths = self._padded_input_ids()
         if self.has_answers:
             self._label_ids, self._label_scores, self._label_offsets = self._sparse_labels()
+
+    def _check_image_rows(self):
+        """Each question's image row must hold its image: an images/ folder cut short, or one of another
+        preparation, would fail mid-epoch or, worse, give questions other images' features."""
+        images = self.folder / "images"
+        stored = self._regions.image_ids
+        beyond = np.flatnonzero((self._image_index < 0) | (self._image_index >= len(stored)))
+        if len(beyond):
+            first = beyond[0]
+            raise ValueError(
+                f"{images} holds {len(stored)} images, but question {self.question_ids[first]} refers to its row "
+                f"{self._image_index[first]}: images/ was cut short or comes from another preparation; prepare the "
+                "dataset again or copy it whole"
+            )
+        mismatched = np.flatnonzero(stored[self._image_index] != self.image_ids)
+        if len(mismatched):
+            first = mismatched[0]
+            raise ValueError(
+                f"question {self.question_ids[first]} is about image {self.image_ids[first]}, but row "
+                f"{self._image_index[first]} of {images} holds image {stored[self._image_index[first]]} "
+                f"({len(mismatched)} questions so): images/ comes from another preparation; prepare the dataset again "
+                "or copy it whole"
+            )
 
     def _column(self, name: str) -> pa.ChunkedArray:
         """A question column over all the splits."""
@@ -243,12 +272,70 @@ def load_vqa_dataset(
     return VQADataset(folder, splits, max_question_length, max_regions)
 
 
+def _damaged(path: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"{path} could not be read ({type(error).__name__}: {error}); the prepared dataset is damaged or incomplete: "
+        "prepare it again with data_scripts/prepare_vqa.py, or copy it whole"
+    )
+
+
+def _read_table(path: Path) -> pa.Table:
+    """A table saved by prepare_vqa, memory-mapped."""
+    try:
+        return load_from_disk(str(path)).data.table
+    except (OSError, ValueError) as error:
+        raise _damaged(path, error) from error
+
+
+def _read_report(folder: Path) -> dict:
+    """The folder's report.json; {} where there is none (a folder put together by hand)."""
+    path = folder / "report.json"
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise _damaged(path, error) from error
+    return report if isinstance(report, dict) else {}
+
+
+def _split_counts(folder: Path) -> dict[str, dict]:
+    """`{split: {"questions": in its raw file, "kept": prepared}}` as report.json records them, for the splits
+    whose record has that form."""
+    splits = _read_report(folder).get("splits")
+    if not isinstance(splits, dict):
+        return {}
+    return {
+        name: counts
+        for name, counts in splits.items()
+        if isinstance(counts, dict) and all(isinstance(counts.get(key), int) for key in ("questions", "kept"))
+    }
+
+
+def _check_question_counts(folder: Path, splits: list[str], num_rows: list[int]):
+    """A split holds the questions its preparation kept: prepare_vqa writes no empty split, and an Arrow file cut
+    at a record batch's end reads without an error, short of questions."""
+    recorded = _split_counts(folder)
+    for split, rows in zip(splits, num_rows):
+        path = folder / "questions" / split
+        if rows == 0:
+            raise ValueError(
+                f"{path} holds no questions, though prepare_vqa writes no empty split: prepare the dataset again, "
+                "or copy it whole"
+            )
+        kept = recorded.get(split, {}).get("kept")
+        if kept is not None and rows != kept:
+            raise ValueError(
+                f"{path} holds {rows} questions, but {folder / 'report.json'} records {kept} kept when it was "
+                "prepared: a file of it was cut short or replaced; prepare the dataset again, or copy it whole"
+            )
+
+
 def _why_skipped(folder: Path, splits: list[str]) -> str:
     """What report.json says of splits that preparation skipped (their questions file was absent, or none of their
     images had features), as the end of an error message."""
-    try:
-        skipped = json.loads((folder / "report.json").read_text())["skipped_splits"]
-    except (OSError, ValueError, KeyError, TypeError):
+    skipped = _read_report(folder).get("skipped_splits")
+    if not isinstance(skipped, dict):
         return ""
     return "".join(f"; {split} was skipped when prepared: {skipped[split]}" for split in splits if split in skipped)
 
@@ -257,14 +344,19 @@ def questions_left_out(folder: str | os.PathLike, split: str) -> dict[str, tuple
     """`{split: (questions left out, questions in its raw file)}` for each split of `split` (names joined with "+")
     that was prepared without some of its questions (`--allow_incomplete_eval_splits`, or a training split's
     unusable images), as the folder's report.json records it; {} without a report."""
-    try:
-        counts = json.loads((Path(folder) / "report.json").read_text())["splits"]
-        kept_of = {
-            name: (counts[name]["kept"], counts[name]["questions"]) for name in split.split("+") if name in counts
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    counts = _split_counts(Path(folder))
+    kept_of = {name: (counts[name]["kept"], counts[name]["questions"]) for name in split.split("+") if name in counts}
     return {name: (total - kept, total) for name, (kept, total) in kept_of.items() if kept < total}
+
+
+def _question_ids(items: list[dict]) -> np.ndarray:
+    given = [item["question_id"] for item in items]
+    ids = np.array(given)
+    # A float id would be rounded to another question's; numpy would take a bool among integers for 0 or 1.
+    integers = np.issubdtype(ids.dtype, np.integer) and not any(isinstance(id_, (bool, np.bool_)) for id_ in given)
+    if ids.shape != (len(items),) or not integers or not np.can_cast(ids.dtype, np.int64):
+        raise ValueError(f"question_id must be one integer (int64) an item, got {given[:5]!r}")
+    return ids
 
 
 def _padded_length(length: int, multiple: int | None) -> int:
@@ -401,9 +493,10 @@ class VQACollator:
             for row, features in enumerate(region_features):
                 arrays["image_features"][row, : len(features)] = features
                 arrays["image_features"][row, len(features) :] = 0
-        for key in ("labels", "question_id"):
-            if key in arrays:
-                np.stack([item[key] for item in items], out=arrays[key], casting="unsafe")
+        if has_labels:
+            np.stack([item["labels"] for item in items], out=arrays["labels"], casting="unsafe")
+        if has_question_ids:
+            arrays["question_id"][:] = _question_ids(items)
         if self.image_features_dtype is not None:
             batch["image_features"] = batch["image_features"].to(self.image_features_dtype)
         return batch

@@ -2,8 +2,10 @@ import inspect
 import json
 import pickle
 import re
+import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from conftest import RAW_IMAGES, raw_region_features, write_raw_vqa
@@ -133,6 +135,82 @@ def test_folder_that_is_not_prepared_is_refused(tmp_path):
     (tmp_path / "questions").mkdir()
     with pytest.raises(ValueError, match="is not a prepared VQA dataset: it has no images, processor folder"):
         load_vqa_dataset(tmp_path)
+
+
+def rewrite_table(folder, change):
+    """Rewrites the one Arrow file of a saved table as `change` makes it: a valid file, whatever it now holds."""
+    (path,) = folder.glob("*.arrow")
+    with pa.OSFile(str(path)) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    table = change(table)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def cut_file(folder, keep: float):
+    (path,) = folder.glob("*.arrow")
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            # What a copy cut at the end of a record batch reads as: a valid file, short of questions.
+            lambda folder: rewrite_table(folder / "questions" / "train", lambda table: table.slice(0, 20)),
+            r"questions/train holds 20 questions, but .*report.json records 24 kept when it was prepared",
+        ),
+        (
+            lambda folder: rewrite_table(folder / "questions" / "train", lambda table: table.slice(0, 0)),
+            r"questions/train holds no questions, though prepare_vqa writes no empty split",
+        ),
+        (
+            lambda folder: rewrite_table(folder / "images", lambda table: table.slice(0, 3)),
+            r"images holds 3 images, but question \d+ refers to its row \d+: images/ was cut short or comes from "
+            "another preparation",
+        ),
+        (
+            lambda folder: rewrite_table(
+                folder / "images", lambda table: table.take(list(range(table.num_rows))[::-1])
+            ),
+            r"question 90 is about image 9, but row 0 of .*images holds image \d+ \(\d+ questions so\): images/ comes "
+            "from another preparation",
+        ),
+        (
+            lambda folder: cut_file(folder / "images", 0.5),
+            r"images could not be read \(\w+: .*\); the prepared dataset is",
+        ),
+        (
+            lambda folder: (folder / "questions" / "val" / "dataset_info.json").write_text("{not json"),
+            r"questions/val could not be read \(JSONDecodeError: .*\); the prepared dataset is damaged or incomplete",
+        ),
+        (
+            lambda folder: (folder / "processor" / "processor_config.json").write_bytes(b"\xff\xfe{"),
+            r"processor could not be read \(\w+: .*\); the prepared dataset is damaged or incomplete",
+        ),
+        (
+            lambda folder: (folder / "report.json").write_text("{cut"),
+            r"report.json could not be read \(JSONDecodeError: .*\); the prepared dataset is damaged",
+        ),
+    ],
+    ids=[
+        "questions cut at a batch",
+        "empty split",
+        "images cut",
+        "images of another preparation",
+        "file cut",
+        "table metadata",
+        "processor",
+        "report",
+    ],
+)
+def test_a_damaged_folder_is_refused_with_the_part_to_blame(prepared_dir, tmp_path, damage, message):
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared_dir, copy)
+    load_vqa_dataset(copy, "train+val")
+    damage(copy)
+    with pytest.raises(ValueError, match=message):
+        load_vqa_dataset(copy, "train+val")
 
 
 def hand_items() -> list[dict]:
@@ -296,8 +374,13 @@ def test_collator_refuses_inconsistent_items():
             lambda item: item.update(input_ids=np.array([5.7, 6.2])),
             r"items\[0\]: input_ids must be a vector of integer token ids, got float64 of shape \(2,\)",
         ),
+        (
+            # Stored as int64, it would be another question's id.
+            lambda item: item.update(question_id=np.float64(12345678901.7)),
+            r"question_id must be one integer \(int64\) an item, got \[np.float64\(12345678901.7\), ",
+        ),
     ],
-    ids=["padded question", "padded image", "float token ids"],
+    ids=["padded question", "padded image", "float token ids", "float question id"],
 )
 def test_collator_refuses_items_it_would_mask_wrongly(change, message):
     """Padded items (the processor's with padding="max_length", the original's arrays) would have their padding

@@ -47,7 +47,7 @@ from data_scripts import make_toy_vqa as toy_data
 from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features
 from rwsan.evaluation import compute_vqa_accuracy
-from rwsan.predict import questions_left_out_warning, repeated_question_ids, write_predictions
+from rwsan.predict import check_each_question_once, questions_left_out_warning, write_predictions
 from rwsan.processing_rwsan import (
     RWSANProcessor,
     check_processor_fits_model,
@@ -250,14 +250,7 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     eval_dataset = load_annotated("--eval_split", data_args.eval_split, way_out) if evaluate else None
     predict_dataset = load("--predict_split", data_args.predict_split) if training_args.do_predict else None
     if predict_dataset is not None:
-        repeated = repeated_question_ids(predict_dataset.question_ids)
-        if repeated:
-            # Found before the prediction pass rather than by the predictions file after it.
-            raise ValueError(
-                f"--predict_split {data_args.predict_split}: {len(repeated)} questions are in more than one of its "
-                f"splits (e.g. {', '.join(map(str, repeated[:5]))}), and the predictions file answers each question "
-                "once: give one of them (test-dev is a part of test)"
-            )
+        check_each_question_once(predict_dataset.question_ids, f"--predict_split {data_args.predict_split}")
     return train_dataset, eval_dataset, predict_dataset
 
 

@@ -55,6 +55,19 @@ def repeated_question_ids(question_ids) -> list[int]:
     return [int(question_id) for question_id, count in Counter(np.asarray(question_ids).tolist()).items() if count > 1]
 
 
+def check_each_question_once(question_ids, split: str):
+    """Raises a `ValueError` where the joined splits `split` (named as the caller's option gives them) hold a
+    question more than once, which its predictions file cannot answer twice: checked before the prediction pass,
+    rather than by `write_predictions` after it."""
+    repeated = repeated_question_ids(question_ids)
+    if repeated:
+        raise ValueError(
+            f"{split}: {len(repeated)} questions are in more than one of its splits (e.g. "
+            f"{', '.join(map(str, repeated[:5]))}), and the predictions file answers each question once: give one of "
+            "them (test-dev is a part of test)"
+        )
+
+
 def write_predictions(
     question_ids: Sequence[int],
     answer_indices: Sequence[int],
@@ -206,6 +219,7 @@ def predict_split(
         check_same_vocabularies(processor, dataset.processor, "the model's", f"{dataset_dir} (prepared)")
     except ValueError as error:
         raise PredictionError(str(error)) from None
+    check_each_question_once(dataset.question_ids, f"split {split}")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -305,6 +319,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dataset_dir needs --output")
     if args.image is not None and args.plot is None:
         parser.error("--image is only used with --plot")
+    if args.plot is not None and not Path(args.plot).suffix:
+        # matplotlib would add ".png" to the name, and the file written would not be the one named.
+        parser.error("--plot needs a file name with an image extension (.png, .pdf, .svg, ...): it gives the format")
     for name in ("top_k", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

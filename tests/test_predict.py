@@ -245,6 +245,16 @@ def test_an_unwritable_output_is_refused_before_answering(toy_vqa, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_splits_that_share_questions_are_refused_before_answering(toy_vqa, toy_model_dir, tmp_path, monkeypatch):
+    """test-dev is a part of test: the predictions file could not answer its questions twice."""
+    monkeypatch.setattr(predict_module, "tqdm", lambda *args, **kwargs: pytest.fail("the split was answered"))
+    output = tmp_path / "p.json"
+    with pytest.raises(ValueError, match=r"^split test\+test-dev: \d+ questions are in more than one of its splits"):
+        run_main("--model", str(toy_model_dir), "--dataset_dir", str(toy_vqa), "--split", "test+test-dev",
+                 "--output", str(output))  # fmt: skip
+    assert not output.exists()
+
+
 def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_features_file, tmp_path):
     single = ["--question", "what color", "--features"]
     with pytest.raises(PredictionError, match=f"^model folder not found: {tmp_path / 'absent'}$"):
@@ -307,6 +317,8 @@ def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_
             "--image is only used with --plot",
         ),
         (["--features", "f.npz", "--question", "q", "--top_k", "0"], "--top_k must be at least 1"),
+        # matplotlib would write attention.png, and the name printed would not be the file's.
+        (["--features", "f.npz", "--question", "q", "--plot", "attention"], "--plot needs a file name with an image"),
         # options of the other mode would be ignored
         (["--dataset_dir", "d", "--output", "p.json", "--question", "q"], "--question is not used with --dataset_dir"),
         (["--dataset_dir", "d", "--output", "p.json", "--top_k", "3"], "--top_k is not used with --dataset_dir"),

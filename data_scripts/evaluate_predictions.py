@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, help="also write the accuracy dict (overall, perQuestionType, perAnswerType) to this file"
     )
     args = parser.parse_args(argv)
+    if args.json is not None and args.json.exists():
+        for option in ("predictions", "questions", "annotations"):
+            given = getattr(args, option)
+            if given.exists() and args.json.samefile(given):
+                parser.error(f"--json {args.json} is the --{option} file, which the accuracy would overwrite")
 
     try:
         predictions = _load_json(args.predictions, "predictions")

@@ -420,6 +420,18 @@ def test_script_errors_name_the_file(evaluation_script, small_files, tmp_path):
     )
 
 
+@pytest.mark.parametrize("option", ["predictions", "annotations"])
+def test_script_refuses_to_write_the_accuracy_over_an_input(evaluation_script, small_files, capsys, option):
+    kept = small_files[option].read_text()
+    with pytest.raises(SystemExit) as raised:
+        evaluation_script.main([*_arguments(small_files), "--json", str(small_files[option])])
+    assert raised.value.code == 2
+    assert f"--json {small_files[option]} is the --{option} file, which the accuracy would overwrite" in (
+        capsys.readouterr().err
+    )
+    assert small_files[option].read_text() == kept
+
+
 def test_script_main_returns_zero(evaluation_script, small_files, capsys):
     assert evaluation_script.main(_arguments(small_files)) == 0
     assert capsys.readouterr().out == SMALL_REPORT

@@ -70,6 +70,8 @@ from rwsan.training import (
 TOY_CACHE = Path(".cache") / "toy_vqa"
 # What a run writes of its predictions, and a run that trains nothing of its evaluation.
 RESULT_FILES = ("predictions_*.json", "logits_*.npy", "question_ids_*.npy", "evaluation_*.json")
+# Files a training run writes over: those of a saved model, and the run's own reports.
+REPLACED_FILES = ("config.json", "model.safetensors", "README.md", "metrics.json", "training_curves.png")
 
 # The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 1M parameters instead
 # of 19.5M) on the toy set, so that it trains on two CPU cores in minutes. The schedule keeps the paper's shape
@@ -606,9 +608,10 @@ def outputs_to_replace(
     model_args: ModelArguments, training_args: VQATrainingArguments, resumed_checkpoint: str | None
 ) -> list[Path]:
     """What a new training run deletes from its output folder with --overwrite_output_dir: an earlier run's
-    checkpoints, prediction and evaluation files. Without the option, checkpoints there refuse the run (the other
-    files are left), and so does the option where the model the run starts from lies among them. A resumed run
-    deletes nothing, and is refused where the folder holds checkpoints of another run than the one resumed."""
+    checkpoints, prediction and evaluation files. Without the option, checkpoints there refuse the run, and so do
+    files it would write over (`REPLACED_FILES`: another run's model, or a user's own README.md); the option too is
+    refused where the model the run starts from lies among the checkpoints. A resumed run deletes nothing, and is
+    refused where the folder holds checkpoints of another run than the one resumed."""
     if not training_args.do_train:
         return []
     output_dir = Path(training_args.output_dir)
@@ -631,6 +634,13 @@ def outputs_to_replace(
                 f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
                 "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
                 "--overwrite_output_dir (which deletes them), or choose another --output_dir"
+            )
+        replaced = [name for name in REPLACED_FILES if (output_dir / name).exists()]
+        if replaced:
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} holds {', '.join(replaced)}, which this run would write "
+                "over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace them, or "
+                "choose another --output_dir"
             )
         return []
     if model_args.model_name_or_path and Path(model_args.model_name_or_path).exists():

@@ -530,6 +530,26 @@ def test_a_new_run_into_a_folder_of_checkpoints_is_refused_unless_told_to_delete
     assert f"deleting checkpoint-40, predictions_test.json of an earlier run in {output}" in capsys.readouterr().err
 
 
+def test_a_new_run_does_not_write_over_a_model_or_files_in_its_folder_unless_told(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "README.md").write_text("my notes")
+    (output / "metrics.json").write_text("{}")
+    arguments = common_arguments(tiny_prepared_vqa, output, "--max_steps", "1", "--save_strategy", "no")
+    message = f"--output_dir {output} holds README.md, metrics.json, which this run would write over"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(arguments)
+    assert (output / "README.md").read_text() == "my notes" and not (output / "model.safetensors").exists()
+
+    train_vqa.main([*arguments, "--overwrite_output_dir"])
+    # Now the folder holds a trained model, which another run would replace too.
+    assert (output / "README.md").read_text().startswith("---")
+    with pytest.raises(train_vqa.UsageError, match="holds config.json, model.safetensors, README.md, metrics.json"):
+        train_vqa.main(arguments)
+
+
 @pytest.mark.parametrize("nothing_evaluated", [["--eval_strategy", "no"], ["--train_split", "train+val"]])
 def test_evaluation_loop_options_are_free_where_nothing_is_evaluated_or_answered(
     tiny_prepared_vqa, tmp_path, nothing_evaluated

@@ -487,6 +487,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "training questions",
         ),
         (
+            ["--per_device_train_batch_size", "1024", "--dataloader_drop_last", "true"],
+            "--train_split train has 210 questions, fewer than one batch of 1024 (1024 a process, 1 processes), "
+            "which --dataloader_drop_last drops: nothing would be trained",
+        ),
+        (
             ["--eval_split", "nosuch"],
             "--eval_split nosuch: Unknown split 'nosuch' in 'nosuch'; .* has test, test-dev, train, val; give "
             "--eval_split a split of the dataset, or --eval_strategy no to train without evaluating",

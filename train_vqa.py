@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None):
         plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
         provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
         # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
-        model_id = getattr(trainer, "hub_model_id", None) or output_dir.name
+        model_id = getattr(trainer, "hub_model_id", None) or output_dir.resolve().name
         # The toy set is no hub dataset: the card names none.
         datasets = () if toy else ("vqa_v2",)
         evaluated_split = data_args.eval_split if eval_dataset is not None else None

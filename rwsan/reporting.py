@@ -130,7 +130,7 @@ It answers questions about an image from its precomputed bottom-up-attention reg
 from transformers import pipeline
 
 # With `pip install rwsan` and `import rwsan`: pipeline("vqa-features", model=...), without remote code.
-answer = pipeline(model="{model_id or Path(output_dir).name}", trust_remote_code=True)
+answer = pipeline(model="{model_id or Path(output_dir).resolve().name}", trust_remote_code=True)
 # features: a (regions, {config.image_feature_size}) array, or the path of a per-image .npz
 answer({{"question": "what color is the cube?", "image_features": features}})
 ```

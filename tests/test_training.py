@@ -834,6 +834,17 @@ def test_the_model_card_lists_the_accuracies_and_marks_a_missing_one(tmp_path):
     assert 'pipeline(model="user/rwsan", trust_remote_code=True)' in card
 
 
+def test_the_model_card_of_the_current_folder_loads_the_folder_by_its_name(tmp_path, monkeypatch):
+    from rwsan import RWSANConfig
+    from rwsan.reporting import write_model_card
+
+    folder = tmp_path / "my-rwsan"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    card = write_model_card(".", RWSANConfig(vocab_size=40), "trained here.").read_text()
+    assert 'pipeline(model="my-rwsan", trust_remote_code=True)' in card
+
+
 def test_the_trainer_schedule_replaces_the_paper_schedule_when_asked(tiny_prepared_vqa, tmp_path):
     output = tmp_path / "run"
     run_training(

@@ -216,6 +216,9 @@ def plot_attention(
     boxes = np.asarray(boxes, dtype=np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
         raise ValueError(f"boxes must be a (num_regions, 4) array with at least one region, got shape {boxes.shape}")
+    not_finite = np.flatnonzero(~np.isfinite(boxes).all(axis=1))
+    if len(not_finite):
+        raise ValueError(f"boxes must be finite; the boxes of regions {not_finite[:5].tolist()} are not")
     region_weights = _weights_array("region_weights", region_weights)
     _check_same_length("boxes", boxes, "region_weights", region_weights)
     word_weights = _weights_array("word_weights", word_weights)

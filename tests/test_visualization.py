@@ -143,6 +143,8 @@ def test_warnings_of_the_answers_are_shown():
         ({"boxes": BOXES[:, :3]}, r"boxes must be a \(num_regions, 4\) array with at least one region, got shape "
          r"\(5, 3\)"),
         ({"boxes": BOXES[:4]}, "boxes has 4 entries but region_weights has 5"),
+        ({"boxes": np.where(np.arange(5)[:, None] == 2, np.nan, BOXES)},
+         r"boxes must be finite; the boxes of regions \[2\] are not"),
         ({"words": WORDS[:4]}, "words has 4 entries but word_weights has 5"),
         ({"region_weights": [0.1, -0.2, 0.3, 0.4, 0.4]}, "region_weights must be finite and non-negative"),
         ({"word_weights": [0.1, np.nan, 0.3, 0.4, 0.4]}, "word_weights must be finite and non-negative"),

@@ -529,13 +529,10 @@ class ResumeRecord(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": attributes}
 
     @staticmethod
-    def recorded_in(checkpoint: str | os.PathLike) -> dict[str, Any]:
-        """What `checkpoint` recorded: its `state()` attributes, those it has (a checkpoint saved before a record
-        was kept lacks it, and is resumed unchecked)."""
-        state_file = Path(checkpoint) / "trainer_state.json"
-        if not state_file.is_file():
-            return {}
-        records = TrainerState.load_from_json(str(state_file)).stateful_callbacks
+    def recorded_in(state: TrainerState) -> dict[str, Any]:
+        """What a checkpoint's state recorded: its `state()` attributes, those it has (a checkpoint saved before a
+        record was kept lacks it, and is resumed unchecked)."""
+        records = state.stateful_callbacks
         # Named EpochLengthRecord before it kept the optimizer's options.
         record = records.get(ResumeRecord.__name__) or records.get("EpochLengthRecord") or {}
         return {name: value for name, value in record.get("attributes", {}).items() if value is not None}
@@ -554,8 +551,9 @@ class VQATrainer(Trainer):
         self.resume_record = ResumeRecord()
         self.add_callback(self.resume_record)
         self.resumed_checkpoint = None
-        # What the checkpoint resumed recorded (`ResumeRecord.recorded_in`), read once `train` is called.
+        # What the checkpoint resumed recorded (`ResumeRecord.recorded_in`) and its step, read once `train` is called.
         self.resumed_record: dict[str, Any] = {}
+        self.resumed_step = 0
         self.region_sampler: RegionGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
         # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
@@ -651,7 +649,12 @@ class VQATrainer(Trainer):
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
         options = _optimizer_options(self.args)
-        self.resumed_record = ResumeRecord.recorded_in(self.resumed_checkpoint) if self.resumed_checkpoint else {}
+        state_file = Path(self.resumed_checkpoint or "") / "trainer_state.json"
+        resumed_state = (
+            TrainerState.load_from_json(str(state_file)) if self.resumed_checkpoint and state_file.is_file() else None
+        )
+        self.resumed_record = ResumeRecord.recorded_in(resumed_state) if resumed_state else {}
+        self.resumed_step = resumed_state.global_step if resumed_state else 0
         saved_options = self.resumed_record.get("optimizer_options", {})
         # Resumed from a checkpoint that did not record them, the optimizer's options are its unknown ones.
         unknown = self.resumed_checkpoint is not None and not saved_options
@@ -687,6 +690,14 @@ class VQATrainer(Trainer):
                 "another epoch, skipping or repeating data, and the learning-rate schedule would be misplaced. "
                 "Resume with the batch size, number of processes, gradient accumulation and training split the run "
                 "was started with."
+            )
+        max_steps = values[6]
+        if self.resumed_checkpoint is not None and self.resumed_step >= max_steps:
+            # The Trainer would train no step and save the checkpoint's model as this run's, with a loss of 0.
+            raise ResumeError(
+                f"{self.resumed_checkpoint} was saved at step {self.resumed_step}, where this run ends (step "
+                f"{max_steps}, from --num_train_epochs or --max_steps): nothing is left to train; give more epochs "
+                "or steps to go on."
             )
         return values
 

@@ -241,6 +241,12 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
         message=re.escape(f"--output_dir {other_run} holds checkpoints (checkpoint-14), and --resume_from_checkpoint"),
     )  # fmt: skip
     assert (other_run / "checkpoint-14" / "model.safetensors").read_bytes() == b"another run's weights"
+    # The Trainer would train no step and save the checkpoint's model with a training loss of 0.
+    with pytest.raises(train_vqa.UsageError, match=re.escape(
+        f"{checkpoint} was saved at step 14, where this run ends (step 14, from --num_train_epochs or --max_steps): "
+        "nothing is left to train"
+    )):  # fmt: skip
+        train_vqa.main([*arguments, "--num_train_epochs", "1", "--resume_from_checkpoint", "last"])
     refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
     (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
     refused("--resume_from_checkpoint", "last", message=f"{re.escape(str(checkpoint))} is no checkpoint saved whole")

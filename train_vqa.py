@@ -513,6 +513,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             "--glove_path initialises the word embedding of a new model; with --model_name_or_path it would "
             "overwrite the trained one"
         )
+    for option in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        # The DataLoader would refuse it only when first built: the evaluation's, after an epoch of training.
+        if getattr(training_args, option) < 1:
+            raise UsageError(f"--{option} must be at least 1, got {getattr(training_args, option)}")
     if data_args.pad_to_multiple_of is not None and data_args.pad_to_multiple_of < 1:
         raise UsageError(f"--pad_to_multiple_of must be at least 1, got {data_args.pad_to_multiple_of}")
     if training_args.cuda_graphs and data_args.pad_to_multiple_of is None:

@@ -492,6 +492,7 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "--eval_split val+train shares train with --train_split train: its accuracy would be measured partly on "
             "training questions",
         ),
+        (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
         (
             ["--per_device_train_batch_size", "1024", "--dataloader_drop_last", "true"],
             "--train_split train has 210 questions, fewer than one batch of 1024 (1024 a process, 1 processes), "

@@ -618,16 +618,19 @@ def check_resumed_model(model: RWSANForVQA, checkpoint: str) -> None:
 def outputs_to_replace(
     model_args: ModelArguments, training_args: VQATrainingArguments, resumed_checkpoint: str | None
 ) -> list[Path]:
-    """What a new training run deletes from its output folder with --overwrite_output_dir: an earlier run's
-    checkpoints, prediction and evaluation files. Without the option, checkpoints there refuse the run, and so do
-    files it would write over (`REPLACED_FILES`: another run's model, or a user's own README.md); the option too is
-    refused where the model the run starts from lies among the checkpoints. A resumed run deletes nothing, and is
-    refused where the folder holds checkpoints of another run than the one resumed."""
+    """What a training run deletes from its output folder with --overwrite_output_dir: an earlier run's prediction
+    and evaluation files, which the model it saves would not give (and --push_to_hub would upload with it), and, but
+    in a resumed run, the earlier run's checkpoints. Without the option, those refuse the run, and so do files it
+    would write over (`REPLACED_FILES`: another run's model, or a user's own README.md). The option is refused where
+    the model the run starts from lies among the checkpoints it deletes; a resumed run is refused where the folder
+    holds checkpoints of another run than the one resumed."""
     if not training_args.do_train:
         return []
     output_dir = Path(training_args.output_dir)
     earlier_outputs = earlier_run_outputs(output_dir)
     earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
+    earlier_results = [path for path in earlier_outputs if path.is_file()]
+    overwrite = training_args.overwrite_output_dir
     if resumed_checkpoint is not None:
         if earlier_checkpoints and Path(resumed_checkpoint).resolve().parent != output_dir.resolve():
             raise UsageError(
@@ -637,8 +640,8 @@ def outputs_to_replace(
                 "checkpoint's own folder (--resume_from_checkpoint last there), or into an --output_dir without "
                 "checkpoints"
             )
-        return []
-    if not training_args.overwrite_output_dir:
+        replaced = earlier_results
+    elif not overwrite:
         if earlier_checkpoints:
             raise UsageError(
                 f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
@@ -646,23 +649,30 @@ def outputs_to_replace(
                 "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
                 "--overwrite_output_dir (which deletes them), or choose another --output_dir"
             )
-        replaced = [name for name in REPLACED_FILES if (output_dir / name).exists()]
-        if replaced:
+        written_over = [name for name in REPLACED_FILES if (output_dir / name).exists()]
+        if written_over:
             raise UsageError(
-                f"--output_dir {training_args.output_dir} holds {', '.join(replaced)}, which this run would write "
-                "over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace them, or "
-                "choose another --output_dir"
+                f"--output_dir {training_args.output_dir} holds {', '.join(written_over)}, which this run would "
+                "write over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace "
+                "them, or choose another --output_dir"
             )
-        return []
-    if model_args.model_name_or_path and Path(model_args.model_name_or_path).exists():
-        model_folder = Path(model_args.model_name_or_path).resolve()
-        for path in earlier_outputs:
-            if model_folder.is_relative_to(path.resolve()):
-                raise UsageError(
-                    f"--model_name_or_path {model_args.model_name_or_path} is {path.name} of --output_dir, which "
-                    "--overwrite_output_dir deletes: give another --output_dir"
-                )
-    return earlier_outputs
+    else:
+        if model_args.model_name_or_path and Path(model_args.model_name_or_path).exists():
+            model_folder = Path(model_args.model_name_or_path).resolve()
+            for path in earlier_outputs:
+                if model_folder.is_relative_to(path.resolve()):
+                    raise UsageError(
+                        f"--model_name_or_path {model_args.model_name_or_path} is {path.name} of --output_dir, which "
+                        "--overwrite_output_dir deletes: give another --output_dir"
+                    )
+        replaced = earlier_outputs
+    if earlier_results and not overwrite:
+        raise UsageError(
+            f"--output_dir {training_args.output_dir} holds {', '.join(path.name for path in earlier_results)} of "
+            "an earlier model, which the model this run saves would not give (and --push_to_hub would upload them "
+            "with it): give --overwrite_output_dir to delete them, or move them away"
+        )
+    return replaced if overwrite else []
 
 
 def final_evaluation(trainer: VQATrainer) -> dict[str, float]:

@@ -247,6 +247,13 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
         "nothing is left to train"
     )):  # fmt: skip
         train_vqa.main([*arguments, "--num_train_epochs", "1", "--resume_from_checkpoint", "last"])
+    # Extending a finished run: its predictions would lie beside another model than theirs.
+    (output / "predictions_val.json").write_text("[]")
+    refused(
+        "--resume_from_checkpoint", "last",
+        message=re.escape(f"--output_dir {output} holds predictions_val.json of an earlier model"),
+    )  # fmt: skip
+    (output / "predictions_val.json").unlink()
     refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
     (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
     refused("--resume_from_checkpoint", "last", message=f"{re.escape(str(checkpoint))} is no checkpoint saved whole")
@@ -260,7 +267,11 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
         "--resume_from_checkpoint", "last", "--per_device_train_batch_size", "8",
         message="was trained with 14 optimizer steps an epoch, but this run makes 27",
     )  # fmt: skip
-    train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last", "--learning_rate", "1"])
+    # --overwrite_output_dir deletes the earlier predictions, and no checkpoint of the resumed run.
+    (output / "predictions_val.json").write_text("[]")
+    train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last", "--learning_rate", "1",
+                    "--overwrite_output_dir"])  # fmt: skip
+    assert not (output / "predictions_val.json").exists() and checkpoint.is_dir()
     saved = json.loads((output / "checkpoint-28" / "trainer_state.json").read_text())
     assert saved["global_step"] == 28
     # The optimizer kept the checkpoint's unrecorded rate, not the 1 given: its options are not recorded either.
@@ -572,7 +583,7 @@ def test_evaluation_loop_options_are_free_where_nothing_is_evaluated_or_answered
     assert "train_loss" in train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
 
 
-def test_earlier_predictions_are_kept_unless_told_and_a_starting_checkpoint_is_never_deleted(
+def test_earlier_predictions_refuse_a_new_run_unless_told_and_a_starting_checkpoint_is_never_deleted(
     tiny_prepared_vqa, tmp_path
 ):
     import train_vqa
@@ -581,8 +592,10 @@ def test_earlier_predictions_are_kept_unless_told_and_a_starting_checkpoint_is_n
     output.mkdir()
     (output / "predictions_test.json").write_text("[]")
     arguments = ["--max_steps", "1", "--save_strategy", "no", "--eval_strategy", "no"]
-    train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments))
-    assert (output / "predictions_test.json").exists()
+    message = f"--output_dir {output} holds predictions_test.json of an earlier model, which the model this run saves"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments))
+    assert (output / "predictions_test.json").read_text() == "[]"
 
     # Fine-tuning a checkpoint of the folder into the folder, with the option that deletes its checkpoints.
     train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "first", *arguments))

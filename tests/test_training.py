@@ -718,6 +718,12 @@ def test_kept_logits_leave_the_answers_of_the_float32_logits_through_train_vqa(t
     assert (logits[:, 0] == logits[:, 1]).all()
     answers = {item["answer"] for item in json.loads((tmp_path / "run" / "predictions_val.json").read_text())}
     assert answers == {processor.id2label[1]}
+    # Predicted again without --save_logits, the folder's logits would lie beside other answers.
+    without_logits = [argument for argument in arguments if argument != "--save_logits"]
+    message = "holds logits_val.npy, question_ids_val.npy of an earlier prediction, which the new predictions_val.json"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *without_logits))
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "logits_val.npy"), logits)
 
 
 def test_kept_logits_leave_the_answers_of_the_float32_logits():

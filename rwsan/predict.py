@@ -134,11 +134,17 @@ def _integer_vector(name: str, values) -> np.ndarray:
 
 
 def check_writable(path: str | os.PathLike) -> None:
-    """Raises a `PredictionError` unless a file can be written at `path`, its missing parent folders made. Nothing is
-    made here: a run that fails before writing leaves nothing behind."""
+    """Raises a `PredictionError` unless a file can be written at `path`, its missing parent folders made, and
+    unless a file there is an earlier predictions file (a mistyped path could name a model's config.json). Nothing
+    is made here: a run that fails before writing leaves nothing behind."""
     path = Path(path).absolute()
     if path.is_dir():
         raise PredictionError(f"{path} is a folder; name the file to write, e.g. {path / 'predictions.json'}")
+    if path.is_file() and not _is_predictions_file(path):
+        raise PredictionError(
+            f"{path} exists and is no predictions file ([{{question_id, answer}}, ...]), which would replace it; "
+            "name another file"
+        )
     existing = next(folder for folder in path.parents if folder.exists())
     if not existing.is_dir():
         raise PredictionError(f"cannot write {path}: {existing} is a file, not a folder")
@@ -151,6 +157,16 @@ def check_writable(path: str | os.PathLike) -> None:
             pass
     except OSError as error:
         raise PredictionError(f"cannot write {path}: {error}") from None
+
+
+def _is_predictions_file(path: Path) -> bool:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, list) and all(
+        isinstance(item, dict) and item.keys() == {"question_id", "answer"} for item in content
+    )
 
 
 def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple[RWSANForVQA, RWSANProcessor]:

@@ -239,6 +239,17 @@ def test_an_unwritable_output_is_refused_before_answering(toy_vqa, tmp_path):
     with pytest.raises(PredictionError, match=f"^cannot write {output}: {a_file} is a file, not a folder$"):
         run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(output))
     assert a_file.read_text() == "kept"
+    # Only an earlier predictions file is replaced: a mistyped path could name a model's config.
+    not_predictions = tmp_path / "config.json"
+    not_predictions.write_text('{"hidden_size": 512}')
+    message = rf"^{not_predictions} exists and is no predictions file \(\[\{{question_id"
+    with pytest.raises(PredictionError, match=message):
+        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(not_predictions))
+    assert not_predictions.read_text() == '{"hidden_size": 512}'
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('[{"question_id": 1, "answer": "yes"}]')
+    with pytest.raises(PredictionError, match="^model folder not found"):
+        run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(earlier))
     # A writable place passes the check; its missing folders are made only when the answers are written.
     with pytest.raises(PredictionError, match="^model folder not found"):
         run_main("--model", absent_model, "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "new" / "p.json"))

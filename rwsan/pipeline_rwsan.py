@@ -87,10 +87,16 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"region feature file not found: {path}")
     try:
-        archive = np.load(path)
-        if isinstance(archive, np.ndarray):
-            raise ValueError("it holds a single array, not an .npz archive")
-        with archive:
+        with open(path, "rb") as handle:
+            start = handle.read(6)
+        # np.load takes any other file for a pickle, and says so: a photo given by mistake would read as one.
+        if not start.startswith(b"PK"):
+            raise ValueError(
+                "it holds a single array, not an .npz archive"
+                if start == b"\x93NUMPY"
+                else f"it is no .npz archive (a zip file), but starts with the bytes {start!r}"
+            )
+        with np.load(path) as archive:
             arrays = {name: archive[name] for name in ("x", "bbox", "image_w", "image_h") if name in archive}
             has_size = "image_w" in arrays and "image_h" in arrays
             # item(): some feature extractors store the sizes as one-element arrays.

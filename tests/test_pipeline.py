@@ -343,6 +343,11 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
     garbage.write_bytes(b"not a zip archive")
     with pytest.raises(ValueError, match=f"^input: cannot read the region feature file {garbage}: "):
         ask(garbage)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    message = rf"^input: cannot read the region feature file {photo}: it is no .npz archive \(a zip file\), but starts"
+    with pytest.raises(ValueError, match=message):
+        ask(photo)
     single_array = tmp_path / "single.npy"
     np.save(single_array, region_features(2, seed=0))
     with pytest.raises(ValueError, match="it holds a single array, not an .npz archive"):

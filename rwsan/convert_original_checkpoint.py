@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -81,9 +82,12 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         # weights_only: a checkpoint must not be able to run code while it is read.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint of tensors ({type(error).__name__}: {error})"
-        ) from error
+        detail = f"{type(error).__name__}: {error}"
+        if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in str(error):
+            # torch's message goes on to advise weights_only=False, which would let the file run code.
+            refused = str(error).split("WeightsUnpickler error:")[1].split("Check the documentation")[0]
+            detail = f"it is no pickle of tensors alone: {' '.join(refused.split())}"
+        raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint of tensors ({detail})") from error
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(

@@ -145,6 +145,9 @@ def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], path="c
 
 
 def _read_answer_dict(path: str | os.PathLike, num_answers: int) -> dict[int, str]:
+    if not isinstance(path, (str, os.PathLike)):
+        # An error naming the object as the file would print all of its answers.
+        raise TypeError(f"answer_dict must be the path of the original answer_dict.json, got a {type(path).__name__}")
     try:
         with open(path, encoding="utf-8") as file:
             answer_to_index, index_to_answer = json.load(file)

@@ -184,6 +184,13 @@ def test_answer_dict_whose_two_halves_disagree_is_refused(tmp_path, golden):
         load_original_checkpoint(checkpoint, answer_dict)
 
 
+def test_answer_dict_must_be_given_as_its_file(tmp_path, golden):
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    loaded = [{"yes": 0}, {"0": "yes"}]
+    with pytest.raises(TypeError, match="^answer_dict must be the path of the original answer_dict.json, got a list$"):
+        load_original_checkpoint(checkpoint, loaded)
+
+
 def test_answer_dict_of_the_wrong_size(tmp_path, golden):
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     answer_dict = tmp_path / "answers.json"

@@ -181,6 +181,10 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple
     ):
         if not (model_dir / file_name).is_file():
             raise PredictionError(f"{model_dir} has no {file_name}; save one there with {saved_by}({model_dir})")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch built without CUDA asserts
+        raise PredictionError(f"cannot use the device {device!r}: {error}") from None
     model = RWSANForVQA.from_pretrained(model_dir).to(device).eval()
     processor = RWSANProcessor.from_pretrained(model_dir)
     try:

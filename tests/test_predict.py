@@ -278,6 +278,11 @@ def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_featur
     RWSANForVQA.from_pretrained(toy_model_dir).save_pretrained(model_only)
     with pytest.raises(PredictionError, match=r"has no processor_config.json; save one there with processor"):
         run_main("--model", str(model_only), *single, str(toy_features_file))
+    if not torch.cuda.is_available():
+        with pytest.raises(PredictionError, match="^cannot use the device 'cuda': "):
+            main(["--model", str(toy_model_dir), *single, str(toy_features_file), "--device", "cuda"])
+    with pytest.raises(PredictionError, match="^cannot use the device 'tpu': "):
+        main(["--model", str(toy_model_dir), *single, str(toy_features_file), "--device", "tpu"])
     with pytest.raises(PredictionError, match=f"^features file not found: {tmp_path / 'absent.npz'}$"):
         run_main("--model", str(toy_model_dir), *single, str(tmp_path / "absent.npz"))
     with pytest.raises(PredictionError, match=f"^image file not found: {tmp_path / 'absent.jpg'}$"):

@@ -861,6 +861,11 @@ class RWSANForVQA(RWSANPreTrainedModel):
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"labels must have the shape (batch_size, num_labels) of the logits, {tuple(logits.shape)}, got "
+                    f"{tuple(labels.shape)}"
+                )
             loss = (
                 F.binary_cross_entropy_with_logits(
                     logits.float(), labels.to(logits.device, torch.float32), reduction="sum"

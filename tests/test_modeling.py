@@ -259,6 +259,9 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
          r"got input_ids \(3, 0\) and image_features \(3, 7, 24\)$"),
         (lambda ids, features: (ids, features[:, :0], {}), r"got input_ids \(3, 6\) and image_features \(3, 0, 24\)$"),
         (lambda ids, features: (ids[:0], features[:0], {}), r"got input_ids \(0, 6\) and image_features \(0, 7, 24\)$"),
+        # Broadcast, one answer's scores would stand for every question's.
+        (lambda ids, features: (ids, features, {"labels": torch.zeros(1, 9)}),
+         r"^labels must have the shape \(batch_size, num_labels\) of the logits, \(3, 9\), got \(1, 9\)$"),
     ],
     ids=[
         "attention_mask (B, 1)",
@@ -273,6 +276,7 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
         "no token positions",
         "no region positions",
         "no questions",
+        "labels (1, A)",
     ],
 )  # fmt: skip
 def test_mis_shaped_inputs_are_refused_by_name(tiny_model, change, message):

@@ -371,12 +371,14 @@ def main(argv: list[str] | None = None):
         model, processor, args.features, args.question, args.top_k, output_attentions=args.plot is not None
     )
     answers = result["answers"] if args.plot is not None else result
+    if args.plot is not None:
+        # Before the answers are printed: a plot that cannot be drawn fails the command, which prints nothing then.
+        save_attention_plot(result, args.plot, args.image)
     for rank, answer in enumerate(answers, start=1):
         print(f"{rank}. {answer['answer']}\t{answer['score']:.4f}")
     if "warning" in answers[0]:
         print(f"warning: {answers[0]['warning']}")
     if args.plot is not None:
-        save_attention_plot(result, args.plot, args.image)
         print(f"Wrote {args.plot}")
 
 

@@ -174,6 +174,16 @@ def test_the_plot_is_drawn_on_the_photo(toy_model_dir, toy_features_file, tmp_pa
     np.testing.assert_allclose(boxes, stored_boxes[: len(boxes)] * scale, rtol=1e-6)
 
 
+def test_a_plot_of_features_without_boxes_fails_before_any_answer_is_printed(toy_model_dir, toy_features_file,
+                                                                             tmp_path, capsys):  # fmt: skip
+    without_boxes = tmp_path / "no_boxes.npz"
+    np.savez(without_boxes, x=np.load(toy_features_file)["x"])
+    with pytest.raises(PredictionError, match="^the features file has no 'bbox' array: the regions cannot be drawn$"):
+        run_main("--model", str(toy_model_dir), "--features", str(without_boxes), "--question", "what color",
+                 "--plot", str(tmp_path / "p.png"))  # fmt: skip
+    assert capsys.readouterr().out == "" and not (tmp_path / "p.png").exists()
+
+
 def test_a_question_of_unknown_words_prints_the_warning(toy_model_dir, toy_features_file, capsys):
     run_main("--model", str(toy_model_dir), "--features", str(toy_features_file), "--question", "Xylophone?")
     last_line = capsys.readouterr().out.splitlines()[-1]

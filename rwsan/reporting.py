@@ -20,19 +20,25 @@ CITATION = """@article{qin2022rwsan,
 ANSWER_TYPES = ("yes/no", "number", "other")
 
 
+def _say_on(axis, text: str):
+    axis.text(0.5, 0.5, text, ha="center", transform=axis.transAxes)
+
+
 def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     """Training loss, learning rate and val VQA accuracy against epochs, from `trainer.state.log_history`."""
     training = [entry for entry in log_history if "loss" in entry and "epoch" in entry]
     evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
     figure, (loss_axis, rate_axis, accuracy_axis) = plt.subplots(1, 3, figsize=(15, 4))
 
-    loss_axis.plot([entry["epoch"] for entry in training], [entry["loss"] for entry in training])
+    # Markers: a line of one logged point draws nothing.
+    loss_axis.plot([entry["epoch"] for entry in training], [entry["loss"] for entry in training], ".-")
     loss_axis.set(title="training loss", xlabel="epoch", ylabel="BCE (summed over answers)")
-    rate_axis.plot(
-        [entry["epoch"] for entry in training if "learning_rate" in entry],
-        [entry["learning_rate"] for entry in training if "learning_rate" in entry],
-    )
+    rates = [entry for entry in training if "learning_rate" in entry]
+    rate_axis.plot([entry["epoch"] for entry in rates], [entry["learning_rate"] for entry in rates], ".-")
     rate_axis.set(title="learning rate", xlabel="epoch")
+    for axis, logged in ((loss_axis, training), (rate_axis, rates)):
+        if not logged:
+            _say_on(axis, "nothing logged: the run had fewer steps than --logging_steps")
     rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     epochs = [entry["epoch"] for entry in evaluations]
     accuracy_axis.plot(epochs, [entry["eval_accuracy"] for entry in evaluations], "o-", label="overall")
@@ -44,7 +50,7 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     if evaluations:
         accuracy_axis.legend()
     else:
-        accuracy_axis.text(0.5, 0.5, "no evaluation split", ha="center", transform=accuracy_axis.transAxes)
+        _say_on(accuracy_axis, "no evaluation split")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)

@@ -860,6 +860,22 @@ def test_the_model_card_lists_the_accuracies_and_marks_a_missing_one(tmp_path):
     assert 'pipeline(model="user/rwsan", trust_remote_code=True)' in card
 
 
+def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged(tmp_path, monkeypatch):
+    from rwsan import reporting
+
+    figures = []
+    monkeypatch.setattr(reporting.plt, "close", figures.append)
+    reporting.plot_training_history([{"loss": 2.0, "learning_rate": 1e-4, "epoch": 0.5}], tmp_path / "one.png")
+    loss_axis, rate_axis, accuracy_axis = figures[0].axes
+    assert [line.get_marker() for line in loss_axis.lines + rate_axis.lines] == [".", "."]
+    assert [text.get_text() for text in accuracy_axis.texts] == ["no evaluation split"]
+    # A run shorter than --logging_steps logs no training loss.
+    reporting.plot_training_history([], tmp_path / "none.png")
+    assert [text.get_text() for axis in figures[1].axes[:2] for text in axis.texts] == [
+        "nothing logged: the run had fewer steps than --logging_steps"
+    ] * 2
+
+
 def test_the_model_card_of_the_current_folder_loads_the_folder_by_its_name(tmp_path, monkeypatch):
     from rwsan import RWSANConfig
     from rwsan.reporting import write_model_card

@@ -465,9 +465,13 @@ class RWSANProcessor(ProcessorMixin):
         asks for sentencepiece."""
         folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         if folder.is_dir() and not (folder / PROCESSOR_NAME).is_file():
+            # A prepared dataset keeps its processor in a folder of its own.
+            if (folder / "processor" / PROCESSOR_NAME).is_file():
+                advice = f"its processor is in {folder / 'processor'}"
+            else:
+                advice = f"save one there with processor.save_pretrained({str(folder)!r})"
             raise OSError(
-                f"{folder} has no {PROCESSOR_NAME}, so no RWSANProcessor to load (a model saved without it?); save "
-                f"one there with processor.save_pretrained({str(folder)!r})"
+                f"{folder} has no {PROCESSOR_NAME}, so no RWSANProcessor to load (a model saved without it?); {advice}"
             )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

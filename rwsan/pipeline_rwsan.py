@@ -127,7 +127,7 @@ class RWSANVQAPipeline(Pipeline):
     model (`RWSANForVQA`) and its `RWSANProcessor`. A processor that does not fit the model (other answers, question
     tokens or feature size: see `check_processor_fits_model`) is refused with a `ValueError`.
 
-    An input is a dict:
+    An input is a dict (or, for one input, the same given as keywords: `vqa(question=..., image_features=...)`):
     - `"question"` (`str`);
     - `"image_features"`: the image's `(num_regions, feature_size)` region features (numpy array or torch
       tensor), or the path of a `.npz` file in the original release's layout (see [`load_region_file`]), whose
@@ -176,7 +176,17 @@ class RWSANVQAPipeline(Pipeline):
             )
         check_processor_fits_model(self.processor, self.model.config)
 
-    def __call__(self, inputs, **kwargs):
+    def __call__(self, inputs=None, **kwargs):
+        given = {key: kwargs.pop(key) for key in INPUT_KEYS if key in kwargs}
+        if given:
+            if inputs is not None:
+                raise ValueError(
+                    f"the input is given twice: as {type(inputs).__name__} and by the keywords "
+                    f"{', '.join(given)}; give one"
+                )
+            inputs = given
+        if inputs is None:
+            raise ValueError("no input: give a dict with 'question' and 'image_features', or those two keywords")
         if isinstance(inputs, list):
             if not inputs:
                 raise ValueError("The list of inputs is empty.")

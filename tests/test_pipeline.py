@@ -129,6 +129,12 @@ def test_single_input_gives_the_model_answers_on_the_processor_outputs(vqa, mode
     # top_k defaults to 5; numpy's integers are integers.
     assert vqa({"question": question, "image_features": features}) == result[:5]
     assert vqa({"question": question, "image_features": features}, top_k=np.int64(2)) == result[:2]
+    # One input by keywords, as transformers' visual-question-answering pipeline takes its question and image.
+    assert vqa(question=question, image_features=features, top_k=2) == result[:2]
+    with pytest.raises(ValueError, match="^the input is given twice: as dict and by the keywords image_features; "):
+        vqa({"question": question, "image_features": features}, image_features=features)
+    with pytest.raises(ValueError, match="^no input: give a dict with 'question' and 'image_features', or those two"):
+        vqa(top_k=2)
 
 
 def test_tensors_and_feature_files_in_either_layout_give_the_same_answers(vqa, tmp_path):

@@ -32,6 +32,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.arguments import require_at_least  # noqa: E402
 from bench.raw_vqa_files import (  # noqa: E402
+    MAX_REGIONS,
+    MIN_REGIONS,
     NUM_ANNOTATORS,
     annotation,
     generate_once,
@@ -41,7 +43,6 @@ from bench.raw_vqa_files import (  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset  # noqa: E402
 from rwsan.processing_rwsan import answer_scores, split_question  # noqa: E402
 
-MIN_REGIONS, MAX_REGIONS = 10, 100
 QUESTIONS_PER_IMAGE = 3
 ANSWER_POOL = ("yes", "no", "1", "2", "3", "red", "blue", "white", "dog", "cat", "tennis", "pizza")
 QUESTION_WORDS = (

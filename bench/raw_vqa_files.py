@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 NUM_ANNOTATORS = 10
+# Bottom-up-attention features keep 10 to 100 regions per image.
+MIN_REGIONS, MAX_REGIONS = 10, 100
 
 
 def write_random_image(

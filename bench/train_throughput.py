@@ -28,14 +28,16 @@ The variants below pad to multiples of --pad_to_multiple_of, so that only a few 
                         it), after about twice the compilation. An experiment: train_vqa.py compiles the blocks.
   compiled              torch.compile of the whole model (dynamic shapes); minutes of compilation.
   cuda_graphs           the same in mode "reduce-overhead" (CUDA only).
-  grouped               the fastest of the above on batches of similar region counts (the sampler of
+  grouped               the fastest bf16 variant run before it (bf16 SDPA, graphed_passes, blocks_graphed_passes; the
+                        other compiling rows run last) on batches of similar region counts (the sampler of
                         `--group_by_regions`).
 The real data pipeline, on a VQA-like set written in the original's raw formats and prepared by
 data_scripts/prepare_vqa.py (or the one in --dataset_dir):
   loader                the DataLoader alone: VQADataset + VQACollator, worker processes, pinned memory.
   loader_packed         the same with `VQACollator(pack_regions=True)`: the workers send only the real regions.
   loader_in_process     packed regions gathered in the main process (no workers), pinned there.
-  loader_training       the fastest variant fed by the DataLoader of packed regions, padded on the device.
+  loader_training       the same fastest variant fed by the DataLoader of packed regions, padded on the device as
+                        that variant pads.
   trainer_graphs        train_vqa.py's path: VQATrainer with the fast-path arguments and --cuda_graphs, for a fixed
                         number of steps (CUDA only).
   trainer               the same with its fastest options on CUDA: --compile_blocks --cuda_graphs
@@ -49,14 +51,16 @@ data_scripts/prepare_vqa.py (or the one in --dataset_dir):
                         question kept; packed regions on CUDA) over --eval_questions questions, eager.
   evaluate_graphs       the same with --cuda_graphs (recorded forward passes; CUDA only).
 
-With --profile_steps N, each Trainer row runs N more steps after the timed ones under torch.profiler and prints what
-the device ran in them, summed by kernel name (`bench/kernel_profile.py`; kept in the JSON too). With batches grouped
-by regions they are taken from the middle of a mega-batch (right after the timed steps come its largest batches).
+With --profile_steps N, each Trainer row that trains runs N more steps after the timed ones under torch.profiler and
+prints what the device ran in them, summed by kernel name (`bench/kernel_profile.py`; kept in the JSON too). With
+batches grouped by regions they are taken from the middle of a mega-batch (right after the timed steps come its
+largest batches).
 With --inductor_option NAME=VALUE, the compiled rows are compiled under that inductor setting (e.g.
 combo_kernels=True, which joins independent small kernels into one launch), to compare it with a run without.
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
-timed loops read nothing back from the device; it is synchronised only before and after them. Every row runs in its
+timed loops read nothing back from the device (but for the Trainer's logging, every 50 steps, as in train_vqa.py);
+it is synchronised only before and after them. Every row runs in its
 own try/except, so a failure is reported and the other rows still run; rows that would overrun --time_budget are
 skipped. The most important rows run first (see RUN_ORDER); the whole-model compilations come last.
 """
@@ -98,6 +102,8 @@ if str(REPO_ROOT) not in sys.path:
 from bench.arguments import checked_device, require_at_least  # noqa: E402
 from bench.kernel_profile import KernelProfile, print_kernel_profile, profiler_for, summarize  # noqa: E402
 from bench.raw_vqa_files import (  # noqa: E402
+    MAX_REGIONS,
+    MIN_REGIONS,
     NUM_ANNOTATORS,
     annotation,
     generate_once,
@@ -112,7 +118,6 @@ from rwsan.training import GraphedForwardBackward, VQATrainer, VQATrainingArgume
 PAPER_BATCH_SIZE = 64
 ADAM_ARGUMENTS = {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-9}
 # Bottom-up-attention features keep 10-100 regions per image, most images 20-60: 10 + Gamma(2, 16), mean about 42.
-MIN_REGIONS, MAX_REGIONS = 10, 100
 REGION_GAMMA_SHAPE, REGION_GAMMA_SCALE = 2.0, 16.0
 # VQA-v2 questions have mostly 5-10 words: 3 + Poisson(4.5), mean 7.5, cut at max_question_length.
 MIN_QUESTION_WORDS, QUESTION_POISSON_MEAN = 3, 4.5
@@ -605,10 +610,15 @@ class SteadyStateTimer(TrainerCallback):
                 self.notes.append("recompiled while timed")
             if self.count_recordings() != self.recordings_at_steady_start:
                 self.notes.append("recorded a CUDA graph while timed")
-            rate = self.timed_steps * self.batch_size / (self.end - self.steady_start)
             print(
-                f"{self.name}: {rate:,.1f} samples/s over steps {self.warmup_steps + 1}-{state.global_step}", flush=True
+                f"{self.name}: {self.samples_per_second:,.1f} samples/s over steps {self.warmup_steps + 1}-"
+                f"{state.global_step}",
+                flush=True,
             )
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.timed_steps * self.batch_size / (self.end - self.steady_start)
 
 
 class StepProfiler(TrainerCallback):
@@ -652,8 +662,8 @@ class Benchmark:
         self.device = device
         self.budget = TimeBudget(args.time_budget)
         self.rows: dict[str, Row] = {}
-        # The fastest synthetic variant so far: its key, its step (model, optimizer, graphs) and its samples/s.
-        self.fast_path: tuple[str, TrainingStep, float] | None = None
+        # The fastest synthetic variant so far: its step (model, optimizer, graphs) and its samples/s.
+        self.fast_path: tuple[TrainingStep, float] | None = None
         # The rows still to run, in order.
         self.pending: list[str] = []
         self.work_dir = tempfile.TemporaryDirectory(prefix="rwsan-bench-")
@@ -761,13 +771,13 @@ class Benchmark:
         # rarer ones too.
         warmup = [resized_batch(pool[0], *shape) for shape in self.bucket_shapes()] if variant.bucketed else []
         row = self.measure(key, variant.title, step, pool_rounds(pool), warmup, len(pool))
-        faster = self.fast_path is None or row.samples_per_second > self.fast_path[2]
+        faster = self.fast_path is None or row.samples_per_second > self.fast_path[1]
         if key in FAST_PATH_CANDIDATES and faster and self.fast_path_needed():
-            self.fast_path = (key, step, row.samples_per_second)
+            self.fast_path = (step, row.samples_per_second)
         return row
 
     def measure_grouped(self) -> Row:
-        key, step, _ = self.fast_path
+        step, _ = self.fast_path
         pool = self.pools[(step.variant.bucketed, True)]
         title = f"{step.variant.title} + region-grouped batches"
         # The shapes of the grouped batches are among those the fast path has warmed up on.
@@ -880,7 +890,7 @@ class Benchmark:
             self._dataset = dataset
         return self._dataset
 
-    def data_loader(self, dataset, packed: bool, workers: int) -> DataLoader:
+    def data_loader(self, dataset, packed: bool, workers: int, bucketed: bool = True) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.args.batch_size,
@@ -890,7 +900,7 @@ class Benchmark:
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            collate_fn=self.collator(bucketed=True, packed=packed),
+            collate_fn=self.collator(bucketed=bucketed, packed=packed),
             generator=torch.Generator().manual_seed(0),
         )
 
@@ -919,8 +929,11 @@ class Benchmark:
         return self.measure_loader("loader_in_process", packed=True, workers=0)
 
     def measure_loader_training(self) -> Row:
-        key, step, _ = self.fast_path
-        loader = self.data_loader(self.dataset(), packed=True, workers=self.args.num_workers)
+        step, _ = self.fast_path
+        # Padded as the variant's own batches, so that the row differs from it by the loading alone.
+        loader = self.data_loader(
+            self.dataset(), packed=True, workers=self.args.num_workers, bucketed=step.variant.bucketed
+        )
         # One stream of batches for the warm-up and the timed steps alike.
         stream = (unpack_image_features(model_inputs(batch, self.device)) for batch in endless(loader))
         title = f"{step.variant.title}, fed by the DataLoader"
@@ -1024,9 +1037,9 @@ class Benchmark:
         }
         row = Row(
             key,
-            trainer_title(workers, blocking_copies, flags),
+            trainer_title(workers, blocking_copies, training_args.bf16, flags),
             "",
-            samples_per_second=self.args.trainer_steps * self.args.batch_size / (timer.end - timer.steady_start),
+            samples_per_second=timer.samples_per_second,
             warmup_seconds=timer.steady_start - timer.train_start,
             timed_steps=self.args.trainer_steps,
             note=", ".join(notes),
@@ -1070,7 +1083,8 @@ class Benchmark:
         trainer.evaluate()
         self.synchronize()
         elapsed = time.perf_counter() - start
-        options = ["bf16"] + ["--pack_regions"] * (self.device.type == "cuda") + ["--cuda_graphs"] * cuda_graphs
+        options = [precision_name(arguments.bf16)]
+        options += ["--pack_regions"] * (self.device.type == "cuda") + ["--cuda_graphs"] * cuda_graphs
         row = Row(
             key,
             f"VQATrainer.evaluate ({', '.join(options)}, batch {arguments.per_device_eval_batch_size}, "
@@ -1105,11 +1119,16 @@ class Benchmark:
         )
 
 
-def trainer_title(workers: int, blocking_copies: bool, flags: dict[str, bool]) -> str:
+def precision_name(bf16: bool) -> str:
+    """What a Trainer row computes in: bf16 where the device has it (`bf16_supported`), else fp32."""
+    return "bf16" if bf16 else "fp32"
+
+
+def trainer_title(workers: int, blocking_copies: bool, bf16: bool, flags: dict[str, bool]) -> str:
     """A Trainer row's title; what tells the Trainer rows apart comes first, as the table cuts titles to
     TITLE_WIDTH."""
     loading = f"{workers} workers" + (", blocking copies" if blocking_copies else "")
-    options = ["bf16"] + [flag for flag, given in flags.items() if given] + ["adamw_torch_fused"]
+    options = [precision_name(bf16)] + [flag for flag, given in flags.items() if given] + ["adamw_torch_fused"]
     return f"train_vqa Trainer ({loading}; {', '.join(options)})"
 
 
@@ -1343,12 +1362,19 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     benchmark = Benchmark(args, device)
     config = benchmark.model_config()
+    # What the table's header says of the model and the synthetic items, kept in the JSON too.
+    workload = {
+        "parameters": RWSANForVQA(config).num_parameters(),
+        "answers": config.num_labels,
+        "mean_regions": float(np.mean([len(item["image_features"]) for item in benchmark.items])),
+        "mean_question_words": float(np.mean([len(item["input_ids"]) for item in benchmark.items])),
+    }
     header = (
         f"{device_description(device)}; torch {torch.__version__}, transformers {transformers.__version__}; "
         f"batch {args.batch_size}; {'tiny' if args.tiny else 'paper'} configuration "
-        f"({RWSANForVQA(config).num_parameters():,} parameters, {config.num_labels} answers); regions 10-100 "
-        f"(mean {np.mean([len(item['image_features']) for item in benchmark.items]):.1f}), question words mean "
-        f"{np.mean([len(item['input_ids']) for item in benchmark.items]):.1f}"
+        f"({workload['parameters']:,} parameters, {workload['answers']} answers); regions {MIN_REGIONS}-"
+        f"{MAX_REGIONS} (mean {workload['mean_regions']:.1f}), question words mean "
+        f"{workload['mean_question_words']:.1f}"
     )
     if args.inductor_options:
         header += f"; inductor settings {args.inductor_options}"
@@ -1363,6 +1389,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": device_description(device),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "workload": workload,
             "arguments": {
                 name: str(value) if isinstance(value, (Path, torch.device)) else value
                 for name, value in vars(args).items()

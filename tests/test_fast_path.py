@@ -456,6 +456,9 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
     assert list(measured) == rows.split(",") and results["finished"]
+    # The header's figures of the model and the items are kept too.
+    assert results["workload"]["answers"] == 12 and results["workload"]["parameters"] > 0
+    assert 10 <= results["workload"]["mean_regions"] <= 100 and 3 <= results["workload"]["mean_question_words"] <= 16
     for row in measured.values():
         assert row["error"] is None and row["samples_per_second"] > 0, row
     assert "(1 workers" in measured["trainer"]["title"] and "(0 workers" in measured["trainer_in_process"]["title"]
@@ -472,6 +475,19 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     # Grouping by regions pads far less: the mean padded region count drops well below the batch maximum's.
     assert measured["grouped"]["mean_padded_regions"] < 0.8 * measured["bf16_sdpa"]["mean_padded_regions"]
     assert measured["loader"]["mean_padded_question_length"] == 16
+    # Fed by the DataLoader, the fast path (bf16 SDPA on a CPU, padded to the longest) pads its batches as its own
+    # row does, not to the multiples the loader rows pad to.
+    assert measured["loader_training"]["mean_padded_question_length"] < 16
+
+
+def test_the_trainer_rows_name_the_precision_they_run_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bf16_supported", lambda device: False)  # a CPU without bf16
+    sizes = ["--batch_size", "8", "--num_images", "20", "--trainer_steps", "1", "--eval_questions", "16"]
+    sizes += ["--num_workers", "0"]
+    bench.main(["--tiny", *sizes, "--rows", "trainer,evaluate", "--json", str(tmp_path / "r.json")])
+    titles = [row["title"] for row in json.loads((tmp_path / "r.json").read_text())["rows"]]
+    assert titles[0].startswith("train_vqa Trainer (0 workers; fp32, ") and "bf16" not in titles[0]
+    assert titles[1].startswith("VQATrainer.evaluate (fp32, ") and "bf16" not in titles[1]
 
 
 def test_profiled_steps_of_grouped_batches_are_of_middling_size():
@@ -516,10 +532,10 @@ def test_the_table_tells_the_trainer_rows_apart_and_rates_only_training_rows():
     fastest = {"--compile_blocks": True, "--cuda_graphs": True, "--group_by_regions": True, "--pack_regions": True}
     encoders = {**fastest, "--compile_blocks": False, "compiled encoders (bench only)": True}
     titles = [
-        bench.trainer_title(8, False, fastest),
-        bench.trainer_title(0, False, fastest),
-        bench.trainer_title(8, True, fastest),
-        bench.trainer_title(8, False, encoders),
+        bench.trainer_title(8, False, True, fastest),
+        bench.trainer_title(0, False, True, fastest),
+        bench.trainer_title(8, True, True, fastest),
+        bench.trainer_title(8, False, True, encoders),
     ]
     assert len({title[: bench.TITLE_WIDTH] for title in titles}) == len(titles), titles
     rows = {

@@ -60,9 +60,9 @@ combo_kernels=True, which joins independent small kernels into one launch), to c
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device (but for the Trainer's logging, every 50 steps, as in train_vqa.py);
-it is synchronised only before and after them. Every row runs in its
-own try/except, so a failure is reported and the other rows still run; rows that would overrun --time_budget are
-skipped. The most important rows run first (see RUN_ORDER); the whole-model compilations come last.
+it is synchronised only before and after them. Every row runs in its own try/except, so a failure is reported and
+the other rows still run; rows that would overrun --time_budget are skipped. The most important rows run first (see
+RUN_ORDER); the whole-model compilations come last.
 """
 
 import argparse

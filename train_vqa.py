@@ -29,6 +29,7 @@ applications, faster than `--torch_compile`;
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import textwrap
@@ -239,8 +240,8 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
     if train_dataset is not None and training_args.dataloader_drop_last and len(train_dataset) < one_batch:
         raise ValueError(
             f"--train_split {data_args.train_split} has {len(train_dataset)} questions, fewer than one batch of "
-            f"{one_batch} ({training_args.per_device_train_batch_size} a process, {training_args.world_size} "
-            "processes), which --dataloader_drop_last drops: nothing would be trained"
+            f"{one_batch} ({training_args.per_device_train_batch_size} per process x {training_args.world_size}), "
+            "which --dataloader_drop_last drops: nothing would be trained"
         )
     evaluate = evaluates(data_args, training_args)
     if training_args.do_eval and data_args.eval_split and eval_split_is_trained_on(data_args, training_args):
@@ -320,6 +321,30 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
         )
         model.get_input_embeddings().weight.data.copy_(embeddings)
     return model
+
+
+class DeleteEarlierOutputs(TrainerCallback):
+    """Deletes what `outputs_to_replace` lists once training begins: after `VQATrainer` has checked a resumed
+    checkpoint against the run (its epoch length, optimizer options and last step), so that a run it refuses
+    deletes nothing."""
+
+    def __init__(self, paths: list[Path], output_dir: str):
+        self.paths = paths
+        self.output_dir = output_dir
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not (state.is_world_process_zero and self.paths):
+            return
+        print(
+            f"--overwrite_output_dir: deleting {', '.join(path.name for path in self.paths)} of an earlier run in "
+            f"{self.output_dir}",
+            file=sys.stderr,
+        )
+        for path in self.paths:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 class PrintEpochAccuracy(TrainerCallback):
@@ -640,6 +665,15 @@ def outputs_to_replace(
     earlier_checkpoints = [path.name for path in earlier_outputs if path.is_dir()]
     earlier_results = [path for path in earlier_outputs if path.is_file()]
     overwrite = training_args.overwrite_output_dir
+
+    def refuse_earlier_results():
+        if earlier_results:
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} holds {', '.join(path.name for path in earlier_results)} "
+                "of an earlier model, which the model this run saves would not give (and --push_to_hub would upload "
+                "them with it): give --overwrite_output_dir to delete them, or move them away"
+            )
+
     if resumed_checkpoint is not None:
         if earlier_checkpoints and Path(resumed_checkpoint).resolve().parent != output_dir.resolve():
             raise UsageError(
@@ -649,23 +683,11 @@ def outputs_to_replace(
                 "checkpoint's own folder (--resume_from_checkpoint last there), or into an --output_dir without "
                 "checkpoints"
             )
-        replaced = earlier_results
-    elif not overwrite:
-        if earlier_checkpoints:
-            raise UsageError(
-                f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
-                f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
-                "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
-                "--overwrite_output_dir (which deletes them), or choose another --output_dir"
-            )
-        written_over = [name for name in REPLACED_FILES if (output_dir / name).exists()]
-        if written_over:
-            raise UsageError(
-                f"--output_dir {training_args.output_dir} holds {', '.join(written_over)}, which this run would "
-                "write over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace "
-                "them, or choose another --output_dir"
-            )
-    else:
+        if overwrite:
+            return earlier_results
+        refuse_earlier_results()
+        return []
+    if overwrite:
         if model_args.model_name_or_path and Path(model_args.model_name_or_path).exists():
             model_folder = Path(model_args.model_name_or_path).resolve()
             for path in earlier_outputs:
@@ -674,14 +696,23 @@ def outputs_to_replace(
                         f"--model_name_or_path {model_args.model_name_or_path} is {path.name} of --output_dir, which "
                         "--overwrite_output_dir deletes: give another --output_dir"
                     )
-        replaced = earlier_outputs
-    if earlier_results and not overwrite:
+        return earlier_outputs
+    if earlier_checkpoints:
         raise UsageError(
-            f"--output_dir {training_args.output_dir} holds {', '.join(path.name for path in earlier_results)} of "
-            "an earlier model, which the model this run saves would not give (and --push_to_hub would upload them "
-            "with it): give --overwrite_output_dir to delete them, or move them away"
+            f"--output_dir {training_args.output_dir} holds checkpoints of an earlier run "
+            f"({', '.join(earlier_checkpoints)}): a new run's would mix with them, and --resume_from_checkpoint "
+            "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
+            "--overwrite_output_dir (which deletes them), or choose another --output_dir"
         )
-    return replaced if overwrite else []
+    written_over = [name for name in REPLACED_FILES if (output_dir / name).exists()]
+    if written_over:
+        raise UsageError(
+            f"--output_dir {training_args.output_dir} holds {', '.join(written_over)}, which this run would write "
+            "over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace them, or "
+            "choose another --output_dir"
+        )
+    refuse_earlier_results()
+    return []
 
 
 def final_evaluation(trainer: VQATrainer) -> dict[str, float]:
@@ -773,19 +804,7 @@ def main(argv: list[str] | None = None):
     output_dir = Path(training_args.output_dir)
     metrics = {}
     if training_args.do_train:
-        # Only now, with everything checked: a refused run deletes nothing.
-        with training_args.main_process_first(local=False, desc="deleting the earlier run's outputs"):
-            if training_args.process_index == 0 and earlier_outputs:
-                print(
-                    f"--overwrite_output_dir: deleting {', '.join(path.name for path in earlier_outputs)} of an "
-                    f"earlier run in {training_args.output_dir}",
-                    file=sys.stderr,
-                )
-                for path in earlier_outputs:
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
+        trainer.add_callback(DeleteEarlierOutputs(earlier_outputs, training_args.output_dir))
         try:
             train_result = trainer.train(resume_from_checkpoint=resumed_checkpoint)
         except ResumeError as error:
@@ -816,7 +835,7 @@ def main(argv: list[str] | None = None):
         plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
         provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
         # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
-        model_id = getattr(trainer, "hub_model_id", None) or output_dir.resolve().name
+        model_id = getattr(trainer, "hub_model_id", None) or Path(os.path.abspath(output_dir)).name
         # The toy set is no hub dataset: the card names none.
         datasets = () if toy else ("vqa_v2",)
         evaluated_split = data_args.eval_split if eval_dataset is not None else None

@@ -351,12 +351,17 @@ def questions_left_out(folder: str | os.PathLike, split: str) -> dict[str, tuple
 
 def _question_ids(items: list[dict]) -> np.ndarray:
     given = [item["question_id"] for item in items]
-    ids = np.array(given)
-    # A float id would be rounded to another question's; numpy would take a bool among integers for 0 or 1.
-    integers = np.issubdtype(ids.dtype, np.integer) and not any(isinstance(id_, (bool, np.bool_)) for id_ in given)
-    if ids.shape != (len(items),) or not integers or not np.can_cast(ids.dtype, np.int64):
+    int64 = np.iinfo(np.int64)
+    try:
+        # A float id would be rounded to another question's, a bool taken for 0 or 1.
+        if any(isinstance(id_, (bool, np.bool_)) for id_ in given):
+            raise TypeError
+        ids = [operator.index(id_) for id_ in given]
+    except TypeError:
+        ids = None
+    if ids is None or not all(int64.min <= id_ <= int64.max for id_ in ids):
         raise ValueError(f"question_id must be one integer (int64) an item, got {given[:5]!r}")
-    return ids
+    return np.array(ids, dtype=np.int64)
 
 
 def _padded_length(length: int, multiple: int | None) -> int:

@@ -135,12 +135,12 @@ def _integer_vector(name: str, values) -> np.ndarray:
 
 def check_writable(path: str | os.PathLike) -> None:
     """Raises a `PredictionError` unless a file can be written at `path`, its missing parent folders made, and
-    unless a file there is an earlier predictions file (a mistyped path could name a model's config.json). Nothing
-    is made here: a run that fails before writing leaves nothing behind."""
+    unless a file there is empty or an earlier predictions file (a mistyped path could name a model's config.json).
+    Nothing is made here: a run that fails before writing leaves nothing behind."""
     path = Path(path).absolute()
     if path.is_dir():
         raise PredictionError(f"{path} is a folder; name the file to write, e.g. {path / 'predictions.json'}")
-    if path.is_file() and not _is_predictions_file(path):
+    if path.is_file() and path.stat().st_size > 0 and not _is_predictions_file(path):
         raise PredictionError(
             f"{path} exists and is no predictions file ([{{question_id, answer}}, ...]), which would replace it; "
             "name another file"
@@ -184,7 +184,8 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:  # torch built without CUDA asserts
-        raise PredictionError(f"cannot use the device {device!r}: {error}") from None
+        # The first line: torch goes on to list every backend it was built with.
+        raise PredictionError(f"cannot use the device {device!r}: {str(error).splitlines()[0]}") from None
     model = RWSANForVQA.from_pretrained(model_dir).to(device).eval()
     processor = RWSANProcessor.from_pretrained(model_dir)
     try:

@@ -467,11 +467,13 @@ class RWSANProcessor(ProcessorMixin):
         if folder.is_dir() and not (folder / PROCESSOR_NAME).is_file():
             # A prepared dataset keeps its processor in a folder of its own.
             if (folder / "processor" / PROCESSOR_NAME).is_file():
-                advice = f"its processor is in {folder / 'processor'}"
-            else:
-                advice = f"save one there with processor.save_pretrained({str(folder)!r})"
+                raise OSError(
+                    f"{folder} has no {PROCESSOR_NAME}: it is a prepared dataset, whose processor is in "
+                    f"{folder / 'processor'}"
+                )
             raise OSError(
-                f"{folder} has no {PROCESSOR_NAME}, so no RWSANProcessor to load (a model saved without it?); {advice}"
+                f"{folder} has no {PROCESSOR_NAME}, so no RWSANProcessor to load (a model saved without it?); save "
+                f"one there with processor.save_pretrained({str(folder)!r})"
             )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

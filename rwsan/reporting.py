@@ -2,6 +2,7 @@
 
 import json
 import numbers
+import os
 from pathlib import Path
 
 import matplotlib
@@ -38,7 +39,7 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     rate_axis.set(title="learning rate", xlabel="epoch")
     for axis, logged in ((loss_axis, training), (rate_axis, rates)):
         if not logged:
-            _say_on(axis, "nothing logged: the run had fewer steps than --logging_steps")
+            _say_on(axis, "nothing logged (fewer steps than --logging_steps, or --logging_strategy no)")
     rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     epochs = [entry["epoch"] for entry in evaluations]
     accuracy_axis.plot(epochs, [entry["eval_accuracy"] for entry in evaluations], "o-", label="overall")
@@ -136,7 +137,7 @@ It answers questions about an image from its precomputed bottom-up-attention reg
 from transformers import pipeline
 
 # With `pip install rwsan` and `import rwsan`: pipeline("vqa-features", model=...), without remote code.
-answer = pipeline(model="{model_id or Path(output_dir).resolve().name}", trust_remote_code=True)
+answer = pipeline(model="{model_id or Path(os.path.abspath(output_dir)).name}", trust_remote_code=True)
 # features: a (regions, {config.image_feature_size}) array, or the path of a per-image .npz
 answer({{"question": "what color is the cube?", "image_features": features}})
 ```

@@ -93,9 +93,11 @@ class VQATrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train afresh in an output_dir holding checkpoints of an earlier run, deleting them first "
-            "(without it such a run is refused: its checkpoints would mix with the earlier ones, and "
-            "--resume_from_checkpoint last could take theirs)."
+            "help": "Train in an output_dir holding an earlier run's outputs, replacing them: its checkpoints "
+            "(their new ones would mix, and --resume_from_checkpoint last could take theirs) and its prediction, "
+            "logit and evaluation files are deleted, its model and reports (config.json, weights, README.md, "
+            "metrics.json, training_curves.png) written over. Without it such a run is refused. A resumed run "
+            "deletes the prediction, logit and evaluation files only."
         },
     )
     paper_schedule: bool = field(
@@ -697,7 +699,8 @@ class VQATrainer(Trainer):
             raise ResumeError(
                 f"{self.resumed_checkpoint} was saved at step {self.resumed_step}, where this run ends (step "
                 f"{max_steps}, from --num_train_epochs or --max_steps): nothing is left to train; give more epochs "
-                "or steps to go on."
+                f"or steps to go on, or evaluate and predict with its weights (--model_name_or_path "
+                f"{self.resumed_checkpoint} --do_train false)."
             )
         return values
 

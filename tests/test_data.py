@@ -343,6 +343,15 @@ def test_a_batch_crosses_from_a_worker_as_one_block(dataset, pack_regions):
             assert batch[key].dtype == tensor.dtype and torch.equal(batch[key], tensor), key
 
 
+def test_collator_takes_question_ids_of_any_integer_type_that_fits_int64():
+    items = hand_items()
+    items[0]["question_id"], items[1]["question_id"] = np.uint64(2**40), np.int32(12)
+    assert VQACollator(num_answers=3)(items)["question_id"].tolist() == [2**40, 12]
+    items[0]["question_id"] = np.uint64(2**63)
+    with pytest.raises(ValueError, match="question_id must be one integer"):
+        VQACollator(num_answers=3)(items)
+
+
 def test_collator_refuses_inconsistent_items():
     with pytest.raises(ValueError, match=r"items\[0\]: labels of shape \(3,\), but the collator was built for 4"):
         VQACollator(num_answers=4)(hand_items())

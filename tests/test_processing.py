@@ -557,8 +557,8 @@ def test_save_and_load_round_trip(processor, tmp_path):
 def test_a_prepared_dataset_given_for_its_processor_is_pointed_to_it(processor, tmp_path):
     processor.save_pretrained(tmp_path / "vqa" / "processor")
     (tmp_path / "vqa" / "images").mkdir()
-    message = f"{tmp_path / 'vqa'} has no processor_config.json, so no RWSANProcessor to load (a model saved without "
-    message += f"it?); its processor is in {tmp_path / 'vqa' / 'processor'}"
+    message = f"{tmp_path / 'vqa'} has no processor_config.json: it is a prepared dataset, whose processor is in "
+    message += str(tmp_path / "vqa" / "processor")
     with pytest.raises(OSError, match=f"^{re.escape(message)}$"):
         RWSANProcessor.from_pretrained(tmp_path / "vqa")
 

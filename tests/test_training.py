@@ -253,6 +253,11 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
         "--resume_from_checkpoint", "last",
         message=re.escape(f"--output_dir {output} holds predictions_val.json of an earlier model"),
     )  # fmt: skip
+    # --overwrite_output_dir would delete them, but not in a run refused when the Trainer checks the checkpoint.
+    with pytest.raises(train_vqa.UsageError, match="nothing is left to train"):
+        train_vqa.main([*arguments, "--num_train_epochs", "1", "--resume_from_checkpoint", "last",
+                        "--overwrite_output_dir"])  # fmt: skip
+    assert (output / "predictions_val.json").read_text() == "[]"
     (output / "predictions_val.json").unlink()
     refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
     (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
@@ -506,8 +511,8 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
         (
             ["--per_device_train_batch_size", "1024", "--dataloader_drop_last", "true"],
-            "--train_split train has 210 questions, fewer than one batch of 1024 (1024 a process, 1 processes), "
-            "which --dataloader_drop_last drops: nothing would be trained",
+            "--train_split train has 210 questions, fewer than one batch of 1024 (1024 per process x 1), which "
+            "--dataloader_drop_last drops: nothing would be trained",
         ),
         (
             ["--eval_split", "nosuch"],
@@ -872,7 +877,7 @@ def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged(tm
     # A run shorter than --logging_steps logs no training loss.
     reporting.plot_training_history([], tmp_path / "none.png")
     assert [text.get_text() for axis in figures[1].axes[:2] for text in axis.texts] == [
-        "nothing logged: the run had fewer steps than --logging_steps"
+        "nothing logged (fewer steps than --logging_steps, or --logging_strategy no)"
     ] * 2
 
 
@@ -885,6 +890,10 @@ def test_the_model_card_of_the_current_folder_loads_the_folder_by_its_name(tmp_p
     monkeypatch.chdir(folder)
     card = write_model_card(".", RWSANConfig(vocab_size=40), "trained here.").read_text()
     assert 'pipeline(model="my-rwsan", trust_remote_code=True)' in card
+    # A link keeps its own name: it is what the user named the folder.
+    (tmp_path / "latest").symlink_to(folder)
+    card = write_model_card(tmp_path / "latest", RWSANConfig(vocab_size=40), "trained here.").read_text()
+    assert 'pipeline(model="latest", trust_remote_code=True)' in card
 
 
 def test_the_trainer_schedule_replaces_the_paper_schedule_when_asked(tiny_prepared_vqa, tmp_path):

@@ -29,7 +29,6 @@ applications, faster than `--torch_compile`;
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import sys
 import textwrap
@@ -834,8 +833,8 @@ def main(argv: list[str] | None = None):
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
         provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
-        # The hub repository where --push_to_hub uploads (the Trainer names it), else the folder.
-        model_id = getattr(trainer, "hub_model_id", None) or Path(os.path.abspath(output_dir)).name
+        # The hub repository where --push_to_hub uploads (the Trainer names it); else the card names the folder.
+        model_id = getattr(trainer, "hub_model_id", None)
         # The toy set is no hub dataset: the card names none.
         datasets = () if toy else ("vqa_v2",)
         evaluated_split = data_args.eval_split if eval_dataset is not None else None

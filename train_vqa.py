@@ -502,15 +502,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if data_args.save_logits and not training_args.do_predict:
         raise UsageError("--save_logits keeps the scores of --do_predict's answers; give --do_predict too")
-    split_logits = [f"{name}_{data_args.predict_split}.npy" for name in ("logits", "question_ids")]
-    stale_logits = [name for name in split_logits if (output_dir / name).exists()]
     # (A training run refuses any earlier prediction files: `outputs_to_replace`.)
-    if training_args.do_predict and not training_args.do_train and not data_args.save_logits and stale_logits:
-        raise UsageError(
-            f"--output_dir {training_args.output_dir} holds {', '.join(stale_logits)} of an earlier prediction, "
-            f"which the new predictions_{data_args.predict_split}.json would not match: give --save_logits to write "
-            "them anew, or move them away"
-        )
+    if training_args.do_predict and not training_args.do_train and not data_args.save_logits:
+        split_logits = [f"{name}_{data_args.predict_split}.npy" for name in ("logits", "question_ids")]
+        stale_logits = [name for name in split_logits if (output_dir / name).exists()]
+        if stale_logits:
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} holds {', '.join(stale_logits)} of an earlier prediction, "
+                f"which the new predictions_{data_args.predict_split}.json would not match: give --save_logits to "
+                "write them anew, or move them away"
+            )
     if data_args.predict_split != "test" and not training_args.do_predict:
         raise UsageError(f"--predict_split {data_args.predict_split} is the split --do_predict answers; give it too")
     if training_args.resume_from_checkpoint and not training_args.do_train:

@@ -25,6 +25,7 @@ import torch
 from accelerate.data_loader import DataLoaderShard
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
@@ -651,10 +652,8 @@ class VQATrainer(Trainer):
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
         options = _optimizer_options(self.args)
-        state_file = Path(self.resumed_checkpoint or "") / "trainer_state.json"
-        resumed_state = (
-            TrainerState.load_from_json(str(state_file)) if self.resumed_checkpoint and state_file.is_file() else None
-        )
+        state_file = Path(self.resumed_checkpoint) / TRAINER_STATE_NAME if self.resumed_checkpoint else None
+        resumed_state = TrainerState.load_from_json(str(state_file)) if state_file and state_file.is_file() else None
         self.resumed_record = ResumeRecord.recorded_in(resumed_state) if resumed_state else {}
         self.resumed_step = resumed_state.global_step if resumed_state else 0
         saved_options = self.resumed_record.get("optimizer_options", {})

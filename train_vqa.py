@@ -871,6 +871,7 @@ def main(argv: list[str] | None = None):
             )
             print("Sample answers:")
             show_sample_answers(model, eval_dataset, collator)
+    trainer.stop_dataloader_workers()
     return metrics
 
 

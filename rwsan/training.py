@@ -592,6 +592,21 @@ class VQATrainer(Trainer):
             dataloader.device = None
         return dataloader
 
+    def stop_dataloader_workers(self):
+        """Has the worker processes of every DataLoader this trainer made exit now; a later pass starts new ones.
+
+        Persistent workers (`--dataloader_persistent_workers`) otherwise live as long as their DataLoader. A process
+        that exits stops them at once (torch's exit hook), but a Trainer dropped within a process lives in reference
+        cycles, which the garbage collector frees: it closes a DataLoader iterator's queues before the iterator's own
+        clean-up tells the workers to stop, so each worker is killed only after waiting 5 s."""
+        for loader in self.accelerator._dataloaders:
+            # accelerate's DataLoaderShard wraps the DataLoader, which keeps the iterator of persistent workers.
+            loader = getattr(loader, "base_dataloader", loader)
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+                loader._iterator = None
+
     def _set_signature_columns_if_needed(self):
         # What `remove_unused_columns` (plain `TrainingArguments`' default) keeps: `question_id` is no model input.
         super()._set_signature_columns_if_needed()

@@ -5,6 +5,7 @@ import copy
 import functools
 import importlib.util
 import json
+import multiprocessing
 import pickle
 import re
 from pathlib import Path
@@ -446,9 +447,18 @@ def test_bucket_shapes_are_those_the_collator_pads_to():
         assert (batch["input_ids"].shape[1], batch["image_features"].shape[1]) in shapes
 
 
-def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
+def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
     rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer"
     rows += ",trainer_in_process,evaluate"
+    # Each row's DataLoader workers have stopped before the garbage collector frees what the row built: workers it
+    # frees are killed only after waiting 5 s each.
+    workers_left = []
+    release_memory = bench.Benchmark.release_memory
+    monkeypatch.setattr(
+        bench.Benchmark,
+        "release_memory",
+        lambda self: workers_left.extend(multiprocessing.active_children()) or release_memory(self),
+    )
     # One round of the four pool batches per row, so that the rows time the same samples. A worker process, for the
     # rows that load with workers to differ from those that load in the main process (the CPU default is none).
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
@@ -457,6 +467,7 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     measured = {row["key"]: row for row in results["rows"]}
     assert list(measured) == rows.split(",") and results["finished"]
+    assert workers_left == []
     # The header's figures of the model and the items are kept too.
     assert results["workload"]["answers"] == 12 and results["workload"]["parameters"] > 0
     assert 10 <= results["workload"]["mean_regions"] <= 100 and 3 <= results["workload"]["mean_question_words"] <= 16

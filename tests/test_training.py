@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -1154,6 +1155,7 @@ def test_pack_regions_with_workers_trains_like_padded_batches(tiny_prepared_vqa,
     workers = ["--dataloader_num_workers", "2", "--dataloader_persistent_workers", "true"]
     train_vqa.main(common_arguments(tiny_prepared_vqa, packed, *arguments, "--pack_regions", "true", *workers))
     assert [("image_feature_positions" in keys) for _, keys in steps] == [True] * 3
+    assert multiprocessing.active_children() == [], "main returned with its persistent workers running"
     assert len(logged(padded, "loss")) == 3
     assert logged(packed, "loss") == logged(padded, "loss")
 
@@ -1386,6 +1388,31 @@ def test_remove_unused_columns_keeps_the_question_ids(tiny_prepared_vqa, tmp_pat
         results.append(trainer.predict(trainer.train_dataset))
     np.testing.assert_array_equal(results[0].label_ids, trainer.train_dataset.question_ids)
     np.testing.assert_array_equal(results[0].predictions, results[1].predictions)
+
+
+def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prepared_vqa, tmp_path):
+    """Left to the garbage collector, a Trainer's persistent DataLoader workers would each be killed after waiting
+    5 s; `stop_dataloader_workers` has every loader's workers exit at once, and a later pass starts new ones."""
+    trainer = tiny_trainer(
+        tiny_prepared_vqa,
+        tmp_path,
+        0.0,
+        use_cpu=True,
+        max_steps=2,
+        dataloader_num_workers=1,
+        dataloader_persistent_workers=True,
+    )
+    trainer.train()
+    first = trainer.evaluate(trainer.train_dataset)
+    trainer.predict(trainer.train_dataset)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 3  # one each for training, evaluation and prediction
+    trainer.stop_dataloader_workers()
+    assert multiprocessing.active_children() == []
+    assert [worker.exitcode for worker in workers] == [0, 0, 0], "told to stop, not killed"
+    assert trainer.evaluate(trainer.train_dataset)["eval_loss"] == first["eval_loss"]
+    trainer.stop_dataloader_workers()
+    assert multiprocessing.active_children() == []
 
 
 def test_resuming_from_the_last_checkpoint_of_a_folder_without_any_is_refused(tiny_prepared_vqa, tmp_path):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,6 +73,12 @@ def run_training(*arguments, timeout=600, check=True, environment=None, cwd=REPO
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def run_trainings_side_by_side(*runs: list[str], **kwargs):
+    """`run_training(*arguments, **kwargs)` for each of `runs`, the processes at the same time."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return [result.result() for result in [pool.submit(run_training, *run, **kwargs) for run in runs]]
 
 
 def common_arguments(dataset: Path, output: Path, *extra):
@@ -155,26 +162,28 @@ def test_killed_run_resumed_ends_with_the_same_weights(tiny_prepared_vqa, tmp_pa
         "--save_strategy", "epoch",
         *sampling,
     ]  # fmt: skip
-    run_training(*common_arguments(tiny_prepared_vqa, tmp_path / "straight"), *arguments)
-
     interrupted = tmp_path / "interrupted"
     command = [sys.executable, str(REPO_ROOT / "train_vqa.py"), *common_arguments(tiny_prepared_vqa, interrupted)]
-    process = subprocess.Popen(
-        [*command, *arguments],
-        cwd=REPO_ROOT,
-        env=TRAINING_ENVIRONMENT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    first_checkpoint = interrupted / "checkpoint-14"  # 210 questions / batch 16 -> 14 steps an epoch
-    deadline = time.monotonic() + 300
-    while not written_json(first_checkpoint / "trainer_state.json"):
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
+    with ThreadPoolExecutor(1) as pool:
+        # The uninterrupted run beside the one to kill.
+        straight = pool.submit(run_training, *common_arguments(tiny_prepared_vqa, tmp_path / "straight"), *arguments)
+        process = subprocess.Popen(
+            [*command, *arguments],
+            cwd=REPO_ROOT,
+            env=TRAINING_ENVIRONMENT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        first_checkpoint = interrupted / "checkpoint-14"  # 210 questions / batch 16 -> 14 steps an epoch
+        deadline = time.monotonic() + 300
+        while not written_json(first_checkpoint / "trainer_state.json"):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+        straight.result()
     mark = mark_for_resume(first_checkpoint)
 
     # "last" (the newest checkpoint of the output folder) is the one written before the kill.
@@ -1173,15 +1182,13 @@ def test_compiled_blocks_train_like_the_eager_model(tiny_prepared_vqa, tmp_path)
         "--save_strategy", "no",
     ]  # fmt: skip
     eager, compiled, inductor_cache = tmp_path / "eager", tmp_path / "compiled", tmp_path / "inductor"
-    run_training(*common_arguments(tiny_prepared_vqa, eager), *arguments)
     # Scalar C++ (TORCHINDUCTOR_VEC_ISA_OK=0) compiles about a fifth faster on two cores; what is tested is that the
-    # blocks compile and train through the Trainer, not inductor's vectorizer.
-    run_training(
-        *common_arguments(tiny_prepared_vqa, compiled),
-        *arguments,
-        "--compile_blocks",
+    # blocks compile and train through the Trainer, not inductor's vectorizer. The eager run sets neither.
+    run_trainings_side_by_side(
+        [*common_arguments(tiny_prepared_vqa, eager), *arguments],
+        [*common_arguments(tiny_prepared_vqa, compiled), *arguments, "--compile_blocks"],
         environment={"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache), "TORCHINDUCTOR_VEC_ISA_OK": "0"},
-    )  # fmt: skip
+    )
     assert list(inductor_cache.rglob("*.py")), "inductor generated no code: the blocks were not compiled"
     assert len(logged(eager, "loss")) == 4
     assert logged(compiled, "loss") == pytest.approx(logged(eager, "loss"), rel=1e-4)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -564,6 +565,9 @@ class VQATrainer(Trainer):
         self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
         # Set where the training batches reach the GPU on a side stream (`get_train_dataloader`).
         self.batch_copy: SideStreamBatchCopy | None = None
+        # The DataLoaders made for training, evaluation and prediction that are still in use
+        # (`stop_dataloader_workers`).
+        self.dataloaders_made: weakref.WeakSet = weakref.WeakSet()
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -580,7 +584,7 @@ class VQATrainer(Trainer):
         """`Trainer.get_train_dataloader`. Where accelerate would copy pinned batches to one CUDA device without
         blocking, on the compute stream, the loader yields them on the host instead, and `_prepare_inputs` copies
         them on a side stream (`SideStreamBatchCopy`)."""
-        dataloader = super().get_train_dataloader()
+        dataloader = self._made(super().get_train_dataloader())
         if (
             self.args.device.type == "cuda"
             and self.args.dataloader_pin_memory
@@ -592,6 +596,16 @@ class VQATrainer(Trainer):
             dataloader.device = None
         return dataloader
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._made(super().get_eval_dataloader(eval_dataset))
+
+    def get_test_dataloader(self, test_dataset):
+        return self._made(super().get_test_dataloader(test_dataset))
+
+    def _made(self, dataloader):
+        self.dataloaders_made.add(dataloader)
+        return dataloader
+
     def stop_dataloader_workers(self):
         """Has the worker processes of every DataLoader this trainer made exit now; a later pass starts new ones.
 
@@ -599,7 +613,7 @@ class VQATrainer(Trainer):
         that exits stops them at once (torch's exit hook), but a Trainer dropped within a process lives in reference
         cycles, which the garbage collector frees: it closes a DataLoader iterator's queues before the iterator's own
         clean-up tells the workers to stop, so each worker is killed only after waiting 5 s."""
-        for loader in self.accelerator._dataloaders:
+        for loader in self.dataloaders_made:
             # accelerate's DataLoaderShard wraps the DataLoader, which keeps the iterator of persistent workers.
             loader = getattr(loader, "base_dataloader", loader)
             iterator = getattr(loader, "_iterator", None)

@@ -1409,15 +1409,17 @@ def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prep
         dataloader_num_workers=1,
         dataloader_persistent_workers=True,
     )
+    # Evaluated before training too: the Trainer keeps that loader, but its accelerator forgets it when training starts.
+    trainer.evaluate(trainer.train_dataset)
     trainer.train()
-    first = trainer.evaluate(trainer.train_dataset)
+    trained = trainer.evaluate(trainer.train_dataset)
     trainer.predict(trainer.train_dataset)
     workers = multiprocessing.active_children()
-    assert len(workers) == 3  # one each for training, evaluation and prediction
+    assert len(workers) == 3  # one each for evaluation, training and prediction
     trainer.stop_dataloader_workers()
     assert multiprocessing.active_children() == []
     assert [worker.exitcode for worker in workers] == [0, 0, 0], "told to stop, not killed"
-    assert trainer.evaluate(trainer.train_dataset)["eval_loss"] == first["eval_loss"]
+    assert trainer.evaluate(trainer.train_dataset)["eval_loss"] == trained["eval_loss"]
     trainer.stop_dataloader_workers()
     assert multiprocessing.active_children() == []
 

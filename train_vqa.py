@@ -801,78 +801,82 @@ def main(argv: list[str] | None = None):
         callbacks=[StopOnNonFiniteLoss(), PrintEpochAccuracy(data_args.eval_split)],
     )
 
-    output_dir = Path(training_args.output_dir)
-    metrics = {}
-    if training_args.do_train:
-        trainer.add_callback(DeleteEarlierOutputs(earlier_outputs, training_args.output_dir))
-        try:
-            train_result = trainer.train(resume_from_checkpoint=resumed_checkpoint)
-        except ResumeError as error:
-            raise UsageError(str(error)) from None
-        metrics.update(train_result.metrics)
-        if training_args.world_size > 1:
-            print(
-                f"rank {training_args.process_index} of {training_args.world_size}: weights sha256 "
-                f"{weights_fingerprint(trainer.accelerator.unwrap_model(trainer.model))}"
+    try:
+        output_dir = Path(training_args.output_dir)
+        metrics = {}
+        if training_args.do_train:
+            trainer.add_callback(DeleteEarlierOutputs(earlier_outputs, training_args.output_dir))
+            try:
+                train_result = trainer.train(resume_from_checkpoint=resumed_checkpoint)
+            except ResumeError as error:
+                raise UsageError(str(error)) from None
+            metrics.update(train_result.metrics)
+            if training_args.world_size > 1:
+                print(
+                    f"rank {training_args.process_index} of {training_args.world_size}: weights sha256 "
+                    f"{weights_fingerprint(trainer.accelerator.unwrap_model(trainer.model))}"
+                )
+            # With the pipeline code and `custom_pipelines`: the folder answers questions as a hub repository would.
+            trainer.save_model()
+            trainer.save_state()
+        if eval_dataset is not None:
+            metrics.update(final_evaluation(trainer))
+        if trainer.is_world_process_zero() and not training_args.do_train and eval_dataset is not None:
+            # Beside the model's own metrics.json (the folder may be the model's), which a run that trains nothing
+            # keeps.
+            output_dir.mkdir(parents=True, exist_ok=True)
+            path = output_dir / f"evaluation_{data_args.eval_split}.json"
+            path.write_text(json.dumps(metrics, indent=2) + "\n")
+            print(f"Wrote {path}")
+        if trainer.is_world_process_zero() and training_args.do_train:
+            if toy and eval_dataset is not None:
+                metrics.update(
+                    {f"baseline_{name}": value for name, value in baselines(train_dataset, eval_dataset).items()}
+                )
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
+            provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
+            # The hub repository where --push_to_hub uploads (the Trainer names it); else the card names the folder.
+            model_id = getattr(trainer, "hub_model_id", None)
+            # The toy set is no hub dataset: the card names none.
+            datasets = () if toy else ("vqa_v2",)
+            evaluated_split = data_args.eval_split if eval_dataset is not None else None
+            write_model_card(
+                output_dir, model.config, provenance, metrics, model_id, datasets=datasets, eval_split=evaluated_split
             )
-        # With the pipeline code and `custom_pipelines`: the folder answers questions as a hub repository would.
-        trainer.save_model()
-        trainer.save_state()
-    if eval_dataset is not None:
-        metrics.update(final_evaluation(trainer))
-    if trainer.is_world_process_zero() and not training_args.do_train and eval_dataset is not None:
-        # Beside the model's own metrics.json (the folder may be the model's), which a run that trains nothing keeps.
-        output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / f"evaluation_{data_args.eval_split}.json"
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"Wrote {path}")
-    if trainer.is_world_process_zero() and training_args.do_train:
-        if toy and eval_dataset is not None:
-            metrics.update(
-                {f"baseline_{name}": value for name, value in baselines(train_dataset, eval_dataset).items()}
-            )
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
-        provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
-        # The hub repository where --push_to_hub uploads (the Trainer names it); else the card names the folder.
-        model_id = getattr(trainer, "hub_model_id", None)
-        # The toy set is no hub dataset: the card names none.
-        datasets = () if toy else ("vqa_v2",)
-        evaluated_split = data_args.eval_split if eval_dataset is not None else None
-        write_model_card(
-            output_dir, model.config, provenance, metrics, model_id, datasets=datasets, eval_split=evaluated_split
-        )
-    if training_args.push_to_hub and training_args.do_train:
-        # Before the prediction files are written: the upload takes the whole output folder.
-        trainer.push_to_hub()
+        if training_args.push_to_hub and training_args.do_train:
+            # Before the prediction files are written: the upload takes the whole output folder.
+            trainer.push_to_hub()
 
-    if predict_dataset is not None:
-        trainer.compute_metrics = None  # test splits have no answers to score against
-        if data_args.save_logits:
-            trainer.preprocess_logits_for_metrics = answers_and_float16_logits
-        prediction = trainer.predict(predict_dataset)
-        if trainer.is_world_process_zero():
-            indices, scores = prediction.predictions if data_args.save_logits else (prediction.predictions, None)
-            path = output_dir / f"predictions_{data_args.predict_split}.json"
-            write_predictions(prediction.label_ids, indices, model.config.id2label, path)
+        if predict_dataset is not None:
+            trainer.compute_metrics = None  # test splits have no answers to score against
             if data_args.save_logits:
-                np.save(output_dir / f"logits_{data_args.predict_split}.npy", scores.astype(np.float16))
-                np.save(output_dir / f"question_ids_{data_args.predict_split}.npy", prediction.label_ids)
-            print(f"Wrote {path} ({len(indices)} questions)")
-            if warning := questions_left_out_warning(data_args.dataset_dir, data_args.predict_split):
-                print(f"warning: {warning}", file=sys.stderr)
+                trainer.preprocess_logits_for_metrics = answers_and_float16_logits
+            prediction = trainer.predict(predict_dataset)
+            if trainer.is_world_process_zero():
+                indices, scores = prediction.predictions if data_args.save_logits else (prediction.predictions, None)
+                path = output_dir / f"predictions_{data_args.predict_split}.json"
+                write_predictions(prediction.label_ids, indices, model.config.id2label, path)
+                if data_args.save_logits:
+                    np.save(output_dir / f"logits_{data_args.predict_split}.npy", scores.astype(np.float16))
+                    np.save(output_dir / f"question_ids_{data_args.predict_split}.npy", prediction.label_ids)
+                print(f"Wrote {path} ({len(indices)} questions)")
+                if warning := questions_left_out_warning(data_args.dataset_dir, data_args.predict_split):
+                    print(f"warning: {warning}", file=sys.stderr)
 
-    if trainer.is_world_process_zero() and eval_dataset is not None:
-        print(f"Final {data_args.eval_split} VQA accuracy: {metrics['eval_accuracy']:.2f}")
-        if "baseline_question_only" in metrics:
-            print(
-                f"Baselines on the same split: majority answer {metrics['baseline_majority_answer']:.2f}, "
-                f"question only {metrics['baseline_question_only']:.2f}"
-            )
-            print("Sample answers:")
-            show_sample_answers(model, eval_dataset, collator)
-    trainer.stop_dataloader_workers()
-    return metrics
+        if trainer.is_world_process_zero() and eval_dataset is not None:
+            print(f"Final {data_args.eval_split} VQA accuracy: {metrics['eval_accuracy']:.2f}")
+            if "baseline_question_only" in metrics:
+                print(
+                    f"Baselines on the same split: majority answer {metrics['baseline_majority_answer']:.2f}, "
+                    f"question only {metrics['baseline_question_only']:.2f}"
+                )
+                print("Sample answers:")
+                show_sample_answers(model, eval_dataset, collator)
+        return metrics
+    finally:
+        # Also when the run fails: persistent workers left to the garbage collector are killed after 5 s each.
+        trainer.stop_dataloader_workers()
 
 
 if __name__ == "__main__":

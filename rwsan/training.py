@@ -565,9 +565,10 @@ class VQATrainer(Trainer):
         self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
         # Set where the training batches reach the GPU on a side stream (`get_train_dataloader`).
         self.batch_copy: SideStreamBatchCopy | None = None
-        # The DataLoaders made for training, evaluation and prediction that are still in use
-        # (`stop_dataloader_workers`).
+        # The DataLoaders made for training, evaluation and prediction that are still in use, and how many of those
+        # passes are running (`stop_dataloader_workers`).
         self.dataloaders_made: weakref.WeakSet = weakref.WeakSet()
+        self.passes_running = 0
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -606,20 +607,49 @@ class VQATrainer(Trainer):
         self.dataloaders_made.add(dataloader)
         return dataloader
 
+    def __getstate__(self):
+        # A WeakSet does not pickle (transformers' Ray search pickles the trainer); the copy has no loaders yet.
+        return {**self.__dict__, "dataloaders_made": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, dataloaders_made=weakref.WeakSet())
+
+    @contextlib.contextmanager
+    def _pass(self):
+        self.passes_running += 1
+        try:
+            yield
+        finally:
+            self.passes_running -= 1
+
+    def evaluation_loop(self, *args, **kwargs):
+        with self._pass():
+            return super().evaluation_loop(*args, **kwargs)
+
     def stop_dataloader_workers(self):
-        """Has the worker processes of every DataLoader this trainer made exit now; a later pass starts new ones.
+        """Has the persistent workers of the DataLoaders this trainer made for training, evaluation and prediction
+        exit now, between passes; a later pass starts new ones. During a pass it raises a RuntimeError: the pass
+        would end early.
 
         Persistent workers (`--dataloader_persistent_workers`) otherwise live as long as their DataLoader. A process
-        that exits stops them at once (torch's exit hook), but a Trainer dropped within a process lives in reference
-        cycles, which the garbage collector frees: it closes a DataLoader iterator's queues before the iterator's own
-        clean-up tells the workers to stop, so each worker is killed only after waiting 5 s."""
-        for loader in self.dataloaders_made:
-            # accelerate's DataLoaderShard wraps the DataLoader, which keeps the iterator of persistent workers.
-            loader = getattr(loader, "base_dataloader", loader)
-            iterator = getattr(loader, "_iterator", None)
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
-                loader._iterator = None
+        that exits ends them at once, but a Trainer dropped within a process lives in reference cycles, which the
+        garbage collector frees: it closes a DataLoader iterator's queues before the iterator's own clean-up tells
+        the workers to stop, so each worker is killed only after waiting 5 s."""
+        if self.passes_running:
+            raise RuntimeError(
+                "stop_dataloader_workers() during training, evaluation or prediction would end it early; call it "
+                "once train(), evaluate() or predict() has returned"
+            )
+        _stop_persistent_workers(list(self.dataloaders_made))
+
+    def predict(self, *args, **kwargs):
+        """`Trainer.predict`. The persistent workers of the DataLoader it makes stop with it: the Trainer makes a new
+        one for every prediction, so they would pile up."""
+        made_before = set(self.dataloaders_made)
+        try:
+            return super().predict(*args, **kwargs)
+        finally:
+            _stop_persistent_workers([loader for loader in self.dataloaders_made if loader not in made_before])
 
     def _set_signature_columns_if_needed(self):
         # What `remove_unused_columns` (plain `TrainingArguments`' default) keeps: `question_id` is no model input.
@@ -699,7 +729,8 @@ class VQATrainer(Trainer):
                 "the values the run was started with, or start a new run from the checkpoint's weights "
                 "(--model_name_or_path)."
             )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with self._pass():
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
         # A resumed run's state holds the records its checkpoint had, and the Trainer expects one of each of its
@@ -813,6 +844,16 @@ class VQATrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
         return None if outputs.loss is None else outputs.loss.mean(), outputs.logits
+
+
+def _stop_persistent_workers(dataloaders: Collection):
+    for loader in dataloaders:
+        # accelerate's DataLoaderShard wraps the DataLoader, which keeps the iterator of persistent workers.
+        loader = getattr(loader, "base_dataloader", loader)
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 def vqa_metrics(dataset, id2label: dict[int, str]):

@@ -1024,7 +1024,12 @@ class Benchmark:
         profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
         trainer.add_callback(timer)
         trainer.add_callback(profiler)
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            # Workers left to the garbage collector would each wait 5 s before being killed (about 45 s of device
+            # time with 8 workers and the pinning thread, inferred), also where the row fails.
+            trainer.stop_dataloader_workers()
         notes = list(timer.notes)
         if trainer.batch_copy is not None:
             notes.append("batches copied on a side stream")
@@ -1051,8 +1056,6 @@ class Benchmark:
             print_kernel_profile(
                 profiler.kernels, f"{key}, {profiler.steps} steps ({steps})", self.device, profiler.wall_seconds
             )
-        # Workers left to the garbage collector would each wait 5 s before being killed: 40 s of device time with 8.
-        trainer.stop_dataloader_workers()
         del trainer
         self.release_compiled_state()
         return row
@@ -1078,13 +1081,16 @@ class Benchmark:
             compute_metrics=lambda prediction: {},
             preprocess_logits_for_metrics=answer_indices,
         )
-        start = time.perf_counter()
-        trainer.evaluate()
-        warmup_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        trainer.evaluate()
-        self.synchronize()
-        elapsed = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            trainer.evaluate()
+            warmup_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            trainer.evaluate()
+            self.synchronize()
+            elapsed = time.perf_counter() - start
+        finally:
+            trainer.stop_dataloader_workers()  # as after a Trainer row
         options = [precision_name(arguments.bf16)]
         options += ["--pack_regions"] * (self.device.type == "cuda") + ["--cuda_graphs"] * cuda_graphs
         row = Row(
@@ -1097,7 +1103,6 @@ class Benchmark:
             timed_steps=-(-len(questions) // arguments.per_device_eval_batch_size),
             note=f"{len(questions)} questions",
         )
-        trainer.stop_dataloader_workers()
         del trainer
         self.release_compiled_state()
         return row

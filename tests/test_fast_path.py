@@ -447,18 +447,23 @@ def test_bucket_shapes_are_those_the_collator_pads_to():
         assert (batch["input_ids"].shape[1], batch["image_features"].shape[1]) in shapes
 
 
-def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
-    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer"
-    rows += ",trainer_in_process,evaluate"
-    # Each row's DataLoader workers have stopped before the garbage collector frees what the row built: workers it
-    # frees are killed only after waiting 5 s each.
-    workers_left = []
+def workers_at_each_release(monkeypatch) -> list:
+    """The DataLoader workers (started from now on) alive whenever the bench frees memory: they should have stopped
+    before the garbage collector frees what a row built, as it kills workers only after waiting 5 s each."""
+    earlier, workers_left = set(multiprocessing.active_children()), []
     release_memory = bench.Benchmark.release_memory
     monkeypatch.setattr(
         bench.Benchmark,
         "release_memory",
-        lambda self: workers_left.extend(multiprocessing.active_children()) or release_memory(self),
+        lambda self: workers_left.extend(set(multiprocessing.active_children()) - earlier) or release_memory(self),
     )
+    return workers_left
+
+
+def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
+    rows = "fp32_eager,bf16_sdpa,grouped,loader,loader_packed,loader_in_process,loader_training,trainer"
+    rows += ",trainer_in_process,evaluate"
+    workers_left = workers_at_each_release(monkeypatch)
     # One round of the four pool batches per row, so that the rows time the same samples. A worker process, for the
     # rows that load with workers to differ from those that load in the main process (the CPU default is none).
     sizes = ["--batch_size", "16", "--pool_batches", "4", "--steps", "4", "--loader_batches", "2"]
@@ -490,6 +495,20 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
     # Fed by the DataLoader, the fast path (bf16 SDPA on a CPU, padded to the longest) pads its batches as its own
     # row does, not to the multiples the loader rows pad to.
     assert measured["loader_training"]["mean_padded_question_length"] < 16
+
+
+def test_a_failing_trainer_row_stops_its_workers_too(tmp_path, monkeypatch):
+    workers_left = workers_at_each_release(monkeypatch)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(bench.ShapeRecordingTrainer, "training_step", out_of_memory)
+    sizes = ["--batch_size", "8", "--num_images", "20", "--trainer_steps", "1", "--num_workers", "1"]
+    bench.main(["--tiny", *sizes, "--rows", "trainer", "--json", str(tmp_path / "r.json")])
+    [row] = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["error"] == "RuntimeError: out of memory (simulated)"
+    assert workers_left == []
 
 
 def test_the_trainer_rows_name_the_precision_they_run_in(tmp_path, monkeypatch):

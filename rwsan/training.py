@@ -568,6 +568,8 @@ class VQATrainer(Trainer):
         # The DataLoaders made for training, evaluation and prediction that are still in use, and how many of those
         # passes are running (`stop_dataloader_workers`).
         self.dataloaders_made: weakref.WeakSet = weakref.WeakSet()
+        # With persistent workers: the evaluation loaders of datasets given to `evaluate` as objects, by their id.
+        self.eval_dataloaders_of_datasets: dict[int, tuple[Any, torch.utils.data.DataLoader]] = {}
         self.passes_running = 0
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
@@ -598,7 +600,20 @@ class VQATrainer(Trainer):
         return dataloader
 
     def get_eval_dataloader(self, eval_dataset=None):
-        return self._made(super().get_eval_dataloader(eval_dataset))
+        """`Trainer.get_eval_dataloader`, with persistent workers kept for each dataset evaluated. The Trainer keeps
+        the loader of a dataset given as an object under the same name as `eval_dataset`'s, so that the next
+        evaluation of either would silently read the other's questions."""
+        if eval_dataset is None or isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
+            return self._made(super().get_eval_dataloader(eval_dataset))
+        # Keyed by identity (a dataset need not be hashable); the dataset is kept so that its id is not reused.
+        if id(eval_dataset) not in self.eval_dataloaders_of_datasets:
+            kept = self._eval_dataloaders.pop("eval", None) if hasattr(self, "_eval_dataloaders") else None
+            dataloader = super().get_eval_dataloader(eval_dataset)
+            del self._eval_dataloaders["eval"]
+            if kept is not None:
+                self._eval_dataloaders["eval"] = kept
+            self.eval_dataloaders_of_datasets[id(eval_dataset)] = (eval_dataset, dataloader)
+        return self._made(self.eval_dataloaders_of_datasets[id(eval_dataset)][1])
 
     def get_test_dataloader(self, test_dataset):
         return self._made(super().get_test_dataloader(test_dataset))

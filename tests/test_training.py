@@ -1438,6 +1438,31 @@ def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prep
     assert set(multiprocessing.active_children()) <= earlier and killed == []
 
 
+def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(tiny_prepared_vqa, tmp_path):
+    """transformers keeps the loader of a dataset given to `evaluate` under the name of `eval_dataset`'s, so that
+    with persistent workers each evaluation after the first silently read the first one's questions."""
+    datasets = {split: load_vqa_dataset(tiny_prepared_vqa, split) for split in ("train", "val")}
+
+    def losses(persistent: bool) -> list[float]:
+        trainer = tiny_trainer(
+            tiny_prepared_vqa,
+            tmp_path / str(persistent),
+            0.0,
+            use_cpu=True,
+            dataloader_num_workers=1,
+            dataloader_persistent_workers=persistent,
+        )
+        trainer.eval_dataset = datasets["train"]
+        try:
+            return [trainer.evaluate(dataset)["eval_loss"] for dataset in (datasets["val"], None, datasets["val"])]
+        finally:
+            trainer.stop_dataloader_workers()
+
+    expected = losses(persistent=False)
+    assert expected[0] != expected[1]
+    assert losses(persistent=True) == expected
+
+
 def test_a_trainer_without_its_model_pickles(tmp_path):
     """As transformers' Ray hyperparameter search sends it to its workers. In a new process: accelerate's state
     holds weak references once a process has trained, and then no trainer pickles."""

@@ -601,19 +601,18 @@ class VQATrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         """`Trainer.get_eval_dataloader`, with persistent workers kept for each dataset evaluated. The Trainer keeps
-        the loader of a dataset given as an object under the same name as `eval_dataset`'s, so that the next
-        evaluation of either would silently read the other's questions."""
-        if eval_dataset is None or isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
+        them under one name for every dataset given as an object, which `evaluate` always gives: an evaluation after
+        one of another dataset, or after `trainer.eval_dataset` was replaced, would silently read the earlier
+        one's questions."""
+        if isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
             return self._made(super().get_eval_dataloader(eval_dataset))
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         # Keyed by identity (a dataset need not be hashable); the dataset is kept so that its id is not reused.
-        if id(eval_dataset) not in self.eval_dataloaders_of_datasets:
-            kept = self._eval_dataloaders.pop("eval", None) if hasattr(self, "_eval_dataloaders") else None
-            dataloader = super().get_eval_dataloader(eval_dataset)
+        if id(dataset) not in self.eval_dataloaders_of_datasets:
+            dataloader = super().get_eval_dataloader(dataset)
             del self._eval_dataloaders["eval"]
-            if kept is not None:
-                self._eval_dataloaders["eval"] = kept
-            self.eval_dataloaders_of_datasets[id(eval_dataset)] = (eval_dataset, dataloader)
-        return self._made(self.eval_dataloaders_of_datasets[id(eval_dataset)][1])
+            self.eval_dataloaders_of_datasets[id(dataset)] = (dataset, dataloader)
+        return self._made(self.eval_dataloaders_of_datasets[id(dataset)][1])
 
     def get_test_dataloader(self, test_dataset):
         return self._made(super().get_test_dataloader(test_dataset))

@@ -1439,11 +1439,13 @@ def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prep
 
 
 def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(tiny_prepared_vqa, tmp_path):
-    """transformers keeps the loader of a dataset given to `evaluate` under the name of `eval_dataset`'s, so that
-    with persistent workers each evaluation after the first silently read the first one's questions."""
+    """With persistent workers, transformers keeps the loader of every dataset object evaluated under one name, so
+    that each evaluation after the first silently read the first one's questions, even once `eval_dataset` was
+    replaced."""
     datasets = {split: load_vqa_dataset(tiny_prepared_vqa, split) for split in ("train", "val")}
 
-    def losses(persistent: bool) -> list[float]:
+    def losses(persistent: bool) -> tuple[list[float], int]:
+        """The losses of the evaluations, and how many loaders they left alive."""
         trainer = tiny_trainer(
             tiny_prepared_vqa,
             tmp_path / str(persistent),
@@ -1454,13 +1456,16 @@ def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(
         )
         trainer.eval_dataset = datasets["train"]
         try:
-            return [trainer.evaluate(dataset)["eval_loss"] for dataset in (datasets["val"], None, datasets["val"])]
+            evaluated = [trainer.evaluate(dataset)["eval_loss"] for dataset in (datasets["val"], None, datasets["val"])]
+            trainer.eval_dataset = datasets["val"]
+            evaluated += [trainer.evaluate()["eval_loss"], trainer.evaluate(datasets["train"])["eval_loss"]]
+            return evaluated, len(trainer.dataloaders_made)
         finally:
             trainer.stop_dataloader_workers()
 
-    expected = losses(persistent=False)
+    expected, _ = losses(persistent=False)
     assert expected[0] != expected[1]
-    assert losses(persistent=True) == expected
+    assert losses(persistent=True) == (expected, 2)  # a loader for each dataset
 
 
 def test_a_trainer_without_its_model_pickles(tmp_path):

@@ -718,12 +718,20 @@ class VQATrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; a checkpoint whose epochs had another number of optimizer steps (another batch size,
-        number of processes, gradient accumulation or training set), or whose optimizer had other options (see
-        `ResumeRecord`), raises a `ResumeError`."""
+        number of processes, gradient accumulation or training set), whose optimizer had other options (see
+        `ResumeRecord`), or that holds the weights alone (`save_only_model`) raises a `ResumeError`."""
         self.resumed_checkpoint = resume_from_checkpoint or None
         if resume_from_checkpoint is True:
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
+        # The Trainer saves the random generators' states with every checkpoint but those of --save_only_model,
+        # and resumes one without them (nor the optimizer's and the schedule's) without a word.
+        if self.resumed_checkpoint and not any(Path(self.resumed_checkpoint).glob("rng_state*.pth")):
+            raise ResumeError(
+                f"{self.resumed_checkpoint} holds the model's weights alone (saved with --save_only_model): "
+                "without the optimizer's, the schedule's and the random generators' states a resumed run would "
+                "restart them. Start a new run from its weights (--model_name_or_path) instead."
+            )
         options = _optimizer_options(self.args)
         state_file = Path(self.resumed_checkpoint) / TRAINER_STATE_NAME if self.resumed_checkpoint else None
         resumed_state = TrainerState.load_from_json(str(state_file)) if state_file and state_file.is_file() else None

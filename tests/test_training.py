@@ -315,6 +315,23 @@ def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path
         train_vqa.main([*common_arguments(tiny_prepared_vqa, output), "--resume_from_checkpoint", "last"])
 
 
+def test_a_checkpoint_of_the_weights_alone_is_not_resumed(tiny_prepared_vqa, tmp_path):
+    """The Trainer resumes one saved with --save_only_model without a word, restarting the paper's warm-up, the
+    optimizer's moments and the random generators; `VQATrainer.train` refuses it before training."""
+    import train_vqa
+
+    output = tmp_path / "run"
+    arguments = [*common_arguments(tiny_prepared_vqa, output), "--eval_strategy", "no", "--save_strategy", "epoch"]
+    train_vqa.main([*arguments, "--num_train_epochs", "1", "--save_only_model"])
+    checkpoint = output / "checkpoint-14"
+    saved = sorted(path.name for path in checkpoint.iterdir())
+    message = f"{checkpoint} holds the model's weights alone (saved with --save_only_model)"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last"])
+    assert sorted(path.name for path in checkpoint.iterdir()) == saved
+    assert not (output / "checkpoint-28").exists()
+
+
 def run_two_processes(*arguments):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

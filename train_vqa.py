@@ -56,6 +56,7 @@ from rwsan.processing_rwsan import (
 )
 from rwsan.reporting import plot_training_history, write_model_card
 from rwsan.training import (
+    DROPPED_QUESTIONS,
     ResumeError,
     StopOnNonFiniteLoss,
     VQATrainer,
@@ -776,11 +777,7 @@ def main(argv: list[str] | None = None):
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     if training_args.dataloader_drop_last and (eval_dataset is not None or predict_dataset is not None):
-        # The Trainer applies it to every DataLoader: questions of the last batch would go unanswered.
-        raise UsageError(
-            "--dataloader_drop_last also drops the last batch of evaluation and prediction, leaving its questions "
-            "unanswered; leave it out (with --cuda_graphs the last batch's shape is recorded once, not every epoch)"
-        )
+        raise UsageError(DROPPED_QUESTIONS)
 
     collator = VQACollator(
         model.config.num_labels,

@@ -542,6 +542,13 @@ class ResumeRecord(TrainerCallback, ExportableState):
         return {name: value for name, value in record.get("attributes", {}).items() if value is not None}
 
 
+# The Trainer applies --dataloader_drop_last to every DataLoader it makes.
+DROPPED_QUESTIONS = (
+    "--dataloader_drop_last also drops the last batch of evaluation and prediction, leaving its questions "
+    "unanswered; leave it out (with --cuda_graphs the last batch's shape is recorded once, not every epoch)"
+)
+
+
 class VQATrainer(Trainer):
     """The `Trainer` with the paper's schedule, region bucketing and question-id-keyed evaluation.
 
@@ -571,6 +578,8 @@ class VQATrainer(Trainer):
         # With persistent workers: the evaluation loaders of datasets given to `evaluate` as objects, by their id.
         self.eval_dataloaders_of_datasets: dict[int, tuple[Any, torch.utils.data.DataLoader]] = {}
         self.passes_running = 0
+        if self.eval_dataset is not None:
+            self._refuse_dropped_questions()
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -604,6 +613,7 @@ class VQATrainer(Trainer):
         them under one name for every dataset given as an object, which `evaluate` always gives: an evaluation after
         one of another dataset, or after `trainer.eval_dataset` was replaced, would silently read the earlier
         one's questions."""
+        self._refuse_dropped_questions()
         if isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
             return self._made(super().get_eval_dataloader(eval_dataset))
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -615,7 +625,12 @@ class VQATrainer(Trainer):
         return self._made(self.eval_dataloaders_of_datasets[id(dataset)][1])
 
     def get_test_dataloader(self, test_dataset):
+        self._refuse_dropped_questions()
         return self._made(super().get_test_dataloader(test_dataset))
+
+    def _refuse_dropped_questions(self):
+        if self.args.dataloader_drop_last:
+            raise ValueError(DROPPED_QUESTIONS)
 
     def _made(self, dataloader):
         self.dataloaders_made.add(dataloader)

@@ -1506,6 +1506,22 @@ print(type(copied.dataloaders_made).__name__)
     assert result.returncode == 0 and result.stdout.split() == ["WeakSet"], result.stderr[-2000:]
 
 
+def test_a_trainer_that_would_drop_questions_it_evaluates_or_answers_refuses(tiny_prepared_vqa, tmp_path):
+    """The Trainer applies `dataloader_drop_last` to every loader: a prediction left the last batch's questions
+    unanswered without a word, and a loss-only evaluation left them out of its loss. Training is unaffected."""
+    from rwsan.training import VQATrainer
+
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True, max_steps=1, dataloader_drop_last=True)
+    trainer.train()
+    test = load_vqa_dataset(tiny_prepared_vqa, "test")
+    message = re.escape("--dataloader_drop_last also drops the last batch of evaluation and prediction")
+    for call in (trainer.predict, trainer.evaluate):
+        with pytest.raises(ValueError, match=message):
+            call(test)
+    with pytest.raises(ValueError, match=message):
+        VQATrainer(model=trainer.model, args=trainer.args, eval_dataset=test)
+
+
 def test_each_prediction_stops_its_persistent_workers(tiny_prepared_vqa, tmp_path):
     """The Trainer makes a DataLoader for every prediction, whose persistent workers would otherwise pile up."""
     trainer = tiny_trainer(

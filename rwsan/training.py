@@ -172,6 +172,18 @@ class VQATrainingArguments(TrainingArguments):
             raise ValueError(
                 "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use --bf16"
             )
+        for name, autocast in (("bf16_full_eval", "--bf16"), ("fp16_full_eval", "--fp16")):
+            if getattr(self, name):
+                raise ValueError(
+                    f"--{name} has the Trainer cast the model's own weights, for good, when it evaluates outside "
+                    "training: a training or a save after it would take the rounded weights, while the evaluations "
+                    f"during training run uncast; {autocast} evaluates in half precision under autocast"
+                )
+        if self.group_by_regions and self.train_sampling_strategy != _default_of("train_sampling_strategy"):
+            raise ValueError(
+                f"--group_by_regions and --train_sampling_strategy {self.train_sampling_strategy} each choose the "
+                "order of the training questions; give one of them"
+            )
         if self.compile_blocks and self.torch_compile:
             raise ValueError(
                 "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile "

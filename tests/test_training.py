@@ -496,6 +496,14 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "--warmup_epochs shape the paper's learning-rate schedule, which --paper_schedule false replaces",
         ),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
+        # The Trainer casts the model in place: --push_to_hub after the final evaluation sent rounded weights.
+        (["--bf16_full_eval"], "--bf16_full_eval has the Trainer cast the model's own weights, for good, when it"),
+        (["--fp16_full_eval"], "--fp16_full_eval has the Trainer cast the model's own weights, for good, when it"),
+        # The region-grouped order was trained instead, without a word.
+        (
+            ["--group_by_regions", "--train_sampling_strategy", "sequential"],
+            "--group_by_regions and --train_sampling_strategy sequential each choose the order of the training",
+        ),
         (["--save_logits"], "--save_logits keeps the scores of --do_predict's answers; give --do_predict too"),
         (["--dataset_d", "elsewhere"], "Some specified arguments are not used by the HfArgumentParser: ['--dataset_d'"),
         (["--fp16"], "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use --bf16"),

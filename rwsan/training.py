@@ -55,7 +55,8 @@ class VQATrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Evaluate: by default as --eval_strategy says (every epoch); false: never; true with "
-            "--eval_strategy no: once, at the end.",
+            "--eval_strategy no: once, at the end of train_vqa.py's run (a VQATrainer evaluates by --eval_strategy "
+            "alone).",
             # As the parser takes a plain bool option: `--do_eval` alone is true.
             "nargs": "?",
             "const": True,
@@ -910,7 +911,15 @@ def vqa_metrics(dataset, id2label: dict[int, str]):
     row_of_question = {int(question_id): row for row, question_id in enumerate(dataset.question_ids)}
 
     def compute_metrics(prediction) -> dict[str, float]:
-        rows = [row_of_question[int(question_id)] for question_id in np.asarray(prediction.label_ids).reshape(-1)]
+        question_ids = [int(question_id) for question_id in np.asarray(prediction.label_ids).reshape(-1)]
+        strangers = [question_id for question_id in question_ids if question_id not in row_of_question]
+        if strangers:
+            raise ValueError(
+                f"The evaluation answered {len(strangers)} questions that {dataset!r}, whose accuracy this metric "
+                f"measures, does not have (question ids {strangers[:5]}{', ...' if len(strangers) > 5 else ''}): "
+                "the dataset evaluated is another; make its compute_metrics with vqa_metrics(that dataset, ...)"
+            )
+        rows = [row_of_question[question_id] for question_id in question_ids]
         if len(set(rows)) != len(rows) or len(rows) != len(dataset):
             # An accuracy over some of the questions would pass for the split's.
             raise ValueError(

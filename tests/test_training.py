@@ -1365,7 +1365,7 @@ def test_metrics_score_the_annotators_answers_as_rwsans_script():
     assert metrics == {"accuracy": 60.0, "accuracy_number": 60.0}
 
 
-def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_vqa):
+def test_metrics_refuse_predictions_that_miss_repeat_or_stray_from_questions(tiny_prepared_vqa):
     from transformers import EvalPrediction
 
     from rwsan.evaluation import compute_vqa_accuracy
@@ -1394,6 +1394,11 @@ def test_metrics_refuse_predictions_that_miss_or_repeat_questions(tiny_prepared_
     repeated[-1] = question_ids[1]
     with pytest.raises(ValueError, match=rf"answered {len(dataset)} questions \({len(dataset) - 1} distinct\)"):
         compute_metrics(EvalPrediction(answers, repeated))
+    # Another split's questions, as from trainer.evaluate(other_split) with this split's metric.
+    other = load_vqa_dataset(tiny_prepared_vqa, "test").question_ids[: len(dataset)]
+    message = f"The evaluation answered {len(dataset)} questions that {dataset!r}, whose accuracy this metric measures"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compute_metrics(EvalPrediction(answers, other))
 
 
 def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_path):

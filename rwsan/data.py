@@ -376,7 +376,8 @@ class VQACollator:
     `image_attention_mask` `(batch, num_regions)` (1 = real), `labels` `(batch, num_answers)` when the items
     have them, and `question_id` `(batch,)` when the items have it. Questions and regions are padded to the
     longest of the batch, rounded up to a multiple of `pad_to_multiple_of` if given (so that compiled shapes
-    repeat), but never beyond `max_question_length` / `max_regions` (or the longest, if longer). Every token and
+    repeat), but never beyond `max_question_length` / `max_regions` (or the longest, if longer); a batch holding a
+    question without words pads questions to `max_question_length`, as the processor does. Every token and
     region an item holds counts as real, as `VQADataset`'s items hold no padding: an item ending in padding (a 0
     token id, an all-zero region row) is refused. Items may hold numpy arrays or torch tensors; features of several
     dtypes are promoted to one.
@@ -464,6 +465,10 @@ class VQACollator:
         question_length = min(
             _padded_length(longest_question, self.pad_to_multiple_of), max(longest_question, self.max_question_length)
         )
+        if question_lengths.min() == 0:
+            # A question without words attends over its padding alone: padded as `RWSANProcessor` pads it, its
+            # answer does not depend on the batch it is in.
+            question_length = max(longest_question, self.max_question_length)
         region_length = min(_padded_length(max(1, region_counts.max()), self.pad_to_multiple_of), self.max_regions)
         batch_size, feature_size = len(items), feature_sizes.pop()
         feature_dtype = np.result_type(*(features.dtype for features in region_features))

@@ -14,6 +14,7 @@ from transformers.trainer_utils import RemoveColumnsCollator
 from data_scripts.prepare_vqa import prepare_vqa
 from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator, load_vqa_dataset, questions_left_out, unpack_image_features
+from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer
 
 NUM_REGIONS = {image_id: count for images in RAW_IMAGES.values() for image_id, count in images.items()}
 # Soft scores of the fixture's annotated questions over its answers ("red", "2"), by multiple-choice answer:
@@ -262,7 +263,7 @@ def test_collator_cuts_regions_and_never_pads_them_past_max_regions():
 
 @pytest.mark.parametrize("pack_regions", [False, True])
 def test_a_batch_of_images_without_regions_pads_to_one_masked_region(pack_regions):
-    """As a batch of questions without words pads to one masked token: the model needs a length of at least one."""
+    """The model needs a length of at least one."""
     items = [{**item, "image_features": np.zeros((0, 3), np.float16)} for item in hand_items()]
     batch = unpack_image_features(VQACollator(num_answers=3, pack_regions=pack_regions)(items))
     assert batch["image_features"].tolist() == [[[0, 0, 0]], [[0, 0, 0]]]
@@ -281,6 +282,33 @@ def test_collator_never_pads_questions_past_max_question_length():
     # A question longer than max_question_length is kept whole, and padding still stops at the longest.
     batch = VQACollator(num_answers=3, max_question_length=4, pad_to_multiple_of=4)(items)
     assert batch["input_ids"][0].tolist() == [2, 3, 4, 5, 6]
+
+
+def test_a_question_without_words_gets_the_same_logits_whatever_its_batch():
+    """It attends over its padding alone, so its answer would change with the longest question of its batch: it is
+    padded to max_question_length, as the processor pads it."""
+    items = hand_items()
+    wordless = {**items[1], "input_ids": np.zeros(0, np.int64)}
+    config = RWSANConfig(vocab_size=10, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                         image_feature_size=3, num_labels=3, max_question_length=6)  # fmt: skip
+    torch.manual_seed(0)
+    model = RWSANForVQA(config).eval()
+    collator = VQACollator(num_answers=3, max_question_length=6, pad_to_multiple_of=2)
+
+    def logits(batch_items) -> torch.Tensor:
+        batch = collator(batch_items)
+        assert batch["input_ids"].shape[1] == 6
+        with torch.no_grad():
+            return model(**{key: value for key, value in batch.items() if key != "question_id"}).logits[-1]
+
+    alone, beside_three_words = logits([wordless]), logits([items[0], wordless])
+    tokenizer = build_question_tokenizer({"PAD": 0, "UNK": 1})
+    processor = RWSANProcessor(tokenizer, max_question_length=6, image_feature_size=3)
+    processed = processor(text=["?"], image_features=[wordless["image_features"]])
+    with torch.no_grad():
+        expected = model(**processed).logits[0]
+    torch.testing.assert_close(alone, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(beside_three_words, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 from .data import VQACollator, load_vqa_dataset, questions_left_out
 from .modeling_rwsan import RWSANForVQA
 from .pipeline_rwsan import RWSANVQAPipeline
-from .processing_rwsan import RWSANProcessor, check_processor_fits_model, check_same_vocabularies
+from .processing_rwsan import (
+    RWSANProcessor,
+    check_positive_int,
+    check_processor_fits_model,
+    check_same_vocabularies,
+)
 from .visualization import plot_attention
 
 
@@ -228,6 +233,13 @@ def predict_split(
     Returns:
         `(question_ids, answer_indices)`, numpy arrays in the order of the split, for [`write_predictions`].
     """
+    check_positive_int("batch_size", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer of at least 0, got {num_workers!r}")
+    if model.training:
+        raise PredictionError(
+            "the model is in training mode, where dropout makes the answers random: call model.eval()"
+        )
     if not Path(dataset_dir).is_dir():
         raise PredictionError(f"dataset folder not found: {dataset_dir}")
     dataset = load_vqa_dataset(
@@ -240,6 +252,11 @@ def predict_split(
         check_same_vocabularies(processor, dataset.processor, "the model's", f"{dataset_dir} (prepared)")
     except ValueError as error:
         raise PredictionError(str(error)) from None
+    if dataset.feature_size != model.config.image_feature_size:
+        raise PredictionError(
+            f"{dataset_dir} (prepared) holds {dataset.feature_size} features a region, but the model takes "
+            f"{model.config.image_feature_size}"
+        )
     check_each_question_once(dataset.question_ids, f"split {split}")
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -346,6 +363,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("top_k", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.num_workers < 0:
+        parser.error("--num_workers must be at least 0")
     return args
 
 

@@ -322,6 +322,31 @@ def test_a_dataset_with_other_vocabularies_is_refused(toy_vqa, toy_model_dir, tm
         run_main("--model", str(tmp_path), "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "p.json"))
 
 
+def test_a_dataset_of_another_feature_size_is_refused_before_answering(toy_vqa, toy_model_dir, tmp_path):
+    """Else it failed in the model's first batch, with a message that named neither the data nor the model."""
+    dataset_processor = RWSANProcessor.from_pretrained(toy_vqa / "processor")
+    processor = RWSANProcessor(
+        dataset_processor.tokenizer, dataset_processor.id2label, image_feature_size=TOY_FEATURE_SIZE + 8
+    )
+    save_for_pipeline(tiny_model_for(processor), processor, tmp_path)
+    message = f"{toy_vqa} (prepared) holds {TOY_FEATURE_SIZE} features a region, but the model takes 32"
+    with pytest.raises(PredictionError, match=f"^{re.escape(message)}$"):
+        run_main("--model", str(tmp_path), "--dataset_dir", str(toy_vqa), "--output", str(tmp_path / "p.json"))
+
+
+def test_predict_split_refuses_a_model_in_training_mode_and_bad_loader_sizes(toy_vqa, toy_model_dir):
+    """A model left in training mode (just trained, say) answered through dropout, differently at every call."""
+    model = RWSANForVQA.from_pretrained(toy_model_dir)
+    processor = RWSANProcessor.from_pretrained(toy_model_dir)
+    with pytest.raises(PredictionError, match=re.escape("the model is in training mode, where dropout makes the")):
+        predict_module.predict_split(model.train(), processor, toy_vqa, "val")
+    model.eval()
+    with pytest.raises(ValueError, match="^batch_size must be a positive integer, got 0$"):
+        predict_module.predict_split(model, processor, toy_vqa, "val", batch_size=0)
+    with pytest.raises(ValueError, match="^num_workers must be an integer of at least 0, got -1$"):
+        predict_module.predict_split(model, processor, toy_vqa, "val", num_workers=-1)
+
+
 def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_dir, toy_features_file, tmp_path):
     """Else a split's answers (named by the model) and one question's (named by the processor) would differ."""
     processor = RWSANProcessor.from_pretrained(toy_model_dir)
@@ -350,6 +375,7 @@ def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_
             "--image is only used with --plot",
         ),
         (["--features", "f.npz", "--question", "q", "--top_k", "0"], "--top_k must be at least 1"),
+        (["--dataset_dir", "d", "--output", "p.json", "--num_workers", "-1"], "--num_workers must be at least 0"),
         # matplotlib would write attention.png, and the name printed would not be the file's.
         (["--features", "f.npz", "--question", "q", "--plot", "attention"], "--plot needs a file name with an image"),
         # options of the other mode would be ignored

@@ -78,6 +78,7 @@ from datasets import DatasetInfo, Features, List, Value
 from datasets.fingerprint import generate_random_fingerprint
 from tqdm.auto import tqdm
 
+from rwsan.data import vocabulary_fingerprint
 from rwsan.processing_rwsan import (
     HALF_CHARACTER,
     PAD_TOKEN,
@@ -1335,7 +1336,11 @@ def write_prepared_dataset(
             "feature_dtype": settings.feature_dtype,
         },
         "regions_per_image": regions_summary(images.num_regions),
-        "vocabularies": {"answers": len(raw.answers), "question_words": len(raw.vocabulary)},
+        "vocabularies": {
+            "answers": len(raw.answers),
+            "question_words": len(raw.vocabulary),
+            "fingerprint": vocabulary_fingerprint(processor),
+        },
         "max_question_length": max_question_length,
         "problem_counts": problems.counts(),
         "problems": [asdict(problem) for problem in problems.problems],

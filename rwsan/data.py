@@ -4,6 +4,7 @@ The region features stay in the memory-mapped Arrow files of `images/`: a questi
 and fetching a batch is a few numpy slices of those files, copied once into the padded batch by the collator.
 """
 
+import hashlib
 import json
 import math
 import operator
@@ -20,6 +21,16 @@ from torch.utils.data import get_worker_info
 from .processing_rwsan import RWSANProcessor, check_positive_int
 
 PREPARED_DATASET_PARTS = ("images", "questions", "processor")
+
+
+def vocabulary_fingerprint(processor: RWSANProcessor) -> str:
+    """A digest of the processor's question words and answers with their ids, which the prepared questions are
+    written in: `prepare_vqa` records it in report.json, and `load_vqa_dataset` refuses a processor/ without it."""
+    vocabularies = {
+        "question_words": sorted(processor.tokenizer.get_vocab().items(), key=lambda item: item[1]),
+        "answers": sorted((int(answer_id), answer) for answer_id, answer in (processor.id2label or {}).items()),
+    }
+    return hashlib.sha256(json.dumps(vocabularies, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _flat_list_column(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +94,14 @@ class VQADataset(torch.utils.data.Dataset):
             self.processor = RWSANProcessor.from_pretrained(str(folder / "processor"))
         except (OSError, ValueError) as error:
             raise _damaged(folder / "processor", error) from error
+        vocabularies = _read_report(folder).get("vocabularies")
+        recorded = vocabularies.get("fingerprint") if isinstance(vocabularies, dict) else None
+        if recorded is not None and recorded != vocabulary_fingerprint(self.processor):
+            # Its tokens and answer ids would silently name other words and answers.
+            raise ValueError(
+                f"{folder / 'processor'} has other question words or answers than the questions of {folder} were "
+                "prepared with: it comes from another preparation; prepare the dataset again or copy it whole"
+            )
         # The cuts the data was prepared with, unless others are asked for.
         prepared = self.processor
         self.max_question_length = max_question_length or prepared.max_question_length

@@ -153,6 +153,13 @@ def cut_file(folder, keep: float):
     path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
 
 
+def processor_of_another_preparation(folder):
+    """The same words and answers, the answers in another order: each label id would name another answer."""
+    processor = RWSANProcessor.from_pretrained(folder / "processor")
+    processor.id2label = dict(enumerate(reversed(processor.id2label.values())))
+    processor.save_pretrained(folder / "processor")
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
@@ -193,6 +200,11 @@ def cut_file(folder, keep: float):
             lambda folder: (folder / "report.json").write_text("{cut"),
             r"report.json could not be read \(JSONDecodeError: .*\); the prepared dataset is damaged",
         ),
+        (
+            processor_of_another_preparation,
+            r"processor has other question words or answers than the questions of .* were prepared with: it comes "
+            "from another preparation",
+        ),
     ],
     ids=[
         "questions cut at a batch",
@@ -203,6 +215,7 @@ def cut_file(folder, keep: float):
         "table metadata",
         "processor",
         "report",
+        "processor of another preparation",
     ],
 )
 def test_a_damaged_folder_is_refused_with_the_part_to_blame(prepared_dir, tmp_path, damage, message):

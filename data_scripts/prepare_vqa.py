@@ -134,6 +134,8 @@ TEXT_CHECK_BYTES = 2**16
 FEATURE_DTYPES = ("float16", "float32")
 # Question and image ids are stored as int64.
 INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+# Image sizes are stored as int32.
+INT32_MAX = int(np.iinfo(np.int32).max)
 # The original pads and cuts every image to 100 regions; the processor records it for the loader.
 MAX_REGIONS = 100
 # Decoded images travel from the workers and into Arrow in groups of about this size, which bounds memory.
@@ -477,8 +479,16 @@ def checked_image(
     def problem(kind: str, reason: str) -> Problem:
         return Problem(kind, path, reason, image_id=image_id)
 
+    # The original's model takes floats alone; complex values would lose their imaginary part unseen.
+    if features.dtype.kind != "f":
+        return problem("unreadable", f"features of dtype {features.dtype}, expected floating-point values")
+    if boxes is not None and boxes.dtype.kind not in "iuf":
+        return problem("unreadable", f"boxes of dtype {boxes.dtype}, expected numbers")
     if boxes is not None and (boxes.ndim != 2 or boxes.shape[1] != 4):
         return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
+    for name, size in (("image_w", width), ("image_h", height)):
+        if size is not None and not 0 < size <= INT32_MAX:
+            return problem("unreadable", f"{name} is {size}, expected a positive size (below 2**31)")
     if len(features) == 0:
         return problem("no_regions", "no regions")
     if not np.isfinite(features).all():

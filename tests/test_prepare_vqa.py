@@ -312,9 +312,19 @@ def test_zero_feature_rows_are_padding_and_not_stored(raw_vqa_dir, tmp_path):
          "zero padding) but num_bbox counts 5"),
         (raw_region_features(9, 3), {"bbox": raw_boxes(9, 4)}, "3 feature rows but boxes counts 4"),
         (np.zeros((4, RAW_FEATURE_SIZE), np.float32), {}, "all its 4 feature rows are zero, which marks padding"),
+        # Failed with numpy's TypeError naming no file, or were converted unseen (complex: the real part alone).
+        (np.full((3, RAW_FEATURE_SIZE), "0.5"), {}, "features of dtype <U3, expected floating-point values"),
+        (raw_region_features(9, 3).astype(complex), {}, "features of dtype complex128, expected floating-point "
+         "values"),
+        (np.ones((3, RAW_FEATURE_SIZE), np.int64), {}, "features of dtype int64, expected floating-point values"),
+        (raw_region_features(9, 3), {"bbox": np.full((3, 4), "1")}, "boxes of dtype <U1, expected numbers"),
+        # Failed with pyarrow's ArrowInvalid once the images were written, naming no file.
+        (raw_region_features(9, 3), {"image_w": np.array(2**31)}, "image_w is 2147483648, expected a positive size "
+         "(below 2**31)"),
+        (raw_region_features(9, 3), {"image_h": np.array(0)}, "image_h is 0, expected a positive size (below 2**31)"),
     ],
 )  # fmt: skip
-def test_region_counts_that_disagree_or_all_zero_features_are_problems(raw_vqa_dir, tmp_path, features, extra, reason):
+def test_bad_region_counts_values_or_all_zero_features_are_problems(raw_vqa_dir, tmp_path, features, extra, reason):
     np.savez(npz_path(raw_vqa_dir, "train2014", 9), x=features.T, **extra)
     report = prepare(raw_vqa_dir, tmp_path / "prepared")
     assert report["problems"][0]["reason"] == reason

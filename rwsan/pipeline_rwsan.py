@@ -53,11 +53,11 @@ class _NumberedInput:
         self.value = value
 
 
-def _rows_array(where: str, field: str, values, row_size: int, zero_rows_mark_padding: bool = False) -> np.ndarray:
+def _rows_array(where: str, field: str, values, row_size: int, are_features: bool = False) -> np.ndarray:
     """Checks that `values` are `(num_regions, row_size)` finite real numbers that float32 holds, as the processor
-    checks them (`as_float32_array`: where `zero_rows_mark_padding`, a row that float32 would make all zeros is
-    refused); returns them as float32 numpy."""
-    rows = as_float32_array(f"{where}: {field}", values, integers=True, zero_rows_mark_padding=zero_rows_mark_padding)
+    checks them (`as_float32_array`): region features floating-point, where a row that float32 would make all
+    zeros is refused (it would mark padding), boxes floating-point or integers; returns them as float32 numpy."""
+    rows = as_float32_array(f"{where}: {field}", values, integers=not are_features, zero_rows_mark_padding=are_features)
     if rows.ndim != 2 or rows.shape[1] != row_size:
         raise ValueError(f"{where}: {field} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})")
     if len(rows) == 0:
@@ -114,7 +114,7 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         )
     if features.shape[0] == feature_size:
         features = features.T
-    features = _rows_array(path, "x", features, feature_size, zero_rows_mark_padding=True)
+    features = _rows_array(path, "x", features, feature_size, are_features=True)
     if boxes is not None:
         # Their count is checked against the regions the model sees (`RWSANVQAPipeline.preprocess`).
         boxes = _rows_array(path, "bbox", boxes, 4)
@@ -377,9 +377,7 @@ class RWSANVQAPipeline(Pipeline):
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
         return {
-            "image_features": _rows_array(
-                where, "image_features", image_features, feature_size, zero_rows_mark_padding=True
-            ),
+            "image_features": _rows_array(where, "image_features", image_features, feature_size, are_features=True),
             "boxes": None,
             "image_size": None,
         }

@@ -303,7 +303,10 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
         ({"question": "what color", "image_features": torch.full((2, FEATURE_SIZE), float("inf"))},
          "image_features contains NaN or infinite values"),
         ({"question": "what color", "image_features": np.full((2, FEATURE_SIZE), "a")},
-         "image_features must hold real numbers, got <U1"),
+         "image_features must hold floating-point values, got <U1"),
+        # As the processor refuses them (features of an image's pixels, say); boxes may be integers.
+        ({"question": "what color", "image_features": np.ones((2, FEATURE_SIZE), np.int64)},
+         "image_features must hold floating-point values, got int64"),
         # Wider floats are checked before float32 takes them: a vanishing region is not dropped as padding, and a
         # value beyond float32's range is named as such.
         ({"question": "what color", "image_features": np.array([[1.0] * FEATURE_SIZE, [1e-50] * FEATURE_SIZE])},

@@ -143,7 +143,7 @@ def _draw_words(figure, axes, words, word_weights):
     norm = _weight_scale(word_weights)
     renderer = figure.canvas.get_renderer()
     axes_width = axes.get_window_extent(renderer).width
-    placed = []  # (word text, weight text, x, width, line)
+    placed = []  # (word text, weight text, x, word width, slot width, line)
     x, line = 0.0, 0
     for word, weight in zip(words, word_weights):
         shade = norm(weight)
@@ -159,15 +159,17 @@ def _draw_words(figure, axes, words, word_weights):
         )
         weight_text = axes.text(x, 0.0, f"{weight:.2f}", fontsize=8, ha="center", va="center")
         word_width = text.get_window_extent(renderer).width / axes_width
-        if x > 0 and x + word_width > 1:
+        # A short word ("is") is narrower than its weight, which would run into the next word's.
+        slot_width = max(word_width, weight_text.get_window_extent(renderer).width / axes_width)
+        if x > 0 and x + slot_width > 1:
             x, line = 0.0, line + 1
-        placed.append((text, weight_text, x, word_width, line))
-        x += word_width + WORD_GAP
+        placed.append((text, weight_text, x, word_width, slot_width, line))
+        x += slot_width + WORD_GAP
     line_height = min(WORD_LINE_HEIGHT, 1 / (line + 1))
-    for text, weight_text, x, word_width, line in placed:
+    for text, weight_text, x, word_width, slot_width, line in placed:
         y = 1.0 - line_height / 3 - line * line_height
-        text.set_position((x, y))
-        weight_text.set_position((x + word_width / 2, y - line_height / 2))
+        text.set_position((x + (slot_width - word_width) / 2, y))
+        weight_text.set_position((x + slot_width / 2, y - line_height / 2))
     axes.set_title("question words by attention weight", fontsize=10, loc="left")
     return ScalarMappable(norm=norm, cmap=colormap)
 
@@ -225,6 +227,9 @@ def plot_attention(
     _check_same_length("words", words, "word_weights", word_weights)
     if not answers:
         raise ValueError("answers is empty")
+    for index, answer in enumerate(answers):
+        if not isinstance(answer, Mapping) or "answer" not in answer or "score" not in answer:
+            raise ValueError(f"answers[{index}] must be a dict with 'answer' and 'score', got {answer!r}")
     if isinstance(top_k_regions, bool) or not isinstance(top_k_regions, int) or top_k_regions < 1:
         raise ValueError(f"top_k_regions must be a positive integer, got {top_k_regions!r}")
     image, size = _image_and_size(image, boxes)

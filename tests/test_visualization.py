@@ -80,6 +80,17 @@ def test_word_shading_follows_the_weights():
     assert np.argsort(darkness, kind="stable").tolist() == np.argsort(WORD_WEIGHTS, kind="stable").tolist()
 
 
+def test_the_weights_of_short_words_do_not_run_into_each_other():
+    """A weight is wider than "is" or "a": laid out by the words' widths alone, "0.27" and "0.24" touched."""
+    words = ["is", "it", "a", "i", "cat"]
+    figure = plot(words=words, word_weights=[0.27, 0.24, 0.2, 0.2, 0.09])
+    renderer = figure.canvas.get_renderer()
+    word_axes = figure.axes[2]
+    for texts in (word_axes.texts[0::2], word_axes.texts[1::2]):  # the words, and the weights below them
+        extents = [text.get_window_extent(renderer) for text in texts]
+        assert all(left.x1 < right.x0 for left, right in zip(extents, extents[1:]))
+
+
 def test_a_long_question_title_is_wrapped_to_the_figure():
     question = " ".join(["photographer's"] * 20) + "?"
     figure = plot(question=question)
@@ -150,6 +161,7 @@ def test_warnings_of_the_answers_are_shown():
         ({"word_weights": [0.1, np.nan, 0.3, 0.4, 0.4]}, "word_weights must be finite and non-negative"),
         ({"word_weights": [], "words": []}, "word_weights must be a non-empty list of numbers"),
         ({"answers": []}, "answers is empty"),
+        ({"answers": [{"answer": "red"}]}, "answers\\[0\\] must be a dict with 'answer' and 'score', got "),
         ({"top_k_regions": 0}, "top_k_regions must be a positive integer, got 0"),
         ({"image": (640, 0)}, r"image size must be a positive \(width, height\), got \(640, 0\)"),
         ({"image": np.zeros((4, 4, 2))}, r"got an array of shape \(4, 4, 2\)"),

@@ -1060,12 +1060,18 @@ def write_questions(
     max_question_length: int,
     label2id: dict[str, int],
     images: ImageTable,
-):
+) -> int:
+    """Writes the split's questions; returns how many of them have annotator answers none of which is in the
+    answer vocabulary."""
     writer = StreamedDatasetWriter(folder, question_schema(annotated))
+    without_known_answer = 0
     for start in range(0, len(joined), QUESTIONS_PER_BATCH):
         chunk = joined[start : start + QUESTIONS_PER_BATCH]
-        writer.write_batch(question_columns(chunk, tokenizer, max_question_length, label2id, images))
+        columns = question_columns(chunk, tokenizer, max_question_length, label2id, images)
+        writer.write_batch(columns)
+        without_known_answer += sum(not label_ids for label_ids in columns.get("label_ids", []))
     writer.close()
+    return without_known_answer
 
 
 def _hold_lock(folder: Path) -> int | None:
@@ -1309,6 +1315,8 @@ def write_prepared_dataset(
     label2id = {answer: answer_id for answer_id, answer in enumerate(raw.answers)}
     tokenizer = build_question_tokenizer(raw.vocabulary, max_length=max_question_length)
     split_counts = {}
+    # Trained towards no answer, as in the original: all their soft scores are zero.
+    without_known_answer = {}
     for split in inputs.converted_splits:
         first_problem = len(problems.problems)
         joined = joined_questions(split, raw.questions[split], raw.annotations.get(split), inputs, images, problems)
@@ -1321,10 +1329,12 @@ def write_prepared_dataset(
             allow_incomplete_eval_splits,
         )
         annotated = split in inputs.annotation_files
-        write_questions(
+        without_answer = write_questions(
             work_dir / "questions" / split, joined, annotated, tokenizer, max_question_length, label2id, images
         )
         split_counts[split] = {"questions": len(raw.questions[split]), "kept": len(joined)}
+        if without_answer:
+            without_known_answer[split] = without_answer
     processor = RWSANProcessor(
         tokenizer=tokenizer,
         id2label=dict(enumerate(raw.answers)),
@@ -1337,6 +1347,7 @@ def write_prepared_dataset(
         "data_root": str(inputs.data_root),
         "features_tsv": [str(path) for path in inputs.features_tsv],
         "splits": split_counts,
+        "questions_without_known_answer": without_known_answer,
         "skipped_splits": inputs.skipped_splits,
         "images": {
             "converted": len(images.num_regions),
@@ -1426,7 +1437,9 @@ def prepare_vqa(
 
 def print_summary(report: dict, output_dir: Path):
     for split, counts in report["splits"].items():
-        print(f"{split}: {counts['kept']} of {counts['questions']} questions")
+        unknown = report["questions_without_known_answer"].get(split)
+        none_known = f" ({unknown} without an answer in the answer vocabulary: trained towards none)" if unknown else ""
+        print(f"{split}: {counts['kept']} of {counts['questions']} questions{none_known}")
     images = report["images"]
     print(f"images: {images['converted']} converted, {images['left_out']} left out")
     vocabularies = report["vocabularies"]

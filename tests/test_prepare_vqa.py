@@ -709,6 +709,24 @@ def test_a_split_that_keeps_no_question_stops_with_the_reasons(raw_vqa_dir, tmp_
     assert not (tmp_path / "prepared").exists()
 
 
+def test_questions_without_an_answer_in_the_vocabulary_are_kept_and_counted(raw_vqa_dir, tmp_path, capsys):
+    """As the original keeps them (trained towards no answer); they were kept without a word."""
+
+    def answers_seen_once(content):
+        for annotation in content["annotations"][:2]:
+            annotation["answers"] = [{"answer": f"colour {index}"} for index in range(10)]
+
+    edit_json(raw_vqa_dir / "vqa" / TRAIN_ANNOTATIONS_FILE, answers_seen_once)
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert report["splits"]["train"] == {"questions": 24, "kept": 24}
+    assert report["questions_without_known_answer"] == {"train": 2}
+    output = capsys.readouterr().out
+    assert "train: 24 of 24 questions (2 without an answer in the answer vocabulary: trained towards none)" in output
+    assert "val: 12 of 12 questions\n" in output
+    train = load_vqa_dataset(tmp_path / "prepared", "train")
+    assert sum(not train[index]["labels"].any() for index in range(len(train))) == 2
+
+
 def test_repeated_and_mismatched_records_are_reported_and_the_first_kept(raw_vqa_dir, tmp_path):
     questions_path = raw_vqa_dir / "vqa" / TRAIN_QUESTIONS_FILE
     annotations_path = raw_vqa_dir / "vqa" / TRAIN_ANNOTATIONS_FILE

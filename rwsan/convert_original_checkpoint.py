@@ -93,7 +93,20 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is not a checkpoint of the original RWSAN code: expected a dict with a 'state_dict' of tensors."
         )
-    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+    names = {key: key.removeprefix("module.") for key in state_dict}
+    _check_one_key_a_name(names, path)
+    return {names[key]: value for key, value in state_dict.items()}
+
+
+def _check_one_key_a_name(names: dict[str, str], path) -> None:
+    """`names`: each key of the checkpoint -> the name it is given. Two keys of one name would leave one weight, the
+    other silently dropped (a checkpoint holding `module.proj.weight` and a stray `proj.weight`, say)."""
+    keys_of = {}
+    for key, name in names.items():
+        keys_of.setdefault(name, []).append(key)
+    shared = [keys for keys in keys_of.values() if len(keys) > 1]
+    if shared:
+        raise CheckpointError(f"{path} holds one weight under several keys, which would leave one of them: {shared}")
 
 
 def _shape(state_dict: dict[str, torch.Tensor], key: str, path) -> torch.Size:
@@ -190,7 +203,9 @@ def load_original_checkpoint(
 
     model = RWSANForVQA(config)
     expected = model.state_dict()
-    renamed = {rename_original_key(key): (key, value) for key, value in state_dict.items()}
+    names = {key: rename_original_key(key) for key in state_dict}
+    _check_one_key_a_name(names, path)
+    renamed = {names[key]: (key, value) for key, value in state_dict.items()}
     problems = []
     missing = sorted(set(expected) - set(renamed))
     unexpected = sorted(original for key, (original, _) in renamed.items() if key not in expected)

@@ -666,7 +666,9 @@ class RWSANModel(RWSANPreTrainedModel):
             image_features (`torch.FloatTensor` of shape `(B, R, image_feature_size)`): region features; rows of
                 zeros are padding. Any float dtype; they are cast to the model's.
             attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for real tokens, 0 for padding.
-                Derived from `input_ids != config.pad_token_id` when not given, as the original does. A question
+                Derived from `input_ids != config.pad_token_id` when not given, as the original does. Padding
+                must follow the words, as the processor pads: the LSTM reads every position from the first, so
+                padding in front changes the answer whatever the mask says. A question
                 without any real token departs from the original: there every attention score over it is set to
                 -5e4, so attention over it is uniform, while here -5e4 is added to the scores, which still shape
                 the weights (logits differ by a few thousandths); VQA questions always have a word.
@@ -676,8 +678,9 @@ class RWSANModel(RWSANPreTrainedModel):
                 (computed with the eager attention path).
             output_hidden_states (`bool`, *optional*): return the hidden states after every shared block.
 
-        Mis-shaped inputs (masks that would broadcast, batches of different sizes, features of another size) raise a
-        `ValueError`; values are not checked, which would make the GPU wait.
+        Inputs that are not tensors raise a `TypeError`; mis-shaped ones (masks that would broadcast, batches of
+        different sizes, features of another size or integer features) a `ValueError`; values are not checked,
+        which would make the GPU wait.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -764,6 +767,18 @@ def _check_input_shapes(
     attention_mask: torch.Tensor | None,
     image_attention_mask: torch.Tensor | None,
 ) -> None:
+    inputs = {
+        "input_ids": input_ids,
+        "image_features": image_features,
+        "attention_mask": attention_mask,
+        "image_attention_mask": image_attention_mask,
+    }
+    for name, value in inputs.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__} (the processor returns tensors with "
+                "return_tensors='pt')"
+            )
     if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             "input_ids must be a (batch_size, question_length) tensor of int64 or int32 token ids, got shape "
@@ -774,6 +789,9 @@ def _check_input_shapes(
             f"image_features must have shape (batch_size, num_regions, {config.image_feature_size}), got "
             f"{tuple(image_features.shape)}"
         )
+    if not image_features.is_floating_point():
+        # Integer values would be cast unseen: features of an image's pixels, say, rather than its regions'.
+        raise ValueError(f"image_features must be floating-point, got dtype {image_features.dtype}")
     if input_ids.shape[0] != image_features.shape[0]:
         raise ValueError(
             f"input_ids has {input_ids.shape[0]} questions but image_features has {image_features.shape[0]} images"

@@ -89,6 +89,16 @@ def test_paper_answer_dict_is_read(tmp_path):
             r"mis-shaped keys: \['attflat_lang\.linear_merge\.bias \(7,\) \(expected \(128,\)\)'\]",
         ),
         (lambda sd: sd.pop("embedding.weight"), r"lacks the key 'embedding\.weight'"),
+        # One of the two was silently kept.
+        (
+            lambda sd: sd.__setitem__("module.proj.weight", torch.zeros_like(sd["proj.weight"])),
+            r"holds one weight under several keys, which would leave one of them: "
+            r"\[\['proj\.weight', 'module\.proj\.weight'\]\]",
+        ),
+        (
+            lambda sd: sd.__setitem__("proj_norm.weight", sd["proj_norm.a_2"]),
+            r"\[\['proj_norm\.a_2', 'proj_norm\.weight'\]\]",
+        ),
     ],
 )
 def test_bad_keys_are_named_and_nothing_is_written(tmp_path, golden, damage, message):

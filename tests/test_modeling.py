@@ -262,6 +262,9 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
         # Broadcast, one answer's scores would stand for every question's.
         (lambda ids, features: (ids, features, {"labels": torch.zeros(1, 9)}),
          r"^labels must have the shape \(batch_size, num_labels\) of the logits, \(3, 9\), got \(1, 9\)$"),
+        # Cast unseen.
+        (lambda ids, features: (ids, (features * 100).long(), {}),
+         "^image_features must be floating-point, got dtype torch.int64$"),
     ],
     ids=[
         "attention_mask (B, 1)",
@@ -277,12 +280,28 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
         "no region positions",
         "no questions",
         "labels (1, A)",
+        "integer image_features",
     ],
 )  # fmt: skip
 def test_mis_shaped_inputs_are_refused_by_name(tiny_model, change, message):
     input_ids, image_features, masks = change(*tiny_inputs(tiny_model.config))
     with pytest.raises(ValueError, match=message):
         tiny_model(input_ids=input_ids, image_features=image_features, **masks)
+
+
+@pytest.mark.parametrize("name", ["input_ids", "image_features", "attention_mask", "image_attention_mask"])
+def test_inputs_that_are_not_tensors_are_refused_by_name(tiny_model, name):
+    """Lists and numpy arrays failed with an AttributeError from inside the model."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    inputs = {
+        "input_ids": input_ids,
+        "image_features": image_features,
+        "attention_mask": (input_ids != 0).long(),
+        "image_attention_mask": torch.ones(image_features.shape[:2], dtype=torch.long),
+    }
+    inputs[name] = inputs[name].numpy()
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got ndarray"):
+        tiny_model(**inputs)
 
 
 def test_without_pad_token_id_the_attention_mask_is_needed():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate.data_loader import DataLoaderShard
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -147,6 +147,10 @@ class VQATrainingArguments(TrainingArguments):
                 raise ValueError(f"--do_eval false and --eval_strategy {self.eval_strategy} disagree: give one of them")
             self.eval_strategy = "no"
         self.do_eval = bool(do_eval)
+        # Without it accelerate's sampler takes the seed the global generator was given last, which `SeedEachProcess`
+        # makes differ between processes: a later training's shards of the questions would overlap.
+        if self.data_seed is None:
+            self.data_seed = self.seed
         super().__post_init__()
         if do_eval is None:
             self.do_eval = self.eval_strategy != IntervalStrategy.NO
@@ -514,6 +518,18 @@ class SamplerEpoch(TrainerCallback):
             self.trainer.region_sampler.set_epoch(state.global_step // self.trainer.update_steps_per_epoch)
 
 
+class SeedEachProcess(TrainerCallback):
+    """Seeds the random generators of process `i` of a run with `seed + i` as training begins. The Trainer seeds
+    every process alike, so that on several processes the same row of every batch drew the same dropout masks on
+    each (transformers#31412), as if the global batch were a process's batch repeated. The order of the training
+    questions does not read these generators: `VQATrainingArguments` gives the samplers `data_seed`."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Plain `TrainingArguments` may leave `data_seed` unset: their processes are left seeded alike.
+        if args.process_index > 0 and args.data_seed is not None:
+            set_seed(args.seed + args.process_index)
+
+
 class ResumeError(ValueError):
     """A checkpoint that this run cannot resume from as it was started."""
 
@@ -532,16 +548,21 @@ class ResumeRecord(TrainerCallback, ExportableState):
     - the optimizer steps an epoch: else the Trainer would place the checkpoint's step in the wrong epoch, skipping
       or repeating data, and the paper's epoch-based schedule would restart misplaced;
     - the optimizer's options (`OPTIMIZER_STATE_OPTIONS`): the resumed optimizer takes them from its saved state, so
-      another --learning_rate, say, would be silently ignored."""
+      another --learning_rate, say, would be silently ignored;
+    - the number of processes: each process resumes its own random generators' state, and `RegionGroupedSampler`
+      groups questions by the batch of one process, so that on another number of processes the resumed epoch would
+      skip some questions and repeat others even where the steps an epoch are the same."""
 
     def __init__(self):
         self.update_steps_per_epoch = None
         self.optimizer_options = None
+        self.processes = None
 
     def state(self) -> dict:
         attributes = {
             "update_steps_per_epoch": self.update_steps_per_epoch,
             "optimizer_options": self.optimizer_options,
+            "processes": self.processes,
         }
         return {"args": {}, "attributes": attributes}
 
@@ -580,6 +601,7 @@ class VQATrainer(Trainer):
         self.resumed_step = 0
         self.region_sampler: RegionGroupedSampler | None = None
         self.add_callback(SamplerEpoch(self))
+        self.add_callback(SeedEachProcess())
         # --cuda_graphs: the model trained and its recorded passes, the model evaluated and its recorded forward
         self.graphed_passes: tuple[torch.nn.Module, GraphedForwardBackward] | None = None
         self.graphed_predictions: tuple[torch.nn.Module, CUDAGraphedFunction] | None = None
@@ -769,6 +791,16 @@ class VQATrainer(Trainer):
         # Resumed from a checkpoint that did not record them, the optimizer's options are its unknown ones.
         unknown = self.resumed_checkpoint is not None and not saved_options
         self.resume_record.optimizer_options = None if unknown else options
+        saved_processes = self.resumed_record.get("processes")
+        self.resume_record.processes = self.args.world_size
+        if saved_processes is not None and saved_processes != self.args.world_size:
+            raise ResumeError(
+                f"{self.resumed_checkpoint} was trained on {saved_processes} processes, but this run has "
+                f"{self.args.world_size}: each process resumes the random generators one of the same rank saved, "
+                "and with --group_by_regions the resumed epoch would skip some questions and repeat others. Resume "
+                f"on {saved_processes} processes (another batch size a process with the accumulation that keeps the "
+                "steps an epoch is fine)."
+            )
         differing = [name for name in options if name in saved_options and options[name] != saved_options[name]]
         if differing:
             raise ResumeError(
@@ -844,13 +876,13 @@ class VQATrainer(Trainer):
             super().create_model_card(**kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
-        if not self.args.group_by_regions:
+        if not getattr(self.args, "group_by_regions", False):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         self.region_sampler = RegionGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
             region_counts=dataset.num_regions.tolist(),
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            seed=self.args.data_seed,
         )
         return self.region_sampler
 

@@ -231,6 +231,18 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
             "resumed optimizer takes these from its saved state"
         ),
     )  # fmt: skip
+    # As a run on 2 processes records itself, resumed on 1: the steps an epoch are the same at the same global batch.
+    state_path = checkpoint / "trainer_state.json"
+    saved_state = state_path.read_text()
+    state = json.loads(saved_state)
+    assert state["stateful_callbacks"]["ResumeRecord"]["attributes"]["processes"] == 1
+    state["stateful_callbacks"]["ResumeRecord"]["attributes"]["processes"] = 2
+    state_path.write_text(json.dumps(state))
+    refused(
+        "--resume_from_checkpoint", "last",
+        message=re.escape(f"{checkpoint} was trained on 2 processes, but this run has 1: each process resumes"),
+    )  # fmt: skip
+    state_path.write_text(saved_state)
     # Weights of the same shapes would load into a model that applies its blocks twice.
     refused(
         "--resume_from_checkpoint", "last", "--num_srwsa_repeats", "2",
@@ -1816,6 +1828,41 @@ def assert_same_predictions(graphed, eager, **tolerance):
     for graphed_ids, eager_ids in zip(*(prediction.label_ids for prediction in predictions), strict=True):
         np.testing.assert_array_equal(graphed_ids, eager_ids)
     np.testing.assert_allclose(predictions[0].metrics["test_loss"], predictions[1].metrics["test_loss"], **tolerance)
+
+
+def test_each_process_draws_its_own_random_numbers_and_the_data_order_none_of_them(tmp_path, monkeypatch):
+    """The Trainer seeds every process alike: on several processes each batch row drew the same dropout masks on
+    all of them (transformers#31412). Process i is seeded with seed + i as training begins; the training order
+    reads `data_seed`, set to the seed, not the generators this leaves apart."""
+    from rwsan.training import SeedEachProcess
+
+    arguments = VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, seed=5, report_to=[])
+    assert arguments.data_seed == 5
+    draws = {}
+    for process in (0, 1):
+        monkeypatch.setattr(type(arguments), "process_index", property(lambda _, index=process: index))
+        torch.manual_seed(arguments.seed)
+        SeedEachProcess().on_train_begin(arguments, TrainerState(), None)
+        draws[process] = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.rand(4))
+    torch.manual_seed(6)
+    assert torch.equal(draws[1], torch.rand(4))
+
+
+def test_a_trainer_with_plain_training_arguments_trains(tiny_prepared_vqa, tmp_path):
+    """It read --group_by_regions, which they lack, when making its sampler."""
+    from transformers import TrainingArguments
+
+    from rwsan.training import VQATrainer
+
+    built = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True)
+    plain = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=2, per_device_train_batch_size=8,
+                              report_to=[], remove_unused_columns=False)  # fmt: skip
+    trainer = VQATrainer(
+        model=built.model, args=plain, train_dataset=built.train_dataset, data_collator=built.data_collator
+    )
+    assert trainer.train().global_step == 2
 
 
 def test_trainer_takes_plain_training_arguments_and_model_init(tmp_path):

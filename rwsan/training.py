@@ -47,7 +47,9 @@ class VQATrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's recipe as defaults, plus its learning-rate schedule and bucketing.
 
     Unlike `TrainingArguments`, pinned batches are copied to a CUDA device without blocking (accelerate's
-    `non_blocking`), unless `accelerator_config` names `non_blocking` or is an `AcceleratorConfig`.
+    `non_blocking`), unless `accelerator_config` names `non_blocking` or is an `AcceleratorConfig`;
+    `load_best_model_at_end` picks the checkpoint of the best VQA accuracy unless `metric_for_best_model` names
+    another metric; and `data_seed` defaults to `seed`.
     """
 
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
@@ -151,6 +153,10 @@ class VQATrainingArguments(TrainingArguments):
         # makes differ between processes: a later training's shards of the questions would overlap.
         if self.data_seed is None:
             self.data_seed = self.seed
+        # The Trainer would pick the best checkpoint by loss, which VQA is not scored by (and which, on several
+        # processes, counts the last batch's repeated questions).
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "accuracy"
         super().__post_init__()
         if do_eval is None:
             self.do_eval = self.eval_strategy != IntervalStrategy.NO

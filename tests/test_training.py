@@ -1850,6 +1850,15 @@ def test_each_process_draws_its_own_random_numbers_and_the_data_order_none_of_th
     assert torch.equal(draws[1], torch.rand(4))
 
 
+def test_the_best_model_kept_at_the_end_is_the_most_accurate_unless_told(tmp_path):
+    """The Trainer's default is the loss, which VQA is not scored by."""
+    common = dict(output_dir=str(tmp_path), use_cpu=True, load_best_model_at_end=True, save_strategy="epoch")
+    arguments = VQATrainingArguments(**common)
+    assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("accuracy", True)
+    arguments = VQATrainingArguments(**common, metric_for_best_model="loss")
+    assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("loss", False)
+
+
 def test_a_trainer_with_plain_training_arguments_trains(tiny_prepared_vqa, tmp_path):
     """It read --group_by_regions, which they lack, when making its sampler."""
     from transformers import TrainingArguments

@@ -1438,7 +1438,12 @@ def prepare_vqa(
 def print_summary(report: dict, output_dir: Path):
     for split, counts in report["splits"].items():
         unknown = report["questions_without_known_answer"].get(split)
-        none_known = f" ({unknown} without an answer in the answer vocabulary: trained towards none)" if unknown else ""
+        none_known = (
+            f" ({unknown} whose annotator answers are all outside the answer vocabulary: none the model can give is "
+            "right)"
+            if unknown
+            else ""
+        )
         print(f"{split}: {counts['kept']} of {counts['questions']} questions{none_known}")
     images = report["images"]
     print(f"images: {images['converted']} converted, {images['left_out']} left out")

@@ -22,7 +22,10 @@ ANSWER_TYPES = ("yes/no", "number", "other")
 
 
 def _say_on(axis, text: str):
-    axis.text(0.5, 0.5, text, ha="center", transform=axis.transAxes)
+    """Writes `text` in the middle of an empty panel, whose ticks would only show matplotlib's default range."""
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes)
 
 
 def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
@@ -39,7 +42,7 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     rate_axis.set(title="learning rate", xlabel="epoch")
     for axis, logged in ((loss_axis, training), (rate_axis, rates)):
         if not logged:
-            _say_on(axis, "nothing logged (fewer steps than --logging_steps, or --logging_strategy no)")
+            _say_on(axis, "nothing logged\n(fewer steps than --logging_steps,\nor --logging_strategy no)")
     rate_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     epochs = [entry["epoch"] for entry in evaluations]
     accuracy_axis.plot(epochs, [entry["eval_accuracy"] for entry in evaluations], "o-", label="overall")
@@ -51,7 +54,7 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
     if evaluations:
         accuracy_axis.legend()
     else:
-        _say_on(accuracy_axis, "no evaluation split")
+        _say_on(accuracy_axis, "nothing evaluated during training")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)
@@ -136,7 +139,8 @@ It answers questions about an image from its precomputed bottom-up-attention reg
 ```python
 from transformers import pipeline
 
-# With `pip install rwsan` and `import rwsan`: pipeline("vqa-features", model=...), without remote code.
+# With the rwsan package installed (`pip install -e .` in its repository) and `import rwsan`:
+# pipeline("vqa-features", model=...), without remote code.
 answer = pipeline(model="{model_id or Path(os.path.abspath(output_dir)).name}", trust_remote_code=True)
 # features: a (regions, {config.image_feature_size}) array, or the path of a per-image .npz
 answer({{"question": "what color is the cube?", "image_features": features}})

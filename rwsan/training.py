@@ -47,9 +47,9 @@ class VQATrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's recipe as defaults, plus its learning-rate schedule and bucketing.
 
     Unlike `TrainingArguments`, pinned batches are copied to a CUDA device without blocking (accelerate's
-    `non_blocking`), unless `accelerator_config` names `non_blocking` or is an `AcceleratorConfig`;
+    `non_blocking`), unless `accelerator_config` names `non_blocking` or is an `AcceleratorConfig`; and
     `load_best_model_at_end` picks the checkpoint of the best VQA accuracy unless `metric_for_best_model` names
-    another metric; and `data_seed` defaults to `seed`.
+    another metric.
     """
 
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
@@ -149,10 +149,6 @@ class VQATrainingArguments(TrainingArguments):
                 raise ValueError(f"--do_eval false and --eval_strategy {self.eval_strategy} disagree: give one of them")
             self.eval_strategy = "no"
         self.do_eval = bool(do_eval)
-        # Without it accelerate's sampler takes the seed the global generator was given last, which `SeedEachProcess`
-        # makes differ between processes: a later training's shards of the questions would overlap.
-        if self.data_seed is None:
-            self.data_seed = self.seed
         # The Trainer would pick the best checkpoint by loss, which VQA is not scored by (and which, on several
         # processes, counts the last batch's repeated questions).
         if self.load_best_model_at_end and self.metric_for_best_model is None:
@@ -234,7 +230,7 @@ def schedule_options_conflict(paper_schedule: bool, given: Collection[str]) -> s
             "(--lr_scheduler_type, --warmup_steps)"
         )
     ignored = [f"--{name}" for name in ignored_options if name in given]
-    return f"{', '.join(ignored)} shape {what_they_shape}" if ignored else None
+    return f"{', '.join(ignored)} {'shape' if len(ignored) > 1 else 'shapes'} {what_they_shape}" if ignored else None
 
 
 def _default_of(name: str):
@@ -528,11 +524,10 @@ class SeedEachProcess(TrainerCallback):
     """Seeds the random generators of process `i` of a run with `seed + i` as training begins. The Trainer seeds
     every process alike, so that on several processes the same row of every batch drew the same dropout masks on
     each (transformers#31412), as if the global batch were a process's batch repeated. The order of the training
-    questions does not read these generators: `VQATrainingArguments` gives the samplers `data_seed`."""
+    questions does not read these generators: `VQATrainer` gives its samplers the data seed."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # Plain `TrainingArguments` may leave `data_seed` unset: their processes are left seeded alike.
-        if args.process_index > 0 and args.data_seed is not None:
+        if args.process_index > 0:
             set_seed(args.seed + args.process_index)
 
 
@@ -584,8 +579,9 @@ class ResumeRecord(TrainerCallback, ExportableState):
 
 # The Trainer applies --dataloader_drop_last to every DataLoader it makes.
 DROPPED_QUESTIONS = (
-    "--dataloader_drop_last also drops the last batch of evaluation and prediction, leaving its questions "
-    "unanswered; leave it out (with --cuda_graphs the last batch's shape is recorded once, not every epoch)"
+    "--dataloader_drop_last (dataloader_drop_last=True) also drops the last batch of evaluation and prediction, "
+    "leaving its questions unanswered; leave it out (with --cuda_graphs the last batch's shape is recorded once, "
+    "not every epoch)"
 )
 
 
@@ -621,8 +617,26 @@ class VQATrainer(Trainer):
         self.passes_running = 0
         if self.eval_dataset is not None:
             self._refuse_dropped_questions()
+        picks_by_accuracy = self.args.load_best_model_at_end and self.args.metric_for_best_model == "accuracy"
+        if picks_by_accuracy and not self.compute_metrics:
+            raise ValueError(
+                "load_best_model_at_end picks the checkpoint of the best VQA accuracy (metric_for_best_model "
+                "'accuracy'), which needs compute_metrics=vqa_metrics(eval_dataset, id2label); give it, or "
+                "metric_for_best_model='loss'"
+            )
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training order, the same on every process: `data_seed`, else `seed`."""
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # Unset, accelerate's sampler would take the seed the global generator was given last, which
+        # `SeedEachProcess` sets apart on each process: a later training's shards of the questions would overlap.
+        self.accelerator.dataloader_config.data_seed = self.data_seed
 
     def call_model_init(self, trial=None):
         return self._compile_blocks_if_asked(super().call_model_init(trial))
@@ -650,20 +664,34 @@ class VQATrainer(Trainer):
         return dataloader
 
     def get_eval_dataloader(self, eval_dataset=None):
-        """`Trainer.get_eval_dataloader`, with persistent workers kept for each dataset evaluated. The Trainer keeps
-        them under one name for every dataset given as an object, which `evaluate` always gives: an evaluation after
-        one of another dataset, or after `trainer.eval_dataset` was replaced, would silently read the earlier
-        one's questions."""
+        """`Trainer.get_eval_dataloader`, with persistent workers kept for each dataset of `eval_dataset`, and for
+        the last other dataset evaluated. The Trainer keeps them by name (`"eval"` for every dataset given as an
+        object, which `evaluate` always gives): an evaluation after one of another dataset, or after
+        `trainer.eval_dataset` was replaced, would silently read the earlier one's questions."""
         self._refuse_dropped_questions()
-        if isinstance(eval_dataset, str) or not self.args.dataloader_persistent_workers:
+        if not self.args.dataloader_persistent_workers:
             return self._made(super().get_eval_dataloader(eval_dataset))
-        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if eval_dataset is None:
+            dataset = self.eval_dataset
+        elif isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = eval_dataset
         # Keyed by identity (a dataset need not be hashable); the dataset is kept so that its id is not reused.
         if id(dataset) not in self.eval_dataloaders_of_datasets:
+            self._stop_other_eval_loaders()
             dataloader = super().get_eval_dataloader(dataset)
             del self._eval_dataloaders["eval"]
             self.eval_dataloaders_of_datasets[id(dataset)] = (dataset, dataloader)
         return self._made(self.eval_dataloaders_of_datasets[id(dataset)][1])
+
+    def _stop_other_eval_loaders(self):
+        """Stops and forgets the loaders of datasets that are not `eval_dataset` (or one of its values): each
+        dataset evaluated otherwise, a split loaded anew every epoch say, would keep workers of its own."""
+        named = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        kept = {id(dataset) for dataset in named}
+        for key in [key for key in self.eval_dataloaders_of_datasets if key not in kept]:
+            _stop_persistent_workers([self.eval_dataloaders_of_datasets.pop(key)[1]])
 
     def get_test_dataloader(self, test_dataset):
         self._refuse_dropped_questions()
@@ -782,11 +810,13 @@ class VQATrainer(Trainer):
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
         # The Trainer saves the random generators' states with every checkpoint but those of --save_only_model,
         # and resumes one without them (nor the optimizer's and the schedule's) without a word.
-        if self.resumed_checkpoint and not any(Path(self.resumed_checkpoint).glob("rng_state*.pth")):
+        saved_whole = self.resumed_checkpoint and (Path(self.resumed_checkpoint) / TRAINER_STATE_NAME).is_file()
+        if saved_whole and not any(Path(self.resumed_checkpoint).glob("rng_state*.pth")):
             raise ResumeError(
-                f"{self.resumed_checkpoint} holds the model's weights alone (saved with --save_only_model): "
-                "without the optimizer's, the schedule's and the random generators' states a resumed run would "
-                "restart them. Start a new run from its weights (--model_name_or_path) instead."
+                f"{self.resumed_checkpoint} holds the model's weights without the optimizer's, the schedule's and the "
+                "random generators' states (a run's output folder, or a checkpoint saved with --save_only_model): a "
+                "resumed run would restart them. Resume from a checkpoint-N folder saved whole, or start a new run "
+                "from these weights (--model_name_or_path)."
             )
         options = _optimizer_options(self.args)
         state_file = Path(self.resumed_checkpoint) / TRAINER_STATE_NAME if self.resumed_checkpoint else None
@@ -796,16 +826,14 @@ class VQATrainer(Trainer):
         saved_options = self.resumed_record.get("optimizer_options", {})
         # Resumed from a checkpoint that did not record them, the optimizer's options are its unknown ones.
         unknown = self.resumed_checkpoint is not None and not saved_options
-        self.resume_record.optimizer_options = None if unknown else options
         saved_processes = self.resumed_record.get("processes")
-        self.resume_record.processes = self.args.world_size
         if saved_processes is not None and saved_processes != self.args.world_size:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained on {saved_processes} processes, but this run has "
-                f"{self.args.world_size}: each process resumes the random generators one of the same rank saved, "
-                "and with --group_by_regions the resumed epoch would skip some questions and repeat others. Resume "
-                f"on {saved_processes} processes (another batch size a process with the accumulation that keeps the "
-                "steps an epoch is fine)."
+                f"{self.args.world_size}: each process resumes the random generators that the process of its rank "
+                "saved, and region-grouped batches (--group_by_regions) would skip some questions and repeat "
+                f"others. Resume on {saved_processes} processes; another batch size a process is fine where the "
+                "gradient accumulation keeps the optimizer steps an epoch."
             )
         differing = [name for name in options if name in saved_options and options[name] != saved_options[name]]
         if differing:
@@ -817,6 +845,8 @@ class VQATrainer(Trainer):
                 "the values the run was started with, or start a new run from the checkpoint's weights "
                 "(--model_name_or_path)."
             )
+        self.resume_record.optimizer_options = None if unknown else options
+        self.resume_record.processes = self.args.world_size
         with self._pass():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -883,12 +913,17 @@ class VQATrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         if not getattr(self.args, "group_by_regions", False):
-            return super()._get_train_sampler(train_dataset)
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler and sampler.generator is None:
+                # The Trainer's shuffles with the global generator, which `SeedEachProcess` sets apart on each
+                # process: their shards of the questions would overlap.
+                sampler.generator = torch.Generator().manual_seed(self.data_seed)
+            return sampler
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         self.region_sampler = RegionGroupedSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
             region_counts=dataset.num_regions.tolist(),
-            seed=self.args.data_seed,
+            seed=self.data_seed,
         )
         return self.region_sampler
 

@@ -721,7 +721,10 @@ def test_questions_without_an_answer_in_the_vocabulary_are_kept_and_counted(raw_
     assert report["splits"]["train"] == {"questions": 24, "kept": 24}
     assert report["questions_without_known_answer"] == {"train": 2}
     output = capsys.readouterr().out
-    assert "train: 24 of 24 questions (2 without an answer in the answer vocabulary: trained towards none)" in output
+    assert (
+        "train: 24 of 24 questions (2 whose annotator answers are all outside the answer vocabulary: none the model "
+        "can give is right)"
+    ) in output
     assert "val: 12 of 12 questions\n" in output
     train = load_vqa_dataset(tmp_path / "prepared", "train")
     assert sum(not train[index]["labels"].any() for index in range(len(train))) == 2

@@ -327,6 +327,12 @@ def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path
         train_vqa.main([*common_arguments(tiny_prepared_vqa, output), "--resume_from_checkpoint", "last"])
 
 
+def test_a_checkpoint_folder_that_does_not_exist_is_not_called_one_of_the_weights_alone(tiny_prepared_vqa, tmp_path):
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True)
+    with pytest.raises(ValueError, match=re.escape(f"Can't find a valid checkpoint at {tmp_path / 'checkpoint-typo'}")):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-typo"))
+
+
 def test_a_checkpoint_of_the_weights_alone_is_not_resumed(tiny_prepared_vqa, tmp_path):
     """The Trainer resumes one saved with --save_only_model without a word, restarting the paper's warm-up, the
     optimizer's moments and the random generators; `VQATrainer.train` refuses it before training."""
@@ -337,11 +343,16 @@ def test_a_checkpoint_of_the_weights_alone_is_not_resumed(tiny_prepared_vqa, tmp
     train_vqa.main([*arguments, "--num_train_epochs", "1", "--save_only_model"])
     checkpoint = output / "checkpoint-14"
     saved = sorted(path.name for path in checkpoint.iterdir())
-    message = f"{checkpoint} holds the model's weights alone (saved with --save_only_model)"
+    message = f"{checkpoint} holds the model's weights without the optimizer's, the schedule's and the random"
     with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
         train_vqa.main([*arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last"])
     assert sorted(path.name for path in checkpoint.iterdir()) == saved
     assert not (output / "checkpoint-28").exists()
+    # The run's own folder is no checkpoint either, though it holds a trainer_state.json.
+    message = f"{output} holds the model's weights without the optimizer's, the schedule's and the random"
+    elsewhere = common_arguments(tiny_prepared_vqa, tmp_path / "elsewhere", "--eval_strategy", "no")
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main([*elsewhere, "--num_train_epochs", "2", "--resume_from_checkpoint", str(output)])
 
 
 def run_two_processes(*arguments):
@@ -499,13 +510,13 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         (["--train_split", "train+nosuch"], "Unknown split 'nosuch'"),
         (["--cuda_graphs"], "--cuda_graphs records one graph per padded batch shape; give --pad_to_multiple_of"),
         (["--cuda_graphs", "--pad_to_multiple_of", "4"], "--cuda_graphs needs a CUDA device; this run is on cpu"),
-        (["--dataloader_drop_last", "true"], "--dataloader_drop_last also drops the last batch of evaluation"),
+        (["--dataloader_drop_last", "true"], "--dataloader_drop_last (dataloader_drop_last=True) also drops"),
         (["--compile_blocks", "--torch_compile"], "--compile_blocks and --torch_compile (or --torch_compile_mode"),
         # Given at their defaults they would be as silently ignored.
-        (["--lr_scheduler_type", "linear"], "--lr_scheduler_type shape the Trainer's learning-rate schedule, which"),
+        (["--lr_scheduler_type", "linear"], "--lr_scheduler_type shapes the Trainer's learning-rate schedule, which"),
         (
             ["--paper_schedule", "false", "--warmup_epochs", "3"],
-            "--warmup_epochs shape the paper's learning-rate schedule, which --paper_schedule false replaces",
+            "--warmup_epochs shapes the paper's learning-rate schedule, which --paper_schedule false replaces",
         ),
         (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor smooths class labels"),
         # The Trainer casts the model in place: --push_to_hub after the final evaluation sent rounded weights.
@@ -914,11 +925,12 @@ def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged(tm
     reporting.plot_training_history([{"loss": 2.0, "learning_rate": 1e-4, "epoch": 0.5}], tmp_path / "one.png")
     loss_axis, rate_axis, accuracy_axis = figures[0].axes
     assert [line.get_marker() for line in loss_axis.lines + rate_axis.lines] == [".", "."]
-    assert [text.get_text() for text in accuracy_axis.texts] == ["no evaluation split"]
+    assert [text.get_text() for text in accuracy_axis.texts] == ["nothing evaluated during training"]
+    assert list(accuracy_axis.get_xticks()) == list(accuracy_axis.get_yticks()) == []
     # A run shorter than --logging_steps logs no training loss.
     reporting.plot_training_history([], tmp_path / "none.png")
     assert [text.get_text() for axis in figures[1].axes[:2] for text in axis.texts] == [
-        "nothing logged (fewer steps than --logging_steps, or --logging_strategy no)"
+        "nothing logged\n(fewer steps than --logging_steps,\nor --logging_strategy no)"
     ] * 2
 
 
@@ -1481,13 +1493,14 @@ def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prep
 
 
 def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(tiny_prepared_vqa, tmp_path):
-    """With persistent workers, transformers keeps the loader of every dataset object evaluated under one name, so
-    that each evaluation after the first silently read the first one's questions, even once `eval_dataset` was
-    replaced."""
+    """With persistent workers, transformers keeps evaluation loaders by name: every dataset object under "eval",
+    the datasets of a dict under their keys. Each evaluation after the first silently read the first one's
+    questions, even once `eval_dataset` was replaced. Loaders of other datasets than `eval_dataset`'s are not kept
+    beyond the next such dataset, so that a split loaded anew for every evaluation adds no workers."""
     datasets = {split: load_vqa_dataset(tiny_prepared_vqa, split) for split in ("train", "val")}
 
-    def losses(persistent: bool) -> tuple[list[float], int]:
-        """The losses of the evaluations, and how many loaders they left alive."""
+    def evaluations(persistent: bool) -> tuple[list[float], int]:
+        """The losses of the evaluations, and the most worker processes alive after one."""
         trainer = tiny_trainer(
             tiny_prepared_vqa,
             tmp_path / str(persistent),
@@ -1496,18 +1509,30 @@ def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(
             dataloader_num_workers=1,
             dataloader_persistent_workers=persistent,
         )
-        trainer.eval_dataset = datasets["train"]
+        earlier = set(multiprocessing.active_children())
+        workers = []
+
+        def evaluate(dataset=None, key="eval_loss") -> float:
+            loss = trainer.evaluate(dataset)[key]
+            workers.append(len(set(multiprocessing.active_children()) - earlier))
+            return loss
+
         try:
-            evaluated = [trainer.evaluate(dataset)["eval_loss"] for dataset in (datasets["val"], None, datasets["val"])]
+            trainer.eval_dataset = datasets["train"]
+            losses = [evaluate(datasets["val"]), evaluate(), evaluate(datasets["val"])]
             trainer.eval_dataset = datasets["val"]
-            evaluated += [trainer.evaluate()["eval_loss"], trainer.evaluate(datasets["train"])["eval_loss"]]
-            return evaluated, len(trainer.dataloaders_made)
+            losses += [evaluate(), evaluate(datasets["train"])]
+            for split in ("train", "val"):
+                trainer.eval_dataset = {"split": datasets[split]}
+                losses.append(evaluate(key="eval_split_loss"))
+            losses += [evaluate(load_vqa_dataset(tiny_prepared_vqa, "val")) for _ in range(3)]
+            return losses, max(workers)
         finally:
             trainer.stop_dataloader_workers()
 
-    expected, _ = losses(persistent=False)
+    expected, _ = evaluations(persistent=False)
     assert expected[0] != expected[1]
-    assert losses(persistent=True) == (expected, 2)  # a loader for each dataset
+    assert evaluations(persistent=True) == (expected, 2)
 
 
 def test_a_trainer_without_its_model_pickles(tmp_path):
@@ -1539,7 +1564,7 @@ def test_a_trainer_that_would_drop_questions_it_evaluates_or_answers_refuses(tin
     trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True, max_steps=1, dataloader_drop_last=True)
     trainer.train()
     test = load_vqa_dataset(tiny_prepared_vqa, "test")
-    message = re.escape("--dataloader_drop_last also drops the last batch of evaluation and prediction")
+    message = re.escape("--dataloader_drop_last (dataloader_drop_last=True) also drops the last batch of evaluation")
     for call in (trainer.predict, trainer.evaluate):
         with pytest.raises(ValueError, match=message):
             call(test)
@@ -1830,24 +1855,62 @@ def assert_same_predictions(graphed, eager, **tolerance):
     np.testing.assert_allclose(predictions[0].metrics["test_loss"], predictions[1].metrics["test_loss"], **tolerance)
 
 
-def test_each_process_draws_its_own_random_numbers_and_the_data_order_none_of_them(tmp_path, monkeypatch):
-    """The Trainer seeds every process alike: on several processes each batch row drew the same dropout masks on
-    all of them (transformers#31412). Process i is seeded with seed + i as training begins; the training order
-    reads `data_seed`, set to the seed, not the generators this leaves apart."""
-    from rwsan.training import SeedEachProcess
+TWO_PROCESS_SAMPLING = """
+import hashlib, json, sys
+import torch
+from transformers import TrainerCallback
+from rwsan import RWSANConfig, RWSANForVQA
+from rwsan.data import VQACollator, load_vqa_dataset
+from rwsan.training import VQATrainer, VQATrainingArguments
 
-    arguments = VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, seed=5, report_to=[])
-    assert arguments.data_seed == 5
-    draws = {}
-    for process in (0, 1):
-        monkeypatch.setattr(type(arguments), "process_index", property(lambda _, index=process: index))
-        torch.manual_seed(arguments.seed)
-        SeedEachProcess().on_train_begin(arguments, TrainerState(), None)
-        draws[process] = torch.rand(4)
-    torch.manual_seed(5)
-    assert torch.equal(draws[0], torch.rand(4))
-    torch.manual_seed(6)
-    assert torch.equal(draws[1], torch.rand(4))
+dataset = load_vqa_dataset(sys.argv[1], "train")
+config = RWSANConfig(vocab_size=len(dataset.processor.tokenizer), id2label=dict(dataset.processor.id2label),
+                     image_feature_size=dataset.feature_size, hidden_size=32, intermediate_size=64)
+collator = VQACollator(config.num_labels)
+results = {}
+for strategy in ("random", "group_by_length"):
+    seen, states = [], []
+
+    def recording(items):
+        seen.extend(int(item["question_id"]) for item in items)
+        return collator(items)
+
+    class RandomState(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            states.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+
+    args = VQATrainingArguments(output_dir=sys.argv[2], use_cpu=True, per_device_train_batch_size=15,
+                                num_train_epochs=1, warmup_epochs=0, eval_strategy="no", save_strategy="no",
+                                report_to=[], seed=3, train_sampling_strategy=strategy, ddp_backend="gloo",
+                                dataloader_num_workers=0, disable_tqdm=True)
+    trainer = VQATrainer(model=RWSANForVQA(config), args=args, train_dataset=dataset, data_collator=recording,
+                         callbacks=[RandomState()])
+    trainer.train()
+    results[strategy] = {"seen": seen, "states": states}
+with open(f"{sys.argv[2]}/rank{args.process_index}.json", "w") as file:
+    json.dump(results, file)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_each_process_draws_its_own_dropout_masks_and_a_shard_of_its_own(tiny_prepared_vqa, tmp_path):
+    """The Trainer seeds every process alike, so that each batch row drew the same dropout masks on all of them
+    (transformers#31412); seeded apart, the shards of the questions must still not overlap, though the Trainer's
+    length-grouped sampler shuffles with the global generator. 210 questions in steps of 2 x 15."""
+    script = tmp_path / "sampling.py"
+    script.write_text(TWO_PROCESS_SAMPLING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tiny_prepared_vqa), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    questions = set(load_vqa_dataset(tiny_prepared_vqa, "train").question_ids.tolist())
+    for strategy in ("random", "group_by_length"):
+        seen = [ranks[rank][strategy]["seen"] for rank in (0, 1)]
+        assert not set(seen[0]) & set(seen[1]), strategy
+        assert sorted(seen[0] + seen[1]) == sorted(questions), strategy
+        states = [ranks[rank][strategy]["states"] for rank in (0, 1)]
+        assert len(states[0]) == 7 and all(first != second for first, second in zip(*states)), strategy
 
 
 def test_the_best_model_kept_at_the_end_is_the_most_accurate_unless_told(tmp_path):
@@ -1857,6 +1920,19 @@ def test_the_best_model_kept_at_the_end_is_the_most_accurate_unless_told(tmp_pat
     assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("accuracy", True)
     arguments = VQATrainingArguments(**common, metric_for_best_model="loss")
     assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("loss", False)
+
+
+def test_a_trainer_that_would_keep_the_most_accurate_model_needs_the_accuracy(tiny_prepared_vqa, tmp_path):
+    """Else it failed at the first evaluation, after training, finding no accuracy among the metrics."""
+    from rwsan.training import VQATrainer
+
+    built = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True)
+    arguments = VQATrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, load_best_model_at_end=True, eval_strategy="steps",
+        save_strategy="steps", eval_steps=3, save_steps=3, report_to=[],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape("which needs compute_metrics=vqa_metrics(eval_dataset, id2label)")):
+        VQATrainer(model=built.model, args=arguments, eval_dataset=load_vqa_dataset(tiny_prepared_vqa, "val"))
 
 
 def test_a_trainer_with_plain_training_arguments_trains(tiny_prepared_vqa, tmp_path):

@@ -201,9 +201,8 @@ class VQATrainingArguments(TrainingArguments):
                 "--fp16 (its loss scaler reads the gradients on the host; use --bf16)": self.fp16,
                 "--gradient_accumulation_steps above 1": self.gradient_accumulation_steps > 1,
                 "--torch_compile (use --compile_blocks)": self.torch_compile,
-                "--gradient_checkpointing (it reads the random generators while recording)": (
-                    self.gradient_checkpointing
-                ),
+                "--activation_checkpointing (or --gradient_checkpointing: it reads the random generators while "
+                "recording)": self.activation_checkpointing,
                 "several processes or GPUs": self.world_size > 1 or self.n_gpu > 1,
             }
             for what, given in unsupported.items():

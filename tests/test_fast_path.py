@@ -302,9 +302,9 @@ def test_blocks_read_their_weights_as_one_tensor_only_where_that_is_safe():
     encoder.block.attention.value.weight.requires_grad_(False)
     assert encoder.block_for_pass() is None, "a frozen weight"
     encoder.block.attention.value.weight.requires_grad_(True)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert encoder.block_for_pass() is None, "recomputation would read the block's own weights"
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     encoder.block.attention.value = torch.nn.Linear(*encoder.block.attention.value.weight.T.shape)
     assert encoder.block_for_pass() is not None, "the same names and shapes"
     encoder.block.extra = torch.nn.Linear(2, 2)

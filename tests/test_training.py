@@ -1267,7 +1267,7 @@ def test_compile_blocks_with_torch_compile_is_refused(tmp_path, other):
     [
         ({"gradient_accumulation_steps": 2}, "--cuda_graphs does not work with --gradient_accumulation_steps above 1"),
         ({"torch_compile": True}, "--cuda_graphs does not work with --torch_compile (use --compile_blocks)"),
-        ({"gradient_checkpointing": True}, "--cuda_graphs does not work with --gradient_checkpointing"),
+        ({"activation_checkpointing": True}, "--cuda_graphs does not work with --activation_checkpointing"),
     ],
 )
 def test_cuda_graphs_with_what_it_cannot_do_is_refused(tmp_path, other, message):

@@ -94,7 +94,8 @@ class VQADataset(torch.utils.data.Dataset):
             self.processor = RWSANProcessor.from_pretrained(str(folder / "processor"))
         except (OSError, ValueError) as error:
             raise _damaged(folder / "processor", error) from error
-        vocabularies = _read_report(folder).get("vocabularies")
+        report = _read_report(folder)
+        vocabularies = report.get("vocabularies")
         recorded = vocabularies.get("fingerprint") if isinstance(vocabularies, dict) else None
         if recorded is not None and recorded != vocabulary_fingerprint(self.processor):
             # Its tokens and answer ids would silently name other words and answers.
@@ -113,7 +114,7 @@ class VQADataset(torch.utils.data.Dataset):
             )
         self._regions = RegionFeatures(_read_table(folder / "images"))
         self._questions = [_read_table(folder / "questions" / split) for split in splits]
-        _check_question_counts(folder, splits, [table.num_rows for table in self._questions])
+        _check_question_counts(folder, report, splits, [table.num_rows for table in self._questions])
         annotated = ["label_ids" in table.column_names for table in self._questions]
         if len(set(annotated)) > 1:
             with_answers = [split for split, has_answers in zip(splits, annotated) if has_answers]
@@ -318,10 +319,10 @@ def _read_report(folder: Path) -> dict:
     return report if isinstance(report, dict) else {}
 
 
-def _split_counts(folder: Path) -> dict[str, dict]:
+def _split_counts(report: dict) -> dict[str, dict]:
     """`{split: {"questions": in its raw file, "kept": prepared}}` as report.json records them, for the splits
     whose record has that form."""
-    splits = _read_report(folder).get("splits")
+    splits = report.get("splits")
     if not isinstance(splits, dict):
         return {}
     return {
@@ -331,10 +332,10 @@ def _split_counts(folder: Path) -> dict[str, dict]:
     }
 
 
-def _check_question_counts(folder: Path, splits: list[str], num_rows: list[int]):
-    """A split holds the questions its preparation kept: prepare_vqa writes no empty split, and an Arrow file cut
-    at a record batch's end reads without an error, short of questions."""
-    recorded = _split_counts(folder)
+def _check_question_counts(folder: Path, report: dict, splits: list[str], num_rows: list[int]):
+    """A split holds the questions its preparation kept (as the folder's `report` records them): prepare_vqa writes
+    no empty split, and an Arrow file cut at a record batch's end reads without an error, short of questions."""
+    recorded = _split_counts(report)
     for split, rows in zip(splits, num_rows):
         path = folder / "questions" / split
         if rows == 0:
@@ -363,7 +364,7 @@ def questions_left_out(folder: str | os.PathLike, split: str) -> dict[str, tuple
     """`{split: (questions left out, questions in its raw file)}` for each split of `split` (names joined with "+")
     that was prepared without some of its questions (`--allow_incomplete_eval_splits`, or a training split's
     unusable images), as the folder's report.json records it; {} without a report."""
-    counts = _split_counts(Path(folder))
+    counts = _split_counts(_read_report(Path(folder)))
     kept_of = {name: (counts[name]["kept"], counts[name]["questions"]) for name in split.split("+") if name in counts}
     return {name: (total - kept, total) for name, (kept, total) in kept_of.items() if kept < total}
 

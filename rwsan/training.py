@@ -807,10 +807,11 @@ class VQATrainer(Trainer):
         if resume_from_checkpoint is True:
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
             self.resumed_checkpoint = get_last_checkpoint(self.args.output_dir)
+        state_file = Path(self.resumed_checkpoint) / TRAINER_STATE_NAME if self.resumed_checkpoint else None
+        resumed_state = TrainerState.load_from_json(str(state_file)) if state_file and state_file.is_file() else None
         # The Trainer saves the random generators' states with every checkpoint but those of --save_only_model,
         # and resumes one without them (nor the optimizer's and the schedule's) without a word.
-        saved_whole = self.resumed_checkpoint and (Path(self.resumed_checkpoint) / TRAINER_STATE_NAME).is_file()
-        if saved_whole and not any(Path(self.resumed_checkpoint).glob("rng_state*.pth")):
+        if resumed_state is not None and not any(state_file.parent.glob("rng_state*.pth")):
             raise ResumeError(
                 f"{self.resumed_checkpoint} holds the model's weights without the optimizer's, the schedule's and the "
                 "random generators' states (a run's output folder, or a checkpoint saved with --save_only_model): a "
@@ -818,8 +819,6 @@ class VQATrainer(Trainer):
                 "from these weights (--model_name_or_path)."
             )
         options = _optimizer_options(self.args)
-        state_file = Path(self.resumed_checkpoint) / TRAINER_STATE_NAME if self.resumed_checkpoint else None
-        resumed_state = TrainerState.load_from_json(str(state_file)) if state_file and state_file.is_file() else None
         self.resumed_record = ResumeRecord.recorded_in(resumed_state) if resumed_state else {}
         self.resumed_step = resumed_state.global_step if resumed_state else 0
         saved_options = self.resumed_record.get("optimizer_options", {})

@@ -289,6 +289,8 @@ class Row:
     mean_padded_regions: float | None = None
     note: str = ""
     error: str | None = None
+    # The Trainer rows: seconds of CUDA graph recordings within the timed steps, left out of samples_per_second.
+    recording_seconds_left_out: float | None = None
     # The Trainer rows with --profile_steps: what the device ran in those steps after the timed ones.
     kernel_profile: KernelProfile | None = None
 
@@ -566,7 +568,11 @@ class ShapeRecordingTrainer(VQATrainer):
 class SteadyStateTimer(TrainerCallback):
     """Times the Trainer's optimizer steps `warmup_steps + 1` to `warmup_steps + timed_steps` (after compilation,
     graph recording and the workers' start), synchronising with the device only at those two points. The rate is
-    printed at once, so that a run stopped later (profiling, a timeout) still leaves it in the log."""
+    printed at once, so that a run stopped later (profiling, a timeout) still leaves it in the log.
+
+    A CUDA graph recorded while timed (a padded shape first met there: rare shapes of fine buckets are) is a one-off
+    cost that a longer run pays once: its time (`recording_seconds`, synchronised around each recording) is left
+    out of the rate, and a note says how much."""
 
     def __init__(
         self,
@@ -577,6 +583,7 @@ class SteadyStateTimer(TrainerCallback):
         name: str,
         count_recordings: Callable[[], int] = lambda: 0,
         padded_shapes: list[tuple[int, int]] | None = None,
+        recording_seconds: Callable[[], float] = lambda: 0.0,
     ):
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
@@ -585,10 +592,15 @@ class SteadyStateTimer(TrainerCallback):
         self.name = name
         # How many CUDA graphs the Trainer has recorded so far (a recording while timed costs eager passes).
         self.count_recordings = count_recordings
+        # The seconds those recordings took.
+        self.recording_seconds = recording_seconds
         # The padded shape of each training batch so far, where the Trainer keeps them (`ShapeRecordingTrainer`).
         self.padded_shapes = padded_shapes if padded_shapes is not None else []
         self.train_start = self.steady_start = self.end = None
         self.graphs_at_steady_start = self.recordings_at_steady_start = self.shapes_at_steady_start = None
+        self.recording_seconds_at_steady_start = None
+        # Seconds of CUDA graph recordings within the timed steps, left out of the rate.
+        self.seconds_left_out = 0.0
         self.timed_shapes: list[tuple[int, int]] = []
         self.notes: list[str] = []
 
@@ -601,6 +613,7 @@ class SteadyStateTimer(TrainerCallback):
             self.steady_start = time.perf_counter()
             self.graphs_at_steady_start = compiled_graph_count()
             self.recordings_at_steady_start = self.count_recordings()
+            self.recording_seconds_at_steady_start = self.recording_seconds()
             self.shapes_at_steady_start = len(self.padded_shapes)
         elif state.global_step == self.warmup_steps + self.timed_steps:
             self.synchronize()
@@ -608,8 +621,13 @@ class SteadyStateTimer(TrainerCallback):
             self.timed_shapes = self.padded_shapes[self.shapes_at_steady_start :]
             if compiled_graph_count() != self.graphs_at_steady_start:
                 self.notes.append("recompiled while timed")
-            if self.count_recordings() != self.recordings_at_steady_start:
-                self.notes.append("recorded a CUDA graph while timed")
+            recordings = self.count_recordings() - self.recordings_at_steady_start
+            if recordings:
+                self.seconds_left_out = self.recording_seconds() - self.recording_seconds_at_steady_start
+                self.notes.append(
+                    f"recorded {recordings} CUDA graph{'s' * (recordings > 1)} while timed "
+                    f"({self.seconds_left_out:.2f} s, left out of the rate)"
+                )
             print(
                 f"{self.name}: {self.samples_per_second:,.1f} samples/s over steps {self.warmup_steps + 1}-"
                 f"{state.global_step}",
@@ -618,7 +636,7 @@ class SteadyStateTimer(TrainerCallback):
 
     @property
     def samples_per_second(self) -> float:
-        return self.timed_steps * self.batch_size / (self.end - self.steady_start)
+        return self.timed_steps * self.batch_size / (self.end - self.steady_start - self.seconds_left_out)
 
 
 class StepProfiler(TrainerCallback):
@@ -1020,6 +1038,7 @@ class Benchmark:
             key,
             count_recordings=functools.partial(cuda_graphs_recorded, trainer),
             padded_shapes=trainer.padded_shapes,
+            recording_seconds=functools.partial(cuda_graph_recording_seconds, trainer),
         )
         profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
         trainer.add_callback(timer)
@@ -1048,6 +1067,7 @@ class Benchmark:
             warmup_seconds=timer.steady_start - timer.train_start,
             timed_steps=self.args.trainer_steps,
             note=", ".join(notes),
+            recording_seconds_left_out=timer.seconds_left_out,
             kernel_profile=profiler.kernels,
             **mean_padded_shape(timer.timed_shapes),
         )
@@ -1143,6 +1163,11 @@ def trainer_title(workers: int, blocking_copies: bool, bf16: bool, flags: dict[s
 def cuda_graphs_recorded(trainer: VQATrainer) -> int:
     """The CUDA graphs of training steps the trainer has recorded (--cuda_graphs)."""
     return 0 if trainer.graphed_passes is None else len(trainer.graphed_passes[1].graphs)
+
+
+def cuda_graph_recording_seconds(trainer: VQATrainer) -> float:
+    """The seconds the trainer's recordings of those graphs took."""
+    return 0.0 if trainer.graphed_passes is None else trainer.graphed_passes[1].recording_seconds
 
 
 def trainer_mega_batch(num_questions: int, batch_size: int) -> int:

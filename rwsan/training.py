@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import time
 import weakref
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, dataclass, field
@@ -379,7 +380,8 @@ class CUDAGraphedFunction:
     (recorded on first sight, after `warmup_passes` eager calls on a side stream, as capture requires), replays the
     graph and returns what `function` returned when recorded: tensors the graph writes again at each replay, valid
     until the next call. The warm-up calls restore the random generators, so that the recorded call draws what an
-    eager call would.
+    eager call would. `recording_seconds` is the wall time all recordings took so far, the device synchronised
+    before and after each: a one-off cost per shape, which a steady-state rate leaves out.
 
     A graph reads the memory its tensors had when it was recorded. `module` is the module whose parameters and
     buffers `function` reads: when any of them has moved since (`model.to(...)`, `load_state_dict(...,
@@ -400,6 +402,7 @@ class CUDAGraphedFunction:
         self.recorder = recorder or CUDAGraphRecorder()
         # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
+        self.recording_seconds = 0.0
         self.module_placement = self._placement()
         self.module_changed()
 
@@ -433,6 +436,9 @@ class CUDAGraphedFunction:
         """Records `function` on tensors shaped like `batch`; returns (replay, its inputs, its outputs)."""
         device = next(iter(batch.values())).device
         self.recorder.check(device)
+        # Synchronised, so that the time is the recording's alone, not that of the steps queued before it.
+        self._synchronize(device)
+        start = time.perf_counter()
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             with self.recorder.side_stream(device):
@@ -441,7 +447,17 @@ class CUDAGraphedFunction:
                     self.after_pass()
         replay, outputs = self.recorder.capture(functools.partial(self.recorded_pass, inputs))
         self.after_pass()
+        self._synchronize(device)
+        seconds = time.perf_counter() - start
+        self.recording_seconds += seconds
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in batch.items())
+        logger.info("Recorded a CUDA graph of %s for %s in %.2f s", type(self.module).__name__, shapes, seconds)
         return replay, inputs, outputs
+
+    @staticmethod
+    def _synchronize(device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def recorded_pass(self, inputs: dict[str, torch.Tensor]) -> Any:
         """What the graph records: `function(inputs)`."""

@@ -530,23 +530,44 @@ def test_profiled_steps_of_grouped_batches_are_of_middling_size():
     assert bench.profile_start(250, 3, mega_batch=None) == bench.profile_start(250, 0, mega_batch=50) == 250
 
 
-def test_the_trainer_timer_notes_graphs_recorded_while_timed(capsys):
-    from types import SimpleNamespace
-
-    recorded = [5]
+@pytest.mark.parametrize("recorded_while_timed", [0, 1, 2])
+def test_the_trainer_timer_leaves_graphs_recorded_while_timed_out_of_the_rate(
+    capsys, monkeypatch, recorded_while_timed
+):
+    clock = iter([0.0, 10.0, 12.0])  # train begins; timed steps 3-5 begin and end
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    recorded = [5, 2.0]  # graphs, and the seconds their recordings took
     shapes = []
     timer = bench.SteadyStateTimer(
-        2, 3, lambda: None, batch_size=4, name="trainer", count_recordings=lambda: recorded[0], padded_shapes=shapes
+        2,
+        3,
+        lambda: None,
+        batch_size=4,
+        name="trainer",
+        count_recordings=lambda: recorded[0],
+        padded_shapes=shapes,
+        recording_seconds=lambda: recorded[1],
     )
     timer.on_train_begin(None, None, None)
     for step in range(1, 6):
         shapes.append((16, 20 * step))  # the Trainer prepares a step's batch before the step ends
-        recorded[0] += step == 4  # a new shape met at step 4, inside the timed steps 3-5
+        if step == 4:  # new shapes met inside the timed steps
+            recorded[0] += recorded_while_timed
+            recorded[1] += 0.75 * recorded_while_timed
         timer.on_step_end(None, SimpleNamespace(global_step=step), None)
-    assert timer.notes == ["recorded a CUDA graph while timed"]
     assert timer.timed_shapes == [(16, 60), (16, 80), (16, 100)]
+    # 12 samples in 2 s, less the recordings'.
+    assert timer.samples_per_second == pytest.approx(12 / (2.0 - 0.75 * recorded_while_timed))
+    assert timer.seconds_left_out == pytest.approx(0.75 * recorded_while_timed)
+    notes = {
+        0: [],
+        1: ["recorded 1 CUDA graph while timed (0.75 s, left out of the rate)"],
+        2: ["recorded 2 CUDA graphs while timed (1.50 s, left out of the rate)"],
+    }
+    assert timer.notes == notes[recorded_while_timed]
     # The rate is in the log as soon as the timed steps end.
-    assert re.fullmatch(r"trainer: [\d,.]+ samples/s over steps 3-5\n", capsys.readouterr().out)
+    rate = {0: "6.0", 1: "9.6", 2: "24.0"}[recorded_while_timed]
+    assert capsys.readouterr().out == f"trainer: {rate} samples/s over steps 3-5\n"
 
 
 def test_without_workers_the_rows_loading_in_the_main_process_are_not_repeated(tmp_path):

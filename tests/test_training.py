@@ -1730,6 +1730,27 @@ def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_
     assert replayed_like_eager() is not replaced_graph
 
 
+def test_graphed_passes_time_their_recordings_alone(emulated_cuda_graphs, caplog, monkeypatch):
+    """`recording_seconds` grows by each recording's time, once a shape (what a steady-state rate leaves out)."""
+    import rwsan.training
+    from rwsan.training import CUDAGraphedFunction
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(rwsan.training.time, "perf_counter", lambda: float(next(ticks)))
+    module = torch.nn.Linear(4, 2)
+    passes = CUDAGraphedFunction(lambda inputs: module(inputs["features"]), module)
+    with caplog.at_level("INFO", logger="rwsan.training"):
+        passes({"features": torch.ones(3, 4)})
+        passes({"features": torch.zeros(3, 4)})
+        assert passes.recording_seconds == 1.0 and len(caplog.records) == 1
+        passes({"features": torch.ones(5, 4)})
+    assert passes.recording_seconds == 2.0
+    assert [record.getMessage() for record in caplog.records] == [
+        "Recorded a CUDA graph of Linear for features (3, 4) in 1.00 s",
+        "Recorded a CUDA graph of Linear for features (5, 4) in 1.00 s",
+    ]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("max_grad_norm", [0.0, 0.05], ids=["unclipped", "clipped"])
 def test_cuda_graphs_train_like_the_eager_trainer_on_cuda(tiny_prepared_vqa, tmp_path, max_grad_norm):

@@ -7,8 +7,9 @@ of those kernels and of the operators called from outside any operator (views in
 kernels a GPU would launch.
 """
 
+import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.autograd import DeviceType
@@ -17,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 # In the names of the C++ kernels inductor generates for the CPU (recorded with `cpp.enable_kernel_profile`).
 INDUCTOR_CPU_KERNEL = "cpp_fused_"
 TABLE_ROWS = 30
+HOST_CALL_ROWS = 10
 
 
 @dataclass
@@ -24,13 +26,16 @@ class KernelProfile:
     """Per step: how many launches, their summed time, and every kernel name as (name, count, ms), the busiest
     first (the printed table shows the first `TABLE_ROWS`). On CUDA also `timeline`, each kernel and copy of the
     profiled steps in the order the device ran them, as (name, start, duration) in microseconds from the first one's
-    start: the gaps between them are the device's idle time, and the order says which part of a step ran what."""
+    start: the gaps between them are the device's idle time, and the order says which part of a step ran what. And
+    `host_calls`, the host's calls of the CUDA runtime and driver as (name, count, ms) per step, the longest first:
+    a call that waits for the device (a synchronisation, a blocking copy) stands out by its time."""
 
     steps: int
     launches_per_step: float
     milliseconds_per_step: float
     by_name: list[tuple[str, float, float]]
     timeline: list[tuple[str, float, float]]
+    host_calls: list[tuple[str, float, float]] = field(default_factory=list)
 
 
 def profiler_for(device: torch.device) -> profile:
@@ -45,6 +50,24 @@ def device_timeline(profiler: profile) -> list[tuple[str, float, float]]:
     )
     origin = kernels[0].time_range.start if kernels else 0
     return [(event.name, event.time_range.start - origin, event.time_range.elapsed_us()) for event in kernels]
+
+
+def host_cuda_calls(profiler: profile) -> list[tuple[str, float]]:
+    """(name, microseconds) of each call of the CUDA runtime (`cuda...`) or driver (`cu...`) the host made."""
+    return [
+        (event.name, event.time_range.elapsed_us())
+        for event in profiler.events()
+        if event.device_type == DeviceType.CPU and re.match(r"cu[A-Z]|cuda[A-Z]", event.name)
+    ]
+
+
+def per_step(events: list[tuple[str, float]], steps: int) -> list[tuple[str, float, float]]:
+    """(name, count, ms) per step of each name in `events` (name, microseconds), the longest first."""
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for name, microseconds in events:
+        by_name[name].append(microseconds)
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))
+    return [(name, len(times) / steps, sum(times) / steps / 1e3) for name, times in ranked]
 
 
 def cpu_work_events(profiler: profile) -> tuple[list[tuple[str, float]], int]:
@@ -68,19 +91,17 @@ def summarize(profiler: profile, device: torch.device, steps: int) -> KernelProf
     if device.type == "cuda":
         timeline = device_timeline(profiler)
         events, launches = [(name, microseconds) for name, _, microseconds in timeline], len(timeline)
+        host_calls = per_step(host_cuda_calls(profiler), steps)
     else:
-        timeline = []
+        timeline, host_calls = [], []
         events, launches = cpu_work_events(profiler)
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for name, microseconds in events:
-        by_name[name].append(microseconds)
-    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))
     return KernelProfile(
         steps=steps,
         launches_per_step=launches / steps,
         milliseconds_per_step=sum(microseconds for _, microseconds in events) / steps / 1e3,
-        by_name=[(name, len(times) / steps, sum(times) / steps / 1e3) for name, times in ranked],
+        by_name=per_step(events, steps),
         timeline=timeline,
+        host_calls=host_calls,
     )
 
 
@@ -104,3 +125,7 @@ def print_kernel_profile(kernels: KernelProfile, title: str, device: torch.devic
     for name, count, milliseconds in kernels.by_name[:TABLE_ROWS]:
         share = milliseconds / kernels.milliseconds_per_step
         print(f"{name[:90]:90s} {count:6.0f} {milliseconds:8.3f} {share:6.1%}")
+    if kernels.host_calls:
+        print(f"the host's CUDA calls a step, the longest first (a step's wall {wall_seconds * 1e3:.2f} ms):")
+        for name, count, milliseconds in kernels.host_calls[:HOST_CALL_ROWS]:
+            print(f"{name[:90]:90s} {count:6.0f} {milliseconds:8.3f}")

@@ -291,6 +291,8 @@ class Row:
     error: str | None = None
     # The Trainer rows: seconds of CUDA graph recordings within the timed steps, left out of samples_per_second.
     recording_seconds_left_out: float | None = None
+    # The Trainer rows: the host's milliseconds a timed step in each part of it (`HostClock`), and in the rest.
+    host_milliseconds_per_step: dict[str, float] | None = None
     # The Trainer rows with --profile_steps: what the device ran in those steps after the timed ones.
     kernel_profile: KernelProfile | None = None
 
@@ -550,13 +552,55 @@ class TimeBudget:
         return self.deadline - time.perf_counter()
 
 
+# Where the Trainer's main thread spends a training step, as `HostClock` sums it.
+WAITING_FOR_BATCHES = "waiting for batches"
+TRAINING_STEP = "training_step"
+OPTIMIZER_STEP = "optimizer step"
+
+
+class HostClock(TrainerCallback):
+    """The seconds the Trainer's main thread spends in each part of its training steps, summed in `seconds`:
+    `WAITING_FOR_BATCHES` (`get_batch_samples`: the DataLoader's next batch), `TRAINING_STEP` (the batch's copies
+    and padding, the forward and backward passes' launches or graph replay) and `OPTIMIZER_STEP`. No part reads
+    from the device; where the host waits for it anyway (a synchronisation, a full launch queue), the part that
+    waits grows by the device's time, and that names it."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys((WAITING_FOR_BATCHES, TRAINING_STEP, OPTIMIZER_STEP), 0.0)
+        self.optimizer_start = None
+
+    @contextlib.contextmanager
+    def timing(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.optimizer_start = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.seconds[OPTIMIZER_STEP] += time.perf_counter() - self.optimizer_start
+
+
 class ShapeRecordingTrainer(VQATrainer):
     """`VQATrainer` that keeps the padded (question length, regions) of every training batch it prepares, for the
-    Trainer rows' padded TxR."""
+    Trainer rows' padded TxR, and times the parts of its steps on the host (`host_clock`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.padded_shapes: list[tuple[int, int]] = []
+        self.host_clock = HostClock()
+        self.add_callback(self.host_clock)
+
+    def get_batch_samples(self, *args, **kwargs):
+        with self.host_clock.timing(WAITING_FOR_BATCHES):
+            return super().get_batch_samples(*args, **kwargs)
+
+    def training_step(self, *args, **kwargs):
+        with self.host_clock.timing(TRAINING_STEP):
+            return super().training_step(*args, **kwargs)
 
     def _prepare_inputs(self, inputs):
         inputs = super()._prepare_inputs(inputs)
@@ -584,6 +628,7 @@ class SteadyStateTimer(TrainerCallback):
         count_recordings: Callable[[], int] = lambda: 0,
         padded_shapes: list[tuple[int, int]] | None = None,
         recording_seconds: Callable[[], float] = lambda: 0.0,
+        host_seconds: dict[str, float] | None = None,
     ):
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
@@ -596,6 +641,11 @@ class SteadyStateTimer(TrainerCallback):
         self.recording_seconds = recording_seconds
         # The padded shape of each training batch so far, where the Trainer keeps them (`ShapeRecordingTrainer`).
         self.padded_shapes = padded_shapes if padded_shapes is not None else []
+        # The host's seconds so far in each part of a step, where they are kept (`HostClock.seconds`).
+        self.host_seconds = host_seconds if host_seconds is not None else {}
+        self.host_seconds_at_steady_start: dict[str, float] = {}
+        # The timed steps' host milliseconds a step in each part, and in the rest of the loop ("the rest").
+        self.host_milliseconds: dict[str, float] = {}
         self.train_start = self.steady_start = self.end = None
         self.graphs_at_steady_start = self.recordings_at_steady_start = self.shapes_at_steady_start = None
         self.recording_seconds_at_steady_start = None
@@ -615,6 +665,7 @@ class SteadyStateTimer(TrainerCallback):
             self.recordings_at_steady_start = self.count_recordings()
             self.recording_seconds_at_steady_start = self.recording_seconds()
             self.shapes_at_steady_start = len(self.padded_shapes)
+            self.host_seconds_at_steady_start = dict(self.host_seconds)
         elif state.global_step == self.warmup_steps + self.timed_steps:
             self.synchronize()
             self.end = time.perf_counter()
@@ -633,10 +684,24 @@ class SteadyStateTimer(TrainerCallback):
                 f"{state.global_step}",
                 flush=True,
             )
+            if self.host_seconds:
+                self.host_milliseconds = self.host_parts()
+                parts = ", ".join(f"{part} {milliseconds:.2f}" for part, milliseconds in self.host_milliseconds.items())
+                step = (self.end - self.steady_start - self.seconds_left_out) * 1e3 / self.timed_steps
+                print(f"{self.name}: the host's ms a step: {parts} (a step {step:.2f})", flush=True)
 
     @property
     def samples_per_second(self) -> float:
         return self.timed_steps * self.batch_size / (self.end - self.steady_start - self.seconds_left_out)
+
+    def host_parts(self) -> dict[str, float]:
+        """The timed steps' host milliseconds a step in each part of `host_seconds` and in the rest of the loop; the
+        recordings left out of the rate are left out of `TRAINING_STEP`, where they ran."""
+        seconds = {part: total - self.host_seconds_at_steady_start[part] for part, total in self.host_seconds.items()}
+        if TRAINING_STEP in seconds:
+            seconds[TRAINING_STEP] -= self.seconds_left_out
+        seconds["the rest"] = self.end - self.steady_start - self.seconds_left_out - sum(seconds.values())
+        return {part: total * 1e3 / self.timed_steps for part, total in seconds.items()}
 
 
 class StepProfiler(TrainerCallback):
@@ -1039,6 +1104,7 @@ class Benchmark:
             count_recordings=functools.partial(cuda_graphs_recorded, trainer),
             padded_shapes=trainer.padded_shapes,
             recording_seconds=functools.partial(cuda_graph_recording_seconds, trainer),
+            host_seconds=trainer.host_clock.seconds,
         )
         profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
         trainer.add_callback(timer)
@@ -1068,6 +1134,7 @@ class Benchmark:
             timed_steps=self.args.trainer_steps,
             note=", ".join(notes),
             recording_seconds_left_out=timer.seconds_left_out,
+            host_milliseconds_per_step=timer.host_milliseconds or None,
             kernel_profile=profiler.kernels,
             **mean_padded_shape(timer.timed_shapes),
         )

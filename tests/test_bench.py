@@ -146,6 +146,10 @@ def test_cuda_kernel_profile_keeps_every_kernel_in_device_order(capsys):
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     kernels = [Event(f"kernel_{index}", cuda, 1000 + 10 * index, 1004 + 10 * index) for index in range(40)]
     events = [kernels[1], Event("aten::mm", cpu, 990, 2000), kernels[0], *kernels[2:]]
+    # The host's calls of the CUDA runtime and driver: a wait stands out by its time.
+    events += [Event("cudaLaunchKernel", cpu, 995 + 10 * index, 998 + 10 * index) for index in range(40)]
+    events += [Event("cudaStreamSynchronize", cpu, 1400, 1800), Event("cuLaunchKernelEx", cpu, 990, 992)]
+    events += [Event("custom_op", cpu, 990, 1990)]
 
     class Profiler:
         def events(self):
@@ -155,8 +159,14 @@ def test_cuda_kernel_profile_keeps_every_kernel_in_device_order(capsys):
     assert summary.launches_per_step == 20 and summary.milliseconds_per_step == pytest.approx(0.08)
     assert len(summary.by_name) == 40 and summary.by_name[0][1:] == (0.5, pytest.approx(0.002))
     assert summary.timeline[:2] == [("kernel_0", 0, 4), ("kernel_1", 10, 4)] and len(summary.timeline) == 40
+    assert summary.host_calls == [
+        ("cudaStreamSynchronize", 0.5, pytest.approx(0.2)),
+        ("cudaLaunchKernel", 20, pytest.approx(0.06)),
+        ("cuLaunchKernelEx", 0.5, pytest.approx(0.001)),
+    ]
     kernel_profile.print_kernel_profile(summary, "stand-in", torch.device("cuda"), wall_seconds=0.001)
     printed = capsys.readouterr().out
     assert "kernel_29" in printed and "kernel_30" not in printed
     # 40 kernels of 4 us over 394 us, two steps: the device ran kernels for 41% of the span.
     assert "0.20 ms a step, of which the device ran kernels for 41%" in printed
+    assert "the host's CUDA calls a step, the longest first (a step's wall 1.00 ms):\ncudaStreamSynchronize " in printed

@@ -485,6 +485,10 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
         assert kernels["steps"] == 2 and kernels["launches_per_step"] > 1000 and kernels["milliseconds_per_step"] > 0
         counts = {name: count for name, count, _ in kernels["by_name"]}
         assert counts["aten::addmm"] > 0 and counts["aten::mm"] > counts["aten::addmm"]
+        # Each part of a step on the host was timed, and none holds another: the rest of the loop is what is left.
+        host = measured[key]["host_milliseconds_per_step"]
+        assert list(host) == ["waiting for batches", "training_step", "optimizer step", "the rest"]
+        assert min(host.values()) > 0, host
         # Padded as the collator pads (--pad_to_multiple_of 20, questions cut at 16).
         assert measured[key]["mean_padded_question_length"] == 16
         assert measured[key]["mean_padded_regions"] in (20, 40, 60, 80, 100)
@@ -534,9 +538,10 @@ def test_profiled_steps_of_grouped_batches_are_of_middling_size():
 def test_the_trainer_timer_leaves_graphs_recorded_while_timed_out_of_the_rate(
     capsys, monkeypatch, recorded_while_timed
 ):
-    clock = iter([0.0, 10.0, 12.0])  # train begins; timed steps 3-5 begin and end
+    clock = iter([0.0, 10.0, 14.0])  # train begins; timed steps 3-5 begin and end
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     recorded = [5, 2.0]  # graphs, and the seconds their recordings took
+    host_seconds = {bench.WAITING_FOR_BATCHES: 0.0, bench.TRAINING_STEP: 0.0, bench.OPTIMIZER_STEP: 0.0}
     shapes = []
     timer = bench.SteadyStateTimer(
         2,
@@ -547,27 +552,42 @@ def test_the_trainer_timer_leaves_graphs_recorded_while_timed_out_of_the_rate(
         count_recordings=lambda: recorded[0],
         padded_shapes=shapes,
         recording_seconds=lambda: recorded[1],
+        host_seconds=host_seconds,
     )
     timer.on_train_begin(None, None, None)
     for step in range(1, 6):
         shapes.append((16, 20 * step))  # the Trainer prepares a step's batch before the step ends
-        if step == 4:  # new shapes met inside the timed steps
+        host_seconds[bench.WAITING_FOR_BATCHES] += 0.1
+        host_seconds[bench.TRAINING_STEP] += 0.2
+        host_seconds[bench.OPTIMIZER_STEP] += 0.3
+        if step == 4:  # new shapes met inside the timed steps, recorded within the training step
             recorded[0] += recorded_while_timed
             recorded[1] += 0.75 * recorded_while_timed
+            host_seconds[bench.TRAINING_STEP] += 0.75 * recorded_while_timed
         timer.on_step_end(None, SimpleNamespace(global_step=step), None)
+    left_out = 0.75 * recorded_while_timed
     assert timer.timed_shapes == [(16, 60), (16, 80), (16, 100)]
-    # 12 samples in 2 s, less the recordings'.
-    assert timer.samples_per_second == pytest.approx(12 / (2.0 - 0.75 * recorded_while_timed))
-    assert timer.seconds_left_out == pytest.approx(0.75 * recorded_while_timed)
+    # 12 samples in 4 s, less the recordings'.
+    assert timer.samples_per_second == pytest.approx(12 / (4.0 - left_out))
+    assert timer.seconds_left_out == pytest.approx(left_out)
     notes = {
         0: [],
         1: ["recorded 1 CUDA graph while timed (0.75 s, left out of the rate)"],
         2: ["recorded 2 CUDA graphs while timed (1.50 s, left out of the rate)"],
     }
     assert timer.notes == notes[recorded_while_timed]
-    # The rate is in the log as soon as the timed steps end.
-    rate = {0: "6.0", 1: "9.6", 2: "24.0"}[recorded_while_timed]
-    assert capsys.readouterr().out == f"trainer: {rate} samples/s over steps 3-5\n"
+    # The host's parts of a timed step, the recordings left out of the training step; the rest of the 4 s loop.
+    rest = (4.0 - left_out - 0.3 - 0.6 - 0.9) / 3 * 1e3
+    assert timer.host_milliseconds == pytest.approx(
+        {"waiting for batches": 100.0, "training_step": 200.0, "optimizer step": 300.0, "the rest": rest}
+    )
+    # The rate and the host's parts are in the log as soon as the timed steps end.
+    step = (4.0 - left_out) / 3 * 1e3
+    assert capsys.readouterr().out == (
+        f"trainer: {12 / (4.0 - left_out):,.1f} samples/s over steps 3-5\n"
+        f"trainer: the host's ms a step: waiting for batches 100.00, training_step 200.00, optimizer step 300.00, "
+        f"the rest {rest:.2f} (a step {step:.2f})\n"
+    )
 
 
 def test_without_workers_the_rows_loading_in_the_main_process_are_not_repeated(tmp_path):

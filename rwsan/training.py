@@ -403,16 +403,25 @@ class CUDAGraphedFunction:
         # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
         self.recording_seconds = 0.0
+        self.submodules = list(module.modules())
         self.module_placement = self._placement()
         self.module_changed()
 
-    def _placement(self) -> tuple:
-        tensors = itertools.chain(self.module.parameters(), self.module.buffers())
-        return tuple((id(tensor), tensor.data_ptr(), tensor.requires_grad) for tensor in tensors)
+    def _placement(self) -> list:
+        """What the graphs read of the module, cheap enough to check before every replay (walking the module tree
+        with `parameters()` took longer than the rest of a call's host work): for each of `submodules`, its
+        children, and each parameter's and buffer's identity, memory and requires_grad. A module added or replaced
+        anywhere in the tree changes its parent's children, so the list, made once, is made again then."""
+        placement = []
+        for module in self.submodules:
+            placement.extend(map(id, module._modules.values()))
+            for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
+                if tensor is not None:
+                    placement.append((id(tensor), tensor.data_ptr(), tensor.requires_grad))
+        return placement
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Any:
-        placement = self._placement()
-        if placement != self.module_placement:
+        if self._placement() != self.module_placement:
             if self.graphs:
                 logger.warning(
                     "The parameters or buffers of the %s moved in memory (or changed requires_grad) after its CUDA "
@@ -420,7 +429,8 @@ class CUDAGraphedFunction:
                     type(self.module).__name__,
                 )
             self.graphs.clear()
-            self.module_placement = placement
+            self.submodules = list(self.module.modules())
+            self.module_placement = self._placement()
             self.module_changed()
         # By name: a batch whose dict lists the same tensors in another order replays the same graph.
         key = tuple(sorted((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items()))

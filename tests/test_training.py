@@ -1727,7 +1727,11 @@ def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_
     replaced_graph = replayed_like_eager()
     assert replaced_graph is not moved_graph
     model.classifier.bias.requires_grad_(False)
-    assert replayed_like_eager() is not replaced_graph
+    frozen_graph = replayed_like_eager()
+    assert frozen_graph is not replaced_graph
+    # A module replaced: its parameters are new, wherever it sits in the tree.
+    model.classifier = torch.nn.Linear(model.classifier.in_features, model.classifier.out_features)
+    assert replayed_like_eager() is not frozen_graph
 
 
 def test_graphed_passes_time_their_recordings_alone(emulated_cuda_graphs, caplog, monkeypatch):

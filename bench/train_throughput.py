@@ -646,7 +646,7 @@ class SteadyStateTimer(TrainerCallback):
         self.host_seconds_at_steady_start: dict[str, float] = {}
         # The timed steps' host milliseconds a step in each part, and in the rest of the loop ("the rest").
         self.host_milliseconds: dict[str, float] = {}
-        self.train_start = self.steady_start = self.end = None
+        self.train_start = self.steady_start = self.host_end = self.end = None
         self.graphs_at_steady_start = self.recordings_at_steady_start = self.shapes_at_steady_start = None
         self.recording_seconds_at_steady_start = None
         # Seconds of CUDA graph recordings within the timed steps, left out of the rate.
@@ -667,6 +667,7 @@ class SteadyStateTimer(TrainerCallback):
             self.shapes_at_steady_start = len(self.padded_shapes)
             self.host_seconds_at_steady_start = dict(self.host_seconds)
         elif state.global_step == self.warmup_steps + self.timed_steps:
+            self.host_end = time.perf_counter()
             self.synchronize()
             self.end = time.perf_counter()
             self.timed_shapes = self.padded_shapes[self.shapes_at_steady_start :]
@@ -695,12 +696,15 @@ class SteadyStateTimer(TrainerCallback):
         return self.timed_steps * self.batch_size / (self.end - self.steady_start - self.seconds_left_out)
 
     def host_parts(self) -> dict[str, float]:
-        """The timed steps' host milliseconds a step in each part of `host_seconds` and in the rest of the loop; the
-        recordings left out of the rate are left out of `TRAINING_STEP`, where they ran."""
+        """The timed steps' host milliseconds a step in each part of `host_seconds`, in the rest of the loop, and
+        waiting at the end for the work the host had queued ("the device's backlog": how far ahead of the device
+        the host ran, a step's share); the recordings left out of the rate are left out of `TRAINING_STEP`, where
+        they ran."""
         seconds = {part: total - self.host_seconds_at_steady_start[part] for part, total in self.host_seconds.items()}
         if TRAINING_STEP in seconds:
             seconds[TRAINING_STEP] -= self.seconds_left_out
-        seconds["the rest"] = self.end - self.steady_start - self.seconds_left_out - sum(seconds.values())
+        seconds["the rest"] = self.host_end - self.steady_start - self.seconds_left_out - sum(seconds.values())
+        seconds["the device's backlog"] = self.end - self.host_end
         return {part: total * 1e3 / self.timed_steps for part, total in seconds.items()}
 
 

@@ -487,8 +487,9 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
         assert counts["aten::addmm"] > 0 and counts["aten::mm"] > counts["aten::addmm"]
         # Each part of a step on the host was timed, and none holds another: the rest of the loop is what is left.
         host = measured[key]["host_milliseconds_per_step"]
-        assert list(host) == ["waiting for batches", "training_step", "optimizer step", "the rest"]
-        assert min(host.values()) > 0, host
+        names = ["waiting for batches", "training_step", "optimizer step", "the rest", "the device's backlog"]
+        assert list(host) == names
+        assert min(host[name] for name in names[:4]) > 0 and host["the device's backlog"] >= 0, host
         # Padded as the collator pads (--pad_to_multiple_of 20, questions cut at 16).
         assert measured[key]["mean_padded_question_length"] == 16
         assert measured[key]["mean_padded_regions"] in (20, 40, 60, 80, 100)
@@ -538,7 +539,7 @@ def test_profiled_steps_of_grouped_batches_are_of_middling_size():
 def test_the_trainer_timer_leaves_graphs_recorded_while_timed_out_of_the_rate(
     capsys, monkeypatch, recorded_while_timed
 ):
-    clock = iter([0.0, 10.0, 14.0])  # train begins; timed steps 3-5 begin and end
+    clock = iter([0.0, 10.0, 13.7, 14.0])  # train begins; timed steps 3-5 begin, end on the host and on the device
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     recorded = [5, 2.0]  # graphs, and the seconds their recordings took
     host_seconds = {bench.WAITING_FOR_BATCHES: 0.0, bench.TRAINING_STEP: 0.0, bench.OPTIMIZER_STEP: 0.0}
@@ -576,17 +577,17 @@ def test_the_trainer_timer_leaves_graphs_recorded_while_timed_out_of_the_rate(
         2: ["recorded 2 CUDA graphs while timed (1.50 s, left out of the rate)"],
     }
     assert timer.notes == notes[recorded_while_timed]
-    # The host's parts of a timed step, the recordings left out of the training step; the rest of the 4 s loop.
-    rest = (4.0 - left_out - 0.3 - 0.6 - 0.9) / 3 * 1e3
-    assert timer.host_milliseconds == pytest.approx(
-        {"waiting for batches": 100.0, "training_step": 200.0, "optimizer step": 300.0, "the rest": rest}
-    )
+    # The host's parts of a timed step, the recordings left out of the training step; the rest of the host's 3.7 s,
+    # and the 0.3 s the device took after the host's last step.
+    rest = (3.7 - left_out - 0.3 - 0.6 - 0.9) / 3 * 1e3
+    parts = {"waiting for batches": 100.0, "training_step": 200.0, "optimizer step": 300.0, "the rest": rest}
+    assert timer.host_milliseconds == pytest.approx({**parts, "the device's backlog": 100.0})
     # The rate and the host's parts are in the log as soon as the timed steps end.
     step = (4.0 - left_out) / 3 * 1e3
     assert capsys.readouterr().out == (
         f"trainer: {12 / (4.0 - left_out):,.1f} samples/s over steps 3-5\n"
         f"trainer: the host's ms a step: waiting for batches 100.00, training_step 200.00, optimizer step 300.00, "
-        f"the rest {rest:.2f} (a step {step:.2f})\n"
+        f"the rest {rest:.2f}, the device's backlog 100.00 (a step {step:.2f})\n"
     )
 
 

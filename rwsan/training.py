@@ -742,8 +742,14 @@ class VQATrainer(Trainer):
         self.passes_running += 1
         try:
             yield
-        finally:
+        except BaseException:
             self.passes_running -= 1
+            # A failed pass (an error raised in a worker, an interrupt) leaves its loader's persistent workers to the
+            # garbage collector, which kills each only after a 5 s wait (`stop_dataloader_workers`).
+            if not self.passes_running:
+                self.stop_dataloader_workers()
+            raise
+        self.passes_running -= 1
 
     def evaluation_loop(self, *args, **kwargs):
         with self._pass():

@@ -1,6 +1,8 @@
 """train_vqa.py and rwsan.training: the paper's schedule, resuming, several processes, predictions, bad input."""
 
 import contextlib
+import functools
+import itertools
 import json
 import multiprocessing
 import os
@@ -1490,6 +1492,45 @@ def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prep
     assert trainer.evaluate(trainer.train_dataset)["eval_loss"] == trained["eval_loss"]
     trainer.stop_dataloader_workers()
     assert set(multiprocessing.active_children()) <= earlier and killed == []
+
+
+@pytest.mark.parametrize("failing_pass", ["train", "evaluate"])
+def test_a_failed_pass_stops_the_persistent_workers(tiny_prepared_vqa, tmp_path, monkeypatch, failing_pass):
+    """An error raised in a worker fails the pass; its persistent workers, left to the garbage collector, would each
+    be killed after waiting 5 s. They exit at once, and the trainer trains again with new ones."""
+    killed = []
+    terminate = multiprocessing.process.BaseProcess.terminate
+    monkeypatch.setattr(
+        multiprocessing.process.BaseProcess, "terminate", lambda worker: killed.append(worker) or terminate(worker)
+    )
+    trainer = tiny_trainer(
+        tiny_prepared_vqa,
+        tmp_path,
+        0.0,
+        use_cpu=True,
+        max_steps=4,
+        per_device_eval_batch_size=8,
+        dataloader_num_workers=1,
+        dataloader_persistent_workers=True,
+    )
+    collator = trainer.data_collator
+    batches = itertools.count()  # in the worker, which runs the collator
+
+    def fails_at_the_third_batch(items):
+        if next(batches) == 2:
+            raise ValueError("an unreadable item")
+        return collator(items)
+
+    earlier = set(multiprocessing.active_children())
+    trainer.data_collator = fails_at_the_third_batch
+    run = trainer.train if failing_pass == "train" else functools.partial(trainer.evaluate, trainer.train_dataset)
+    with pytest.raises(ValueError, match="an unreadable item"):
+        run()
+    assert set(multiprocessing.active_children()) <= earlier and killed == []
+    trainer.data_collator = collator
+    assert trainer.train().global_step == 4
+    trainer.stop_dataloader_workers()
+    assert killed == []
 
 
 def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(tiny_prepared_vqa, tmp_path):

@@ -705,12 +705,11 @@ class RWSANModel(RWSANPreTrainedModel):
         # lay the LSTM's output (time-major in memory) out batch-major, as every later operation reads it.
         question_states = question_states.clone(memory_format=torch.contiguous_format)
         image_states = image_states.clone()
-        # Biases in the dtype the attention computes in (autocast's, when active), broadcast over heads and queries.
-        compute_dtype = (
-            torch.get_autocast_dtype(image_states.device.type)
-            if torch.is_autocast_enabled(image_states.device.type)
-            else image_states.dtype
-        )
+        # Biases in the dtype the attention computes in (autocast's, when active: it leaves float64 as it is),
+        # broadcast over heads and queries.
+        compute_dtype = image_states.dtype
+        if torch.is_autocast_enabled(image_states.device.type) and compute_dtype != torch.float64:
+            compute_dtype = torch.get_autocast_dtype(image_states.device.type)
         question_bias = _padding_to_bias(question_padding, compute_dtype)
         image_bias = _padding_to_bias(image_padding, compute_dtype)
 

@@ -540,6 +540,19 @@ def test_autocast_bfloat16_stays_finite_and_close(tiny_model):
     torch.testing.assert_close(mixed.float(), reference, **BF16_TOLERANCE)
 
 
+def test_a_float64_model_computes_in_float64_under_autocast(tiny_model):
+    """Autocast leaves float64 as it is, so the attention's masks must stay float64 too; they were built in
+    autocast's precision, which the attention refused."""
+    model = copy.deepcopy(tiny_model).double()
+    input_ids, image_features = tiny_inputs(model.config)
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, image_features=image_features.double()).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(input_ids=input_ids, image_features=image_features.double()).logits
+    assert autocast.dtype == torch.float64
+    torch.testing.assert_close(autocast, reference, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cpu_autocast", [None, torch.float16, torch.bfloat16])
 def test_layer_norm_of_a_float16_model_keeps_deviations_float16_can_hold(cpu_autocast):
     # The norm of the centred values is sqrt(511) times their deviation: 5,000 x 22.6 is past float16's 65,504.

@@ -611,8 +611,9 @@ class ShapeRecordingTrainer(VQATrainer):
 
 class SteadyStateTimer(TrainerCallback):
     """Times the Trainer's optimizer steps `warmup_steps + 1` to `warmup_steps + timed_steps` (after compilation,
-    graph recording and the workers' start), synchronising with the device only at those two points. The rate is
-    printed at once, so that a run stopped later (profiling, a timeout) still leaves it in the log.
+    graph recording and the workers' start), synchronising with the device only at those two points (and around
+    any recording, which synchronises itself). The rate is printed at once, so that a run stopped later
+    (profiling, a timeout) still leaves it in the log.
 
     A CUDA graph recorded while timed (a padded shape first met there: rare shapes of fine buckets are) is a one-off
     cost that a longer run pays once: its time (`recording_seconds`, synchronised around each recording) is left
@@ -674,8 +675,8 @@ class SteadyStateTimer(TrainerCallback):
             if compiled_graph_count() != self.graphs_at_steady_start:
                 self.notes.append("recompiled while timed")
             recordings = self.count_recordings() - self.recordings_at_steady_start
+            self.seconds_left_out = self.recording_seconds() - self.recording_seconds_at_steady_start
             if recordings:
-                self.seconds_left_out = self.recording_seconds() - self.recording_seconds_at_steady_start
                 self.notes.append(
                     f"recorded {recordings} CUDA graph{'s' * (recordings > 1)} while timed "
                     f"({self.seconds_left_out:.2f} s, left out of the rate)"
@@ -1232,8 +1233,8 @@ def trainer_title(workers: int, blocking_copies: bool, bf16: bool, flags: dict[s
 
 
 def cuda_graphs_recorded(trainer: VQATrainer) -> int:
-    """The CUDA graphs of training steps the trainer has recorded (--cuda_graphs)."""
-    return 0 if trainer.graphed_passes is None else len(trainer.graphed_passes[1].graphs)
+    """The CUDA graphs of training steps the trainer has recorded so far (--cuda_graphs), those recorded again too."""
+    return 0 if trainer.graphed_passes is None else trainer.graphed_passes[1].recordings
 
 
 def cuda_graph_recording_seconds(trainer: VQATrainer) -> float:

@@ -380,13 +380,14 @@ class CUDAGraphedFunction:
     (recorded on first sight, after `warmup_passes` eager calls on a side stream, as capture requires), replays the
     graph and returns what `function` returned when recorded: tensors the graph writes again at each replay, valid
     until the next call. The warm-up calls restore the random generators, so that the recorded call draws what an
-    eager call would. `recording_seconds` is the wall time all recordings took so far, the device synchronised
-    before and after each: a one-off cost per shape, which a steady-state rate leaves out.
+    eager call would. `recordings` counts the graphs recorded so far (those recorded again too) and
+    `recording_seconds` the wall time they took, the device synchronised before and after each: a one-off cost per
+    shape, which a steady-state rate leaves out.
 
     A graph reads the memory its tensors had when it was recorded. `module` is the module whose parameters and
     buffers `function` reads: when any of them has moved since (`model.to(...)`, `load_state_dict(...,
-    assign=True)`, a new `.data` or parameter) or changed `requires_grad`, every graph is recorded again, with a
-    warning, rather than replayed over memory the module no longer uses.
+    assign=True)`, a new `.data` or parameter) or changed `requires_grad`, or a submodule was added or replaced,
+    every graph is recorded again, with a warning, rather than replayed over memory the module no longer uses.
     """
 
     def __init__(
@@ -402,6 +403,7 @@ class CUDAGraphedFunction:
         self.recorder = recorder or CUDAGraphRecorder()
         # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
+        self.recordings = 0
         self.recording_seconds = 0.0
         self.submodules = list(module.modules())
         self.module_placement = self._placement()
@@ -424,8 +426,8 @@ class CUDAGraphedFunction:
         if self._placement() != self.module_placement:
             if self.graphs:
                 logger.warning(
-                    "The parameters or buffers of the %s moved in memory (or changed requires_grad) after its CUDA "
-                    "graphs were recorded; recording its graphs again",
+                    "The parameters or buffers of the %s moved in memory (or changed requires_grad, or a submodule "
+                    "was added or replaced) after its CUDA graphs were recorded; recording its graphs again",
                     type(self.module).__name__,
                 )
             self.graphs.clear()
@@ -459,6 +461,7 @@ class CUDAGraphedFunction:
         self.after_pass()
         self._synchronize(device)
         seconds = time.perf_counter() - start
+        self.recordings += 1
         self.recording_seconds += seconds
         shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in batch.items())
         logger.info("Recorded a CUDA graph of %s for %s in %.2f s", type(self.module).__name__, shapes, seconds)
@@ -745,9 +748,13 @@ class VQATrainer(Trainer):
         except BaseException:
             self.passes_running -= 1
             # A failed pass (an error raised in a worker, an interrupt) leaves its loader's persistent workers to the
-            # garbage collector, which kills each only after a 5 s wait (`stop_dataloader_workers`).
+            # garbage collector, which kills each only after a 5 s wait (`stop_dataloader_workers`). Failing to stop
+            # them must not hide the pass's own error.
             if not self.passes_running:
-                self.stop_dataloader_workers()
+                try:
+                    self.stop_dataloader_workers()
+                except Exception:
+                    logger.warning("Could not stop the DataLoader workers of the failed pass", exc_info=True)
             raise
         self.passes_running -= 1
 

@@ -1533,6 +1533,22 @@ def test_a_failed_pass_stops_the_persistent_workers(tiny_prepared_vqa, tmp_path,
     assert killed == []
 
 
+def test_a_failed_pass_raises_its_own_error_when_its_workers_cannot_be_stopped(tiny_prepared_vqa, tmp_path, caplog):
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True)
+
+    def fails(items):
+        raise ValueError("an unreadable item")
+
+    def cannot_stop():
+        raise RuntimeError("cannot stop")
+
+    trainer.data_collator, trainer.stop_dataloader_workers = fails, cannot_stop
+    with caplog.at_level("WARNING", logger="rwsan.training"), pytest.raises(ValueError, match="an unreadable item"):
+        trainer.train()
+    assert "Could not stop the DataLoader workers of the failed pass" in caplog.text and "cannot stop" in caplog.text
+    assert trainer.passes_running == 0
+
+
 def test_each_dataset_evaluated_with_persistent_workers_reads_its_own_questions(tiny_prepared_vqa, tmp_path):
     """With persistent workers, transformers keeps evaluation loaders by name: every dataset object under "eval",
     the datasets of a dict under their keys. Each evaluation after the first silently read the first one's
@@ -1763,7 +1779,7 @@ def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_
     with caplog.at_level("WARNING", logger="rwsan.training"):
         moved_graph = replayed_like_eager()
     assert moved_graph is not first_graph
-    assert "moved in memory (or changed requires_grad) after its CUDA graphs were recorded" in caplog.text
+    assert "moved in memory (or changed requires_grad, or a submodule was added or replaced) after" in caplog.text
     model.classifier.bias = torch.nn.Parameter(model.classifier.bias.detach().clone())
     replaced_graph = replayed_like_eager()
     assert replaced_graph is not moved_graph
@@ -1773,6 +1789,8 @@ def test_graphs_are_recorded_again_when_the_model_moves_in_memory(emulated_cuda_
     # A module replaced: its parameters are new, wherever it sits in the tree.
     model.classifier = torch.nn.Linear(model.classifier.in_features, model.classifier.out_features)
     assert replayed_like_eager() is not frozen_graph
+    # One graph kept, five recorded: the count a steady-state rate leaves out covers those recorded again.
+    assert len(passes.graphs) == 1 and passes.recordings == 5
 
 
 def test_graphed_passes_time_their_recordings_alone(emulated_cuda_graphs, caplog, monkeypatch):
@@ -1780,16 +1798,17 @@ def test_graphed_passes_time_their_recordings_alone(emulated_cuda_graphs, caplog
     import rwsan.training
     from rwsan.training import CUDAGraphedFunction
 
-    ticks = iter(range(100))
-    monkeypatch.setattr(rwsan.training.time, "perf_counter", lambda: float(next(ticks)))
+    ticks = itertools.count()
+    # The module's clock alone: others' calls would move it.
+    monkeypatch.setattr(rwsan.training, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     module = torch.nn.Linear(4, 2)
     passes = CUDAGraphedFunction(lambda inputs: module(inputs["features"]), module)
     with caplog.at_level("INFO", logger="rwsan.training"):
         passes({"features": torch.ones(3, 4)})
         passes({"features": torch.zeros(3, 4)})
-        assert passes.recording_seconds == 1.0 and len(caplog.records) == 1
+        assert passes.recordings == 1 and passes.recording_seconds == 1.0 and len(caplog.records) == 1
         passes({"features": torch.ones(5, 4)})
-    assert passes.recording_seconds == 2.0
+    assert passes.recordings == 2 and passes.recording_seconds == 2.0
     assert [record.getMessage() for record in caplog.records] == [
         "Recorded a CUDA graph of Linear for features (3, 4) in 1.00 s",
         "Recorded a CUDA graph of Linear for features (5, 4) in 1.00 s",

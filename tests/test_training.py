@@ -1463,23 +1463,28 @@ def test_remove_unused_columns_keeps_the_question_ids(tiny_prepared_vqa, tmp_pat
     np.testing.assert_array_equal(results[0].predictions, results[1].predictions)
 
 
-def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prepared_vqa, tmp_path, monkeypatch):
-    """Left to the garbage collector, a Trainer's persistent DataLoader workers would each be killed after waiting
-    5 s; `stop_dataloader_workers` has every loader's workers exit at once, and a later pass starts new ones."""
+def workers_killed(monkeypatch) -> list:
+    """The worker processes terminated from now on: a DataLoader's workers that did not stop when told to (as the
+    garbage collector's clean-up does after each one's 5 s wait)."""
     killed = []
     terminate = multiprocessing.process.BaseProcess.terminate
     monkeypatch.setattr(
         multiprocessing.process.BaseProcess, "terminate", lambda worker: killed.append(worker) or terminate(worker)
     )
-    trainer = tiny_trainer(
-        tiny_prepared_vqa,
-        tmp_path,
-        0.0,
-        use_cpu=True,
-        max_steps=2,
-        dataloader_num_workers=1,
-        dataloader_persistent_workers=True,
-    )
+    return killed
+
+
+def trainer_with_a_persistent_worker(dataset_dir: Path, output: Path, **arguments):
+    """`tiny_trainer` on the CPU, without dropout, loading with one persistent DataLoader worker."""
+    one_worker = dict(dataloader_num_workers=1, dataloader_persistent_workers=True)
+    return tiny_trainer(dataset_dir, output, 0.0, use_cpu=True, **one_worker, **arguments)
+
+
+def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prepared_vqa, tmp_path, monkeypatch):
+    """Left to the garbage collector, a Trainer's persistent DataLoader workers would each be killed after waiting
+    5 s; `stop_dataloader_workers` has every loader's workers exit at once, and a later pass starts new ones."""
+    killed = workers_killed(monkeypatch)
+    trainer = trainer_with_a_persistent_worker(tiny_prepared_vqa, tmp_path, max_steps=2)
     earlier = set(multiprocessing.active_children())
     # Evaluated before training too: the Trainer keeps that loader, but its accelerator forgets it when training starts.
     trainer.evaluate(trainer.train_dataset)
@@ -1498,21 +1503,8 @@ def test_persistent_workers_stop_when_told_and_start_again_when_needed(tiny_prep
 def test_a_failed_pass_stops_the_persistent_workers(tiny_prepared_vqa, tmp_path, monkeypatch, failing_pass):
     """An error raised in a worker fails the pass; its persistent workers, left to the garbage collector, would each
     be killed after waiting 5 s. They exit at once, and the trainer trains again with new ones."""
-    killed = []
-    terminate = multiprocessing.process.BaseProcess.terminate
-    monkeypatch.setattr(
-        multiprocessing.process.BaseProcess, "terminate", lambda worker: killed.append(worker) or terminate(worker)
-    )
-    trainer = tiny_trainer(
-        tiny_prepared_vqa,
-        tmp_path,
-        0.0,
-        use_cpu=True,
-        max_steps=4,
-        per_device_eval_batch_size=8,
-        dataloader_num_workers=1,
-        dataloader_persistent_workers=True,
-    )
+    killed = workers_killed(monkeypatch)
+    trainer = trainer_with_a_persistent_worker(tiny_prepared_vqa, tmp_path, max_steps=4, per_device_eval_batch_size=8)
     collator = trainer.data_collator
     batches = itertools.count()  # in the worker, which runs the collator
 

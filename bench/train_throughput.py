@@ -554,34 +554,50 @@ class TimeBudget:
 
 # Where the Trainer's main thread spends a training step, as `HostClock` sums it.
 WAITING_FOR_BATCHES = "waiting for batches"
+COPIES_AND_PADDING = "copies and padding"
 TRAINING_STEP = "training_step"
 OPTIMIZER_STEP = "optimizer step"
+SCHEDULE_AND_ZERO_GRAD = "schedule and zero_grad"
 
 
 class HostClock(TrainerCallback):
     """The seconds the Trainer's main thread spends in each part of its training steps, summed in `seconds`:
-    `WAITING_FOR_BATCHES` (`get_batch_samples`: the DataLoader's next batch), `TRAINING_STEP` (the batch's copies
-    and padding, the forward and backward passes' launches or graph replay) and `OPTIMIZER_STEP`. No part reads
-    from the device; where the host waits for it anyway (a synchronisation, a full launch queue), the part that
-    waits grows by the device's time, and that names it."""
+    `WAITING_FOR_BATCHES` (`get_batch_samples`: the DataLoader's next batch), `COPIES_AND_PADDING`
+    (`_prepare_inputs`: the batch's copies to the device and the padding of packed regions), `TRAINING_STEP` (the
+    rest of `training_step`: the model's training mode, the forward and backward passes' launches or the graph's
+    checks and replay), `OPTIMIZER_STEP`, and `SCHEDULE_AND_ZERO_GRAD` (from the optimizer step to the step's end:
+    the learning rate's schedule, `model.zero_grad()`). A part timed inside another is left out of the outer one.
+    No part reads from the device; where the host waits for it anyway (a synchronisation, a full launch queue), the
+    part that waits grows by the device's time, and that names it."""
 
     def __init__(self):
-        self.seconds = dict.fromkeys((WAITING_FOR_BATCHES, TRAINING_STEP, OPTIMIZER_STEP), 0.0)
-        self.optimizer_start = None
+        parts = (WAITING_FOR_BATCHES, COPIES_AND_PADDING, TRAINING_STEP, OPTIMIZER_STEP, SCHEDULE_AND_ZERO_GRAD)
+        self.seconds = dict.fromkeys(parts, 0.0)
+        # The seconds of the parts timed inside each part being timed, innermost last.
+        self.inner_seconds: list[float] = []
+        self.optimizer_start = self.optimizer_end = None
 
     @contextlib.contextmanager
     def timing(self, part: str):
         start = time.perf_counter()
+        self.inner_seconds.append(0.0)
         try:
             yield
         finally:
-            self.seconds[part] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[part] += elapsed - self.inner_seconds.pop()
+            if self.inner_seconds:
+                self.inner_seconds[-1] += elapsed
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.optimizer_start = time.perf_counter()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.seconds[OPTIMIZER_STEP] += time.perf_counter() - self.optimizer_start
+        self.optimizer_end = time.perf_counter()
+        self.seconds[OPTIMIZER_STEP] += self.optimizer_end - self.optimizer_start
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds[SCHEDULE_AND_ZERO_GRAD] += time.perf_counter() - self.optimizer_end
 
 
 class ShapeRecordingTrainer(VQATrainer):
@@ -603,7 +619,8 @@ class ShapeRecordingTrainer(VQATrainer):
             return super().training_step(*args, **kwargs)
 
     def _prepare_inputs(self, inputs):
-        inputs = super()._prepare_inputs(inputs)
+        with self.host_clock.timing(COPIES_AND_PADDING):
+            inputs = super()._prepare_inputs(inputs)
         if self.model.training:
             self.padded_shapes.append(padded_shape(inputs))
         return inputs

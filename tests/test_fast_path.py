@@ -487,9 +487,10 @@ def test_benchmark_runs_every_cpu_row_and_writes_json(tmp_path, monkeypatch):
         assert counts["aten::addmm"] > 0 and counts["aten::mm"] > counts["aten::addmm"]
         # Each part of a step on the host was timed, and none holds another: the rest of the loop is what is left.
         host = measured[key]["host_milliseconds_per_step"]
-        names = ["waiting for batches", "training_step", "optimizer step", "the rest", "the device's backlog"]
+        names = ["waiting for batches", "copies and padding", "training_step", "optimizer step"]
+        names += ["schedule and zero_grad", "the rest", "the device's backlog"]
         assert list(host) == names
-        assert min(host[name] for name in names[:4]) > 0 and host["the device's backlog"] >= 0, host
+        assert min(host[name] for name in names[:-1]) > 0 and host["the device's backlog"] >= 0, host
         # Padded as the collator pads (--pad_to_multiple_of 20, questions cut at 16).
         assert measured[key]["mean_padded_question_length"] == 16
         assert measured[key]["mean_padded_regions"] in (20, 40, 60, 80, 100)
@@ -533,6 +534,27 @@ def test_profiled_steps_of_grouped_batches_are_of_middling_size():
     assert bench.profile_start(250, 3, mega_batch=50) == 273
     assert bench.profile_start(260, 3, mega_batch=50) == 323
     assert bench.profile_start(250, 3, mega_batch=None) == bench.profile_start(250, 0, mega_batch=50) == 250
+
+
+def test_the_host_clock_leaves_a_part_timed_inside_another_out_of_it(monkeypatch):
+    clock = iter([0.0, 1.0, 1.5, 4.0, 4.0, 4.25, 4.5, 4.5, 5.0])
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    host = bench.HostClock()
+    with host.timing(bench.TRAINING_STEP):  # 0 to 4 s, of which the copies took 0.5 s
+        with host.timing(bench.COPIES_AND_PADDING):  # 1 to 1.5 s
+            pass
+    host.on_pre_optimizer_step(None, None, None)  # 4 s
+    host.on_optimizer_step(None, None, None)  # 4.25 s
+    host.on_step_end(None, None, None)  # 4.5 s
+    with host.timing(bench.WAITING_FOR_BATCHES):  # 4.5 to 5 s
+        pass
+    assert host.seconds == {
+        "waiting for batches": 0.5,
+        "copies and padding": 0.5,
+        "training_step": 3.5,
+        "optimizer step": 0.25,
+        "schedule and zero_grad": 0.25,
+    }
 
 
 @pytest.mark.parametrize("recorded_while_timed", [0, 1, 2])

@@ -39,11 +39,11 @@ from bench.train_throughput import (  # noqa: E402
     build_model,
     model_inputs,
     resized_batch,
-    synchronize,
     synthetic_items,
 )
 from rwsan import RWSANConfig  # noqa: E402
 from rwsan.data import VQACollator  # noqa: E402
+from rwsan.training import synchronize  # noqa: E402
 
 PROFILED_STEPS = 3
 

@@ -113,7 +113,13 @@ from bench.raw_vqa_files import (  # noqa: E402
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features  # noqa: E402
-from rwsan.training import GraphedForwardBackward, VQATrainer, VQATrainingArguments, answer_indices  # noqa: E402
+from rwsan.training import (  # noqa: E402
+    GraphedForwardBackward,
+    VQATrainer,
+    VQATrainingArguments,
+    answer_indices,
+    synchronize,
+)
 
 PAPER_BATCH_SIZE = 64
 ADAM_ARGUMENTS = {"lr": 1e-4, "betas": (0.9, 0.98), "eps": 1e-9}
@@ -438,12 +444,6 @@ def build_model(config: RWSANConfig, attn_implementation: str, device: torch.dev
     model = RWSANForVQA(config)
     model.set_attn_implementation(attn_implementation)
     return model.to(device).train()
-
-
-def synchronize(device: torch.device):
-    """Waits for the device's queued work (timings end here)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def compile_encoders(model: RWSANForVQA, **compile_kwargs):

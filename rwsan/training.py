@@ -334,6 +334,12 @@ class SideStreamBatchCopy:
         return batch | copied
 
 
+def synchronize(device: torch.device):
+    """Waits for the device's queued work (timings end here)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class CUDAGraphRecorder:
     """Where a `CUDAGraphedFunction` records: one side stream and one memory pool for all its graphs on a CUDA
     device. Sharing the pool is safe because replays never overlap and each graph's outputs are used before the
@@ -405,7 +411,11 @@ class CUDAGraphedFunction:
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
         self.recordings = 0
         self.recording_seconds = 0.0
-        self.submodules = list(module.modules())
+        self._note_module()
+
+    def _note_module(self):
+        """Takes note of the module as it is now: its modules, their placement, and what `module_changed` notes."""
+        self.submodules = list(self.module.modules())
         self.module_placement = self._placement()
         self.module_changed()
 
@@ -431,9 +441,7 @@ class CUDAGraphedFunction:
                     type(self.module).__name__,
                 )
             self.graphs.clear()
-            self.submodules = list(self.module.modules())
-            self.module_placement = self._placement()
-            self.module_changed()
+            self._note_module()
         # By name: a batch whose dict lists the same tensors in another order replays the same graph.
         key = tuple(sorted((name, tuple(tensor.shape), tensor.dtype) for name, tensor in batch.items()))
         if key not in self.graphs:
@@ -449,7 +457,7 @@ class CUDAGraphedFunction:
         device = next(iter(batch.values())).device
         self.recorder.check(device)
         # Synchronised, so that the time is the recording's alone, not that of the steps queued before it.
-        self._synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -459,18 +467,13 @@ class CUDAGraphedFunction:
                     self.after_pass()
         replay, outputs = self.recorder.capture(functools.partial(self.recorded_pass, inputs))
         self.after_pass()
-        self._synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
         self.recordings += 1
         self.recording_seconds += seconds
         shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in batch.items())
         logger.info("Recorded a CUDA graph of %s for %s in %.2f s", type(self.module).__name__, shapes, seconds)
         return replay, inputs, outputs
-
-    @staticmethod
-    def _synchronize(device: torch.device):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def recorded_pass(self, inputs: dict[str, torch.Tensor]) -> Any:
         """What the graph records: `function(inputs)`."""
@@ -743,20 +746,20 @@ class VQATrainer(Trainer):
     @contextlib.contextmanager
     def _pass(self):
         self.passes_running += 1
+        failed = True
         try:
             yield
-        except BaseException:
+            failed = False
+        finally:
             self.passes_running -= 1
             # A failed pass (an error raised in a worker, an interrupt) leaves its loader's persistent workers to the
             # garbage collector, which kills each only after a 5 s wait (`stop_dataloader_workers`). Failing to stop
             # them must not hide the pass's own error.
-            if not self.passes_running:
+            if failed and not self.passes_running:
                 try:
                     self.stop_dataloader_workers()
                 except Exception:
                     logger.warning("Could not stop the DataLoader workers of the failed pass", exc_info=True)
-            raise
-        self.passes_running -= 1
 
     def evaluation_loop(self, *args, **kwargs):
         with self._pass():

@@ -643,9 +643,8 @@ class SteadyStateTimer(TrainerCallback):
         synchronize: Callable[[], None],
         batch_size: int,
         name: str,
-        count_recordings: Callable[[], int] = lambda: 0,
+        recordings: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
         padded_shapes: list[tuple[int, int]] | None = None,
-        recording_seconds: Callable[[], float] = lambda: 0.0,
         host_seconds: dict[str, float] | None = None,
     ):
         self.warmup_steps = warmup_steps
@@ -653,10 +652,9 @@ class SteadyStateTimer(TrainerCallback):
         self.synchronize = synchronize
         self.batch_size = batch_size
         self.name = name
-        # How many CUDA graphs the Trainer has recorded so far (a recording while timed costs eager passes).
-        self.count_recordings = count_recordings
-        # The seconds those recordings took.
-        self.recording_seconds = recording_seconds
+        # How many CUDA graphs the Trainer has recorded so far, and the seconds they took (a recording while timed
+        # costs eager passes).
+        self.recordings = recordings
         # The padded shape of each training batch so far, where the Trainer keeps them (`ShapeRecordingTrainer`).
         self.padded_shapes = padded_shapes if padded_shapes is not None else []
         # The host's seconds so far in each part of a step, where they are kept (`HostClock.seconds`).
@@ -666,7 +664,6 @@ class SteadyStateTimer(TrainerCallback):
         self.host_milliseconds: dict[str, float] = {}
         self.train_start = self.steady_start = self.host_end = self.end = None
         self.graphs_at_steady_start = self.recordings_at_steady_start = self.shapes_at_steady_start = None
-        self.recording_seconds_at_steady_start = None
         # Seconds of CUDA graph recordings within the timed steps, left out of the rate.
         self.seconds_left_out = 0.0
         self.timed_shapes: list[tuple[int, int]] = []
@@ -680,8 +677,7 @@ class SteadyStateTimer(TrainerCallback):
             self.synchronize()
             self.steady_start = time.perf_counter()
             self.graphs_at_steady_start = compiled_graph_count()
-            self.recordings_at_steady_start = self.count_recordings()
-            self.recording_seconds_at_steady_start = self.recording_seconds()
+            self.recordings_at_steady_start = self.recordings()
             self.shapes_at_steady_start = len(self.padded_shapes)
             self.host_seconds_at_steady_start = dict(self.host_seconds)
         elif state.global_step == self.warmup_steps + self.timed_steps:
@@ -691,8 +687,8 @@ class SteadyStateTimer(TrainerCallback):
             self.timed_shapes = self.padded_shapes[self.shapes_at_steady_start :]
             if compiled_graph_count() != self.graphs_at_steady_start:
                 self.notes.append("recompiled while timed")
-            recordings = self.count_recordings() - self.recordings_at_steady_start
-            self.seconds_left_out = self.recording_seconds() - self.recording_seconds_at_steady_start
+            (count, seconds), (count_before, seconds_before) = self.recordings(), self.recordings_at_steady_start
+            recordings, self.seconds_left_out = count - count_before, seconds - seconds_before
             if recordings:
                 self.notes.append(
                     f"recorded {recordings} CUDA graph{'s' * (recordings > 1)} while timed "
@@ -1123,9 +1119,8 @@ class Benchmark:
             self.synchronize,
             self.args.batch_size,
             key,
-            count_recordings=functools.partial(cuda_graphs_recorded, trainer),
+            recordings=functools.partial(cuda_graph_recordings, trainer),
             padded_shapes=trainer.padded_shapes,
-            recording_seconds=functools.partial(cuda_graph_recording_seconds, trainer),
             host_seconds=trainer.host_clock.seconds,
         )
         profiler = StepProfiler(profiled_after, self.args.profile_steps, self.device, self.synchronize)
@@ -1249,14 +1244,13 @@ def trainer_title(workers: int, blocking_copies: bool, bf16: bool, flags: dict[s
     return f"train_vqa Trainer ({loading}; {', '.join(options)})"
 
 
-def cuda_graphs_recorded(trainer: VQATrainer) -> int:
-    """The CUDA graphs of training steps the trainer has recorded so far (--cuda_graphs), those recorded again too."""
-    return 0 if trainer.graphed_passes is None else trainer.graphed_passes[1].recordings
-
-
-def cuda_graph_recording_seconds(trainer: VQATrainer) -> float:
-    """The seconds the trainer's recordings of those graphs took."""
-    return 0.0 if trainer.graphed_passes is None else trainer.graphed_passes[1].recording_seconds
+def cuda_graph_recordings(trainer: VQATrainer) -> tuple[int, float]:
+    """The CUDA graphs of training steps the trainer has recorded so far (--cuda_graphs), those recorded again too,
+    and the seconds they took."""
+    if trainer.graphed_passes is None:
+        return 0, 0.0
+    passes = trainer.graphed_passes[1]
+    return passes.recordings, passes.recording_seconds
 
 
 def trainer_mega_batch(num_questions: int, batch_size: int) -> int:

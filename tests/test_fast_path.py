@@ -572,9 +572,8 @@ def test_the_trainer_timer_leaves_graphs_recorded_while_timed_out_of_the_rate(
         lambda: None,
         batch_size=4,
         name="trainer",
-        count_recordings=lambda: recorded[0],
+        recordings=lambda: tuple(recorded),
         padded_shapes=shapes,
-        recording_seconds=lambda: recorded[1],
         host_seconds=host_seconds,
     )
     timer.on_train_begin(None, None, None)

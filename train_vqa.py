@@ -21,8 +21,8 @@ is the paper's unless `--paper_schedule false`, and label smoothing (the labels 
 defaults are the paper's recipe, but for two choices left to the user: the precision (fp32 unless `--bf16` or
 `--fp16`; the original trains with fp16 autocast) and the word embedding's start (random unless `--glove_path`; the
 original starts from GloVe 840B 300d).
-`--compile_blocks` compiles only the two weight-shared attention blocks and the layer norms between their
-applications, faster than `--torch_compile`;
+`--compile_blocks` compiles only the two weight-shared attention blocks, the layer norms between their
+applications and the attention flattenings, faster than `--torch_compile`;
 `--cuda_graphs` (with `--pad_to_multiple_of`) replays each step's passes as a CUDA graph.
 """
 

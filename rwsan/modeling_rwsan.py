@@ -580,9 +580,10 @@ class RWSANPreTrainedModel(PreTrainedModel):
         compiled with its weights as two inputs (its linear layers', cast once a pass under autocast, and the
         others'), so that their gradients are summed once per application (see
         `RWSANWeightSharingEncoder.block_for_pass`). The layer norms outside the blocks, applied 13 times a forward
-        pass at the paper's configuration, are compiled too: eagerly each is a string of small operators, forward
-        and backward. The rest (embedding, LSTM, projection, pooling, classifier) stays eager. Parameter names and
-        saved weights do not change. Pass `dynamic=True` when batches come in several padded shapes, so that one
+        pass at the paper's configuration, and the two attention flattenings are compiled too: eagerly each is a
+        string of small operators, forward and backward (a flattening's are some 45 kernels on a GPU, each a few
+        microseconds). The rest (embedding, LSTM, projection, classifier) stays eager. Parameter names and saved
+        weights do not change. Pass `dynamic=True` when batches come in several padded shapes, so that one
         compilation serves them all. Modes that record CUDA graphs (`reduce-overhead`) break inference: one
         application's output, the next one's input, is overwritten (pytorch/pytorch#152887).
 
@@ -595,7 +596,8 @@ class RWSANPreTrainedModel(PreTrainedModel):
         encoders = [m for m in self.modules() if isinstance(m, RWSANWeightSharingEncoder)]
         inside_blocks = {id(module) for encoder in encoders for module in encoder.block.modules()}
         norms = [m for m in self.modules() if isinstance(m, RWSANLayerNorm) and id(m) not in inside_blocks]
-        for module in [encoder.block for encoder in encoders] + norms:
+        flattenings = [m for m in self.modules() if isinstance(m, RWSANAttentionFlattening)]
+        for module in [encoder.block for encoder in encoders] + norms + flattenings:
             module.compile(**compile_kwargs)
         for encoder in encoders:
             encoder.compile_block_with_weights(**compile_kwargs)

@@ -119,9 +119,9 @@ class VQATrainingArguments(TrainingArguments):
     compile_blocks: bool = field(
         default=False,
         metadata={
-            "help": "Compile only the two weight-shared attention blocks and the layer norms between their "
-            "applications (torch.compile, dynamic shapes): less compilation than --torch_compile; not together "
-            "with it."
+            "help": "Compile only the two weight-shared attention blocks, the layer norms between their "
+            "applications and the attention flattenings (torch.compile, dynamic shapes): less compilation than "
+            "--torch_compile; not together with it."
         },
     )
     cuda_graphs: bool = field(

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 from rwsan import RWSANConfig, RWSANForVQA
 from rwsan.data import VQACollator
-from rwsan.modeling_rwsan import RWSANLayerNorm
+from rwsan.modeling_rwsan import RWSANAttentionFlattening, RWSANLayerNorm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,9 @@ def one_thread():
 
 
 # What `compile_blocks` compiles, once for every padded shape: a graph for each of the two blocks, one for the layer
-# norms of the (batch, length, hidden) states between the blocks' applications, one for the fused vector's norm.
-COMPILED_BLOCKS_GRAPHS = 4
+# norms of the (batch, length, hidden) states between the blocks' applications, one for the fused vector's norm, one
+# for the two attention flattenings.
+COMPILED_BLOCKS_GRAPHS = 5
 
 
 def tiny_model(attn_implementation: str = "sdpa") -> RWSANForVQA:
@@ -155,7 +156,8 @@ def test_compiled_blocks_match_eager_with_a_few_graphs_for_every_shape(items):
     assert first["image_features"].shape[1] != second["image_features"].shape[1]
     with torch.no_grad():
         torch.testing.assert_close(compiled(**first).logits, model(**first).logits, atol=1e-5, rtol=0)
-        # The 18 applications of the two shared blocks and the 13 of the layer norms outside them share 4 graphs.
+        # The 18 applications of the two shared blocks, the 13 of the layer norms outside them and the two
+        # flattenings share 5 graphs.
         graphs = counters["stats"]["unique_graphs"] - graphs_before
         assert graphs == COMPILED_BLOCKS_GRAPHS
         torch.testing.assert_close(compiled(**second).logits, model(**second).logits, atol=1e-5, rtol=0)
@@ -163,7 +165,11 @@ def test_compiled_blocks_match_eager_with_a_few_graphs_for_every_shape(items):
     for name, module in compiled.named_modules():
         # The norms inside the blocks are compiled as part of them.
         separately_compiled = module._compiled_call_impl is not None
-        expected = (isinstance(module, RWSANLayerNorm) and ".block." not in name) or name.endswith(".block")
+        expected = (
+            (isinstance(module, RWSANLayerNorm) and ".block." not in name)
+            or name.endswith(".block")
+            or isinstance(module, RWSANAttentionFlattening)
+        )
         assert separately_compiled == expected, name
     torch._dynamo.reset()
 

@@ -581,7 +581,7 @@ class RWSANPreTrainedModel(PreTrainedModel):
         others'), so that their gradients are summed once per application (see
         `RWSANWeightSharingEncoder.block_for_pass`). The layer norms outside the blocks, applied 13 times a forward
         pass at the paper's configuration, and the two attention flattenings are compiled too: eagerly each is a
-        string of small operators, forward and backward (a flattening's are some 45 kernels on a GPU, each a few
+        string of small operators, forward and backward (a flattening's are about 50 kernels on a GPU, each a few
         microseconds). The rest (embedding, LSTM, projection, classifier) stays eager. Parameter names and saved
         weights do not change. Pass `dynamic=True` when batches come in several padded shapes, so that one
         compilation serves them all. Modes that record CUDA graphs (`reduce-overhead`) break inference: one

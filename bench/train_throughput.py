@@ -57,6 +57,9 @@ batches grouped by regions they are taken from the middle of a mega-batch (right
 largest batches).
 With --inductor_option NAME=VALUE, the compiled rows are compiled under that inductor setting (e.g.
 combo_kernels=True, which joins independent small kernels into one launch), to compare it with a run without.
+With --attn_implementation eager, the Trainer and evaluation rows run the attention as the original writes it (two
+matrix products around a masked softmax, which inductor fuses inside compiled blocks) rather than through SDPA's
+fused kernels: at the paper's short sequences a fused kernel's fixed cost may outweigh what it fuses.
 
 Compilation and warm-up (each padded shape is run before timing) are left out of samples/s and printed apart. The
 timed loops read nothing back from the device (but for the Trainer's logging, every 50 steps, as in train_vqa.py);
@@ -1103,7 +1106,7 @@ class Benchmark:
             # None: VQATrainingArguments' default, copies that do not wait where batches are pinned.
             accelerator_config={"non_blocking": False} if blocking_copies else None,
         )
-        model = self.build_model("sdpa")
+        model = self.build_model(self.args.attn_implementation)
         if compiled == "encoders":
             compile_encoders(model, dynamic=True)
         trainer = ShapeRecordingTrainer(
@@ -1136,6 +1139,7 @@ class Benchmark:
         if trainer.batch_copy is not None:
             notes.append("batches copied on a side stream")
         flags = {
+            "--attn_implementation eager": self.args.attn_implementation == "eager",
             "--compile_blocks": compiled == "blocks",
             "compiled encoders (bench only)": compiled == "encoders",
             "--cuda_graphs": cuda_graphs,
@@ -1177,7 +1181,7 @@ class Benchmark:
         questions = Subset(dataset, range(min(len(dataset), self.args.eval_questions)))
         arguments = self.trainer_arguments(key, self.args.num_workers, cuda_graphs=cuda_graphs)
         trainer = VQATrainer(
-            model=self.build_model("sdpa"),
+            model=self.build_model(self.args.attn_implementation),
             args=arguments,
             eval_dataset=questions,
             data_collator=self.collator(bucketed=True, packed=self.device.type == "cuda"),
@@ -1196,6 +1200,7 @@ class Benchmark:
         finally:
             trainer.stop_dataloader_workers()  # as after a Trainer row
         options = [precision_name(arguments.bf16)]
+        options += ["--attn_implementation eager"] * (self.args.attn_implementation == "eager")
         options += ["--pack_regions"] * (self.device.type == "cuda") + ["--cuda_graphs"] * cuda_graphs
         row = Row(
             key,
@@ -1420,6 +1425,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="An inductor setting for every compiled row, e.g. combo_kernels=True (torch._inductor.config; repeat "
         "the option for several).",
+    )
+    parser.add_argument(
+        "--attn_implementation",
+        choices=("sdpa", "eager"),
+        default="sdpa",
+        help="The attention of the Trainer and evaluation rows, as train_vqa.py's --attn_implementation (default "
+        "sdpa); the other rows' is in their names.",
     )
     parser.add_argument("--compile_on_cpu", action="store_true", help="Also run the compiled row on a CPU.")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's).")

@@ -523,14 +523,19 @@ def test_a_failing_trainer_row_stops_its_workers_too(tmp_path, monkeypatch):
     assert workers_left == []
 
 
-def test_the_trainer_rows_name_the_precision_they_run_in(tmp_path, monkeypatch):
+def test_the_trainer_rows_name_the_precision_and_attention_they_run_in(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bf16_supported", lambda device: False)  # a CPU without bf16
+    attentions = []
+    build_model = bench.build_model
+    monkeypatch.setattr(bench, "build_model", lambda *args: attentions.append(args[1]) or build_model(*args))
     sizes = ["--batch_size", "8", "--num_images", "20", "--trainer_steps", "1", "--eval_questions", "16"]
-    sizes += ["--num_workers", "0"]
+    sizes += ["--num_workers", "0", "--attn_implementation", "eager"]
     bench.main(["--tiny", *sizes, "--rows", "trainer,evaluate", "--json", str(tmp_path / "r.json")])
     titles = [row["title"] for row in json.loads((tmp_path / "r.json").read_text())["rows"]]
-    assert titles[0].startswith("train_vqa Trainer (0 workers; fp32, ") and "bf16" not in titles[0]
-    assert titles[1].startswith("VQATrainer.evaluate (fp32, ") and "bf16" not in titles[1]
+    assert titles[0].startswith("train_vqa Trainer (0 workers; fp32, --attn_implementation eager, ")
+    assert titles[1].startswith("VQATrainer.evaluate (fp32, --attn_implementation eager, ")
+    assert not any("bf16" in title for title in titles)
+    assert attentions == ["eager", "eager"]
 
 
 def test_profiled_steps_of_grouped_batches_are_of_middling_size():

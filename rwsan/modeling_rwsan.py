@@ -355,6 +355,14 @@ class RWSANGuidedAttentionBlock(GradientCheckpointingLayer):
         return image_states, self_attention, guided_attention
 
 
+def _autocast_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype autocast computes a `dtype` tensor in on `device_type`: its own where it is active, except for
+    float64, which it leaves as it is; `dtype` where it is not active."""
+    if torch.is_autocast_enabled(device_type) and dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def _weight_layout(block: nn.Module) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
     """The block's parameter names and shapes, in `named_parameters()` order, each with whether it is a linear
     layer's (which autocast casts to its lower precision)."""
@@ -449,10 +457,7 @@ class RWSANWeightSharingEncoder(nn.Module):
                 [parameter.reshape(-1) for parameter in parameters], self.block_weight_layout
             )
         )
-        device_type = linear_weights.device.type
-        # Autocast casts floating-point tensors but float64 ones.
-        if torch.is_autocast_enabled(device_type) and linear_weights.dtype != torch.float64:
-            linear_weights = linear_weights.to(torch.get_autocast_dtype(device_type))
+        linear_weights = linear_weights.to(_autocast_dtype(linear_weights.dtype, linear_weights.device.type))
         return functools.partial(self.compiled_block_with_weights, linear_weights, other_weights)
 
 
@@ -707,11 +712,8 @@ class RWSANModel(RWSANPreTrainedModel):
         # lay the LSTM's output (time-major in memory) out batch-major, as every later operation reads it.
         question_states = question_states.clone(memory_format=torch.contiguous_format)
         image_states = image_states.clone()
-        # Biases in the dtype the attention computes in (autocast's, when active: it leaves float64 as it is),
-        # broadcast over heads and queries.
-        compute_dtype = image_states.dtype
-        if torch.is_autocast_enabled(image_states.device.type) and compute_dtype != torch.float64:
-            compute_dtype = torch.get_autocast_dtype(image_states.device.type)
+        # Biases in the dtype the attention computes in, broadcast over heads and queries.
+        compute_dtype = _autocast_dtype(image_states.dtype, image_states.device.type)
         question_bias = _padding_to_bias(question_padding, compute_dtype)
         image_bias = _padding_to_bias(image_padding, compute_dtype)
 

@@ -705,12 +705,17 @@ class SteadyStateTimer(TrainerCallback):
             if self.host_seconds:
                 self.host_milliseconds = self.host_parts()
                 parts = ", ".join(f"{part} {milliseconds:.2f}" for part, milliseconds in self.host_milliseconds.items())
-                step = (self.end - self.steady_start - self.seconds_left_out) * 1e3 / self.timed_steps
+                step = self.timed_seconds * 1e3 / self.timed_steps
                 print(f"{self.name}: the host's ms a step: {parts} (a step {step:.2f})", flush=True)
 
     @property
+    def timed_seconds(self) -> float:
+        """The timed steps' wall time, the recordings within them left out."""
+        return self.end - self.steady_start - self.seconds_left_out
+
+    @property
     def samples_per_second(self) -> float:
-        return self.timed_steps * self.batch_size / (self.end - self.steady_start - self.seconds_left_out)
+        return self.timed_steps * self.batch_size / self.timed_seconds
 
     def host_parts(self) -> dict[str, float]:
         """The timed steps' host milliseconds a step in each part of `host_seconds`, in the rest of the loop, and

@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 demo: venv
 	$(PY) train_vqa.py

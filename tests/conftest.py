@@ -9,6 +9,11 @@ from pathlib import Path
 # No test may reach the network: every library that asks the hub is told it is offline (and answers at once), before
 # any of them is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Under pytest-xdist (`make test`) each worker, and each process it starts, gets its share of the cores: OpenMP
+# threads spin-waiting on a core another worker uses slow both down many times over. Set before torch is imported.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import numpy as np
 import pytest

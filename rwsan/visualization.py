@@ -19,6 +19,7 @@ from matplotlib.patches import Rectangle
 REGION_COLORMAP = "autumn_r"
 # Light enough to see the image through the shaded regions.
 REGION_FILL_ALPHA = 0.25
+REGION_LABEL_PAD = 1.5  # points of background around a region's rank label
 WORD_COLORMAP = "Blues"
 # Gray of the blank canvas drawn where there is no image.
 BLANK_CANVAS_GRAY = 0.92
@@ -102,10 +103,31 @@ def _draw_regions(axes, image, size, boxes, region_weights, top_k_regions):
             f"{rank}: {region_weights[region]:.2f}",
             fontsize=9,
             va="bottom",
-            bbox={"facecolor": color, "edgecolor": "none", "pad": 1.5},
+            bbox={"facecolor": color, "edgecolor": "none", "pad": REGION_LABEL_PAD},
         )
     axes.set_title(f"top {len(ranked)} of {len(boxes)} regions by attention weight", fontsize=10)
     return ScalarMappable(norm=norm, cmap=colormap)
+
+
+def _separate_region_labels(figure, axes):
+    """Moves each region's rank label down, best region first, until it is inside the image's top edge and covers no
+    better region's label: boxes that share a corner, as detected regions often do, would otherwise show one label
+    over another, and a box at the image's top its label above the image."""
+    renderer = figure.canvas.get_renderer()
+    # The labels' backgrounds reach REGION_LABEL_PAD points beyond their text.
+    pad = REGION_LABEL_PAD * figure.dpi / 72
+    top = axes.get_window_extent(renderer).y1
+    placed = []
+    for label in reversed(axes.texts):
+        extent = label.get_window_extent(renderer).padded(pad)
+        shift = min(0.0, top - extent.y1)
+        # Each move takes the label below the one it covered, so no label is met twice.
+        while covered := [other for other in placed if extent.translated(0, shift).overlaps(other)]:
+            shift = min(other.y0 for other in covered) - extent.y1 - 1
+        if shift:
+            x, y = axes.transData.transform(label.get_position())
+            label.set_position(axes.transData.inverted().transform((x, y + shift)))
+        placed.append(extent.translated(0, shift))
 
 
 def _draw_answers(axes, answers):
@@ -246,9 +268,11 @@ def plot_attention(
     _draw_answers(answer_axes, answers)
     if question is not None:
         figure.suptitle(textwrap.fill(question, TITLE_LINE_CHARACTERS), fontsize=14, parse_math=False)
-    # The words are laid out in the final size of their panel, known once the constrained layout has run.
+    # The region labels and the words are laid out in the final size of their panels, known once the constrained
+    # layout has run.
     figure.canvas.draw()
     figure.set_layout_engine("none")
+    _separate_region_labels(figure, image_axes)
     _draw_words(figure, word_axes, words, word_weights)
     if path is not None:
         figure.savefig(path, dpi=100)

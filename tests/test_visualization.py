@@ -73,6 +73,26 @@ def test_the_top_regions_are_drawn_best_on_top_and_labelled_by_rank(tmp_path):
     assert picture.shape[:2] == (750, 1100) and picture[..., :3].std() > 0.1
 
 
+def test_region_labels_of_boxes_that_share_a_corner_cover_no_other_label_and_stay_inside_the_image():
+    """Drawn at each box's corner as they are, the labels of the first three boxes lay one over another, and the
+    fourth's stood above the image."""
+    boxes = np.array([[50, 60, 200, 220], [50, 60, 420, 260], [52, 62, 500, 460], [10, 0, 630, 470]], np.float32)
+    figure = plot(boxes=boxes, region_weights=[0.3, 0.3, 0.2, 0.2], top_k_regions=4)
+    renderer = figure.canvas.get_renderer()
+    image_axes = figure.axes[0]
+    labels = {text.get_text(): text for text in image_axes.texts}
+    assert sorted(labels) == ["1: 0.30", "2: 0.30", "3: 0.20", "4: 0.20"]
+    extents = [labels[text].get_window_extent(renderer) for text in sorted(labels)]
+    assert not any(first.overlaps(second) for index, first in enumerate(extents) for second in extents[index + 1 :])
+    assert all(extent.y1 <= image_axes.get_window_extent(renderer).y1 for extent in extents)
+    # Each label keeps its box's left edge and is moved down, never up, from the box's top.
+    for text, box in zip(sorted(labels), boxes):
+        x, y = labels[text].get_position()
+        assert x == pytest.approx(box[0]) and y >= box[1]
+    # The best label is where it was drawn.
+    assert labels["1: 0.30"].get_position() == (50, 60)
+
+
 def test_word_shading_follows_the_weights():
     word_axes = plot().axes[2]
     words = [text for text in word_axes.texts if text.get_text() in WORDS]

@@ -29,6 +29,7 @@ applications and the attention flattenings, faster than `--torch_compile`;
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 import sys
 import textwrap
@@ -743,6 +744,10 @@ def main(argv: list[str] | None = None):
             "The word embedding starts random: the paper starts it from GloVe (--glove_path glove.840B.300d.txt)",
             file=sys.stderr,
         )
+    # --log_level reaches this package's messages as the Trainer makes it reach transformers' (at info: each CUDA
+    # graph recorded, and how long it took); they go to standard error as transformers' do.
+    logging.basicConfig(format="[%(name)s] %(message)s")
+    logging.getLogger("rwsan").setLevel(training_args.get_process_log_level())
     set_seed(training_args.seed)
     # Adam's moments of rarely-used embedding rows decay into subnormal floats, which make CPU arithmetic up to a
     # hundred times slower; flushing them to zero changes no result that matters (GPUs flush them anyway).

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -1187,6 +1188,31 @@ def record_training_steps(monkeypatch) -> list[tuple[object, set[str]]]:
 
     monkeypatch.setattr(train_vqa, "VQATrainer", RecordingTrainer)
     return steps
+
+
+@pytest.fixture
+def default_log_levels(monkeypatch):
+    """transformers' verbosity and this package's log level at their defaults, and put back after the test: main and
+    the Trainer set both process-wide."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    monkeypatch.setattr(logging.getLogger("rwsan"), "level", logging.NOTSET)
+    yield
+    transformers_logging.set_verbosity(verbosity)
+
+
+@pytest.mark.parametrize("log_level, shown", [("info", True), ("passive", False)])
+def test_log_level_sets_what_this_package_logs(tiny_prepared_vqa, tmp_path, default_log_levels, log_level, shown):
+    """--log_level info shows this package's INFO messages (each CUDA graph recorded) as it shows transformers';
+    by default they stay hidden, as transformers' do."""
+    import train_vqa
+
+    arguments = ["--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--log_level", log_level]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+    assert logging.getLogger("rwsan.training").isEnabledFor(logging.INFO) == shown
+    assert logging.getLogger("rwsan.training").isEnabledFor(logging.WARNING)
 
 
 @pytest.mark.parametrize("given", [True, False])

@@ -1320,10 +1320,12 @@ def write_prepared_dataset(
     for split in inputs.converted_splits:
         first_problem = len(problems.problems)
         joined = joined_questions(split, raw.questions[split], raw.annotations.get(split), inputs, images, problems)
+        # A record that repeats a question id is the same question again, answered once its first is kept.
+        num_questions = len({question.question_id for question in raw.questions[split]})
         check_kept_questions(
             split,
             inputs.question_files[split],
-            len(raw.questions[split]),
+            num_questions,
             len(joined),
             problems.problems[first_problem:],
             allow_incomplete_eval_splits,
@@ -1332,7 +1334,7 @@ def write_prepared_dataset(
         without_answer = write_questions(
             work_dir / "questions" / split, joined, annotated, tokenizer, max_question_length, label2id, images
         )
-        split_counts[split] = {"questions": len(raw.questions[split]), "kept": len(joined)}
+        split_counts[split] = {"questions": num_questions, "kept": len(joined)}
         if without_answer:
             without_known_answer[split] = without_answer
     processor = RWSANProcessor(

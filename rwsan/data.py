@@ -320,8 +320,8 @@ def _read_report(folder: Path) -> dict:
 
 
 def _split_counts(report: dict) -> dict[str, dict]:
-    """`{split: {"questions": in its raw file, "kept": prepared}}` as report.json records them, for the splits
-    whose record has that form."""
+    """`{split: {"questions": distinct ids in its raw file, "kept": prepared}}` as report.json records them, for the
+    splits whose record has that form."""
     splits = report.get("splits")
     if not isinstance(splits, dict):
         return {}
@@ -361,9 +361,9 @@ def _why_skipped(folder: Path, splits: list[str]) -> str:
 
 
 def questions_left_out(folder: str | os.PathLike, split: str) -> dict[str, tuple[int, int]]:
-    """`{split: (questions left out, questions in its raw file)}` for each split of `split` (names joined with "+")
-    that was prepared without some of its questions (`--allow_incomplete_eval_splits`, or a training split's
-    unusable images), as the folder's report.json records it; {} without a report."""
+    """`{split: (questions left out, distinct questions in its raw file)}` for each split of `split` (names joined
+    with "+") that was prepared without some of its questions (`--allow_incomplete_eval_splits`, or a training
+    split's unusable images), as the folder's report.json records it; {} without a report."""
     counts = _split_counts(_read_report(Path(folder)))
     kept_of = {name: (counts[name]["kept"], counts[name]["questions"]) for name in split.split("+") if name in counts}
     return {name: (total - kept, total) for name, (kept, total) in kept_of.items() if kept < total}

@@ -20,7 +20,8 @@ from datasets import load_from_disk
 
 from data_scripts import prepare_vqa as prepare_vqa_module
 from data_scripts.prepare_vqa import build_answer_vocabulary, build_question_vocabulary, prepare_vqa
-from rwsan.data import load_vqa_dataset
+from rwsan.data import load_vqa_dataset, questions_left_out
+from rwsan.predict import questions_left_out_warning
 from rwsan.processing_rwsan import RWSANProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -763,7 +764,8 @@ def test_repeated_and_mismatched_records_are_reported_and_the_first_kept(raw_vqa
             f"the annotation of question 92 is about image 77, the question in {questions_path} about image 9",
         ),
     ]
-    assert report["splits"]["train"] == {"questions": 25, "kept": 23}
+    # 24 questions, one of them in two records, and one left out.
+    assert report["splits"]["train"] == {"questions": 24, "kept": 23}
     train = {row["question_id"]: row for row in load_from_disk(str(tmp_path / "prepared" / "questions" / "train"))}
     assert len(train) == 23 and 92 not in train
     assert train[90]["question"] == "What color is the car?"
@@ -773,6 +775,18 @@ def test_repeated_and_mismatched_records_are_reported_and_the_first_kept(raw_vqa
         ValueError, match=r"questions\[24\] repeats question 90 of questions\[0\]; .* \(stopped by --strict\)"
     ):
         prepare(raw_vqa_dir, tmp_path / "strict", strict=True)
+
+
+def test_a_repeated_test_question_is_answered_and_not_counted_as_left_out(raw_vqa_dir, tmp_path):
+    """Its first record is kept, so every question is answered: the predictions of the split are not said to lack
+    one."""
+    questions_path = raw_vqa_dir / "vqa" / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    edit_json(questions_path, lambda content: content["questions"].append(dict(content["questions"][0])))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert [problem["kind"] for problem in report["problems"]] == ["duplicate_question"]
+    assert report["splits"]["test-dev"] == {"questions": 1, "kept": 1}
+    assert questions_left_out(tmp_path / "prepared", "test-dev") == {}
+    assert questions_left_out_warning(tmp_path / "prepared", "test-dev") is None
 
 
 def eval_split_message(split: str, num_dropped: int, num_questions: int, problems: str) -> str:

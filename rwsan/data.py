@@ -560,6 +560,12 @@ def _question_tokens(input_ids, index: int) -> np.ndarray:
 def _real_regions(image_features, index: int) -> np.ndarray:
     """An item's region features as a numpy array (torch tensors too), refused where the last row is all zeros,
     which is padding (no prepared image keeps such a row): every region given counts as real."""
+    if isinstance(image_features, torch.Tensor) and image_features.dtype == torch.bfloat16:
+        raise ValueError(
+            f"items[{index}]: image_features is a torch.bfloat16 tensor, which the collator's numpy batches cannot "
+            "hold; give float32 or float16 features (bfloat16 converts to float32 exactly), and "
+            "image_features_dtype=torch.bfloat16 for bfloat16 batches"
+        )
     features = np.asarray(image_features)
     if features.ndim == 2 and len(features) and not features[-1].any():
         raise ValueError(

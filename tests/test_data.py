@@ -453,6 +453,14 @@ def test_collator_takes_torch_items_and_promotes_mixed_feature_dtypes(pack_regio
         assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
 
 
+def test_collator_refuses_bfloat16_features_by_item_and_says_what_to_give():
+    items = [{key: torch.as_tensor(value) for key, value in item.items()} for item in hand_items()]
+    items[1]["image_features"] = items[1]["image_features"].bfloat16()
+    message = "items[1]: image_features is a torch.bfloat16 tensor, which the collator's numpy batches cannot hold"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VQACollator(num_answers=3)(items)
+
+
 @pytest.mark.parametrize("value", [36.0, "36", True, 0])
 def test_collator_sizes_must_be_positive_integers(value):
     for name in ("max_regions", "max_question_length", "pad_to_multiple_of"):

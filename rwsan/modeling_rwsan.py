@@ -10,6 +10,7 @@ Shapes: B = batch, T = question tokens, R = image regions, H = hidden size, A = 
 
 import functools
 import math
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -544,6 +545,15 @@ class RWSANAttentionFlattening(nn.Module):
         return self.output(pooled), weights
 
 
+def _pipeline_code_is_in(entry, folder) -> bool:
+    """Whether the file of a `custom_pipelines` entry (`{"impl": "module.Class", ...}`) is in `folder`; entries of
+    another form are kept as they are."""
+    implementation = entry.get("impl") if isinstance(entry, dict) else None
+    if not isinstance(implementation, str) or "." not in implementation:
+        return True
+    return os.path.isfile(os.path.join(folder, implementation.split(".")[0] + ".py"))
+
+
 class RWSANPreTrainedModel(PreTrainedModel):
     config: RWSANConfig
     config_class = RWSANConfig
@@ -564,7 +574,12 @@ class RWSANPreTrainedModel(PreTrainedModel):
         for an auto class), the config's `auto_map` names both [`RWSANModel`] for `AutoModel` and [`RWSANForVQA`]
         for `AutoModelForVisualQuestionAnswering`, so that `from_pretrained(folder, trust_remote_code=True)` of
         either loads as it does with `rwsan` installed: the encoder of a VQA folder, or an encoder's folder with a
-        new classifier. (A class registers for one auto class only.)"""
+        new classifier. (A class registers for one auto class only.)
+
+        The saved config names only the custom pipelines whose code is in `save_directory`: a model loaded from a
+        pipeline's folder carries its `custom_pipelines`, and a plain save of it (a training checkpoint, say) would
+        send `pipeline(model=folder, trust_remote_code=True)` looking for a file that is not there. The pipeline's
+        own save writes its file first."""
         if self._auto_class is not None:
             module_name = __name__.rsplit(".", 1)[-1]
             auto_map = getattr(self.config, "auto_map", None) or {}
@@ -573,7 +588,18 @@ class RWSANPreTrainedModel(PreTrainedModel):
                 "AutoModel": f"{module_name}.RWSANModel",
                 "AutoModelForVisualQuestionAnswering": f"{module_name}.RWSANForVQA",
             }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        custom_pipelines = getattr(self.config, "custom_pipelines", None)
+        if not isinstance(custom_pipelines, dict):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.custom_pipelines = {
+            task: entry for task, entry in custom_pipelines.items() if _pipeline_code_is_in(entry, save_directory)
+        }
+        if not self.config.custom_pipelines:
+            del self.config.custom_pipelines
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.custom_pipelines = custom_pipelines
 
     def compile_blocks(self, **compile_kwargs) -> "RWSANPreTrainedModel":
         """Compiles the weight-shared attention blocks in place: `torch.compile(**compile_kwargs)` on each (regional

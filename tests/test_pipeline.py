@@ -4,6 +4,7 @@ inputs, and loading a saved folder with and without the `rwsan` package."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -464,6 +465,21 @@ def test_saved_folder_holds_the_pipeline_code_and_the_processor(saved_folder, mo
         assert (saved_folder / file_name).is_file()
     # Later checkpoints of the model, saved without the pipeline file, must not name it.
     assert not hasattr(model.config, "custom_pipelines")
+
+
+def test_a_model_loaded_from_the_saved_folder_names_the_pipeline_only_where_its_code_is_saved(saved_folder, tmp_path):
+    """A plain save (a checkpoint of fine-tuning from the folder, say) writes no pipeline file, so its config must not
+    send `pipeline(model=folder, trust_remote_code=True)` looking for one."""
+    loaded = RWSANForVQA.from_pretrained(saved_folder)
+    entry = json.loads((saved_folder / "config.json").read_text())["custom_pipelines"]
+    assert loaded.config.custom_pipelines == entry
+    loaded.save_pretrained(tmp_path / "plain")
+    assert "custom_pipelines" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert loaded.config.custom_pipelines == entry  # the model's own config is left as it was
+    # Saved where the pipeline's code is, the entry stays.
+    shutil.copy(saved_folder / "pipeline_rwsan.py", tmp_path / "plain")
+    loaded.save_pretrained(tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["custom_pipelines"] == entry
 
 
 def test_saving_to_the_hub_uploads_what_it_saved_in_one_commit(vqa, tmp_path, monkeypatch):

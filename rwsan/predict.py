@@ -150,6 +150,14 @@ def check_writable(path: str | os.PathLike) -> None:
             f"{path} exists and is no predictions file ([{{question_id, answer}}, ...]), which would replace it; "
             "name another file"
         )
+    if path.is_file():
+        try:
+            # Opened for writing without truncating it: the file is left as it is until the answers are written.
+            with open(path, "r+b"):
+                pass
+        except OSError as error:
+            raise PredictionError(f"cannot write {path}: {error}") from None
+        return
     existing = next(folder for folder in path.parents if folder.exists())
     if not existing.is_dir():
         raise PredictionError(f"cannot write {path}: {existing} is a file, not a folder")

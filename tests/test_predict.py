@@ -269,6 +269,27 @@ def test_an_unwritable_output_is_refused_before_answering(toy_vqa, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.fixture
+def read_only_file(tmp_path):
+    """An earlier predictions file that cannot be written: read-only, and where permissions do not bind (root),
+    immutable."""
+    path = tmp_path / "read_only.json"
+    path.write_text('[{"question_id": 1, "answer": "yes"}]')
+    path.chmod(0o444)
+    immutable = os.access(path, os.W_OK)
+    if immutable and (shutil.which("chattr") is None or subprocess.run(["chattr", "+i", path]).returncode):
+        pytest.skip("running as root where chattr cannot make a file immutable: no file here is unwritable")
+    yield path
+    if immutable:
+        subprocess.run(["chattr", "-i", path], check=True)
+
+
+def test_an_earlier_predictions_file_that_cannot_be_written_is_refused_before_answering(toy_vqa, read_only_file):
+    with pytest.raises(PredictionError, match=f"^cannot write {read_only_file}: "):
+        run_main("--model", "absent", "--dataset_dir", str(toy_vqa), "--output", str(read_only_file))
+    assert read_only_file.read_text() == '[{"question_id": 1, "answer": "yes"}]'
+
+
 def test_splits_that_share_questions_are_refused_before_answering(toy_vqa, toy_model_dir, tmp_path, monkeypatch):
     """test-dev is a part of test: the predictions file could not answer its questions twice."""
     monkeypatch.setattr(predict_module, "tqdm", lambda *args, **kwargs: pytest.fail("the split was answered"))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.image import imread
 from tqdm.auto import tqdm
 
@@ -365,9 +366,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dataset_dir needs --output")
     if args.image is not None and args.plot is None:
         parser.error("--image is only used with --plot")
-    if args.plot is not None and not Path(args.plot).suffix:
-        # matplotlib would add ".png" to the name, and the file written would not be the one named.
-        parser.error("--plot needs a file name with an image extension (.png, .pdf, .svg, ...): it gives the format")
+    # Checked before the model is loaded and run. Without an extension matplotlib would add ".png" to the name, and
+    # the file written would not be the one named.
+    if args.plot is not None and Path(args.plot).suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        parser.error(
+            f"--plot {args.plot}: the file name's extension gives the format, one matplotlib writes: "
+            f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))}"
+        )
     for name in ("top_k", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -384,6 +384,9 @@ def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_
         run_main("--model", str(tmp_path), "--features", str(toy_features_file), "--question", "what color")
 
 
+PLOT_FORMATS_MESSAGE = "--plot {}: the file name's extension gives the format, one matplotlib writes: "
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
@@ -398,7 +401,9 @@ def test_a_processor_that_does_not_fit_the_model_beside_it_is_refused(toy_model_
         (["--features", "f.npz", "--question", "q", "--top_k", "0"], "--top_k must be at least 1"),
         (["--dataset_dir", "d", "--output", "p.json", "--num_workers", "-1"], "--num_workers must be at least 0"),
         # matplotlib would write attention.png, and the name printed would not be the file's.
-        (["--features", "f.npz", "--question", "q", "--plot", "attention"], "--plot needs a file name with an image"),
+        (["--features", "f.npz", "--question", "q", "--plot", "attention"], PLOT_FORMATS_MESSAGE.format("attention")),
+        # else refused by matplotlib once the question is answered
+        (["--features", "f.npz", "--question", "q", "--plot", "a.xyz"], PLOT_FORMATS_MESSAGE.format("a.xyz")),
         # options of the other mode would be ignored
         (["--dataset_dir", "d", "--output", "p.json", "--question", "q"], "--question is not used with --dataset_dir"),
         (["--dataset_dir", "d", "--output", "p.json", "--top_k", "3"], "--top_k is not used with --dataset_dir"),

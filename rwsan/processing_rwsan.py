@@ -281,7 +281,8 @@ def _soft_scores(answers: Sequence[str], label2id: Mapping[str, int]) -> dict[in
 
 
 def _check_batch_sequence(name: str, batch) -> None:
-    if isinstance(batch, str) or not isinstance(batch, Sequence):
+    # Bytes are a sequence too, of numbers: b"what" would be four questions.
+    if isinstance(batch, (str, bytes, bytearray)) or not isinstance(batch, Sequence):
         raise ValueError(f"{name} must be a list with one entry per question, got {type(batch).__name__}")
 
 

@@ -370,6 +370,8 @@ def test_processor_defaults_match_the_paper():
         ({"image_features": [np.ones((1, 2))], "image_boxes": [np.ones((1, 4), dtype=bool)]},
          r"image_boxes\[0\] must hold real numbers, got bool"),
         ({"text": 3}, "text must be a list with one entry per question, got int"),
+        ({"text": b"what", "image_features": [np.ones((1, 2))]},
+         "text must be a list with one entry per question, got bytes"),
         ({"text": ["what", "is"], "image_features": [np.ones((1, 2))] * 3},
          "The inputs have different batch sizes: text has 2, image_features has 3"),
         ({"image_features": [np.ones((1, 2))] * 2, "image_boxes": [np.ones((1, 4))]},

@@ -153,6 +153,12 @@ def config_from_original_state_dict(state_dict: dict[str, torch.Tensor], path="c
         "flat_output_size": _shape(state_dict, "attflat_img.linear_merge.weight", path)[0],
         "num_labels": _shape(state_dict, "proj.weight", path)[0],
     }
+    answers = overrides.get("id2label")
+    if answers is not None and len(answers) != sizes["num_labels"]:
+        # RWSANConfig would name the answers LABEL_i instead, logging it only.
+        raise CheckpointError(
+            f"{path}: the classifier has {sizes['num_labels']} outputs but id2label names {len(answers)} answers"
+        )
     sizes.update(overrides)
     return RWSANConfig(**sizes)
 

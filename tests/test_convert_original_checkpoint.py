@@ -186,6 +186,18 @@ def test_a_misspelt_configuration_override_is_refused(tmp_path, golden):
     assert (model.config.num_srwsa_repeats, model.config.layer_norm_eps) == (2, 1e-5)
 
 
+def test_answers_given_as_id2label_must_be_one_for_each_classifier_output(tmp_path, golden):
+    """Else the config would name the answers LABEL_i."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    outputs = golden["state_dict"]["proj.weight"].shape[0]
+    too_few = {index: f"answer {index}" for index in range(outputs - 1)}
+    message = f"the classifier has {outputs} outputs but id2label names {outputs - 1} answers"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_original_checkpoint(checkpoint, id2label=too_few)
+    answers = {**too_few, outputs - 1: "last"}
+    assert load_original_checkpoint(checkpoint, id2label=answers).config.id2label == answers
+
+
 def test_answer_dict_whose_two_halves_disagree_is_refused(tmp_path, golden):
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     answer_dict = tmp_path / "answers.json"

@@ -659,7 +659,8 @@ def outputs_to_replace(
     in a resumed run, the earlier run's checkpoints. Without the option, those refuse the run, and so do files it
     would write over (`REPLACED_FILES`: another run's model, or a user's own README.md). The option is refused where
     the model the run starts from lies among the checkpoints it deletes; a resumed run is refused where the folder
-    holds checkpoints of another run than the one resumed."""
+    holds checkpoints of another run than the one resumed, and writes over the files of `REPLACED_FILES` untold
+    only in its checkpoint's own folder."""
     if not training_args.do_train:
         return []
     output_dir = Path(training_args.output_dir)
@@ -676,8 +677,20 @@ def outputs_to_replace(
                 "them with it): give --overwrite_output_dir to delete them, or move them away"
             )
 
+    def refuse_written_over():
+        written_over = [name for name in REPLACED_FILES if (output_dir / name).exists()]
+        if written_over:
+            raise UsageError(
+                f"--output_dir {training_args.output_dir} holds {', '.join(written_over)}, which this run would write "
+                "over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace them, or "
+                "choose another --output_dir"
+            )
+
     if resumed_checkpoint is not None:
-        if earlier_checkpoints and Path(resumed_checkpoint).resolve().parent != output_dir.resolve():
+        # In its checkpoint's own folder, a resumed run replaces only what the run itself saved (a finished run
+        # trained further, say); elsewhere, the folder's model is another run's.
+        own_folder = Path(resumed_checkpoint).resolve().parent == output_dir.resolve()
+        if earlier_checkpoints and not own_folder:
             raise UsageError(
                 f"--output_dir {training_args.output_dir} holds checkpoints ({', '.join(earlier_checkpoints)}), and "
                 f"--resume_from_checkpoint {resumed_checkpoint} is not among them: the resumed run's checkpoints "
@@ -687,6 +700,8 @@ def outputs_to_replace(
             )
         if overwrite:
             return earlier_results
+        if not own_folder:
+            refuse_written_over()
         refuse_earlier_results()
         return []
     if overwrite:
@@ -706,13 +721,7 @@ def outputs_to_replace(
             "last could take theirs. Resume that run with --resume_from_checkpoint last, start afresh with "
             "--overwrite_output_dir (which deletes them), or choose another --output_dir"
         )
-    written_over = [name for name in REPLACED_FILES if (output_dir / name).exists()]
-    if written_over:
-        raise UsageError(
-            f"--output_dir {training_args.output_dir} holds {', '.join(written_over)}, which this run would write "
-            "over (an earlier run's model, or files of yours): give --overwrite_output_dir to replace them, or "
-            "choose another --output_dir"
-        )
+    refuse_written_over()
     refuse_earlier_results()
     return []
 

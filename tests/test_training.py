@@ -633,6 +633,31 @@ def test_a_new_run_does_not_write_over_a_model_or_files_in_its_folder_unless_tol
         train_vqa.main(arguments)
 
 
+def test_a_run_resumed_into_another_folder_does_not_write_over_the_model_there_unless_told(tiny_prepared_vqa, tmp_path):
+    """In the checkpoint's own folder a resumed run replaces what its own run saved; elsewhere the model is
+    another's."""
+    import train_vqa
+
+    arguments = ["--max_steps", "1", "--eval_strategy", "no"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "first", *arguments, "--save_strategy", "steps"))
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "other", *arguments, "--save_strategy", "no"))
+    model = (tmp_path / "other" / "model.safetensors").read_bytes()
+    resumed = [
+        "--max_steps",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--resume_from_checkpoint",
+        str(tmp_path / "first" / "checkpoint-1"),
+    ]
+    message = f"--output_dir {tmp_path / 'other'} holds config.json, model.safetensors, README.md, metrics.json"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "other", *resumed))
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() == model
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "first", *resumed))
+    assert json.loads((tmp_path / "first" / "trainer_state.json").read_text())["global_step"] == 2
+
+
 @pytest.mark.parametrize("nothing_evaluated", [["--eval_strategy", "no"], ["--train_split", "train+val"]])
 def test_evaluation_loop_options_are_free_where_nothing_is_evaluated_or_answered(
     tiny_prepared_vqa, tmp_path, nothing_evaluated

@@ -255,6 +255,15 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
                 f"--eval_split {data_args.eval_split} shares {'+'.join(sorted(shared))} with --train_split "
                 f"{data_args.train_split}: its accuracy would be measured partly on training questions"
             )
+    if training_args.do_predict and training_args.do_train and training_args.process_index == 0:
+        shared = set(data_args.predict_split.split("+")) & set(data_args.train_split.split("+"))
+        if shared:
+            print(
+                f"warning: --predict_split {data_args.predict_split} shares {'+'.join(sorted(shared))} with "
+                f"--train_split {data_args.train_split}: its answers are to questions the model is trained on, and "
+                "their accuracy says little of the model",
+                file=sys.stderr,
+            )
     way_out = "; give --eval_split a split of the dataset" + (
         ", or --eval_strategy no to train without evaluating" if training_args.do_train else ""
     )
@@ -514,6 +523,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                 f"which the new predictions_{data_args.predict_split}.json would not match: give --save_logits to "
                 "write them anew, or move them away"
             )
+    if training_args.load_best_model_at_end and training_args.do_train and not evaluates(data_args, training_args):
+        reason = (
+            f"--eval_split {data_args.eval_split} is trained on"
+            if data_args.eval_split and training_args.do_eval
+            else "no --eval_split is evaluated"
+        )
+        raise UsageError(
+            f"--load_best_model_at_end loads the checkpoint of the best evaluation, and this run evaluates nothing "
+            f"({reason}): leave the option out"
+        )
     if data_args.predict_split != "test" and not training_args.do_predict:
         raise UsageError(f"--predict_split {data_args.predict_split} is the split --do_predict answers; give it too")
     if training_args.resume_from_checkpoint and not training_args.do_train:

@@ -565,6 +565,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         ),
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
         (
+            ["--train_split", "train+val", "--load_best_model_at_end"],
+            "--load_best_model_at_end loads the checkpoint of the best evaluation, and this run evaluates nothing "
+            "(--eval_split val is trained on): leave the option out",
+        ),
+        (
             ["--per_device_train_batch_size", "1024", "--dataloader_drop_last", "true"],
             "--train_split train has 210 questions, fewer than one batch of 1024 (1024 per process x 1), which "
             "--dataloader_drop_last drops: nothing would be trained",
@@ -582,6 +587,20 @@ def test_arguments_that_would_train_or_answer_wrongly_are_refused(tiny_prepared_
     with pytest.raises(train_vqa.UsageError, match=re.escape(message).replace(re.escape(".*"), ".*")):
         train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *extra))
     assert not (tmp_path / "run").exists()
+
+
+def test_answering_a_split_the_run_trains_on_comes_with_a_warning(tiny_prepared_vqa, tmp_path, capsys):
+    """The answers are written (they may be wanted), but evaluate_predictions.py would score them on training
+    questions."""
+    import train_vqa
+
+    arguments = ["--max_steps", "1", "--save_strategy", "no", "--train_split", "train+val", "--do_predict"]
+    warning = "warning: --predict_split {0} shares val with --train_split train+val: its answers are to questions"
+    for split, warned in (("val", True), ("test", False)):
+        output = tmp_path / split
+        train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments, "--predict_split", split))
+        assert (warning.format(split) in capsys.readouterr().err) == warned
+        assert (output / f"predictions_{split}.json").is_file()
 
 
 def test_an_output_dir_that_is_a_file_is_refused(tiny_prepared_vqa, tmp_path):

@@ -583,18 +583,22 @@ class ResumeRecord(TrainerCallback, ExportableState):
       another --learning_rate, say, would be silently ignored;
     - the number of processes: each process resumes its own random generators' state, and `RegionGroupedSampler`
       groups questions by the batch of one process, so that on another number of processes the resumed epoch would
-      skip some questions and repeat others even where the steps an epoch are the same."""
+      skip some questions and repeat others even where the steps an epoch are the same;
+    - the seed of the training order (`data_seed`, else `seed`): the resumed epoch skips the batches the checkpoint
+      trained, which in another order hold other questions."""
 
     def __init__(self):
         self.update_steps_per_epoch = None
         self.optimizer_options = None
         self.processes = None
+        self.data_seed = None
 
     def state(self) -> dict:
         attributes = {
             "update_steps_per_epoch": self.update_steps_per_epoch,
             "optimizer_options": self.optimizer_options,
             "processes": self.processes,
+            "data_seed": self.data_seed,
         }
         return {"args": {}, "attributes": attributes}
 
@@ -843,8 +847,9 @@ class VQATrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; a checkpoint whose epochs had another number of optimizer steps (another batch size,
-        number of processes, gradient accumulation or training set), whose optimizer had other options (see
-        `ResumeRecord`), or that holds the weights alone (`save_only_model`) raises a `ResumeError`."""
+        number of processes, gradient accumulation or training set), whose optimizer had other options or whose
+        training order another seed (see `ResumeRecord`), or that holds the weights alone (`save_only_model`) raises a
+        `ResumeError`."""
         self.resumed_checkpoint = resume_from_checkpoint or None
         if resume_from_checkpoint is True:
             # Without a checkpoint the Trainer raises, as it should; it is given True for that.
@@ -875,6 +880,15 @@ class VQATrainer(Trainer):
                 f"others. Resume on {saved_processes} processes; another batch size a process is fine where the "
                 "gradient accumulation keeps the optimizer steps an epoch."
             )
+        saved_data_seed = self.resumed_record.get("data_seed")
+        if saved_data_seed is not None and saved_data_seed != self.data_seed:
+            raise ResumeError(
+                f"{self.resumed_checkpoint} was trained in the order of data seed {saved_data_seed} (--data_seed, "
+                f"else --seed), but this run's is {self.data_seed}: the resumed epoch skips the batches the checkpoint "
+                "trained, which in another order hold other questions, so that some would be trained twice and "
+                "others not at all. Resume with the seeds the run was started with, or start a new run from the "
+                "checkpoint's weights (--model_name_or_path)."
+            )
         differing = [name for name in options if name in saved_options and options[name] != saved_options[name]]
         if differing:
             raise ResumeError(
@@ -887,6 +901,7 @@ class VQATrainer(Trainer):
             )
         self.resume_record.optimizer_options = None if unknown else options
         self.resume_record.processes = self.args.world_size
+        self.resume_record.data_seed = self.data_seed
         with self._pass():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -234,6 +234,13 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
             "resumed optimizer takes these from its saved state"
         ),
     )  # fmt: skip
+    # Another order would skip other batches of the resumed epoch than the checkpoint trained.
+    for seed in (["--seed", "4"], ["--data_seed", "4"]):
+        refused(
+            "--resume_from_checkpoint", "last", *seed,
+            message=re.escape(f"{checkpoint} was trained in the order of data seed 3 (--data_seed, else --seed), but "
+                              "this run's is 4: the resumed epoch skips the batches the checkpoint trained"),
+        )  # fmt: skip
     # As a run on 2 processes records itself, resumed on 1: the steps an epoch are the same at the same global batch.
     state_path = checkpoint / "trainer_state.json"
     saved_state = state_path.read_text()

@@ -326,10 +326,15 @@ def build_model(model_args: ModelArguments, processor, feature_size: int) -> RWS
                 "converted with, or train a new model."
             ) from None
     if model_args.glove_path:
-        embeddings = load_glove_embeddings(
-            model_args.glove_path, processor.tokenizer.get_vocab(), model.config.word_embedding_size
-        )
+        vocabulary = processor.tokenizer.get_vocab()
+        embeddings = load_glove_embeddings(model_args.glove_path, vocabulary, model.config.word_embedding_size)
         model.get_input_embeddings().weight.data.copy_(embeddings)
+        # The words without a vector start at zero, as in the original: a file that covers few is worth knowing of.
+        print(
+            f"GloVe vectors for {int(embeddings.any(dim=1).sum()):,} of the {len(vocabulary):,} question words "
+            f"({model_args.glove_path})",
+            file=sys.stderr,
+        )
     return model
 
 

@@ -196,6 +196,10 @@ def load_glove_embeddings(
 
     Returns:
         `torch.Tensor`: float32, `(len(vocab), embedding_size)`; row `i` is the vector of the word of id `i`.
+
+    Raises:
+        ValueError: the file is not in that format, or has a vector for none of the words (another language's, or
+            another tokenisation's: the vocabulary is lower case).
     """
     _check_vocab(vocab)
     check_positive_int("embedding_size", embedding_size)
@@ -204,6 +208,7 @@ def load_glove_embeddings(
 
     row_of_word = {word.encode("utf-8"): row for word, row in vocab.items()}
     embeddings = torch.zeros(len(vocab), embedding_size)
+    found = False
     with open(glove_path, "rb") as glove_file:
         for line_number, line in enumerate(glove_file, start=1):
             line = line.rstrip()
@@ -227,6 +232,12 @@ def load_glove_embeddings(
             if row is not None:
                 where = f"{glove_path}, line {line_number}"
                 embeddings[row] = _parse_glove_vector(line[word_end + 1 :], where)
+                found = True
+    if not found:
+        raise ValueError(
+            f"{glove_path} has a vector for none of the {len(vocab):,} question words: the embedding would start "
+            "at zero. Is it GloVe's English file (glove.840B.300d.txt)?"
+        )
     return embeddings
 
 

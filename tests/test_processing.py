@@ -639,6 +639,14 @@ def test_load_glove_embeddings_rejects_bad_lines(tmp_path, lines, message):
         load_glove_embeddings(glove_path, GLOVE_VOCAB, embedding_size=3)
 
 
+def test_load_glove_embeddings_refuses_a_file_with_none_of_the_words(tmp_path):
+    """Else the embedding would start at zero without a word: a file of another language or casing, say."""
+    glove_path = write_lines(tmp_path / "glove.txt", ["The 0.1 0.2 0.3", "Quoi 1 2 3"])
+    message = f"{glove_path} has a vector for none of the {len(GLOVE_VOCAB)} question words"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_glove_embeddings(glove_path, GLOVE_VOCAB, embedding_size=3)
+
+
 def test_load_glove_embeddings_missing_file(tmp_path):
     missing = tmp_path / "missing.txt"
     with pytest.raises(FileNotFoundError, match=f"GloVe file not found: {missing}"):

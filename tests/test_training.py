@@ -1170,7 +1170,7 @@ def test_a_non_finite_loss_names_the_last_checkpoint_saved_before_the_last_finit
     assert "saved before then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
 
 
-def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path):
+def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path, capsys):
     import train_vqa
 
     processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
@@ -1185,6 +1185,7 @@ def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, t
     # The file's vectors, and zeros for the words it does not have (as the original's torchnlp GloVe gives).
     for word, row in vocabulary.items():
         assert embedding[row].tolist() == vectors.get(word, [0.0] * 16), word
+    assert f"GloVe vectors for 3 of the {len(vocabulary)} question words ({glove})\n" in capsys.readouterr().err
 
 
 def test_toy_baselines_are_the_majority_answer_and_the_answer_by_question():

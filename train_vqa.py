@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
+from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME, PROCESSOR_NAME
@@ -585,6 +586,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if training_args.cuda_graphs and training_args.device.type != "cuda":
         raise UsageError(f"--cuda_graphs needs a CUDA device; this run is on {training_args.device}")
+    try:
+        # The Trainer would refuse an unknown name only once the data and the model are loaded, with a traceback.
+        get_reporting_integration_callbacks([name for name in training_args.report_to if name not in ("all", "none", None)])
+    except ValueError as error:
+        raise UsageError(f"--report_to: {error}") from None
     accelerator = training_args.accelerator_config
     if data_args.pack_regions and (accelerator.split_batches or accelerator.dispatch_batches):
         raise UsageError(

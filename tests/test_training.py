@@ -571,6 +571,7 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "training questions",
         ),
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
+        (["--report_to", "tensorbored"], "--report_to: tensorbored is not supported, only azure_ml, "),
         (
             ["--train_split", "train+val", "--load_best_model_at_end"],
             "--load_best_model_at_end loads the checkpoint of the best evaluation, and this run evaluates nothing "

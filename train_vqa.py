@@ -502,6 +502,10 @@ def options_given(argv: list[str]) -> set[str]:
     return set(vars(parser.parse_known_args(argv)[0]))
 
 
+# --report_to values that name no integration: the Trainer expands "all" to those installed.
+NO_REPORTS = ("all", "none", None)
+
+
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VQATrainingArguments):
     """Refuses options that would train or answer wrongly, or be ignored, before anything runs."""
     if not (training_args.do_train or training_args.do_predict or evaluates(data_args, training_args)):
@@ -588,7 +592,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError(f"--cuda_graphs needs a CUDA device; this run is on {training_args.device}")
     try:
         # The Trainer would refuse an unknown name only once the data and the model are loaded, with a traceback.
-        get_reporting_integration_callbacks([name for name in training_args.report_to if name not in ("all", "none", None)])
+        get_reporting_integration_callbacks([name for name in training_args.report_to if name not in NO_REPORTS])
     except ValueError as error:
         raise UsageError(f"--report_to: {error}") from None
     accelerator = training_args.accelerator_config

@@ -838,6 +838,9 @@ class Benchmark:
         measure = getattr(self, f"measure_{key}", None) or (lambda: self.measure_variant(key))
         peak = PeakMemory(self.device)
         try:
+            if section != "synthetic":
+                # Generated and prepared once a run, before any row's peak memory is taken.
+                self.dataset()
             with peak:
                 row = measure()
             row.peak_memory_bytes = peak.bytes
@@ -991,6 +994,12 @@ class Benchmark:
                     flush=True,
                 )
             dataset = load_vqa_dataset(prepared, "train")
+            if len(dataset) < self.args.batch_size:
+                # The DataLoader (drop_last) would give no batch, and the rows would wait for one forever.
+                raise ValueError(
+                    f"{prepared} has {len(dataset)} training questions, fewer than one batch of --batch_size "
+                    f"{self.args.batch_size}; give a smaller --batch_size or more --num_images"
+                )
             if dataset.num_answers != config.num_labels:
                 raise ValueError(
                     f"{prepared} has {dataset.num_answers} answers but the model {config.num_labels}; "
@@ -1460,6 +1469,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.rows.split(",")) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    if args.json is not None:
+        # Checked now: the file is written after the first row, which may take minutes.
+        if args.json.is_dir():
+            parser.error(f"--json {args.json} is a folder; name the file to write, e.g. {args.json / 'bench.json'}")
+        existing = next(folder for folder in args.json.absolute().parents if folder.exists())
+        writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+        if not writable or (args.json.exists() and not os.access(args.json, os.W_OK)):
+            parser.error(f"--json {args.json}: cannot write there ({existing} is no folder it may write in)")
     require_at_least(
         parser,
         args,

@@ -523,6 +523,31 @@ def test_a_failing_trainer_row_stops_its_workers_too(tmp_path, monkeypatch):
     assert workers_left == []
 
 
+def test_rows_of_a_data_set_smaller_than_one_batch_fail_by_name_rather_than_wait_forever(tmp_path):
+    """The DataLoader drops the last, incomplete batch: it gave none, and the loader rows waited for one."""
+    sizes = ["--batch_size", "128", "--num_images", "20", "--num_workers", "0"]
+    bench.main(["--tiny", *sizes, "--rows", "loader,trainer", "--json", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [row["key"] for row in rows] == ["loader", "trainer"]
+    for row in rows:
+        assert re.fullmatch(
+            r"ValueError: .*prepared has \d+ training questions, fewer than one batch of --batch_size 128; give a "
+            r"smaller --batch_size or more --num_images",
+            row["error"],
+        ), row["error"]
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_row_runs(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for path, message in (
+        (tmp_path, f"--json {tmp_path} is a folder; name the file to write"),
+        (tmp_path / "a_file" / "r.json", f"--json {tmp_path / 'a_file' / 'r.json'}: cannot write there"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", "--rows", "fp32_eager", "--json", str(path)])
+        assert message in capsys.readouterr().err
+
+
 def test_the_trainer_rows_name_the_precision_and_attention_they_run_in(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bf16_supported", lambda device: False)  # a CPU without bf16
     attentions = []

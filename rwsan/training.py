@@ -78,6 +78,13 @@ class VQATrainingArguments(TrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
     logging_strategy: str = field(default="steps", metadata={"help": "When to log the training loss."})
     logging_steps: float = field(default=50, metadata={"help": "Log the training loss every N optimizer steps."})
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The metric --load_best_model_at_end picks the checkpoint by; default 'accuracy', the VQA "
+            "accuracy on --eval_split (the Trainer's default, 'loss', is not what VQA is scored by)."
+        },
+    )
     # The Trainer's NaN filter hides a diverging loss (and syncs with the device every step); a NaN must stop the run.
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Hide NaN/inf losses from the logs."})
     # Batches carry `question_id` for the metric and the prediction file; `VQATrainer` takes it out itself.

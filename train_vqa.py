@@ -879,7 +879,7 @@ def main(argv: list[str] | None = None):
                     {f"baseline_{name}": value for name, value in baselines(train_dataset, eval_dataset).items()}
                 )
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            plot_training_history(trainer.state.log_history, output_dir / "training_curves.png")
+            plot_training_history(trainer.state.log_history, output_dir / "training_curves.png", data_args.eval_split)
             provenance = f"trained with `train_vqa.py` on `{data_args.train_split}` of `{data_args.dataset_dir}`."
             # The hub repository where --push_to_hub uploads (the Trainer names it); else the card names the folder.
             model_id = getattr(trainer, "hub_model_id", None)

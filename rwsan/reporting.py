@@ -28,8 +28,12 @@ def _say_on(axis, text: str):
     axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes)
 
 
-def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
-    """Training loss, learning rate and val VQA accuracy against epochs, from `trainer.state.log_history`."""
+def plot_training_history(log_history: list[dict], path: str | Path, eval_split: str = "val") -> Path:
+    """Training loss, learning rate and the VQA accuracy on `eval_split` against epochs, from
+    `trainer.state.log_history`, as far as the training's summary (`train_runtime`): what is logged after it is no
+    part of the training's course (an evaluation of the best checkpoint, reloaded at the end, say)."""
+    end = next((index for index, entry in enumerate(log_history) if "train_runtime" in entry), len(log_history))
+    log_history = log_history[:end]
     training = [entry for entry in log_history if "loss" in entry and "epoch" in entry]
     evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
     figure, (loss_axis, rate_axis, accuracy_axis) = plt.subplots(1, 3, figsize=(15, 4))
@@ -50,7 +54,7 @@ def plot_training_history(log_history: list[dict], path: str | Path) -> Path:
         key = f"eval_accuracy_{answer_type}"
         if evaluations and key in evaluations[0]:
             accuracy_axis.plot(epochs, [entry[key] for entry in evaluations], ".--", label=answer_type)
-    accuracy_axis.set(title="val VQA accuracy", xlabel="epoch", ylabel="%")
+    accuracy_axis.set(title=f"{eval_split} VQA accuracy", xlabel="epoch", ylabel="%")
     if evaluations:
         accuracy_axis.legend()
     else:

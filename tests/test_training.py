@@ -989,6 +989,27 @@ def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged(tm
     ] * 2
 
 
+def test_training_curves_end_with_the_training_and_name_the_split_evaluated(tmp_path, monkeypatch):
+    """With --load_best_model_at_end the final evaluation, of the best checkpoint, is logged after the training's
+    summary at the last epoch: drawn, it read as a fall of the accuracy at the end."""
+    from rwsan import reporting
+
+    figures = []
+    monkeypatch.setattr(reporting.plt, "close", figures.append)
+    history = [
+        {"loss": 2.0, "learning_rate": 1e-4, "epoch": 1.0, "step": 5},
+        {"eval_accuracy": 30.0, "epoch": 1.0, "step": 5},
+        {"eval_accuracy": 20.0, "epoch": 2.0, "step": 10},
+        {"train_runtime": 1.0, "epoch": 2.0, "step": 10},
+        {"eval_accuracy": 30.0, "epoch": 2.0, "step": 10},
+    ]
+    reporting.plot_training_history(history, tmp_path / "curves.png", "train")
+    accuracy_axis = figures[0].axes[2]
+    [overall] = accuracy_axis.lines
+    assert list(overall.get_xdata()) == [1.0, 2.0] and list(overall.get_ydata()) == [30.0, 20.0]
+    assert accuracy_axis.get_title() == "train VQA accuracy"
+
+
 def test_the_model_card_of_the_current_folder_loads_the_folder_by_its_name(tmp_path, monkeypatch):
     from rwsan import RWSANConfig
     from rwsan.reporting import write_model_card

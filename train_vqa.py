@@ -207,6 +207,11 @@ def prepare_toy_dataset(num_images: int, questions_per_image: int, seed: int) ->
     return prepared
 
 
+def parts_trained_on(split: str, data_args: DataArguments) -> str:
+    """The parts of `split` (names joined with "+") that --train_split holds too, joined the same way; "" for none."""
+    return "+".join(sorted(set(split.split("+")) & set(data_args.train_split.split("+"))))
+
+
 def eval_split_is_trained_on(data_args: DataArguments, training_args: VQATrainingArguments) -> bool:
     """Whether the run trains on all of --eval_split (train+val+vg, for the test server): nothing is left to
     evaluate on, and it is not evaluated."""
@@ -250,17 +255,15 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
         if training_args.process_index == 0:
             print(f"Not evaluating: --eval_split {data_args.eval_split} is trained on", file=sys.stderr)
     elif evaluate and training_args.do_train:
-        shared = set(data_args.eval_split.split("+")) & set(data_args.train_split.split("+"))
-        if shared:
+        if shared := parts_trained_on(data_args.eval_split, data_args):
             raise ValueError(
-                f"--eval_split {data_args.eval_split} shares {'+'.join(sorted(shared))} with --train_split "
+                f"--eval_split {data_args.eval_split} shares {shared} with --train_split "
                 f"{data_args.train_split}: its accuracy would be measured partly on training questions"
             )
     if training_args.do_predict and training_args.do_train and training_args.process_index == 0:
-        shared = set(data_args.predict_split.split("+")) & set(data_args.train_split.split("+"))
-        if shared:
+        if shared := parts_trained_on(data_args.predict_split, data_args):
             print(
-                f"warning: --predict_split {data_args.predict_split} shares {'+'.join(sorted(shared))} with "
+                f"warning: --predict_split {data_args.predict_split} shares {shared} with "
                 f"--train_split {data_args.train_split}: its answers are to questions the model is trained on, and "
                 "their accuracy says little of the model",
                 file=sys.stderr,

@@ -878,8 +878,7 @@ class VQATrainer(Trainer):
         saved_options = self.resumed_record.get("optimizer_options", {})
         # Resumed from a checkpoint that did not record them, the optimizer's options are its unknown ones.
         unknown = self.resumed_checkpoint is not None and not saved_options
-        saved_processes = self.resumed_record.get("processes")
-        if saved_processes is not None and saved_processes != self.args.world_size:
+        if (saved_processes := self._recorded_otherwise("processes", self.args.world_size)) is not None:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained on {saved_processes} processes, but this run has "
                 f"{self.args.world_size}: each process resumes the random generators that the process of its rank "
@@ -887,8 +886,7 @@ class VQATrainer(Trainer):
                 f"others. Resume on {saved_processes} processes; another batch size a process is fine where the "
                 "gradient accumulation keeps the optimizer steps an epoch."
             )
-        saved_data_seed = self.resumed_record.get("data_seed")
-        if saved_data_seed is not None and saved_data_seed != self.data_seed:
+        if (saved_data_seed := self._recorded_otherwise("data_seed", self.data_seed)) is not None:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained in the order of data seed {saved_data_seed} (--data_seed, "
                 f"else --seed), but this run's is {self.data_seed}: the resumed epoch skips the batches the checkpoint "
@@ -912,6 +910,12 @@ class VQATrainer(Trainer):
         with self._pass():
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _recorded_otherwise(self, name: str, value) -> Any:
+        """What the resumed checkpoint recorded of `name` (see `ResumeRecord`) where it is not this run's `value`;
+        None where they agree or the checkpoint recorded none (saved before the record kept it: unchecked)."""
+        saved = self.resumed_record.get(name)
+        return saved if saved is not None and saved != value else None
+
     def _save_checkpoint(self, model, trial):
         # A resumed run's state holds the records its checkpoint had, and the Trainer expects one of each of its
         # stateful callbacks there: a checkpoint saved before a record existed (or under its old name) lacks it.
@@ -923,8 +927,7 @@ class VQATrainer(Trainer):
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
         self.resume_record.update_steps_per_epoch = values[1]
-        recorded = self.resumed_record.get("update_steps_per_epoch")
-        if recorded is not None and recorded != self.update_steps_per_epoch:
+        if (recorded := self._recorded_otherwise("update_steps_per_epoch", self.update_steps_per_epoch)) is not None:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained with {recorded} optimizer steps an epoch, but this run makes "
                 f"{self.update_steps_per_epoch} (global batch {values[4]}): the checkpoint's step would fall in "

@@ -116,6 +116,7 @@ from bench.raw_vqa_files import (  # noqa: E402
 from data_scripts.prepare_vqa import prepare_vqa  # noqa: E402
 from rwsan import RWSANConfig, RWSANForVQA  # noqa: E402
 from rwsan.data import VQACollator, load_vqa_dataset, unpack_image_features  # noqa: E402
+from rwsan.predict import file_writing_problem  # noqa: E402
 from rwsan.training import (  # noqa: E402
     GraphedForwardBackward,
     VQATrainer,
@@ -1469,14 +1470,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.rows.split(",")) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    if args.json is not None:
-        # Checked now: the file is written after the first row, which may take minutes.
-        if args.json.is_dir():
-            parser.error(f"--json {args.json} is a folder; name the file to write, e.g. {args.json / 'bench.json'}")
-        existing = next(folder for folder in args.json.absolute().parents if folder.exists())
-        writable = existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
-        if not writable or (args.json.exists() and not os.access(args.json, os.W_OK)):
-            parser.error(f"--json {args.json}: cannot write there ({existing} is no folder it may write in)")
+    # Checked now: the file is written after the first row, which may take minutes.
+    if args.json is not None and (problem := file_writing_problem(args.json, "bench.json")):
+        parser.error(f"--json: {problem}")
     require_at_least(
         parser,
         args,

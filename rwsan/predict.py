@@ -139,38 +139,47 @@ def _integer_vector(name: str, values) -> np.ndarray:
     return array
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Raises a `PredictionError` unless a file can be written at `path`, its missing parent folders made, and
-    unless a file there is empty or an earlier predictions file (a mistyped path could name a model's config.json).
-    Nothing is made here: a run that fails before writing leaves nothing behind."""
+def file_writing_problem(path: str | os.PathLike, example_name: str) -> str | None:
+    """Why no file can be written at `path`, its missing parent folders made (a folder is there, a file there or
+    the folder to make it in cannot be written); None where one can. `example_name` is the file name a folder's
+    message suggests. Nothing is made here: a run that fails before writing leaves nothing behind."""
     path = Path(path).absolute()
     if path.is_dir():
-        raise PredictionError(f"{path} is a folder; name the file to write, e.g. {path / 'predictions.json'}")
+        return f"{path} is a folder; name the file to write, e.g. {path / example_name}"
+    if path.is_file():
+        try:
+            # Opened for writing without truncating it: the file is left as it is until it is written.
+            with open(path, "r+b"):
+                pass
+        except OSError as error:
+            return f"cannot write {path}: {error}"
+        return None
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        return f"cannot write {path}: {existing} is a file, not a folder"
+    if existing != path.parent:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"cannot write {path}: no permission to make folders in {existing}"
+        return None
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"cannot write {path}: {error}"
+    return None
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raises a `PredictionError` unless a file can be written at `path` (`file_writing_problem`), and unless a file
+    there is empty or an earlier predictions file (a mistyped path could name a model's config.json)."""
+    path = Path(path).absolute()
     if path.is_file() and path.stat().st_size > 0 and not _is_predictions_file(path):
         raise PredictionError(
             f"{path} exists and is no predictions file ([{{question_id, answer}}, ...]), which would replace it; "
             "name another file"
         )
-    if path.is_file():
-        try:
-            # Opened for writing without truncating it: the file is left as it is until the answers are written.
-            with open(path, "r+b"):
-                pass
-        except OSError as error:
-            raise PredictionError(f"cannot write {path}: {error}") from None
-        return
-    existing = next(folder for folder in path.parents if folder.exists())
-    if not existing.is_dir():
-        raise PredictionError(f"cannot write {path}: {existing} is a file, not a folder")
-    if existing != path.parent:
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise PredictionError(f"cannot write {path}: no permission to make folders in {existing}")
-        return
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        raise PredictionError(f"cannot write {path}: {error}") from None
+    if problem := file_writing_problem(path, "predictions.json"):
+        raise PredictionError(problem)
 
 
 def _is_predictions_file(path: Path) -> bool:

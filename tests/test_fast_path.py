@@ -540,8 +540,11 @@ def test_rows_of_a_data_set_smaller_than_one_batch_fail_by_name_rather_than_wait
 def test_a_json_path_that_cannot_be_written_is_refused_before_any_row_runs(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     for path, message in (
-        (tmp_path, f"--json {tmp_path} is a folder; name the file to write"),
-        (tmp_path / "a_file" / "r.json", f"--json {tmp_path / 'a_file' / 'r.json'}: cannot write there"),
+        (tmp_path, f"--json: {tmp_path} is a folder; name the file to write, e.g. {tmp_path / 'bench.json'}"),
+        (
+            tmp_path / "a_file" / "r.json",
+            f"--json: cannot write {tmp_path / 'a_file' / 'r.json'}: {tmp_path / 'a_file'} is a file, not a folder",
+        ),
     ):
         with pytest.raises(SystemExit):
             bench.main(["--tiny", "--rows", "fp32_eager", "--json", str(path)])

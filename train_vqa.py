@@ -932,3 +932,9 @@ if __name__ == "__main__":
         main()
     except (UsageError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
+    finally:
+        # Each process of a multi-process run tears its process group down while the interpreter is whole: left to
+        # the interpreter's exit, gloo's worker threads abort one process now and then ("terminate called without
+        # an active exception", pytorch/pytorch#190489), after the run has finished.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

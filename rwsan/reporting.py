@@ -5,10 +5,8 @@ import numbers
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 CITATION = """@article{qin2022rwsan,
   author  = {Qin, Bosheng and Hu, Haoji and Zhuang, Yueting},
@@ -28,7 +26,7 @@ def _say_on(axis, text: str):
     axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes)
 
 
-def plot_training_history(log_history: list[dict], path: str | Path, eval_split: str = "val") -> Path:
+def training_history_figure(log_history: list[dict], eval_split: str = "val") -> Figure:
     """Training loss, learning rate and the VQA accuracy on `eval_split` against epochs, from
     `trainer.state.log_history`, as far as the training's summary (`train_runtime`): what is logged after it is no
     part of the training's course (an evaluation of the best checkpoint, reloaded at the end, say)."""
@@ -36,7 +34,10 @@ def plot_training_history(log_history: list[dict], path: str | Path, eval_split:
     log_history = log_history[:end]
     training = [entry for entry in log_history if "loss" in entry and "epoch" in entry]
     evaluations = [entry for entry in log_history if "eval_accuracy" in entry]
-    figure, (loss_axis, rate_axis, accuracy_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    # A bare Figure on the Agg canvas: importing this module must not change the user's pyplot backend.
+    figure = Figure(figsize=(15, 4))
+    FigureCanvasAgg(figure)
+    loss_axis, rate_axis, accuracy_axis = figure.subplots(1, 3)
 
     # Markers: a line of one logged point draws nothing.
     loss_axis.plot([entry["epoch"] for entry in training], [entry["loss"] for entry in training], ".-")
@@ -60,9 +61,13 @@ def plot_training_history(log_history: list[dict], path: str | Path, eval_split:
     else:
         _say_on(accuracy_axis, "nothing evaluated during training")
     figure.tight_layout()
+    return figure
+
+
+def plot_training_history(log_history: list[dict], path: str | Path, eval_split: str = "val") -> Path:
+    """Saves `training_history_figure(log_history, eval_split)` as the image `path`."""
     path = Path(path)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    training_history_figure(log_history, eval_split).savefig(path, dpi=100)
     return path
 
 

@@ -972,30 +972,26 @@ def test_the_model_card_lists_the_accuracies_and_marks_a_missing_one(tmp_path):
     assert 'pipeline(model="user/rwsan", trust_remote_code=True)' in card
 
 
-def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged(tmp_path, monkeypatch):
+def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged():
     from rwsan import reporting
 
-    figures = []
-    monkeypatch.setattr(reporting.plt, "close", figures.append)
-    reporting.plot_training_history([{"loss": 2.0, "learning_rate": 1e-4, "epoch": 0.5}], tmp_path / "one.png")
-    loss_axis, rate_axis, accuracy_axis = figures[0].axes
+    figure = reporting.training_history_figure([{"loss": 2.0, "learning_rate": 1e-4, "epoch": 0.5}])
+    loss_axis, rate_axis, accuracy_axis = figure.axes
     assert [line.get_marker() for line in loss_axis.lines + rate_axis.lines] == [".", "."]
     assert [text.get_text() for text in accuracy_axis.texts] == ["nothing evaluated during training"]
     assert list(accuracy_axis.get_xticks()) == list(accuracy_axis.get_yticks()) == []
     # A run shorter than --logging_steps logs no training loss.
-    reporting.plot_training_history([], tmp_path / "none.png")
-    assert [text.get_text() for axis in figures[1].axes[:2] for text in axis.texts] == [
+    figure = reporting.training_history_figure([])
+    assert [text.get_text() for axis in figure.axes[:2] for text in axis.texts] == [
         "nothing logged\n(fewer steps than --logging_steps,\nor --logging_strategy no)"
     ] * 2
 
 
-def test_training_curves_end_with_the_training_and_name_the_split_evaluated(tmp_path, monkeypatch):
+def test_training_curves_end_with_the_training_and_name_the_split_evaluated():
     """With --load_best_model_at_end the final evaluation, of the best checkpoint, is logged after the training's
     summary at the last epoch: drawn, it read as a fall of the accuracy at the end."""
     from rwsan import reporting
 
-    figures = []
-    monkeypatch.setattr(reporting.plt, "close", figures.append)
     history = [
         {"loss": 2.0, "learning_rate": 1e-4, "epoch": 1.0, "step": 5},
         {"eval_accuracy": 30.0, "epoch": 1.0, "step": 5},
@@ -1003,11 +999,19 @@ def test_training_curves_end_with_the_training_and_name_the_split_evaluated(tmp_
         {"train_runtime": 1.0, "epoch": 2.0, "step": 10},
         {"eval_accuracy": 30.0, "epoch": 2.0, "step": 10},
     ]
-    reporting.plot_training_history(history, tmp_path / "curves.png", "train")
-    accuracy_axis = figures[0].axes[2]
+    accuracy_axis = reporting.training_history_figure(history, "train").axes[2]
     [overall] = accuracy_axis.lines
     assert list(overall.get_xdata()) == [1.0, 2.0] and list(overall.get_ydata()) == [30.0, 20.0]
     assert accuracy_axis.get_title() == "train VQA accuracy"
+
+
+def test_importing_the_package_leaves_the_users_matplotlib_backend_alone():
+    """The README has users call the converter from Python, in a notebook say: its import of the curves' module
+    once switched the process to Agg, and the notebook's figures stopped showing."""
+    code = "import matplotlib, rwsan.convert_original_checkpoint, rwsan.reporting; print(matplotlib.get_backend())"
+    environment = {**os.environ, "MPLBACKEND": "svg"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
+    assert result.stdout.strip() == "svg"
 
 
 def test_the_model_card_of_the_current_folder_loads_the_folder_by_its_name(tmp_path, monkeypatch):

@@ -157,11 +157,17 @@ class DataArguments:
     save_logits: bool = field(default=False, metadata={"help": "With --do_predict, also save the float16 scores."})
     max_regions: int | None = field(
         default=None,
-        metadata={"help": "Regions kept per image (default: the paper's 100, or --model_name_or_path's own)."},
+        metadata={
+            "help": "Regions kept per image (default: --model_name_or_path's own, else as many as the data was "
+            "prepared with: the paper's 100 by default)."
+        },
     )
     max_question_length: int | None = field(
         default=None,
-        metadata={"help": "Words kept per question (default: the paper's 16, or --model_name_or_path's own)."},
+        metadata={
+            "help": "Words kept per question (default: --model_name_or_path's own, else as many as the data was "
+            "prepared with: the paper's 16 by default)."
+        },
     )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Round padded lengths up to a multiple (fewer shapes to compile or record)."}
@@ -607,20 +613,21 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
 
 
 def fill_in_lengths(model_args: ModelArguments, data_args: DataArguments):
-    """The question and region cuts not given: those a given model was trained with (its config records them), so
-    that it is evaluated or trained on as it answers elsewhere, else the paper's."""
-    defaults = RWSANConfig()
-    if model_args.model_name_or_path:
-        try:
-            defaults = RWSANConfig.from_pretrained(model_args.model_name_or_path)
-        except (OSError, ValueError) as error:
-            # A mistyped folder reads as a hub repository: say both.
-            where = "" if Path(model_args.model_name_or_path).exists() else "no such folder, and as a hub repository: "
-            raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {where}{error}") from None
+    """The question and region cuts not given, when a model is: those it was trained with (its config records them),
+    so that it is evaluated or trained on as it answers elsewhere. Without a model, the cuts left unset are those
+    the data was prepared with."""
+    if not model_args.model_name_or_path:
+        return
+    try:
+        config = RWSANConfig.from_pretrained(model_args.model_name_or_path)
+    except (OSError, ValueError) as error:
+        # A mistyped folder reads as a hub repository: say both.
+        where = "" if Path(model_args.model_name_or_path).exists() else "no such folder, and as a hub repository: "
+        raise UsageError(f"--model_name_or_path {model_args.model_name_or_path}: {where}{error}") from None
     if data_args.max_question_length is None:
-        data_args.max_question_length = defaults.max_question_length
+        data_args.max_question_length = config.max_question_length
     if data_args.max_regions is None:
-        data_args.max_regions = defaults.max_regions
+        data_args.max_regions = config.max_regions
 
 
 def checkpoint_to_resume(training_args: VQATrainingArguments) -> str | None:
@@ -812,9 +819,11 @@ def main(argv: list[str] | None = None):
     try:
         train_dataset, eval_dataset, predict_dataset = load_splits(data_args, training_args)
         reference = train_dataset or eval_dataset or predict_dataset
-        processor = reference.processor
-        # The cut this run makes (the data may be prepared with longer questions), which the saved processor and
+        # The cuts this run makes (the data may be prepared with longer questions), which the saved processor and
         # the config of a model trained here record.
+        data_args.max_question_length = reference.max_question_length
+        data_args.max_regions = reference.max_regions
+        processor = reference.processor
         processor.max_question_length = data_args.max_question_length
         processor.max_regions = data_args.max_regions
         model = build_model(model_args, processor, reference.feature_size)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FEATURE_SIZE
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState
 
@@ -325,6 +326,23 @@ def test_the_saved_processor_and_config_keep_the_cut_the_run_made(tiny_prepared_
     assert (config["max_question_length"], config["max_regions"]) == (6, 5)
     assert (processor.max_question_length, processor.max_regions) == (6, 5)
     assert load_vqa_dataset(tiny_prepared_vqa, "train").processor.max_question_length == 16
+
+
+def test_a_new_model_takes_the_question_cut_the_data_was_prepared_with(tmp_path):
+    """Data prepared with 6 words a question once failed to train without --max_question_length 6: the run asked for
+    the paper's 16 and was told to prepare the data again."""
+    import train_vqa
+    from data_scripts.make_toy_vqa import make_toy_vqa
+    from data_scripts.prepare_vqa import prepare_vqa
+
+    make_toy_vqa(tmp_path / "raw", seed=0, num_images=12, feature_size=TINY_FEATURE_SIZE)
+    prepare_vqa(tmp_path / "raw", tmp_path / "prepared", max_question_length=6, feature_size=TINY_FEATURE_SIZE)
+    output = tmp_path / "run"
+    steps = ["--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"]
+    train_vqa.main([*common_arguments(tmp_path / "prepared", output), *steps])
+    config = json.loads((output / "config.json").read_text())
+    assert (config["max_question_length"], config["max_regions"]) == (6, 100)
+    assert RWSANProcessor.from_pretrained(output).max_question_length == 6
 
 
 def test_resuming_from_the_last_checkpoint_needs_one(tiny_prepared_vqa, tmp_path):
@@ -777,9 +795,6 @@ def test_a_given_model_keeps_its_own_question_and_region_cuts_unless_told(tmp_pa
         )
         train_vqa.fill_in_lengths(model_args, data_args)
         assert (data_args.max_question_length, data_args.max_regions) == expected
-    model_args, data_args, _, _ = train_vqa.parse_arguments([])
-    train_vqa.fill_in_lengths(model_args, data_args)
-    assert (data_args.max_question_length, data_args.max_regions) == (16, 100)
 
 
 def test_a_run_that_would_train_over_its_starting_model_is_refused(tiny_prepared_vqa, tmp_path, monkeypatch):

@@ -58,8 +58,6 @@ import shutil
 import signal
 import sys
 import threading
-import zipfile
-import zlib
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -79,6 +77,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from tqdm.auto import tqdm
 
 from rwsan.data import vocabulary_fingerprint
+from rwsan.pipeline_rwsan import read_region_archive, regions_first
 from rwsan.processing_rwsan import (
     HALF_CHARACTER,
     PAD_TOKEN,
@@ -534,10 +533,6 @@ def checked_image(
     )
 
 
-# Everything np.load raises for a corrupt, truncated or foreign file.
-NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
-
-
 @dataclass
 class NpzImage:
     """An image's `.npz` from coco_extract/: `x` is (feature_size, N) as the original ships it, or (N,
@@ -548,35 +543,16 @@ class NpzImage:
     image_id: int
 
     def decode(self, settings: DecodeSettings) -> DecodedImage | Problem:
-        def optional_int(archive, name: str) -> int | None:
-            # item(): some feature extractors store the sizes as one-element arrays.
-            return int(archive[name].item()) if name in archive else None
-
         try:
-            with np.load(self.path) as archive:
-                if "x" not in archive:
-                    return Problem(
-                        "unreadable",
-                        self.path,
-                        f"no 'x' (the region features) among its arrays: {', '.join(archive.files) or 'none'}",
-                        image_id=self.image_id,
-                    )
-                region_features = archive["x"]
-                boxes = archive["bbox"] if "bbox" in archive else None
-                width, height = optional_int(archive, "image_w"), optional_int(archive, "image_h")
-                num_boxes = optional_int(archive, "num_bbox")
-        except NPZ_READ_ERRORS as error:
-            return Problem("unreadable", self.path, f"cannot read: {error!r}", image_id=self.image_id)
-        if region_features.ndim != 2 or settings.feature_size not in region_features.shape:
-            return Problem(
-                "feature_size",
-                self.path,
-                f"x has shape {region_features.shape}, expected ({settings.feature_size}, num_regions)",
-                image_id=self.image_id,
-            )
-        # When both axes equal the feature size, the original's orientation (feature_size, N) wins.
-        if region_features.shape[0] == settings.feature_size:
-            region_features = region_features.T
+            arrays = read_region_archive(self.path)
+        except ValueError as error:
+            return Problem("unreadable", self.path, str(error), image_id=self.image_id)
+        try:
+            region_features = regions_first(arrays["x"], settings.feature_size)
+        except ValueError as error:
+            return Problem("feature_size", self.path, str(error), image_id=self.image_id)
+        boxes, num_boxes = arrays.get("bbox"), arrays.get("num_bbox")
+        width, height = arrays.get("image_w"), arrays.get("image_h")
         return checked_image(self.image_id, region_features, boxes, num_boxes, width, height, self.path, settings)
 
 
@@ -918,11 +894,11 @@ def missing_image_problem(
 ) -> Problem:
     """The problem of a question left out for want of its image's features: none, or `image_problem` made them
     unusable."""
-    reason = (
-        f"its image {question.image_id} was left out ({image_problem.kind}: {image_problem.path})"
-        if image_problem
-        else f"its image {question.image_id} has no features"
-    )
+    if image_problem:
+        left_out = f"{image_problem.kind}: {image_problem.path}: {image_problem.reason}"
+        reason = f"its image {question.image_id} was left out ({left_out})"
+    else:
+        reason = f"its image {question.image_id} has no features"
     return Problem(
         "missing_image", questions_path, reason, image_id=question.image_id, question_id=question.question_id
     )

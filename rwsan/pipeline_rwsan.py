@@ -43,6 +43,8 @@ INPUT_KEYS = ("question", "image_features", "boxes")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "image_features", "image_attention_mask")
 # Everything np.load raises for a corrupt, truncated or foreign file.
 NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
+# The sizes an image's `.npz` may hold beside its features and boxes.
+REGION_SIZES = ("num_bbox", "image_w", "image_h")
 
 
 class _NumberedInput:
@@ -67,6 +69,48 @@ def _rows_array(where: str, field: str, values, row_size: int, are_features: boo
     return rows
 
 
+def read_region_archive(path: str) -> dict:
+    """
+    The arrays RWSAN reads from an image's `.npz` in the original release's layout, those the file holds: `x`, the
+    region features (required), `bbox`, and the sizes `num_bbox`, `image_w` and `image_h` as `int`s.
+
+    Raises:
+        `ValueError` saying why, for a file that is no readable `.npz` archive or holds no `x`.
+    """
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(6)
+        if start.startswith(b"PK"):
+            with np.load(path) as archive:
+                names = archive.files
+                arrays = {name: archive[name] for name in ("x", "bbox") if name in archive}
+                # item(): some feature extractors store the sizes as one-element arrays.
+                arrays |= {name: int(archive[name].item()) for name in REGION_SIZES if name in archive}
+    except NPZ_READ_ERRORS as error:
+        raise ValueError(f"cannot read: {error!r}") from None
+    # np.load takes any other file for a pickle, and says so: a photo given by mistake would read as one.
+    if not start.startswith(b"PK"):
+        raise ValueError(
+            "it holds a single array, not an .npz archive"
+            if start == b"\x93NUMPY"
+            else f"it is no .npz archive (a zip file), but starts with the bytes {start!r}"
+        )
+    if "x" not in arrays:
+        raise ValueError(f"no 'x' (the region features) among its arrays: {', '.join(names) or 'none'}")
+    return arrays
+
+
+def regions_first(features: np.ndarray, feature_size: int) -> np.ndarray:
+    """An `.npz`'s `x` as `(num_regions, feature_size)`: the original ships `(feature_size, num_regions)`, others
+    the transpose; when both axes equal `feature_size`, the original's layout wins. Raises `ValueError` for
+    other shapes."""
+    if features.ndim != 2 or feature_size not in features.shape:
+        raise ValueError(
+            f"x has shape {features.shape}, expected ({feature_size}, num_regions) or (num_regions, {feature_size})"
+        )
+    return features.T if features.shape[0] == feature_size else features
+
+
 def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
     """
     Reads one image's region features from a `.npz` file in the layout of the original RWSAN release.
@@ -87,34 +131,14 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"region feature file not found: {path}")
     try:
-        with open(path, "rb") as handle:
-            start = handle.read(6)
-        # np.load takes any other file for a pickle, and says so: a photo given by mistake would read as one.
-        if not start.startswith(b"PK"):
-            raise ValueError(
-                "it holds a single array, not an .npz archive"
-                if start == b"\x93NUMPY"
-                else f"it is no .npz archive (a zip file), but starts with the bytes {start!r}"
-            )
-        with np.load(path) as archive:
-            arrays = {name: archive[name] for name in ("x", "bbox", "image_w", "image_h") if name in archive}
-            has_size = "image_w" in arrays and "image_h" in arrays
-            # item(): some feature extractors store the sizes as one-element arrays.
-            image_size = (int(arrays["image_w"].item()), int(arrays["image_h"].item())) if has_size else None
-    except NPZ_READ_ERRORS as error:
-        raise ValueError(f"cannot read the region feature file {path}: {error}") from None
-    if "x" not in arrays:
-        raise ValueError(f"{path} has no 'x' array of region features")
-
-    features, boxes = arrays["x"], arrays.get("bbox")
-    if features.ndim != 2 or feature_size not in features.shape:
-        raise ValueError(
-            f"{path}: x has shape {features.shape}, expected ({feature_size}, num_regions) or "
-            f"(num_regions, {feature_size})"
-        )
-    if features.shape[0] == feature_size:
-        features = features.T
+        arrays = read_region_archive(path)
+        features = regions_first(arrays["x"], feature_size)
+    except ValueError as error:
+        raise ValueError(f"region feature file {path}: {error}") from None
+    has_size = "image_w" in arrays and "image_h" in arrays
+    image_size = (arrays["image_w"], arrays["image_h"]) if has_size else None
     features = _rows_array(path, "x", features, feature_size, are_features=True)
+    boxes = arrays.get("bbox")
     if boxes is not None:
         # Their count is checked against the regions the model sees (`RWSANVQAPipeline.preprocess`).
         boxes = _rows_array(path, "bbox", boxes, 4)

@@ -351,11 +351,17 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
         ask(missing)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip archive")
-    with pytest.raises(ValueError, match=f"^input: cannot read the region feature file {garbage}: "):
+    with pytest.raises(ValueError, match=f"^input: region feature file {garbage}: it is no .npz archive"):
         ask(garbage)
+    truncated = tmp_path / "truncated.npz"
+    np.savez(truncated, x=region_features(2, seed=0).T)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    message = rf"^input: region feature file {truncated}: cannot read: BadZipFile\('File is not a zip file'\)$"
+    with pytest.raises(ValueError, match=message):
+        ask(truncated)
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
-    message = rf"^input: cannot read the region feature file {photo}: it is no .npz archive \(a zip file\), but starts"
+    message = rf"^input: region feature file {photo}: it is no .npz archive \(a zip file\), but starts"
     with pytest.raises(ValueError, match=message):
         ask(photo)
     single_array = tmp_path / "single.npy"
@@ -364,7 +370,8 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
         ask(single_array)
     without_x = tmp_path / "without_x.npz"
     np.savez(without_x, features=region_features(2, seed=0))
-    with pytest.raises(ValueError, match=f"^input: {without_x} has no 'x' array of region features$"):
+    message = rf"^input: region feature file {without_x}: no 'x' \(the region features\) among its arrays: features$"
+    with pytest.raises(ValueError, match=message):
         ask(without_x)
     wrong_size = write_original_npz(tmp_path / "wrong_size.npz", np.ones((3, 7), np.float32), None)
     with pytest.raises(

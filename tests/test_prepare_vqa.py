@@ -237,7 +237,9 @@ def test_bad_images_are_reported_and_their_questions_left_out(raw_vqa_dir, tmp_p
     )
     by_question = {problem["question_id"]: problem for problem in missing}
     assert by_question[490]["reason"] == "its image 49 has no features"
-    assert by_question[90]["reason"] == f"its image 9 was left out (unreadable: {problem_images[9]['path']})"
+    assert by_question[90]["reason"] == (
+        f"its image 9 was left out (unreadable: {problem_images[9]['path']}: {problem_images[9]['reason']})"
+    )
     assert report["problem_counts"] == {
         "unreadable": 2,
         "feature_size": 1,
@@ -370,7 +372,8 @@ def test_no_usable_image_stops_with_the_causes(raw_vqa_dir, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"none of the 15 images the questions refer to has usable features in .*test2015: 15 x "
-        rf"feature_size \(first: {first_path}: x has shape \(6, 3\), expected \(7, num_regions\)\)$",
+        rf"feature_size \(first: {first_path}: x has shape \(6, 3\), expected \(7, num_regions\) or "
+        r"\(num_regions, 7\)\)$",
     ):
         prepare_vqa(raw_vqa_dir, tmp_path / "prepared", feature_size=7)
     assert not (tmp_path / "prepared").exists() and not leftovers(tmp_path / "prepared")
@@ -416,7 +419,16 @@ def test_tsv_problems_name_file_and_line(raw_vqa_dir, tmp_path):
 @pytest.mark.parametrize(
     ("break_image", "message"),
     [
-        (lambda path: path.write_bytes(b"garbage"), r"COCO_train2014_000000000009\.jpg\.npz: cannot read"),
+        (
+            lambda path: path.write_bytes(b"garbage"),
+            r"COCO_train2014_000000000009\.jpg\.npz: it is no \.npz archive \(a zip file\), but starts with the "
+            r"bytes b'garbag' \(stopped by --strict\)",
+        ),
+        # An interrupted download: a zip file's start, without its end.
+        (
+            lambda path: path.write_bytes(path.read_bytes()[:100]),
+            r"COCO_train2014_000000000009\.jpg\.npz: cannot read: BadZipFile\('File is not a zip file'\) \(stopped",
+        ),
         (
             lambda path: write_npz(path, np.full((3, 6), np.inf, np.float32), raw_boxes(9, 3)),
             r"18 NaN or infinite feature values \(stopped by --strict\)",
@@ -822,7 +834,9 @@ def test_eval_questions_of_unusable_images_stop_once_the_images_are_converted(ra
     path = npz_path(raw_vqa_dir, "val2014", 164)
     path.write_bytes(b"not a zip archive")
     questions_path = raw_vqa_dir / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json"
-    problems = f"3 x missing_image (first: {questions_path}: its image 164 was left out (unreadable: {path}))"
+    # The image's own fault is in the message: a failed run writes no report.json.
+    reason = "it is no .npz archive (a zip file), but starts with the bytes b'not a '"
+    problems = f"3 x missing_image (first: {questions_path}: its image 164 was left out (unreadable: {path}: {reason}))"
     with pytest.raises(ValueError, match=re.escape(eval_split_message("val", 3, 12, problems))):
         prepare(raw_vqa_dir, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()

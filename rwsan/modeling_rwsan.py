@@ -709,7 +709,9 @@ class RWSANModel(RWSANPreTrainedModel):
                 Derived from the non-zero rows of `image_features` when not given, as the original does.
             output_attentions (`bool`, *optional*): return every attention map and the flattening weights
                 (computed with the eager attention path).
-            output_hidden_states (`bool`, *optional*): return the hidden states after every shared block.
+            output_hidden_states (`bool`, *optional*): return the encoders' input states, then their states after
+                each application of SRWSA (`num_srwsa_repeats`) and SGRWSA (`num_sgrwsa_repeats`): `1 + repeats`
+                each, where each application runs its shared block three times.
 
         Inputs that are not tensors raise a `TypeError`; mis-shaped ones (masks that would broadcast, batches of
         different sizes, features of another size or integer features) a `ValueError`; values are not checked,

@@ -249,9 +249,8 @@ def check_positive_int(name: str, value) -> None:
 
 
 def checked_top_k(top_k) -> int:
-    """`top_k` as an int: any positive integer, numpy's too, but not a bool."""
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    """`top_k` as an int, once `check_positive_int` has taken it."""
+    check_positive_int("top_k", top_k)
     return int(top_k)
 
 

@@ -16,6 +16,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .processing_rwsan import check_positive_int
+
 REGION_COLORMAP = "autumn_r"
 # Light enough to see the image through the shaded regions.
 REGION_FILL_ALPHA = 0.25
@@ -252,8 +254,7 @@ def plot_attention(
     for index, answer in enumerate(answers):
         if not isinstance(answer, Mapping) or "answer" not in answer or "score" not in answer:
             raise ValueError(f"answers[{index}] must be a dict with 'answer' and 'score', got {answer!r}")
-    if isinstance(top_k_regions, bool) or not isinstance(top_k_regions, int) or top_k_regions < 1:
-        raise ValueError(f"top_k_regions must be a positive integer, got {top_k_regions!r}")
+    check_positive_int("top_k_regions", top_k_regions)
     image, size = _image_and_size(image, boxes)
 
     figure = Figure(figsize=(11, 7.5), layout="constrained")

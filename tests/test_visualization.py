@@ -93,6 +93,13 @@ def test_region_labels_of_boxes_that_share_a_corner_cover_no_other_label_and_sta
     assert labels["1: 0.30"].get_position() == (50, 60)
 
 
+def test_a_numpy_region_count_is_taken_as_the_pipeline_takes_its_top_k():
+    """The count often comes from numpy (an argmax, a saved array): refused here once, while the pipeline took it."""
+    image_axes = plot(top_k_regions=np.int64(2)).axes[0]
+    assert [text.get_text() for text in image_axes.texts] == ["2: 0.30", "1: 0.40"]
+    assert image_axes.get_title() == "top 2 of 5 regions by attention weight"
+
+
 def test_word_shading_follows_the_weights():
     word_axes = plot().axes[2]
     words = [text for text in word_axes.texts if text.get_text() in WORDS]

@@ -582,6 +582,18 @@ def main(argv: list[str] | None = None):
         help=f"Distinct questions per image (1 to {MAX_QUESTIONS_PER_IMAGE}; train_vqa.py's toy set has 20).",
     )
     parser.add_argument("--num_proc", type=int, default=1, help="Processes that write the feature files.")
+    parser.add_argument(
+        "--annotator_accuracy",
+        type=float,
+        default=0.9,
+        help="Probability that an annotator gives the true answer, in (0, 1] (at most 4 of the 10 err).",
+    )
+    parser.add_argument(
+        "--feature_noise",
+        type=float,
+        default=0.5,
+        help="Length of the noise added to a region's feature, relative to one attribute's direction (>= 0).",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace the toy set in a non-empty output_dir.")
     args = parser.parse_args(argv)
     try:
@@ -592,6 +604,8 @@ def main(argv: list[str] | None = None):
             feature_size=args.feature_size,
             questions_per_image=args.questions_per_image,
             num_proc=args.num_proc,
+            annotator_accuracy=args.annotator_accuracy,
+            feature_noise=args.feature_noise,
             overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as error:

@@ -460,6 +460,8 @@ def test_refuses_an_output_path_that_is_a_file(tmp_path):
     [
         (["--num_images", "5"], "num_images must be between 10 and"),
         (["--output_dir", "{existing}"], "is not empty"),
+        (["--annotator_accuracy", "1.5"], "annotator_accuracy must be in (0, 1], got 1.5"),
+        (["--feature_noise", "-1"], "feature_noise must be non-negative, got -1.0"),
     ],
 )
 def test_command_line_refuses_bad_options_without_a_traceback(toy_dir, arguments, message, capsys):
@@ -477,3 +479,24 @@ def test_command_line_writes_the_same_data_set(toy_dir, tmp_path, capsys):
     for split, file_name in ANNOTATION_FILES.items():
         written = (tmp_path / "cli" / "vqa" / file_name).read_bytes()
         assert written == (toy_dir / "vqa" / file_name).read_bytes(), split
+
+
+def test_command_line_sets_the_annotators_and_the_feature_noise(tmp_path):
+    """Annotators who never err all give the true answer (the default's err now and then); without noise, each
+    region's feature lies the default noise's length (0.5) from that of the defaults' set of the same seed."""
+    arguments = ["--num_images", "10", "--feature_size", "64"]
+    main(["--output_dir", str(tmp_path / "exact"), *arguments, "--annotator_accuracy", "1"])
+    main(["--output_dir", str(tmp_path / "clean"), *arguments, "--feature_noise", "0"])
+    default = make_toy_vqa(tmp_path / "default", seed=0, num_images=10, feature_size=64)
+
+    def distinct_answers(data_dir):
+        return [{answer["answer"] for answer in annotation["answers"]}
+                for _, annotation in annotated_questions(data_dir, "train2014")]  # fmt: skip
+
+    assert all(len(answers) == 1 for answers in distinct_answers(tmp_path / "exact"))
+    assert any(len(answers) > 1 for answers in distinct_answers(default))
+    squared_distances = [
+        np.sum((region_features(tmp_path / "clean", scene) - region_features(default, scene)) ** 2, axis=1)
+        for scene in load_json(default / "toy_scenes.json")["scenes"]
+    ]
+    assert np.mean(np.concatenate(squared_distances)) == pytest.approx(0.5**2, rel=0.15)

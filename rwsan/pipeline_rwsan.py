@@ -7,6 +7,7 @@ may not be installed: it imports only the standard library, numpy, torch, transf
 """
 
 import os
+import types
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -151,7 +152,8 @@ class RWSANVQAPipeline(Pipeline):
     model (`RWSANForVQA`) and its `RWSANProcessor`. A processor that does not fit the model (other answers, question
     tokens or feature size: see `check_processor_fits_model`) is refused with a `ValueError`.
 
-    An input is a dict (or, for one input, the same given as keywords: `vqa(question=..., image_features=...)`):
+    An input is a dict (or, for one input, the same given as keywords: `vqa(question=..., image_features=...)`,
+    the question possibly first: `vqa("What color is it?", image_features=...)`):
     - `"question"` (`str`);
     - `"image_features"`: the image's `(num_regions, feature_size)` region features (numpy array or torch
       tensor), or the path of a `.npz` file in the original release's layout (see [`load_region_file`]), whose
@@ -202,6 +204,9 @@ class RWSANVQAPipeline(Pipeline):
 
     def __call__(self, inputs=None, **kwargs):
         given = {key: kwargs.pop(key) for key in INPUT_KEYS if key in kwargs}
+        if isinstance(inputs, str) and "question" not in given:
+            # The question may come first, as transformers' VQA pipeline takes its image first.
+            inputs, given = None, {"question": inputs, **given}
         if given:
             if inputs is not None:
                 raise ValueError(
@@ -215,6 +220,9 @@ class RWSANVQAPipeline(Pipeline):
             if not inputs:
                 raise ValueError("The list of inputs is empty.")
             inputs = [_NumberedInput(index, item) for index, item in enumerate(inputs)]
+        elif isinstance(inputs, types.GeneratorType):
+            # Still a generator, which the base class streams; a bad item of thousands is named by its place.
+            inputs = (_NumberedInput(index, item) for index, item in enumerate(inputs))
         return super().__call__(inputs, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):

@@ -331,7 +331,7 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
         ({"question": "what", "image": np.ones((3, FEATURE_SIZE))},
          "unknown keys 'image'; an input has 'question', 'image_features' and optionally 'boxes'"),
         ({"question": "what"}, "missing 'image_features'"),
-        ("what color", "expected a dict with 'question' and 'image_features', got str"),
+        (42, "expected a dict with 'question' and 'image_features', got int"),
     ],
 )  # fmt: skip
 def test_bad_inputs_are_refused_with_the_item_and_the_problem(vqa, item, message):
@@ -340,6 +340,25 @@ def test_bad_inputs_are_refused_with_the_item_and_the_problem(vqa, item, message
     good = {"question": "what color", "image_features": np.ones((2, FEATURE_SIZE))}
     with pytest.raises(ValueError, match=f"^inputs\\[1\\]: {message}"):
         vqa([good, item], batch_size=2)
+
+
+def test_a_bad_item_of_a_generator_is_named_by_its_place(vqa):
+    """A stream of many inputs once named a bad one only "input"."""
+    good = {"question": "what color", "image_features": np.ones((2, FEATURE_SIZE))}
+    stream = (good if index != 4 else {"question": "what"} for index in range(6))
+    with pytest.raises(ValueError, match=r"^inputs\[4\]: missing 'image_features'$"):
+        list(vqa(stream, batch_size=2))
+    assert len(list(vqa((good for _ in range(3)), batch_size=2))) == 3
+
+
+def test_the_question_may_be_given_first(vqa):
+    features = region_features(4, seed=3)
+    expected = vqa({"question": "what color is it", "image_features": features}, top_k=3)
+    assert vqa("what color is it", image_features=features, top_k=3) == expected
+    with pytest.raises(ValueError, match="^input: missing 'image_features'$"):
+        vqa("what color is it")
+    with pytest.raises(ValueError, match="^the input is given twice: as str and by the keywords question, "):
+        vqa("what color is it", question="what shape is it", image_features=features)
 
 
 def test_unreadable_feature_files_are_refused(vqa, tmp_path):

@@ -1077,11 +1077,15 @@ class StopOnNonFiniteLoss(TrainerCallback):
     """Stops a diverged run at the first logged NaN/inf loss, naming the step and the last checkpoint that is safe to
     resume from.
 
-    It reads the loss the Trainer logs anyway, so the training loop gains no per-step device sync. The loss is seen
-    only at logging steps, and a checkpoint saved since the last finite log may already hold non-finite weights
-    (the update of that very step may have made them so): the checkpoint named is the last one saved before the
-    step of the last finite log, or the one training started from.
+    It reads the losses the Trainer logs anyway, so the training loop gains no per-step device sync: the periodic
+    training loss, each evaluation's loss and the run's mean training loss, logged as it ends (the only one a run
+    with --logging_strategy no or --logging_steps beyond its end logs), so that a diverged run saves no model. The
+    loss is seen only when logged, and a checkpoint saved since the last finite log may already hold non-finite
+    weights (the update of that very step may have made them so): the checkpoint named is the last one saved before
+    the step of the last finite log, or the one training started from.
     """
+
+    LOSSES = {"loss": "training loss", "eval_loss": "evaluation loss", "train_loss": "run's mean training loss"}
 
     def __init__(self):
         self.start_step = self.last_finite_step = 0
@@ -1091,16 +1095,16 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self.start_step = self.last_finite_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is None:
+        logged = {key: value for key, value in (logs or {}).items() if key in self.LOSSES}
+        if all(math.isfinite(loss) for loss in logged.values()):
+            if logged:
+                self.last_finite_step = state.global_step
             return
-        if math.isfinite(loss):
-            self.last_finite_step = state.global_step
-            return
+        key, loss = next((key, loss) for key, loss in logged.items() if not math.isfinite(loss))
         checkpoint = last_checkpoint_before(args.output_dir, self.last_finite_step, self.start_step)
         raise FloatingPointError(
-            f"The training loss became {loss} by optimizer step {state.global_step}; it was last logged finite at "
-            f"step {self.last_finite_step}. The last checkpoint saved before then is "
+            f"The {self.LOSSES[key]} became {loss} by optimizer step {state.global_step}; a loss was last logged "
+            f"finite at step {self.last_finite_step}. The last checkpoint saved before then is "
             f"{checkpoint or 'none (no checkpoint was saved yet)'} (later ones may hold non-finite weights). Resume "
             "from it with --resume_from_checkpoint and gradient clipping (--max_grad_norm, e.g. 1.0; the paper "
             "clips nothing), or without --fp16. A resumed run keeps the checkpoint's learning rate: a lower "

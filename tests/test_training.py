@@ -1201,14 +1201,42 @@ def test_a_non_finite_loss_names_the_last_checkpoint_saved_before_the_last_finit
 
     message = error_after([(5, 2.0), (7, 1.5), (10, float("nan"))])
     assert message.startswith(
-        "The training loss became nan by optimizer step 10; it was last logged finite at step 7. The last checkpoint "
-        f"saved before then is {tmp_path / 'checkpoint-4'} (later ones may hold non-finite weights)."
+        "The training loss became nan by optimizer step 10; a loss was last logged finite at step 7. The last "
+        f"checkpoint saved before then is {tmp_path / 'checkpoint-4'} (later ones may hold non-finite weights)."
     )
     # A run resumed from step 12 starts from that checkpoint's weights.
     assert f"step 12. The last checkpoint saved before then is {tmp_path / 'checkpoint-12'} " in error_after(
         [(15, float("inf"))], start_step=12
     )
     assert "saved before then is none (no checkpoint was saved yet)" in error_after([(2, 1.0), (3, float("nan"))])
+
+
+def test_a_non_finite_evaluation_loss_or_mean_training_loss_stops_the_run_too(tmp_path):
+    """A run that logs no periodic loss (--logging_strategy no, or --logging_steps beyond its end) once saved a
+    diverged model, with a model card giving its accuracy, and exited 0."""
+    for step in (10, 14):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    callback, state = StopOnNonFiniteLoss(), TrainerState(global_step=0)
+    callback.on_train_begin(args, state, None)
+    state.global_step = 14
+    callback.on_log(args, state, None, logs={"eval_loss": 3.0, "eval_accuracy": 20.0})
+    state.global_step = 28
+    with pytest.raises(FloatingPointError, match=r"^The evaluation loss became nan by optimizer step 28; a loss was "
+                       r"last logged finite at step 14\. The last checkpoint saved before then is .*checkpoint-10 "):
+        callback.on_log(args, state, None, logs={"eval_loss": float("nan"), "eval_accuracy": 20.0})
+    with pytest.raises(FloatingPointError, match=r"^The run's mean training loss became inf by optimizer step 28"):
+        callback.on_log(args, state, None, logs={"train_loss": float("inf"), "train_runtime": 1.0})
+
+
+def test_a_run_that_diverges_unlogged_saves_no_model(tiny_prepared_vqa, tmp_path):
+    import train_vqa
+
+    arguments = ["--learning_rate", "1e12", "--warmup_epochs", "0", "--logging_strategy", "no", "--eval_strategy",
+                 "no", "--num_train_epochs", "2"]  # fmt: skip
+    with pytest.raises(FloatingPointError, match="^The run's mean training loss became nan by optimizer step 28"):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+    assert not (tmp_path / "run" / "model.safetensors").exists() and not (tmp_path / "run" / "README.md").exists()
 
 
 def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, tmp_path, capsys):

@@ -522,6 +522,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {training_args.output_dir} is a file, not a folder")
+    if training_args.do_train and training_args.max_steps == 0:
+        # The Trainer reads only a negative --max_steps as unset: 0 trains one step, saved as if trained.
+        raise UsageError("--max_steps 0 trains nothing; give a positive number of steps, or leave it out to train by "
+                         "--num_train_epochs")  # fmt: skip
     if training_args.do_train and training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         # The Trainer would save the new model's random weights, with a model card, as if trained.
         raise UsageError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing; give more epochs")

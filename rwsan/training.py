@@ -150,7 +150,7 @@ class VQATrainingArguments(TrainingArguments):
         # eval_strategy no here; true stays true (a final evaluation), and unset follows eval_strategy.
         do_eval = self.do_eval
         if do_eval is False:
-            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) not in (
+            if _strategy_name(self.eval_strategy) not in (
                 "no",
                 _default_of("eval_strategy"),
             ):
@@ -158,8 +158,9 @@ class VQATrainingArguments(TrainingArguments):
             self.eval_strategy = "no"
         self.do_eval = bool(do_eval)
         # The Trainer would pick the best checkpoint by loss, which VQA is not scored by (and which, on several
-        # processes, counts the last batch's repeated questions).
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
+        # processes, counts the last batch's repeated questions); --save_strategy best needs a metric.
+        picks_best = self.load_best_model_at_end or _strategy_name(self.save_strategy) == "best"
+        if picks_best and self.metric_for_best_model is None:
             self.metric_for_best_model = "accuracy"
         super().__post_init__()
         if do_eval is None:
@@ -238,6 +239,11 @@ def schedule_options_conflict(paper_schedule: bool, given: Collection[str]) -> s
         )
     ignored = [f"--{name}" for name in ignored_options if name in given]
     return f"{', '.join(ignored)} {'shape' if len(ignored) > 1 else 'shapes'} {what_they_shape}" if ignored else None
+
+
+def _strategy_name(strategy) -> str:
+    """An `--*_strategy` value by its name, given as a string or, once the arguments are read, as an enum."""
+    return str(getattr(strategy, "value", strategy))
 
 
 def _default_of(name: str):

@@ -571,6 +571,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         ),
         (["--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing; give more epochs"),
         (
+            ["--max_steps", "0"],
+            "--max_steps 0 trains nothing; give a positive number of steps, or leave it out to train by "
+            "--num_train_epochs",
+        ),
+        (
             ["--resume_from_checkpoint", "last", "--do_train", "false", "--model_name_or_path", "model"],
             "--resume_from_checkpoint resumes training; with --do_train false, use --model_name_or_path",
         ),
@@ -2143,6 +2148,10 @@ def test_the_best_model_kept_at_the_end_is_the_most_accurate_unless_told(tmp_pat
     assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("accuracy", True)
     arguments = VQATrainingArguments(**common, metric_for_best_model="loss")
     assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("loss", False)
+    # --save_strategy best keeps the best checkpoint; the Trainer refused it without a metric, after the data and
+    # the model were loaded.
+    arguments = VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, save_strategy="best")
+    assert (arguments.metric_for_best_model, arguments.greater_is_better) == ("accuracy", True)
 
 
 def test_a_trainer_that_would_keep_the_most_accurate_model_needs_the_accuracy(tiny_prepared_vqa, tmp_path):

@@ -59,6 +59,7 @@ from rwsan.processing_rwsan import (
 from rwsan.reporting import plot_training_history, write_model_card
 from rwsan.training import (
     DROPPED_QUESTIONS,
+    HubRepositoryError,
     ResumeError,
     StopOnNonFiniteLoss,
     VQATrainer,
@@ -943,7 +944,7 @@ def main(argv: list[str] | None = None):
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, FloatingPointError) as error:
+    except (UsageError, FloatingPointError, HubRepositoryError) as error:
         sys.exit(f"error: {error}")
     finally:
         # Each process of a multi-process run tears its process group down while the interpreter is whole: left to

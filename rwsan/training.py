@@ -579,6 +579,10 @@ class ResumeError(ValueError):
     """A checkpoint that this run cannot resume from as it was started."""
 
 
+class HubRepositoryError(RuntimeError):
+    """The hub repository that `push_to_hub` uploads to could not be made or reached."""
+
+
 # Options a resumed run takes from the checkpoint's optimizer state (its parameter groups), not from its arguments.
 OPTIMIZER_STATE_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 
@@ -781,6 +785,17 @@ class VQATrainer(Trainer):
     def evaluation_loop(self, *args, **kwargs):
         with self._pass():
             return super().evaluation_loop(*args, **kwargs)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None):
+        # The Trainer makes the repository as it is built: offline, or with a token that may not write, a run failed
+        # there with the HTTP client's traceback. It is the hub's one call here, so whatever it raises is the hub's.
+        try:
+            super().init_hf_repo(token, private)
+        except Exception as error:
+            name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+            raise HubRepositoryError(
+                f"--push_to_hub: cannot make or reach the hub repository {name}: {type(error).__name__}: {error}"
+            ) from error
 
     def stop_dataloader_workers(self):
         """Has the persistent workers of the DataLoaders this trainer made for training, evaluation and prediction

@@ -973,6 +973,18 @@ def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepa
     assert (output / "predictions_test.json").exists()  # the default --predict_split: the whole test set
 
 
+def test_push_to_hub_offline_fails_in_one_line_before_training(tiny_prepared_vqa, tmp_path):
+    """The hub repository is made as the Trainer is built: offline, the run failed there with the HTTP client's
+    traceback."""
+    output = tmp_path / "run"
+    result = run_training(*common_arguments(tiny_prepared_vqa, output, "--push_to_hub"), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: --push_to_hub: cannot make or reach the hub repository run: OfflineModeIsEnabled: "
+    )
+    assert not (output / "model.safetensors").exists()
+
+
 def test_the_model_card_lists_the_accuracies_and_marks_a_missing_one(tmp_path):
     from rwsan import RWSANConfig
     from rwsan.reporting import write_model_card

@@ -971,6 +971,12 @@ class VQATrainer(Trainer):
         if not getattr(self.args, "paper_schedule", False):
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
+            if self.update_steps_per_epoch is None:
+                raise RuntimeError(
+                    "The paper's schedule counts its epochs in optimizer steps, which train() works out from the "
+                    "training data: let train() make the schedule, or make it yourself with "
+                    "rwsan.training.paper_lr_scheduler(optimizer, steps_per_epoch, args)"
+                )
             self.lr_scheduler = paper_lr_scheduler(optimizer or self.optimizer, self.update_steps_per_epoch, self.args)
             self._created_lr_scheduler = True
         return self.lr_scheduler

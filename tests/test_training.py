@@ -1536,6 +1536,15 @@ def tiny_trainer(
     )
 
 
+def test_the_paper_schedule_made_before_training_says_how_to_make_it(tiny_prepared_vqa, tmp_path):
+    """Its epochs are counted in optimizer steps, known once train() has sized the data: before, a TypeError."""
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0)
+    with pytest.raises(RuntimeError, match=r"^The paper's schedule counts its epochs in optimizer steps, which "):
+        trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.train()
+    assert trainer.state.global_step == 6 and set(trainer.lr_scheduler.get_last_lr()) == {1e-3}
+
+
 def test_metrics_score_the_annotators_answers_as_rwsans_script():
     """The stored answers are the annotators' own: the predicted "2" agrees with the two "2"s only (RWSAN's script
     leaves "two" as it is in disagreeing annotations), 60 rather than 100."""

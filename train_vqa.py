@@ -12,8 +12,10 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
     # train on train+val+vg, then answer the test set for the evaluation server
     python train_vqa.py --dataset_dir data/vqa-prepared --train_split train+val+vg --output_dir runs/full \\
         --do_predict
-    # several GPUs or machines: the same command under accelerate (or torchrun)
-    accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa-prepared --bf16 ...
+    # several GPUs or machines: the same command under accelerate (or torchrun), with a per-device batch of
+    # 64 / processes to keep the paper's global batch of 64
+    accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa-prepared --bf16 \
+        --per_device_train_batch_size 8 ...
 
 The `TrainingArguments` options work (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
 `--resume_from_checkpoint last`, `--torch_compile`, `--push_to_hub`, ...), but for the learning-rate schedule, which

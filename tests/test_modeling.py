@@ -361,6 +361,24 @@ def test_sdpa_drops_attention_weights_in_training_only():
         assert {call.kwargs["dropout_p"] for call in sdpa.call_args_list} == expected
 
 
+def test_eager_attention_drops_attention_weights_in_training_only():
+    """The same on the eager path (--attn_implementation eager, or output_attentions=True in training): each of the
+    attention maps the model returns is dropped out before it weighs the values."""
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(dropout=0.3))
+    model.set_attn_implementation("eager")
+    input_ids, image_features = tiny_inputs(model.config)
+    for training, expected_rate in ((True, 0.3), (False, 0.0)):
+        model.train(training)
+        with mock.patch.object(F, "dropout", wraps=F.dropout) as dropout:
+            outputs = model(input_ids=input_ids, image_features=image_features, output_attentions=True)
+        maps = outputs.question_attentions + outputs.image_attentions + outputs.guided_attentions
+        dropped = [call for call in dropout.call_args_list if call.args[0].dim() == 4]
+        assert len(dropped) == len(maps) > 0
+        assert {id(call.args[0]) for call in dropped} == {id(attention) for attention in maps}
+        assert {(call.args[1], call.args[2]) for call in dropped} == {(expected_rate, training)}
+
+
 def attention_modules(model: RWSANForVQA) -> list[RWSANLowRankAttention]:
     return [module for module in model.modules() if isinstance(module, RWSANLowRankAttention)]
 
@@ -515,15 +533,19 @@ def test_attention_outputs_are_distributions_over_real_positions(tiny_model):
     assert outputs.guided_attentions[0][1, :, :, -1].max() == 0
 
 
-def test_loss_is_summed_binary_cross_entropy_averaged_over_batch(tiny_model):
-    input_ids, image_features = tiny_inputs(tiny_model.config)
-    labels = torch.zeros(3, tiny_model.config.num_labels)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_is_summed_binary_cross_entropy_averaged_over_batch(tiny_model, dtype):
+    """In float32 whatever the model's dtype: bfloat16 would round the soft scores (0.3 to 0.3008) and the sum."""
+    model = copy.deepcopy(tiny_model).to(dtype)
+    input_ids, image_features = tiny_inputs(model.config)
+    labels = torch.zeros(3, model.config.num_labels)
     labels[0, 1], labels[1, 4], labels[2, 4], labels[2, 5] = 1.0, 0.3, 0.6, 0.9
-    outputs = tiny_model(input_ids=input_ids, image_features=image_features, labels=labels)
+    outputs = model(input_ids=input_ids, image_features=image_features.to(dtype), labels=labels)
+    assert outputs.logits.dtype == dtype and outputs.loss.dtype == torch.float32
     logits = outputs.logits.detach().double()
     by_hand = 0.0
     for sample in range(3):
-        for answer in range(tiny_model.config.num_labels):
+        for answer in range(model.config.num_labels):
             x, y = logits[sample, answer].item(), labels[sample, answer].item()
             probability = 1 / (1 + math.exp(-x))
             by_hand -= y * math.log(probability) + (1 - y) * math.log(1 - probability)
@@ -564,7 +586,31 @@ def test_layer_norm_of_a_float16_model_keeps_deviations_float16_can_hold(cpu_aut
         reference = layer_norm(hidden_states.float())
         with torch.autocast("cpu", dtype=cpu_autocast or torch.bfloat16, enabled=cpu_autocast is not None):
             half = layer_norm.half()(hidden_states)
+    assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), reference, atol=2e-2, rtol=1e-2)
+
+
+def test_a_float16_model_answers_in_float16_close_to_float32(tiny_model):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    half = copy.deepcopy(tiny_model).half()
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        logits = half(input_ids=input_ids, image_features=image_features.half()).logits
+    assert logits.dtype == torch.float16
+    torch.testing.assert_close(logits.float(), reference, atol=1e-2, rtol=0)
+
+
+def test_the_configured_layer_norm_eps_is_the_one_every_norm_uses(tiny_model):
+    """A converted checkpoint or config with another eps than the default must compute with it."""
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(layer_norm_eps=0.5)).eval()
+    assert {module.eps for module in model.modules() if isinstance(module, RWSANLayerNorm)} == {0.5}
+    input_ids, image_features = tiny_inputs(model.config)
+    with torch.no_grad():
+        default_eps = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        # The same weights (the same seed), and only the eps differs.
+        assert all(torch.equal(first, second) for first, second in zip(tiny_model.parameters(), model.parameters()))
+        assert (model(input_ids=input_ids, image_features=image_features).logits - default_eps).abs().max() > 1e-2
 
 
 def test_a_plain_trainer_evaluates_on_the_logits_alone(tiny_model, tmp_path):

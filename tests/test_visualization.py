@@ -100,6 +100,17 @@ def test_a_numpy_region_count_is_taken_as_the_pipeline_takes_its_top_k():
     assert image_axes.get_title() == "top 2 of 5 regions by attention weight"
 
 
+def test_attention_spread_evenly_is_drawn_middling_not_strong():
+    """The colour scale ends at twice the uniform weight when no weight is larger: five regions at 0.2 each take
+    the middle of the colour map (the fixture's largest weight, 0.40, is exactly twice the uniform 0.2 and cannot
+    tell the two ends apart)."""
+    rectangles = region_rectangles(plot(region_weights=[0.2] * 5).axes[0])
+    assert len(rectangles) == 3
+    np.testing.assert_allclose(
+        [rectangle.get_edgecolor() for rectangle in rectangles], [colormaps[REGION_COLORMAP](0.5)] * 3
+    )
+
+
 def test_word_shading_follows_the_weights():
     word_axes = plot().axes[2]
     words = [text for text in word_axes.texts if text.get_text() in WORDS]

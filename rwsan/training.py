@@ -288,6 +288,26 @@ def paper_lr_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, a
     return LambdaLR(optimizer, multiplier)
 
 
+def paper_schedule_unreached(num_training_steps: int, steps_per_epoch: int, args: VQATrainingArguments) -> str | None:
+    """What of the paper's schedule a run of `num_training_steps` optimizer steps ends before (a fine-tuning run of
+    two epochs never leaves the warm-up at its defaults, say), or None: nothing fails, the run just trains at
+    other rates than its options suggest."""
+    last_epoch = (num_training_steps - 1) // steps_per_epoch  # 0-based, as `paper_lr_multiplier` counts
+    unreached = []
+    if last_epoch < args.warmup_epochs:
+        unreached.append(f"reaches --learning_rate (its warm-up takes {args.warmup_epochs} epochs)")
+    decays = [str(epoch) for epoch in sorted(args.lr_decay_epochs) if last_epoch < epoch]
+    if decays:
+        unreached.append(f"decays the rate after epoch{'s' if len(decays) > 1 else ''} {', '.join(decays)}")
+    if not unreached:
+        return None
+    return (
+        f"This run's {num_training_steps} optimizer steps ({num_training_steps / steps_per_epoch:.3g} epochs of "
+        f"{steps_per_epoch}) end before the paper's schedule {' or '.join(unreached)}; --warmup_epochs and "
+        "--lr_decay_epochs fit it to a shorter run"
+    )
+
+
 def answer_indices(logits: torch.Tensor, labels=None) -> torch.Tensor:
     """`preprocess_logits_for_metrics`: keep the best answer only, so evaluation memory does not grow with
     questions x answers."""
@@ -977,6 +997,9 @@ class VQATrainer(Trainer):
                     "training data: let train() make the schedule, or make it yourself with "
                     "rwsan.training.paper_lr_scheduler(optimizer, steps_per_epoch, args)"
                 )
+            unreached = paper_schedule_unreached(num_training_steps, self.update_steps_per_epoch, self.args)
+            if unreached and self.is_world_process_zero():
+                logger.warning(unreached)
             self.lr_scheduler = paper_lr_scheduler(optimizer or self.optimizer, self.update_steps_per_epoch, self.args)
             self._created_lr_scheduler = True
         return self.lr_scheduler

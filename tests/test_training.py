@@ -1570,6 +1570,33 @@ def test_the_paper_schedule_made_before_training_says_how_to_make_it(tiny_prepar
     assert trainer.state.global_step == 6 and set(trainer.lr_scheduler.get_last_lr()) == {1e-3}
 
 
+def test_a_run_shorter_than_the_paper_schedule_says_what_it_ends_before(tiny_prepared_vqa, tmp_path, caplog):
+    """Two epochs of fine-tuning at the defaults never leave the warm-up; nothing failed, nothing said so."""
+    from rwsan.training import paper_schedule_unreached
+
+    arguments = VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert paper_schedule_unreached(20, 10, arguments) == (
+        "This run's 20 optimizer steps (2 epochs of 10) end before the paper's schedule reaches --learning_rate (its "
+        "warm-up takes 3 epochs) or decays the rate after epochs 12, 14; --warmup_epochs and --lr_decay_epochs fit "
+        "it to a shorter run"
+    )
+    assert paper_schedule_unreached(121, 10, arguments).endswith(
+        "(12.1 epochs of 10) end before the paper's schedule decays the rate after epoch 14; --warmup_epochs and "
+        "--lr_decay_epochs fit it to a shorter run"
+    )
+    # The first step of epoch 15 (0-based 14) runs at the second decay's rate.
+    assert paper_schedule_unreached(141, 10, arguments) is None
+    assert paper_schedule_unreached(140, 10, arguments) is not None
+    # A VQATrainer says it as it makes the schedule: 6 steps of the tiny set's 27 an epoch.
+    with caplog.at_level("WARNING", logger="rwsan.training"):
+        tiny_trainer(tiny_prepared_vqa, tmp_path / "short", dropout=0.0).train()
+    assert "This run's 6 optimizer steps (0.222 epochs of 27) end before the paper's schedule decays" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rwsan.training"):
+        tiny_trainer(tiny_prepared_vqa, tmp_path / "fits", dropout=0.0, lr_decay_epochs=[]).train()
+    assert "paper's schedule" not in caplog.text
+
+
 def test_metrics_score_the_annotators_answers_as_rwsans_script():
     """The stored answers are the annotators' own: the predicted "2" agrees with the two "2"s only (RWSAN's script
     leaves "two" as it is in disagreeing annotations), 60 rather than 100."""

@@ -457,6 +457,8 @@ class DecodedImage:
     width: int | None
     height: int | None
     path: str
+    # Problems of the boxes or the size, which were left out for them.
+    left_out: list[Problem] = field(default_factory=list)
 
 
 def checked_image(
@@ -472,8 +474,8 @@ def checked_image(
     """Validates an image's region features (rows, feature_size), drops their all-zero rows and converts them to
     the output dtype. All-zero rows are padding (some extractors pad every image to a fixed count), which the
     original's `make_mask` hides from the model: stored, they would count as regions, and left out they change no
-    logit (nothing in the model depends on a region's place). The boxes and `num_boxes` (where the file has them)
-    may count the rows with or without the trailing padding."""
+    logit (nothing in the model depends on a region's place). Faulty boxes or image sizes are left out, the image
+    kept, with a problem each in `DecodedImage.left_out`."""
 
     def problem(kind: str, reason: str) -> Problem:
         return Problem(kind, path, reason, image_id=image_id)
@@ -481,13 +483,6 @@ def checked_image(
     # The original's model takes floats alone; complex values would lose their imaginary part unseen.
     if features.dtype.kind != "f":
         return problem("unreadable", f"features of dtype {features.dtype}, expected floating-point values")
-    if boxes is not None and boxes.dtype.kind not in "iuf":
-        return problem("unreadable", f"boxes of dtype {boxes.dtype}, expected numbers")
-    if boxes is not None and (boxes.ndim != 2 or boxes.shape[1] != 4):
-        return problem("unreadable", f"boxes have shape {boxes.shape}, expected (num_regions, 4)")
-    for name, size in (("image_w", width), ("image_h", height)):
-        if size is not None and not 0 < size <= INT32_MAX:
-            return problem("unreadable", f"{name} is {size}, expected a positive size (below 2**31)")
     if len(features) == 0:
         return problem("no_regions", "no regions")
     if not np.isfinite(features).all():
@@ -496,13 +491,6 @@ def checked_image(
     if len(real_rows) == 0:
         return problem("no_regions", f"all its {len(features)} feature rows are zero, which marks padding")
     num_regions = int(real_rows[-1]) + 1
-    rows = f"{len(features)} feature rows" + (
-        f" ({num_regions} before their zero padding)" if num_regions < len(features) else ""
-    )
-    counts = {"boxes": None if boxes is None else len(boxes), "num_bbox": num_boxes}
-    for name, count in counts.items():
-        if count is not None and count not in (num_regions, len(features)):
-            return problem("unreadable", f"{rows} but {name} counts {count}")
     # Wider floats than those stored may hold values the stored dtype cannot, which it would make infinite.
     largest = float(np.abs(features).max())
     if largest > float(np.finfo(settings.feature_dtype).max):
@@ -523,6 +511,16 @@ def checked_image(
             f"{settings.feature_dtype} and would be stored as zeros, which mark padding"
             + ("; use --feature_dtype float32" if settings.feature_dtype == "float16" else ""),
         )
+    # The model reads the features alone (the original reads only `x`): faulty boxes or sizes are left out, each a
+    # problem, and the image kept.
+    left_out = []
+    if boxes is not None and (fault := _boxes_fault(boxes, num_boxes, num_regions, len(features))):
+        left_out.append(problem("boxes_left_out", fault))
+        boxes = None
+    if any(size is not None and not 0 < size <= INT32_MAX for size in (width, height)):
+        left_out.append(problem("image_size_left_out", f"image_w x image_h is {width} x {height}, expected positive "
+                                "sizes (below 2**31)"))  # fmt: skip
+        width = height = None
     return DecodedImage(
         image_id,
         stored,
@@ -530,7 +528,24 @@ def checked_image(
         width,
         height,
         path,
+        left_out,
     )
+
+
+def _boxes_fault(boxes: np.ndarray, num_boxes: int | None, num_regions: int, num_rows: int) -> str | None:
+    """What is wrong with an image's boxes, or None. They and `num_boxes` (where the file has it) may count the
+    feature rows with or without their trailing zero padding."""
+    if boxes.dtype.kind not in "iuf":
+        return f"boxes of dtype {boxes.dtype}, expected numbers"
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        return f"boxes have shape {boxes.shape}, expected (num_regions, 4)"
+    for name, count in (("boxes", len(boxes)), ("num_bbox", num_boxes)):
+        if count is not None and count not in (num_regions, num_rows):
+            padding = f" ({num_regions} before their zero padding)" if num_regions < num_rows else ""
+            return f"{num_rows} feature rows{padding} but {name} counts {count}"
+    if not np.isfinite(boxes).all():
+        return "boxes hold NaN or infinite values"
+    return None
 
 
 @dataclass
@@ -837,6 +852,8 @@ def write_images(
                 )
                 continue
             first_path_of_image[decoded.image_id] = decoded.path
+            for problem in decoded.left_out:
+                problems.add(problem)
             table.left_out.pop(decoded.image_id, None)  # an earlier copy was unusable
             table.row_of_image[decoded.image_id] = len(table.num_regions)
             table.num_regions.append(len(decoded.features))

@@ -309,29 +309,57 @@ def test_zero_feature_rows_are_padding_and_not_stored(raw_vqa_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("features", "extra", "reason"),
+    ("features", "reason"),
     [
-        (zero_padded(raw_region_features(9, 3), 10), {"num_bbox": np.array(5)}, "10 feature rows (3 before their "
-         "zero padding) but num_bbox counts 5"),
-        (raw_region_features(9, 3), {"bbox": raw_boxes(9, 4)}, "3 feature rows but boxes counts 4"),
-        (np.zeros((4, RAW_FEATURE_SIZE), np.float32), {}, "all its 4 feature rows are zero, which marks padding"),
+        (np.zeros((4, RAW_FEATURE_SIZE), np.float32), "all its 4 feature rows are zero, which marks padding"),
         # Failed with numpy's TypeError naming no file, or were converted unseen (complex: the real part alone).
-        (np.full((3, RAW_FEATURE_SIZE), "0.5"), {}, "features of dtype <U3, expected floating-point values"),
-        (raw_region_features(9, 3).astype(complex), {}, "features of dtype complex128, expected floating-point "
-         "values"),
-        (np.ones((3, RAW_FEATURE_SIZE), np.int64), {}, "features of dtype int64, expected floating-point values"),
-        (raw_region_features(9, 3), {"bbox": np.full((3, 4), "1")}, "boxes of dtype <U1, expected numbers"),
-        # Failed with pyarrow's ArrowInvalid once the images were written, naming no file.
-        (raw_region_features(9, 3), {"image_w": np.array(2**31)}, "image_w is 2147483648, expected a positive size "
-         "(below 2**31)"),
-        (raw_region_features(9, 3), {"image_h": np.array(0)}, "image_h is 0, expected a positive size (below 2**31)"),
+        (np.full((3, RAW_FEATURE_SIZE), "0.5"), "features of dtype <U3, expected floating-point values"),
+        (raw_region_features(9, 3).astype(complex), "features of dtype complex128, expected floating-point values"),
+        (np.ones((3, RAW_FEATURE_SIZE), np.int64), "features of dtype int64, expected floating-point values"),
     ],
 )  # fmt: skip
-def test_bad_region_counts_values_or_all_zero_features_are_problems(raw_vqa_dir, tmp_path, features, extra, reason):
-    np.savez(npz_path(raw_vqa_dir, "train2014", 9), x=features.T, **extra)
+def test_bad_or_all_zero_features_are_problems_that_leave_the_image_out(raw_vqa_dir, tmp_path, features, reason):
+    np.savez(npz_path(raw_vqa_dir, "train2014", 9), x=features.T)
     report = prepare(raw_vqa_dir, tmp_path / "prepared")
     assert report["problems"][0]["reason"] == reason
     assert report["splits"]["train"] == {"questions": 24, "kept": 21}
+
+
+@pytest.mark.parametrize(
+    ("features", "extra", "kind", "reason"),
+    [
+        (zero_padded(raw_region_features(9, 3), 10), {"num_bbox": np.array(5)},
+         "boxes_left_out", "10 feature rows (3 before their zero padding) but num_bbox counts 5"),
+        (raw_region_features(9, 3), {"bbox": raw_boxes(9, 4)}, "boxes_left_out", "3 feature rows but boxes counts 4"),
+        (raw_region_features(9, 3), {"bbox": np.full((3, 4), "1")}, "boxes_left_out",
+         "boxes of dtype <U1, expected numbers"),
+        # Some extractors keep a score beside each box.
+        (raw_region_features(9, 3), {"bbox": np.ones((3, 5), np.float32)}, "boxes_left_out",
+         "boxes have shape (3, 5), expected (num_regions, 4)"),
+        (raw_region_features(9, 3), {"bbox": np.full((3, 4), np.nan, np.float32)}, "boxes_left_out",
+         "boxes hold NaN or infinite values"),
+        # Failed with pyarrow's ArrowInvalid once the images were written, naming no file.
+        (raw_region_features(9, 3), {"image_w": np.array(2**31), "image_h": np.array(480)}, "image_size_left_out",
+         "image_w x image_h is 2147483648 x 480, expected positive sizes (below 2**31)"),
+        (raw_region_features(9, 3), {"image_w": np.array(640), "image_h": np.array(0)}, "image_size_left_out",
+         "image_w x image_h is 640 x 0, expected positive sizes (below 2**31)"),
+    ],
+)  # fmt: skip
+def test_faulty_boxes_or_image_sizes_are_left_out_and_the_image_kept(raw_vqa_dir, tmp_path, features, extra, kind,
+                                                                     reason):  # fmt: skip
+    """The model reads the features alone, as the original reads only `x`: an image once left out, with all its
+    questions, for boxes that only plots use."""
+    whole = {"bbox": raw_boxes(9, len(features)), "image_w": np.array(640), "image_h": np.array(480)}
+    np.savez(npz_path(raw_vqa_dir, "train2014", 9), x=features.T, **(whole | extra))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert [(problem["kind"], problem["reason"]) for problem in report["problems"]] == [(kind, reason)]
+    assert report["splits"]["train"] == {"questions": 24, "kept": 24}
+    row = image_rows(tmp_path / "prepared")[9]
+    np.testing.assert_array_equal(stored_features(row), raw_region_features(9, 3).astype(np.float16))
+    if kind == "boxes_left_out":
+        assert row["boxes"] is None and row["image_width"] == 640
+    else:
+        assert row["boxes"] == raw_boxes(9, 3).tolist() and row["image_width"] is row["image_height"] is None
 
 
 def test_hidden_npz_files_are_not_read(raw_vqa_dir, tmp_path):

@@ -70,6 +70,7 @@ from rwsan.training import (
     answers_and_float16_logits,
     checkpoint_folders,
     schedule_options_conflict,
+    strategy_name,
     vqa_metrics,
 )
 
@@ -549,16 +550,21 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                 f"which the new predictions_{data_args.predict_split}.json would not match: give --save_logits to "
                 "write them anew, or move them away"
             )
-    if training_args.load_best_model_at_end and training_args.do_train and not evaluates(data_args, training_args):
-        reason = (
-            f"--eval_split {data_args.eval_split} is trained on"
-            if data_args.eval_split and training_args.do_eval
-            else "no --eval_split is evaluated"
-        )
-        raise UsageError(
-            f"--load_best_model_at_end loads the checkpoint of the best evaluation, and this run evaluates nothing "
-            f"({reason}): leave the option out"
-        )
+    keeps_best = {
+        "--load_best_model_at_end loads": training_args.load_best_model_at_end,
+        "--save_strategy best saves": strategy_name(training_args.save_strategy) == "best",
+    }
+    for option, given in keeps_best.items():
+        if given and training_args.do_train and not evaluates(data_args, training_args):
+            reason = (
+                f"--eval_split {data_args.eval_split} is trained on"
+                if data_args.eval_split and training_args.do_eval
+                else "no --eval_split is evaluated"
+            )
+            raise UsageError(
+                f"{option} the checkpoint of the best evaluation, and this run evaluates nothing ({reason}): leave "
+                "the option out"
+            )
     if data_args.predict_split != "test" and not training_args.do_predict:
         raise UsageError(f"--predict_split {data_args.predict_split} is the split --do_predict answers; give it too")
     if training_args.resume_from_checkpoint and not training_args.do_train:

@@ -26,6 +26,7 @@ Usage:
 import argparse
 import itertools
 import json
+import math
 import multiprocessing
 import shutil
 from collections import Counter
@@ -415,8 +416,8 @@ def validate_arguments(
         raise ValueError(f"num_proc must be at least 1, got {num_proc}.")
     if not 0.0 < annotator_accuracy <= 1.0:
         raise ValueError(f"annotator_accuracy must be in (0, 1], got {annotator_accuracy}.")
-    if feature_noise < 0.0:
-        raise ValueError(f"feature_noise must be non-negative, got {feature_noise}.")
+    if not (math.isfinite(feature_noise) and feature_noise >= 0.0):
+        raise ValueError(f"feature_noise must be finite and non-negative, got {feature_noise}.")
 
 
 def prepare_output_dir(output_dir: Path, overwrite: bool):

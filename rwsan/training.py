@@ -150,7 +150,7 @@ class VQATrainingArguments(TrainingArguments):
         # eval_strategy no here; true stays true (a final evaluation), and unset follows eval_strategy.
         do_eval = self.do_eval
         if do_eval is False:
-            if _strategy_name(self.eval_strategy) not in (
+            if strategy_name(self.eval_strategy) not in (
                 "no",
                 _default_of("eval_strategy"),
             ):
@@ -159,7 +159,7 @@ class VQATrainingArguments(TrainingArguments):
         self.do_eval = bool(do_eval)
         # The Trainer would pick the best checkpoint by loss, which VQA is not scored by (and which, on several
         # processes, counts the last batch's repeated questions); --save_strategy best needs a metric.
-        picks_best = self.load_best_model_at_end or _strategy_name(self.save_strategy) == "best"
+        picks_best = self.load_best_model_at_end or strategy_name(self.save_strategy) == "best"
         if picks_best and self.metric_for_best_model is None:
             self.metric_for_best_model = "accuracy"
         super().__post_init__()
@@ -241,7 +241,7 @@ def schedule_options_conflict(paper_schedule: bool, given: Collection[str]) -> s
     return f"{', '.join(ignored)} {'shape' if len(ignored) > 1 else 'shapes'} {what_they_shape}" if ignored else None
 
 
-def _strategy_name(strategy) -> str:
+def strategy_name(strategy) -> str:
     """An `--*_strategy` value by its name, given as a string or, once the arguments are read, as an enum."""
     return str(getattr(strategy, "value", strategy))
 
@@ -1139,12 +1139,20 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
     def __init__(self):
         self.start_step = self.last_finite_step = 0
+        # Only a training run diverges: an evaluation of a given model says what it says, and is reported.
+        self.training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         # The weights training starts from (fresh, or the checkpoint resumed from) are taken as sound.
         self.start_step = self.last_finite_step = state.global_step
+        self.training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.training:
+            return
         logged = {key: value for key, value in (logs or {}).items() if key in self.LOSSES}
         if all(math.isfinite(loss) for loss in logged.values()):
             if logged:

@@ -387,7 +387,8 @@ def test_questions_split_into_clean_words(toy_dir):
         ({"num_proc": 0}, "num_proc must be at least 1, got 0"),
         ({"seed": -1}, "seed must be non-negative, got -1"),
         ({"annotator_accuracy": 0.0}, r"annotator_accuracy must be in \(0, 1\], got 0.0"),
-        ({"feature_noise": -0.5}, "feature_noise must be non-negative, got -0.5"),
+        ({"feature_noise": -0.5}, "feature_noise must be finite and non-negative, got -0.5"),
+        ({"feature_noise": float("nan")}, "feature_noise must be finite and non-negative, got nan"),
     ],
 )
 def test_rejects_bad_arguments(tmp_path, arguments, message):
@@ -461,7 +462,7 @@ def test_refuses_an_output_path_that_is_a_file(tmp_path):
         (["--num_images", "5"], "num_images must be between 10 and"),
         (["--output_dir", "{existing}"], "is not empty"),
         (["--annotator_accuracy", "1.5"], "annotator_accuracy must be in (0, 1], got 1.5"),
-        (["--feature_noise", "-1"], "feature_noise must be non-negative, got -1.0"),
+        (["--feature_noise", "inf"], "feature_noise must be finite and non-negative, got inf"),
     ],
 )
 def test_command_line_refuses_bad_options_without_a_traceback(toy_dir, arguments, message, capsys):

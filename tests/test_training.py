@@ -626,6 +626,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "(--eval_split val is trained on): leave the option out",
         ),
         (
+            ["--save_strategy", "best", "--eval_strategy", "no"],
+            "--save_strategy best saves the checkpoint of the best evaluation, and this run evaluates nothing "
+            "(no --eval_split is evaluated): leave the option out",
+        ),
+        (
             ["--per_device_train_batch_size", "1024", "--dataloader_drop_last", "true"],
             "--train_split train has 210 questions, fewer than one batch of 1024 (1024 per process x 1), which "
             "--dataloader_drop_last drops: nothing would be trained",
@@ -1269,6 +1274,10 @@ def test_a_non_finite_evaluation_loss_or_mean_training_loss_stops_the_run_too(tm
         callback.on_log(args, state, None, logs={"eval_loss": float("nan"), "eval_accuracy": 20.0})
     with pytest.raises(FloatingPointError, match=r"^The run's mean training loss became inf by optimizer step 28"):
         callback.on_log(args, state, None, logs={"train_loss": float("inf"), "train_runtime": 1.0})
+    # Outside training (an evaluation of a given model, or one after training) a loss is reported, not a divergence.
+    callback.on_train_end(args, state, None)
+    callback.on_log(args, state, None, logs={"eval_loss": float("nan"), "eval_accuracy": 20.0})
+    StopOnNonFiniteLoss().on_log(args, state, None, logs={"eval_loss": float("nan"), "eval_accuracy": 20.0})
 
 
 def test_a_run_that_diverges_unlogged_saves_no_model(tiny_prepared_vqa, tmp_path):

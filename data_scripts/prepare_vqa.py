@@ -18,8 +18,8 @@ skipped and said so; their questions still count for the question vocabulary.
 Output layout (`OUTPUT_DIR/`):
 
     images/              one row per image: image_id, features (num_regions, feature_size) float16, boxes
-                         (num_regions, 4), image_width, image_height (each null where the `.npz` lacks it),
-                         num_regions
+                         (num_regions, 4), image_width, image_height (each null where the `.npz` lacks it, or
+                         holds a faulty one: a problem in report.json), num_regions
     questions/<split>/   one row per question of train, val, test, test-dev, vg: question_id, image_id,
                          image_index (its row in images/), question, input_ids and, for annotated splits,
                          question_type, answer_type, answers (the annotators'), multiple_choice_answer,
@@ -77,7 +77,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from tqdm.auto import tqdm
 
 from rwsan.data import vocabulary_fingerprint
-from rwsan.pipeline_rwsan import read_region_archive, regions_first
+from rwsan.pipeline_rwsan import read_region_archive, region_size, regions_first, shown_size
 from rwsan.processing_rwsan import (
     HALF_CHARACTER,
     PAD_TOKEN,
@@ -133,8 +133,6 @@ TEXT_CHECK_BYTES = 2**16
 FEATURE_DTYPES = ("float16", "float32")
 # Question and image ids are stored as int64.
 INT64_MIN, INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
-# Image sizes are stored as int32.
-INT32_MAX = int(np.iinfo(np.int32).max)
 # The original pads and cuts every image to 100 regions; the processor records it for the loader.
 MAX_REGIONS = 100
 # Decoded images travel from the workers and into Arrow in groups of about this size, which bounds memory.
@@ -465,9 +463,9 @@ def checked_image(
     image_id: int,
     features: np.ndarray,
     boxes: np.ndarray | None,
-    num_boxes: int | None,
-    width: int | None,
-    height: int | None,
+    num_boxes: int | np.ndarray | None,
+    width: int | np.ndarray | None,
+    height: int | np.ndarray | None,
     path: str,
     settings: DecodeSettings,
 ) -> DecodedImage | Problem:
@@ -517,22 +515,26 @@ def checked_image(
     if boxes is not None and (fault := _boxes_fault(boxes, num_boxes, num_regions, len(features))):
         left_out.append(problem("boxes_left_out", fault))
         boxes = None
-    if any(size is not None and not 0 < size <= INT32_MAX for size in (width, height)):
-        left_out.append(problem("image_size_left_out", f"image_w x image_h is {width} x {height}, expected positive "
-                                "sizes (below 2**31)"))  # fmt: skip
+    if any(size is not None and region_size(size) is None for size in (width, height)):
+        sizes = " x ".join("none" if size is None else shown_size(size) for size in (width, height))
+        left_out.append(
+            problem("image_size_left_out", f"image_w x image_h is {sizes}, expected positive whole numbers below 2**31")
+        )
         width = height = None
     return DecodedImage(
         image_id,
         stored,
         None if boxes is None else np.ascontiguousarray(boxes[real_rows], dtype=np.float32),
-        width,
-        height,
+        None if width is None else region_size(width),
+        None if height is None else region_size(height),
         path,
         left_out,
     )
 
 
-def _boxes_fault(boxes: np.ndarray, num_boxes: int | None, num_regions: int, num_rows: int) -> str | None:
+def _boxes_fault(
+    boxes: np.ndarray, num_boxes: int | np.ndarray | None, num_regions: int, num_rows: int
+) -> str | None:
     """What is wrong with an image's boxes, or None. They and `num_boxes` (where the file has it) may count the
     feature rows with or without their trailing zero padding."""
     if boxes.dtype.kind not in "iuf":
@@ -540,9 +542,9 @@ def _boxes_fault(boxes: np.ndarray, num_boxes: int | None, num_regions: int, num
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         return f"boxes have shape {boxes.shape}, expected (num_regions, 4)"
     for name, count in (("boxes", len(boxes)), ("num_bbox", num_boxes)):
-        if count is not None and count not in (num_regions, num_rows):
+        if count is not None and region_size(count) not in (num_regions, num_rows):
             padding = f" ({num_regions} before their zero padding)" if num_regions < num_rows else ""
-            return f"{num_rows} feature rows{padding} but {name} counts {count}"
+            return f"{num_rows} feature rows{padding} but {name} counts {shown_size(count)}"
     if not np.isfinite(boxes).all():
         return "boxes hold NaN or infinite values"
     return None

@@ -6,6 +6,7 @@ may not be installed: it imports only the standard library, numpy, torch, transf
 `configuration_rwsan`), which saving copies beside it too.
 """
 
+import math
 import os
 import types
 import zipfile
@@ -73,7 +74,8 @@ def _rows_array(where: str, field: str, values, row_size: int, are_features: boo
 def read_region_archive(path: str) -> dict:
     """
     The arrays RWSAN reads from an image's `.npz` in the original release's layout, those the file holds: `x`, the
-    region features (required), `bbox`, and the sizes `num_bbox`, `image_w` and `image_h` as `int`s.
+    region features (required), `bbox`, and the sizes `num_bbox`, `image_w` and `image_h` (read them with
+    `region_size`).
 
     Raises:
         `ValueError` saying why, for a file that is no readable `.npz` archive or holds no `x`.
@@ -84,9 +86,7 @@ def read_region_archive(path: str) -> dict:
         if start.startswith(b"PK"):
             with np.load(path) as archive:
                 names = archive.files
-                arrays = {name: archive[name] for name in ("x", "bbox") if name in archive}
-                # item(): some feature extractors store the sizes as one-element arrays.
-                arrays |= {name: int(archive[name].item()) for name in REGION_SIZES if name in archive}
+                arrays = {name: archive[name] for name in ("x", "bbox", *REGION_SIZES) if name in archive}
     except NPZ_READ_ERRORS as error:
         raise ValueError(f"cannot read: {error!r}") from None
     # np.load takes any other file for a pickle, and says so: a photo given by mistake would read as one.
@@ -99,6 +99,24 @@ def read_region_archive(path: str) -> dict:
     if "x" not in arrays:
         raise ValueError(f"no 'x' (the region features) among its arrays: {', '.join(names) or 'none'}")
     return arrays
+
+
+def region_size(value) -> int | None:
+    """An image size or region count as an `.npz` holds it (an array of one value: some feature extractors store
+    sizes as `(1,)` arrays) or a TSV file gives it, as an `int`: None unless a positive whole number below 2**31
+    (what the prepared tables store)."""
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iuf":
+        return None
+    number = array.item()
+    if not (math.isfinite(number) and float(number).is_integer() and 0 < number < 2**31):
+        return None
+    return int(number)
+
+
+def shown_size(value) -> str:
+    """A size as `region_size` was given it, for a message."""
+    return str(np.asarray(value).tolist())
 
 
 def regions_first(features: np.ndarray, feature_size: int) -> np.ndarray:
@@ -136,8 +154,14 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         features = regions_first(arrays["x"], feature_size)
     except ValueError as error:
         raise ValueError(f"region feature file {path}: {error}") from None
-    has_size = "image_w" in arrays and "image_h" in arrays
-    image_size = (arrays["image_w"], arrays["image_h"]) if has_size else None
+    image_size = None
+    if "image_w" in arrays and "image_h" in arrays:
+        image_size = (region_size(arrays["image_w"]), region_size(arrays["image_h"]))
+        if None in image_size:
+            raise ValueError(
+                f"region feature file {path}: image_w x image_h is {shown_size(arrays['image_w'])} x "
+                f"{shown_size(arrays['image_h'])}, expected positive whole numbers below 2**31"
+            )
     features = _rows_array(path, "x", features, feature_size, are_features=True)
     boxes = arrays.get("bbox")
     if boxes is not None:

@@ -403,6 +403,16 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
         ValueError, match=r"few_boxes.npz: bbox has 2 rows but x has 3 rows, 3 of them regions the model sees: give a "
     ):
         ask(few_boxes)
+    # Once a traceback (OverflowError) for an infinite size.
+    features = region_features(3, seed=0)
+    for width in (np.inf, np.nan, np.array([640, 641])):
+        np.savez(tmp_path / "bad_size.npz", x=features.T, image_w=np.array(width), image_h=np.array(480))
+        message = rf"bad_size.npz: image_w x image_h is {np.asarray(width).tolist()} x 480, expected positive whole"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ask(tmp_path / "bad_size.npz")
+    # A region count the pipeline has no use for is not read.
+    np.savez(tmp_path / "counted.npz", x=features.T, num_bbox=np.array([3, 3]))
+    assert ask(tmp_path / "counted.npz") == vqa({"question": "what color", "image_features": features})
 
 
 @pytest.mark.parametrize(

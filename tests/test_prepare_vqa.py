@@ -340,9 +340,16 @@ def test_bad_or_all_zero_features_are_problems_that_leave_the_image_out(raw_vqa_
          "boxes hold NaN or infinite values"),
         # Failed with pyarrow's ArrowInvalid once the images were written, naming no file.
         (raw_region_features(9, 3), {"image_w": np.array(2**31), "image_h": np.array(480)}, "image_size_left_out",
-         "image_w x image_h is 2147483648 x 480, expected positive sizes (below 2**31)"),
+         "image_w x image_h is 2147483648 x 480, expected positive whole numbers below 2**31"),
         (raw_region_features(9, 3), {"image_w": np.array(640), "image_h": np.array(0)}, "image_size_left_out",
-         "image_w x image_h is 640 x 0, expected positive sizes (below 2**31)"),
+         "image_w x image_h is 640 x 0, expected positive whole numbers below 2**31"),
+        # Once the whole image left out as unreadable (NaN), or a traceback (infinity).
+        (raw_region_features(9, 3), {"image_w": np.array(np.nan)}, "image_size_left_out",
+         "image_w x image_h is nan x 480, expected positive whole numbers below 2**31"),
+        (raw_region_features(9, 3), {"image_h": np.array(np.inf)}, "image_size_left_out",
+         "image_w x image_h is 640 x inf, expected positive whole numbers below 2**31"),
+        (raw_region_features(9, 3), {"num_bbox": np.array([3, 3])}, "boxes_left_out",
+         "3 feature rows but num_bbox counts [3, 3]"),
     ],
 )  # fmt: skip
 def test_faulty_boxes_or_image_sizes_are_left_out_and_the_image_kept(raw_vqa_dir, tmp_path, features, extra, kind,

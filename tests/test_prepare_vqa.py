@@ -138,6 +138,19 @@ def test_prepares_splits_vocabularies_and_labels(raw_vqa_dir, tmp_path, capsys):
     assert test_dev[0]["input_ids"] == [1, 4, 5, 1]
 
 
+def test_the_region_summary_counts_the_images_the_loader_cuts():
+    """The loader keeps 100 regions: an image of exactly 100 loses none."""
+    from data_scripts.prepare_vqa import regions_summary
+
+    summary = regions_summary([100, 101, 5, 36])
+    assert (summary["min"], summary["max"], summary["mean"], summary["median"]) == (5, 101, 60.5, 68.0)
+    assert summary["over_100_cut"] == 1
+    assert summary["histogram"] == {
+        "1-10": 1, "11-20": 0, "21-30": 0, "31-40": 1, "41-50": 0, "51-60": 0, "61-70": 0, "71-80": 0, "81-90": 0,
+        "91-100": 1, ">100": 1,
+    }  # fmt: skip
+
+
 def test_questions_are_cut_to_max_question_length(raw_vqa_dir, tmp_path):
     prepare(raw_vqa_dir, tmp_path / "prepared", max_question_length=3)
     train = load_from_disk(str(tmp_path / "prepared" / "questions" / "train"))
@@ -449,6 +462,30 @@ def test_tsv_problems_name_file_and_line(raw_vqa_dir, tmp_path):
     assert report["problems"][0]["path"] == f"{tsv_path}:1"
     assert report["problems"][0]["image_id"] == 9
     assert report["problems"][0]["kind"] == "unreadable"
+
+
+def test_a_tsv_line_counting_more_boxes_than_it_holds_is_a_problem_of_its_line(raw_vqa_dir, tmp_path):
+    """Reshaped unchecked, it would stop the whole conversion with numpy's error."""
+    shutil.rmtree(raw_vqa_dir / "coco_extract")
+    lines = all_tsv_lines()
+    fields = lines[0].split("\t")
+    lines[0] = "\t".join([*fields[:3], "4", *fields[4:]])  # image 9 holds 3 boxes
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text("".join(lines))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
+    problem = report["problems"][0]
+    assert (problem["path"], problem["kind"]) == (f"{tsv_path}:1", "unreadable")
+    assert problem["reason"] == "12 box values for 4 boxes"
+
+
+def test_a_val_image_read_from_a_tsv_beside_npz_files_is_not_taken_for_missing(raw_vqa_dir, tmp_path):
+    """Only the feature folders can be listed before the images are read: a val image whose features are in a TSV
+    file is no missing one."""
+    npz_path(raw_vqa_dir, "val2014", 164).unlink()
+    tsv_path = tmp_path / "features.tsv"
+    tsv_path.write_text(tsv_line(164, RAW_IMAGES["val2014"][164]))
+    report = prepare(raw_vqa_dir, tmp_path / "prepared", features_tsv=[tsv_path])
+    assert report["splits"]["val"] == {"questions": 12, "kept": 12} and report["problems"] == []
 
 
 @pytest.mark.parametrize(
@@ -873,6 +910,22 @@ def test_eval_questions_of_unusable_images_stop_once_the_images_are_converted(ra
     reason = "it is no .npz archive (a zip file), but starts with the bytes b'not a '"
     problems = f"3 x missing_image (first: {questions_path}: its image 164 was left out (unreadable: {path}: {reason}))"
     with pytest.raises(ValueError, match=re.escape(eval_split_message("val", 3, 12, problems))):
+        prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.parametrize("split", ["test", "test-dev"])
+def test_one_test_or_test_dev_question_of_an_unusable_image_stops_the_conversion(raw_vqa_dir, tmp_path, split):
+    """One question left out of a split the evaluation server wants whole is one too many, in test-dev too."""
+    vqa_dir = raw_vqa_dir / "vqa"
+    if split == "test-dev":
+        # Test-dev alone, with a second question that keeps the split from being left out whole.
+        (vqa_dir / "v2_OpenEnded_mscoco_test2015_questions.json").unlink()
+        test_dev = [{"image_id": image_id, "question": "Where is the zebra?", "question_id": 500 + image_id}
+                    for image_id in (19, 57)]  # fmt: skip
+        (vqa_dir / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(json.dumps({"questions": test_dev}))
+    npz_path(raw_vqa_dir, "test2015", 57).write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=re.escape(f"{split}: 1 of its {3 if split == 'test' else 2} questions would")):
         prepare(raw_vqa_dir, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
 

@@ -125,6 +125,34 @@ def test_a_split_is_answered_once_per_question_in_the_server_format(toy_vqa, toy
         assert prediction["answer"] == model.config.id2label[logits.argmax().item()]
 
 
+def test_a_split_is_answered_with_the_cuts_of_the_models_processor(toy_vqa, toy_model_dir, tmp_path):
+    """The model's processor, not the prepared data's, says how much of each question and image the model reads, as
+    the pipeline reads them."""
+    folder = tmp_path / "model"
+    shutil.copytree(toy_model_dir, folder)
+    processor = RWSANProcessor.from_pretrained(folder)
+    processor.max_question_length, processor.max_regions = 4, 3
+    processor.save_pretrained(folder)
+    output = tmp_path / "predictions.json"
+    run_main("--model", str(folder), "--dataset_dir", str(toy_vqa), "--split", "val", "--output", str(output))
+    answers = [prediction["answer"] for prediction in json.loads(output.read_text())]
+
+    model = RWSANForVQA.from_pretrained(folder).eval()
+
+    def answers_cut_to(max_question_length, max_regions):
+        cuts = {"max_question_length": max_question_length, "max_regions": max_regions}
+        dataset = load_vqa_dataset(toy_vqa, "val", **cuts)
+        collator = VQACollator(model.config.num_labels, **cuts)
+        batch = collator([dataset[index] for index in range(len(dataset))])
+        with torch.no_grad():
+            logits = model(**{name: batch[name] for name in MODEL_INPUT_NAMES}).logits
+        return [model.config.id2label[index] for index in logits.argmax(-1).tolist()]
+
+    assert answers == answers_cut_to(4, 3)
+    # The cuts matter to these answers: a prediction of the uncut questions and images would be told apart.
+    assert answers != answers_cut_to(16, 100)
+
+
 def test_one_question_prints_the_pipeline_answers_and_plots_them(toy_model_dir, toy_features_file, tmp_path, capsys):
     question = "What color is the ball?"
     plot = tmp_path / "attention.png"

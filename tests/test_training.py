@@ -1324,6 +1324,22 @@ def test_toy_baselines_are_the_majority_answer_and_the_answer_by_question():
     assert train_vqa.baselines(train, evaluated) == {"majority_answer": 33.33, "question_only": 66.67}
 
 
+def test_the_trainers_region_grouped_batches_group_the_datasets_region_counts(tiny_prepared_vqa, tmp_path):
+    """Given the wrong counts (another order of them, say), the sampler would still draw a permutation, and its
+    batches would mix the regions they were meant to group."""
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, group_by_regions=True)
+    regions = trainer.train_dataset.num_regions.tolist()
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(len(regions)))
+
+    def spread(order):
+        batches = [[regions[index] for index in order[start : start + 8]] for start in range(0, len(order), 8)]
+        return sum(max(batch) - min(batch) for batch in batches) / len(batches)
+
+    shuffled = torch.randperm(len(regions), generator=torch.Generator().manual_seed(0)).tolist()
+    assert spread(order) < spread(shuffled) / 3
+
+
 def test_region_grouped_order_depends_only_on_seed_and_epoch():
     region_counts = [10 + (index * 37) % 91 for index in range(512)]
 
@@ -2213,7 +2229,9 @@ def test_each_process_draws_its_own_dropout_masks_and_a_shard_of_its_own(tiny_pr
     script.write_text(TWO_PROCESS_SAMPLING)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                str(tiny_prepared_vqa), str(tmp_path), strategy]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True)
+    # The script's folder, not the checkout, heads its import path: without this it would test an installed rwsan.
+    environment = {**TRAINING_ENVIRONMENT, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     seen = [ranks[rank]["seen"] for rank in (0, 1)]

@@ -89,6 +89,15 @@ def test_getitems_gives_the_items_of_getitem(dataset):
         dataset.__getitems__([5, 38])
 
 
+def test_the_most_negative_index_is_the_first_question(dataset):
+    """As a list gives: dataset[-len(dataset)] is the first question, not out of range (no test held this)."""
+    first, most_negative = dataset[0], dataset[-len(dataset)]
+    assert most_negative.keys() == first.keys()
+    for key in first:
+        np.testing.assert_array_equal(most_negative[key], first[key])
+    assert most_negative["question_id"] == 90
+
+
 def test_regions_and_questions_are_cut(prepared_dir):
     dataset = load_vqa_dataset(prepared_dir, "train", max_question_length=3, max_regions=2)
     assert dataset[0]["input_ids"].tolist() == [2, 3, 4]
@@ -169,12 +178,25 @@ def processor_of_another_preparation(folder):
             r"questions/train holds 20 questions, but .*report.json records 24 kept when it was prepared",
         ),
         (
+            # More rows than were kept (questions appended, or a file of another preparation) are refused too.
+            lambda folder: rewrite_table(
+                folder / "questions" / "train", lambda table: pa.concat_tables([table, table.slice(0, 2)])
+            ),
+            r"questions/train holds 26 questions, but .*report.json records 24 kept when it was prepared",
+        ),
+        (
             lambda folder: rewrite_table(folder / "questions" / "train", lambda table: table.slice(0, 0)),
             r"questions/train holds no questions, though prepare_vqa writes no empty split",
         ),
         (
             lambda folder: rewrite_table(folder / "images", lambda table: table.slice(0, 3)),
             r"images holds 3 images, but question \d+ refers to its row \d+: images/ was cut short or comes from "
+            "another preparation",
+        ),
+        (
+            # The train and val questions refer to rows 0 to 11: row 11 is one past the end of the images kept.
+            lambda folder: rewrite_table(folder / "images", lambda table: table.slice(0, 11)),
+            r"images holds 11 images, but question \d+ refers to its row 11: images/ was cut short or comes from "
             "another preparation",
         ),
         (
@@ -208,8 +230,10 @@ def processor_of_another_preparation(folder):
     ],
     ids=[
         "questions cut at a batch",
+        "questions added",
         "empty split",
         "images cut",
+        "images cut just before the last row used",
         "images of another preparation",
         "file cut",
         "table metadata",
@@ -264,6 +288,19 @@ def test_collator_rounds_padding_up_and_casts():
     assert batch["image_features"].dtype == torch.float32
     assert batch["image_features"].tolist() == [[[0, 1, 2], [3, 4, 5], *[[0, 0, 0]] * 2], [[9, 9, 9], *[[0, 0, 0]] * 3]]
     assert batch["image_attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("pack_regions", [False, True])
+def test_collator_lengths_already_a_multiple_are_not_rounded_up(pack_regions):
+    """A length already a multiple of pad_to_multiple_of stays as it is (no test told 4 from 8 before)."""
+    items = hand_items()
+    items[0].update(input_ids=np.array([5, 6, 7, 8]), image_features=np.ones((4, 3), np.float16))
+    items[1].update(input_ids=np.array([5, 6, 7]), image_features=np.ones((2, 3), np.float16))
+    batch = unpack_image_features(VQACollator(num_answers=3, pad_to_multiple_of=4, pack_regions=pack_regions)(items))
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 6, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["image_features"].shape == (2, 4, 3)
+    assert batch["image_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
 
 
 def test_collator_cuts_regions_and_never_pads_them_past_max_regions():
@@ -429,8 +466,13 @@ def test_collator_refuses_inconsistent_items():
             lambda item: item.update(question_id=np.float64(12345678901.7)),
             r"question_id must be one integer \(int64\) an item, got \[np.float64\(12345678901.7\), ",
         ),
+        (
+            # A bool is an int to Python: it would be stored as question 1.
+            lambda item: item.update(question_id=True),
+            r"question_id must be one integer \(int64\) an item, got \[True, np.int64\(12\)\]$",
+        ),
     ],
-    ids=["padded question", "padded image", "float token ids", "float question id"],
+    ids=["padded question", "padded image", "float token ids", "float question id", "bool question id"],
 )
 def test_collator_refuses_items_it_would_mask_wrongly(change, message):
     """Padded items (the processor's with padding="max_length", the original's arrays) would have their padding

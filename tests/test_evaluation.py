@@ -185,6 +185,35 @@ def test_compute_vqa_accuracy_overall_and_per_answer_type():
     assert compute_vqa_accuracy(predictions[:2], gt_answers[:2], precision=0) == {"accuracy": 80.0}
 
 
+def test_compute_vqa_accuracy_rounds_to_the_precision_asked_for():
+    """Not 2 decimals whatever the precision (33.33 for precision 0): no test told them apart before."""
+    predictions, gt_answers = ["yes", "no", "no"], [["yes"] * 10] * 3
+    # 100 * 1 / 3 = 33.333...
+    assert compute_vqa_accuracy(predictions, gt_answers, precision=0) == {"accuracy": 33.0}
+    assert compute_vqa_accuracy(predictions, gt_answers, precision=1) == {"accuracy": 33.3}
+    assert compute_vqa_accuracy(predictions, gt_answers) == {"accuracy": 33.33}
+
+
+@pytest.mark.parametrize("precision, percent", [(0, 53.0), (1, 53.3), (2, 53.33)])
+def test_evaluate_vqa_detailed_rounds_every_percentage_to_the_precision_asked_for(precision, percent):
+    """The per-question accuracies (evalQA, evalQuesType, evalAnsType) too, not only the overall ones: no test
+    told them from 2 decimals before."""
+    # Two identical "red" entries and eight "blue": (2 * 0 + 8 * 2/3) / 10 = 0.5333 (see
+    # test_evaluate_vqa_leaves_out_every_identical_answer_entry).
+    answers = [{"answer": "red"}] * 2 + [{"answer": "blue"}] * 8
+    detailed = evaluate_vqa_detailed({1: "red"}, [_annotation(1, "what color", "other", answers)], precision=precision)
+    assert detailed == {
+        "accuracy": {
+            "overall": percent,
+            "perQuestionType": {"what color": percent},
+            "perAnswerType": {"other": percent},
+        },
+        "evalQA": {1: percent},
+        "evalQuesType": {"what color": {1: percent}},
+        "evalAnsType": {"other": {1: percent}},
+    }
+
+
 def test_evaluate_vqa_matches_hand_computed_values_for_both_prediction_formats():
     annotations = copy.deepcopy(SMALL_ANNOTATIONS)
     assert evaluate_vqa(SMALL_PREDICTIONS, annotations) == SMALL_ACCURACY

@@ -272,6 +272,27 @@ def test_processor_zero_rows_are_padding_wherever_they_are(processor, as_list):
     assert torch.equal(batch["image_features"], features[:, :3])
 
 
+def test_processor_keeps_only_the_regions_before_the_cut_up_to_their_last_real_one(processor):
+    """Counted over all rows and then capped at max_regions, a real row past the cut would keep the padding before
+    it and refuse a box for each region the model sees; no test held this before."""
+    # max_regions is 3: the model sees rows 0 to 2, of which only row 0 is a region; row 3 is cut.
+    features = np.array([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [2.0, 2.0]])
+    batch = processor(image_features=[features], image_boxes=[[[0.0, 0.0, 5.0, 5.0]]])
+    assert torch.equal(batch["image_features"], torch.tensor([[[1.0, 1.0]]]))
+    assert torch.equal(batch["image_attention_mask"], torch.tensor([[1]]))
+    assert torch.equal(batch["image_boxes"], torch.tensor([[[0.0, 0.0, 5.0, 5.0]]]))
+    # A box for each row is taken too, and the same one region kept.
+    boxes = np.arange(16, dtype=np.float32).reshape(4, 4)
+    batch = processor(image_features=[features], image_boxes=[boxes])
+    assert torch.equal(batch["image_features"], torch.tensor([[[1.0, 1.0]]]))
+    assert torch.equal(batch["image_boxes"], torch.from_numpy(boxes[None, :1]))
+    with pytest.raises(
+        ValueError,
+        match=r"^image_boxes\[0\] has 0 boxes but image_features\[0\] has 4 rows, 1 of them regions the model sees: ",
+    ):
+        processor(image_features=[features], image_boxes=[np.zeros((0, 4))])
+
+
 def test_processor_zero_rows_appended_to_list_input_change_nothing(processor):
     appended = {
         "image_features": [np.concatenate([rows, np.zeros((5, 2))]) for rows in SAMPLE_BATCH["image_features"]],

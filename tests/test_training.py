@@ -2216,6 +2216,8 @@ trainer = VQATrainer(model=RWSANForVQA(config), args=args, train_dataset=dataset
 trainer.train()
 with open(f"{sys.argv[2]}/rank{args.process_index}.json", "w") as file:
     json.dump({"seen": seen, "states": states}, file)
+# As train_vqa.py does: left to the interpreter's exit, gloo's threads abort a process now and then (pytorch#190489).
+torch.distributed.destroy_process_group()
 """
 
 

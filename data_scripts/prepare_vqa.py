@@ -77,7 +77,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from tqdm.auto import tqdm
 
 from rwsan.data import vocabulary_fingerprint
-from rwsan.pipeline_rwsan import read_region_archive, region_size, regions_first, shown_size
+from rwsan.pipeline_rwsan import image_size_fault, read_region_archive, region_size, regions_first, shown_size
 from rwsan.processing_rwsan import (
     HALF_CHARACTER,
     PAD_TOKEN,
@@ -515,11 +515,8 @@ def checked_image(
     if boxes is not None and (fault := _boxes_fault(boxes, num_boxes, num_regions, len(features))):
         left_out.append(problem("boxes_left_out", fault))
         boxes = None
-    if any(size is not None and region_size(size) is None for size in (width, height)):
-        sizes = " x ".join("none" if size is None else shown_size(size) for size in (width, height))
-        left_out.append(
-            problem("image_size_left_out", f"image_w x image_h is {sizes}, expected positive whole numbers below 2**31")
-        )
+    if fault := image_size_fault(width, height):
+        left_out.append(problem("image_size_left_out", fault))
         width = height = None
     return DecodedImage(
         image_id,

@@ -119,6 +119,14 @@ def shown_size(value) -> str:
     return str(np.asarray(value).tolist())
 
 
+def image_size_fault(width, height) -> str | None:
+    """What is wrong with an `.npz`'s `image_w` and `image_h` (None where absent), or None."""
+    if all(size is None or region_size(size) is not None for size in (width, height)):
+        return None
+    sizes = " x ".join("none" if size is None else shown_size(size) for size in (width, height))
+    return f"image_w x image_h is {sizes}, expected positive whole numbers below 2**31"
+
+
 def regions_first(features: np.ndarray, feature_size: int) -> np.ndarray:
     """An `.npz`'s `x` as `(num_regions, feature_size)`: the original ships `(feature_size, num_regions)`, others
     the transpose; when both axes equal `feature_size`, the original's layout wins. Raises `ValueError` for
@@ -156,12 +164,9 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         raise ValueError(f"region feature file {path}: {error}") from None
     image_size = None
     if "image_w" in arrays and "image_h" in arrays:
+        if fault := image_size_fault(arrays["image_w"], arrays["image_h"]):
+            raise ValueError(f"region feature file {path}: {fault}")
         image_size = (region_size(arrays["image_w"]), region_size(arrays["image_h"]))
-        if None in image_size:
-            raise ValueError(
-                f"region feature file {path}: image_w x image_h is {shown_size(arrays['image_w'])} x "
-                f"{shown_size(arrays['image_h'])}, expected positive whole numbers below 2**31"
-            )
     features = _rows_array(path, "x", features, feature_size, are_features=True)
     boxes = arrays.get("bbox")
     if boxes is not None:

@@ -547,6 +547,15 @@ def _boxes_fault(
     return None
 
 
+# The problem kind of each optional array of an image's `.npz` that cannot be read.
+_LEFT_OUT_WITH = {
+    "bbox": "boxes_left_out",
+    "num_bbox": "boxes_left_out",
+    "image_w": "image_size_left_out",
+    "image_h": "image_size_left_out",
+}
+
+
 @dataclass
 class NpzImage:
     """An image's `.npz` from coco_extract/: `x` is (feature_size, N) as the original ships it, or (N,
@@ -558,16 +567,25 @@ class NpzImage:
 
     def decode(self, settings: DecodeSettings) -> DecodedImage | Problem:
         try:
-            arrays = read_region_archive(self.path)
+            arrays, unreadable = read_region_archive(self.path)
         except ValueError as error:
             return Problem("unreadable", self.path, str(error), image_id=self.image_id)
         try:
             region_features = regions_first(arrays["x"], settings.feature_size)
         except ValueError as error:
             return Problem("feature_size", self.path, str(error), image_id=self.image_id)
-        boxes, num_boxes = arrays.get("bbox"), arrays.get("num_bbox")
-        width, height = arrays.get("image_w"), arrays.get("image_h")
-        return checked_image(self.image_id, region_features, boxes, num_boxes, width, height, self.path, settings)
+        # Boxes that cannot be checked against their count, and a size missing a side, are left out whole.
+        boxes_readable = not {"bbox", "num_bbox"} & unreadable.keys()
+        size_readable = not {"image_w", "image_h"} & unreadable.keys()
+        boxes, num_boxes = (arrays.get("bbox"), arrays.get("num_bbox")) if boxes_readable else (None, None)
+        width, height = (arrays.get("image_w"), arrays.get("image_h")) if size_readable else (None, None)
+        decoded = checked_image(self.image_id, region_features, boxes, num_boxes, width, height, self.path, settings)
+        if isinstance(decoded, DecodedImage):
+            decoded.left_out.extend(
+                Problem(_LEFT_OUT_WITH[name], self.path, f"{name} {reason}", image_id=self.image_id)
+                for name, reason in unreadable.items()
+            )
+        return decoded
 
 
 TSV_COLUMNS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")

@@ -71,22 +71,34 @@ def _rows_array(where: str, field: str, values, row_size: int, are_features: boo
     return rows
 
 
-def read_region_archive(path: str) -> dict:
+def read_region_archive(path: str) -> tuple[dict, dict]:
     """
     The arrays RWSAN reads from an image's `.npz` in the original release's layout, those the file holds: `x`, the
     region features (required), `bbox`, and the sizes `num_bbox`, `image_w` and `image_h` (read them with
     `region_size`).
 
+    Returns:
+        `(arrays, unreadable)`: the arrays read, by name, and for each of the optional ones that the file holds but
+        that cannot be read (an object array, say, which reading would unpickle), why. The model reads only `x`.
+
     Raises:
-        `ValueError` saying why, for a file that is no readable `.npz` archive or holds no `x`.
+        `ValueError` saying why, for a file that is no readable `.npz` archive or holds no readable `x`.
     """
+    arrays, unreadable = {}, {}
     try:
         with open(path, "rb") as handle:
             start = handle.read(6)
         if start.startswith(b"PK"):
             with np.load(path) as archive:
                 names = archive.files
-                arrays = {name: archive[name] for name in ("x", "bbox", *REGION_SIZES) if name in archive}
+                if "x" in names:
+                    arrays["x"] = archive["x"]
+                for name in ("bbox", *REGION_SIZES):
+                    if name in names:
+                        try:
+                            arrays[name] = archive[name]
+                        except NPZ_READ_ERRORS as error:
+                            unreadable[name] = f"cannot be read: {error!r}"
     except NPZ_READ_ERRORS as error:
         raise ValueError(f"cannot read: {error!r}") from None
     # np.load takes any other file for a pickle, and says so: a photo given by mistake would read as one.
@@ -98,7 +110,7 @@ def read_region_archive(path: str) -> dict:
         )
     if "x" not in arrays:
         raise ValueError(f"no 'x' (the region features) among its arrays: {', '.join(names) or 'none'}")
-    return arrays
+    return arrays, unreadable
 
 
 def region_size(value) -> int | None:
@@ -158,8 +170,12 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"region feature file not found: {path}")
     try:
-        arrays = read_region_archive(path)
+        arrays, unreadable = read_region_archive(path)
         features = regions_first(arrays["x"], feature_size)
+        # The pipeline has no use for `num_bbox`; boxes and sizes it cannot read are refused as faulty ones are.
+        for name in ("bbox", "image_w", "image_h"):
+            if name in unreadable:
+                raise ValueError(f"{name} {unreadable[name]}")
     except ValueError as error:
         raise ValueError(f"region feature file {path}: {error}") from None
     image_size = None

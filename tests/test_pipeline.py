@@ -410,9 +410,15 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
         message = rf"bad_size.npz: image_w x image_h is {np.asarray(width).tolist()} x 480, expected positive whole"
         with pytest.raises(ValueError, match=re.escape(message)):
             ask(tmp_path / "bad_size.npz")
+    # Boxes that would have to be unpickled are refused as faulty boxes are, naming them; once the whole file.
+    np.savez(tmp_path / "object_boxes.npz", x=features.T, bbox=np.array(None))
+    message = r"object_boxes.npz: bbox cannot be read: ValueError\('Object arrays cannot be loaded when allow_pickle"
+    with pytest.raises(ValueError, match=message):
+        ask(tmp_path / "object_boxes.npz")
     # A region count the pipeline has no use for is not read.
-    np.savez(tmp_path / "counted.npz", x=features.T, num_bbox=np.array([3, 3]))
-    assert ask(tmp_path / "counted.npz") == vqa({"question": "what color", "image_features": features})
+    for count in (np.array([3, 3]), np.array(None)):
+        np.savez(tmp_path / "counted.npz", x=features.T, num_bbox=count)
+        assert ask(tmp_path / "counted.npz") == vqa({"question": "what color", "image_features": features})
 
 
 @pytest.mark.parametrize(

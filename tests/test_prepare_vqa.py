@@ -338,6 +338,9 @@ def test_bad_or_all_zero_features_are_problems_that_leave_the_image_out(raw_vqa_
     assert report["splits"]["train"] == {"questions": 24, "kept": 21}
 
 
+OBJECT_ARRAY_ERROR = "ValueError('Object arrays cannot be loaded when allow_pickle=False')"
+
+
 @pytest.mark.parametrize(
     ("features", "extra", "kind", "reason"),
     [
@@ -363,6 +366,13 @@ def test_bad_or_all_zero_features_are_problems_that_leave_the_image_out(raw_vqa_
          "image_w x image_h is 640 x inf, expected positive whole numbers below 2**31"),
         (raw_region_features(9, 3), {"num_bbox": np.array([3, 3])}, "boxes_left_out",
          "3 feature rows but num_bbox counts [3, 3]"),
+        # Object arrays (an extractor's None, say), which reading would unpickle: once the whole image unreadable.
+        (raw_region_features(9, 3), {"bbox": np.array(None)}, "boxes_left_out",
+         f"bbox cannot be read: {OBJECT_ARRAY_ERROR}"),
+        (raw_region_features(9, 3), {"num_bbox": np.array(None)}, "boxes_left_out",
+         f"num_bbox cannot be read: {OBJECT_ARRAY_ERROR}"),
+        (raw_region_features(9, 3), {"image_h": np.array(None)}, "image_size_left_out",
+         f"image_h cannot be read: {OBJECT_ARRAY_ERROR}"),
     ],
 )  # fmt: skip
 def test_faulty_boxes_or_image_sizes_are_left_out_and_the_image_kept(raw_vqa_dir, tmp_path, features, extra, kind,

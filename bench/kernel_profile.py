@@ -19,6 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 INDUCTOR_CPU_KERNEL = "cpp_fused_"
 TABLE_ROWS = 30
 HOST_CALL_ROWS = 10
+# What `torch.cuda.synchronize` calls: the profiling code ends each profile with it.
+CLOSING_SYNCHRONIZE = "cudaDeviceSynchronize"
 
 
 @dataclass
@@ -53,12 +55,20 @@ def device_timeline(profiler: profile) -> list[tuple[str, float, float]]:
 
 
 def host_cuda_calls(profiler: profile) -> list[tuple[str, float]]:
-    """(name, microseconds) of each call of the CUDA runtime (`cuda...`) or driver (`cu...`) the host made."""
-    return [
-        (event.name, event.time_range.elapsed_us())
-        for event in profiler.events()
-        if event.device_type == DeviceType.CPU and re.match(r"cu[A-Z]|cuda[A-Z]", event.name)
-    ]
+    """(name, microseconds) of each call of the CUDA runtime (`cuda...`) or driver (`cu...`) the host made, but the
+    profile's last `cudaDeviceSynchronize`: the profiling code's own (`torch.cuda.synchronize`), which waits for the
+    device's work before the profiler stops, so that the wall time covers it. Left in, it would read as a wait of
+    the training loop's."""
+    calls = sorted(
+        (
+            event
+            for event in profiler.events()
+            if event.device_type == DeviceType.CPU and re.match(r"cu[A-Z]|cuda[A-Z]", event.name)
+        ),
+        key=lambda event: event.time_range.start,
+    )
+    closing = max((index for index, event in enumerate(calls) if event.name == CLOSING_SYNCHRONIZE), default=None)
+    return [(event.name, event.time_range.elapsed_us()) for index, event in enumerate(calls) if index != closing]
 
 
 def per_step(events: list[tuple[str, float]], steps: int) -> list[tuple[str, float, float]]:
@@ -128,4 +138,5 @@ def print_kernel_profile(kernels: KernelProfile, title: str, device: torch.devic
     if kernels.host_calls:
         print(f"the host's CUDA calls a step, the longest first (a step's wall {wall_seconds * 1e3:.2f} ms):")
         for name, count, milliseconds in kernels.host_calls[:HOST_CALL_ROWS]:
-            print(f"{name[:90]:90s} {count:6.0f} {milliseconds:8.3f}")
+            # A call made less than once a step (once in the profile, say) shows as such.
+            print(f"{name[:90]:90s} {count:6.2f} {milliseconds:8.3f}")

@@ -2,6 +2,7 @@
 their refusals of counts that would fail after minutes of work."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -150,6 +151,8 @@ def test_cuda_kernel_profile_keeps_every_kernel_in_device_order(capsys):
     events += [Event("cudaLaunchKernel", cpu, 995 + 10 * index, 998 + 10 * index) for index in range(40)]
     events += [Event("cudaStreamSynchronize", cpu, 1400, 1800), Event("cuLaunchKernelEx", cpu, 990, 992)]
     events += [Event("custom_op", cpu, 990, 1990)]
+    # The profiling code's closing wait for the device is not the loop's; a synchronisation before it is.
+    events += [Event("cudaDeviceSynchronize", cpu, 1410, 3410), Event("cudaDeviceSynchronize", cpu, 1300, 1302)]
 
     class Profiler:
         def events(self):
@@ -163,6 +166,7 @@ def test_cuda_kernel_profile_keeps_every_kernel_in_device_order(capsys):
         ("cudaStreamSynchronize", 0.5, pytest.approx(0.2)),
         ("cudaLaunchKernel", 20, pytest.approx(0.06)),
         ("cuLaunchKernelEx", 0.5, pytest.approx(0.001)),
+        ("cudaDeviceSynchronize", 0.5, pytest.approx(0.001)),
     ]
     kernel_profile.print_kernel_profile(summary, "stand-in", torch.device("cuda"), wall_seconds=0.001)
     printed = capsys.readouterr().out
@@ -170,3 +174,4 @@ def test_cuda_kernel_profile_keeps_every_kernel_in_device_order(capsys):
     # 40 kernels of 4 us over 394 us, two steps: the device ran kernels for 41% of the span.
     assert "0.20 ms a step, of which the device ran kernels for 41%" in printed
     assert "the host's CUDA calls a step, the longest first (a step's wall 1.00 ms):\ncudaStreamSynchronize " in printed
+    assert re.search(r"\ncudaStreamSynchronize +0\.50 +0\.200\n", printed)

@@ -702,10 +702,18 @@ def check_processor_fits_model(
             "answers would be named wrongly"
         )
     if len(processor.tokenizer) != config.vocab_size:
+        # Rows past the tokenizer's would be harmless, but a smaller vocabulary is also what a processor prepared
+        # from fewer question files has, whose words would take other words' rows: the counts must agree.
+        resized = (
+            "; or, with words added to the tokenizer, the embedding was resized to a multiple "
+            "(`resize_token_embeddings(..., pad_to_multiple_of=...)`): resize it to `len(processor.tokenizer)`"
+            if config.vocab_size > len(processor.tokenizer)
+            else ""
+        )
         raise ValueError(
             f"{model_name} embeds {config.vocab_size} question tokens but the tokenizer of {processor_name} has "
             f"{len(processor.tokenizer)}: they were not built from the same questions (the paper's 20,573 words "
-            "come from the train, val, test2015 and VG question files, all four)"
+            f"come from the train, val, test2015 and VG question files, all four){resized}"
         )
     if processor.image_feature_size != config.image_feature_size:
         raise ValueError(

@@ -473,10 +473,16 @@ def test_check_processor_fits_model_passes_the_fitting_model(processor):
         ({"id2label": {**ID2LABEL, 5: "maybe"}},
          r"^The answers of model M \(6\) are not those of processor P \(5\): answer 5 is 'maybe' in the model but "
          "missing in the processor"),
-        ({"vocab_size": 20},
-         r"^model M embeds 20 question tokens but the tokenizer of processor P has 13: they were not built from the "
+        ({"vocab_size": 10},
+         r"^model M embeds 10 question tokens but the tokenizer of processor P has 13: they were not built from the "
          r"same questions \(the paper's 20,573 words come from the train, val, test2015 and VG question files, all "
          r"four\)$"),
+        # More rows than words is also what transformers' advice of embeddings resized to a multiple gives.
+        ({"vocab_size": 16},
+         r"^model M embeds 16 question tokens but the tokenizer of processor P has 13: they were not built from the "
+         r"same questions \(.*, all four\); or, with words added to the tokenizer, the embedding was resized to a "
+         r"multiple \(`resize_token_embeddings\(\.\.\., pad_to_multiple_of=\.\.\.\)`\): resize it to "
+         r"`len\(processor\.tokenizer\)`$"),
         ({"image_feature_size": 2048},
          r"^processor P takes region features of 2 values but model M expects 2048 \(config.image_feature_size\)$"),
     ],

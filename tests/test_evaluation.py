@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -338,6 +339,28 @@ def test_the_package_names_its_metric_folder_for_any_working_directory(tmp_path,
     monkeypatch.chdir(tmp_path)
     metric = evaluate.load(VQA_ACCURACY_METRIC, keep_in_memory=True)
     assert metric.compute(predictions=["yes"], references=[["yes"] * 10]) == {"accuracy": 100.0}
+
+
+def test_the_wheel_holds_the_metric_and_its_readme(tmp_path):
+    """The metric's folder is no Python package: setuptools once took it for data to be left out in a later
+    release, and the README, its worked example, was not installed at all."""
+    pytest.importorskip("setuptools")
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT / "rwsan", source / "rwsan", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", "wheel", "."],
+        cwd=source,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    assert "Package would be ignored" not in built.stdout + built.stderr
+    (wheel,) = (source / "wheel").glob("rwsan-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    metric_folder = METRIC_PATH.relative_to(REPO_ROOT).as_posix()
+    assert {f"{metric_folder}/vqa_accuracy.py", f"{metric_folder}/README.md", "rwsan/modeling_rwsan.py"} <= names
 
 
 def test_evaluate_metric_loads_from_its_folder_and_matches(vqa_accuracy_metric):

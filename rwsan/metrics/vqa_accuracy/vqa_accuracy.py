@@ -1,5 +1,5 @@
 """VQA-v2 accuracy as RWSAN's evaluation script computes it, as an `evaluate` metric:
-`evaluate.load("<path to this folder>")`."""
+`evaluate.load(rwsan.evaluation.VQA_ACCURACY_METRIC)`, the path of this folder."""
 
 import datasets
 import evaluate
@@ -30,7 +30,8 @@ Returns:
     accuracy_<answer type> (`float`): with `answer_types`, the accuracy of each answer type in percent,
         equal to the official `perAnswerType`.
 Examples:
-    >>> vqa_accuracy = evaluate.load("rwsan/metrics/vqa_accuracy")
+    >>> from rwsan.evaluation import VQA_ACCURACY_METRIC
+    >>> vqa_accuracy = evaluate.load(VQA_ACCURACY_METRIC)
     >>> vqa_accuracy.compute(predictions=["two"], references=[["2", "2"] + ["3"] * 8])
     {'accuracy': 60.0}
 """

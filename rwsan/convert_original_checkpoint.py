@@ -278,8 +278,7 @@ def convert(
             save_for_pipeline(model, question_processor, staging)
             provenance = f"converted from `{Path(checkpoint).name}`, a checkpoint of the paper's code."
             # The paper's code and the checkpoints it released are under the MIT license.
-            model_id = Path(os.path.abspath(output)).name
-            write_model_card(staging, model.config, provenance, model_id=model_id, license="mit")
+            write_model_card(staging, model.config, provenance, license="mit", folder=output)
         if output.exists():
             output.rmdir()
         staging.rename(output)

@@ -80,6 +80,7 @@ def write_model_card(
     license: str = "apache-2.0",
     datasets: tuple[str, ...] = ("vqa_v2",),
     eval_split: str | None = None,
+    folder: str | Path | None = None,
 ) -> Path:
     """A hub model card (README.md with metadata) for an RWSANForVQA folder.
 
@@ -87,8 +88,9 @@ def write_model_card(
     `license` is the weights' license, and `datasets` the hub datasets they were trained on (none: the metadata
     names none), as the hub names them.
     `eval_split` names the split the accuracies were measured on.
-    `model_id` is what the usage example loads: the hub repository, or by default the folder's name (give the final
-    name where the card is written in a folder that is renamed afterwards).
+    `model_id` is the hub repository the usage example loads. Without one, the example loads `folder`, the path
+    as given (by default `output_dir`; give the final one where the card is written in a folder renamed afterwards),
+    and says to put the hub id in its place once uploaded.
     """
     metrics = metrics or {}
     accuracy_rows = "\n".join(
@@ -111,6 +113,8 @@ def write_model_card(
             "num_labels",
         )
     }
+    loaded = model_id or os.fspath(output_dir if folder is None else folder)
+    loaded_note = "" if model_id else "  # once uploaded, its hub id (user/name)"
     dataset_lines = "".join(["datasets:\n", *(f"- {dataset}\n" for dataset in datasets)]) if datasets else ""
     card = f"""---
 license: {license}
@@ -150,7 +154,7 @@ from transformers import pipeline
 
 # With the rwsan package installed (`pip install -e .` in its repository) and `import rwsan`:
 # pipeline("vqa-features", model=...), without remote code.
-answer = pipeline(model="{model_id or Path(os.path.abspath(output_dir)).name}", trust_remote_code=True)
+answer = pipeline(model="{loaded}", trust_remote_code=True){loaded_note}
 # features: a (regions, {config.image_feature_size}) array, or the path of a per-image .npz
 answer({{"question": "what color is the cube?", "image_features": features}})
 ```

@@ -266,8 +266,8 @@ def test_with_a_processor_the_folder_answers_questions(tmp_path, golden):
     assert (config["max_question_length"], config["max_regions"]) == (20, 100)
     card = (tmp_path / "hub" / "README.md").read_text()
     assert card.startswith("---\nlicense: mit") and "converted from `ckpt.pkl`" in card
-    # The usage example loads the folder by its final name, not that of the folder it was written in.
-    assert 'pipeline(model="hub", trust_remote_code=True)' in card
+    # The usage example loads the folder by its final path, not that of the folder it was written in.
+    assert f'pipeline(model="{tmp_path / "hub"}", trust_remote_code=True)  # once uploaded, its hub id' in card
     vqa = pipeline("vqa-features", model=str(tmp_path / "hub"), device="cpu")
     # The golden questions, and their images zero-padded as the original pads them: the original's scores.
     inputs = [

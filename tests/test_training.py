@@ -1031,7 +1031,7 @@ def test_the_model_card_lists_the_accuracies_and_marks_a_missing_one(tmp_path):
         ("accuracy_number", "-"),
         ("baseline_question_only", "40.00"),
     ]
-    assert 'pipeline(model="user/rwsan", trust_remote_code=True)' in card
+    assert 'pipeline(model="user/rwsan", trust_remote_code=True)\n' in card
 
 
 def test_training_curves_show_a_lone_logged_point_and_say_what_was_not_logged():
@@ -1076,19 +1076,19 @@ def test_importing_the_package_leaves_the_users_matplotlib_backend_alone():
     assert result.stdout.strip() == "svg"
 
 
-def test_the_model_card_of_the_current_folder_loads_the_folder_by_its_name(tmp_path, monkeypatch):
+def test_the_model_card_without_a_hub_id_loads_the_folder_by_the_path_it_was_given(tmp_path, monkeypatch):
+    """Its last part alone ("toy" for runs/toy) loaded neither the folder nor a hub repository."""
     from rwsan import RWSANConfig
     from rwsan.reporting import write_model_card
 
-    folder = tmp_path / "my-rwsan"
-    folder.mkdir()
-    monkeypatch.chdir(folder)
-    card = write_model_card(".", RWSANConfig(vocab_size=40), "trained here.").read_text()
-    assert 'pipeline(model="my-rwsan", trust_remote_code=True)' in card
-    # A link keeps its own name: it is what the user named the folder.
-    (tmp_path / "latest").symlink_to(folder)
+    (tmp_path / "runs" / "toy").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    card = write_model_card(Path("runs/toy"), RWSANConfig(vocab_size=40), "trained here.").read_text()
+    assert 'pipeline(model="runs/toy", trust_remote_code=True)  # once uploaded, its hub id (user/name)\n' in card
+    # A link keeps its own path: it is what the user named the folder.
+    (tmp_path / "latest").symlink_to(tmp_path / "runs" / "toy")
     card = write_model_card(tmp_path / "latest", RWSANConfig(vocab_size=40), "trained here.").read_text()
-    assert 'pipeline(model="latest", trust_remote_code=True)' in card
+    assert f'pipeline(model="{tmp_path / "latest"}", trust_remote_code=True)  # once uploaded' in card
 
 
 def test_the_trainer_schedule_replaces_the_paper_schedule_when_asked(tiny_prepared_vqa, tmp_path):

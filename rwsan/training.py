@@ -1056,9 +1056,27 @@ class VQATrainer(Trainer):
         # Batches of `VQACollator(pack_regions=True)` are padded once on the device.
         return unpack_image_features(super()._prepare_inputs(inputs))
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int | None:
+        """The questions of an accumulated step's micro-batches (on this process), for `compute_loss`: a count of
+        shapes, which needs no sync. None without accumulation, where there is nothing to weigh."""
+        if self.args.gradient_accumulation_steps == 1 or not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        return sum(len(batch["labels"]) for batch in batch_samples)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key != "question_id"}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            return result
+        # The model's loss is its batch's mean, and the Trainer divides each micro-batch's by their number in the
+        # step: the questions of a smaller micro-batch (the epoch's last on one process) would weigh more than the
+        # others'. Weighed by its share of the step's questions, the step's loss is its whole batch's mean, as
+        # without accumulation.
+        weight = len(inputs["labels"]) * self.current_gradient_accumulation_steps / num_items_in_batch
+        if return_outputs:
+            loss, outputs = result
+            return loss * weight, outputs
+        return result * weight
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         question_ids = inputs.pop("question_id")

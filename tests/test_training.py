@@ -164,6 +164,32 @@ def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, t
         assert rate == pytest.approx(1e-3 * paper_lr_multiplier(step - 1, 7, 2, (3,), 0.2)), step
 
 
+def test_accumulated_micro_batches_weigh_each_question_as_one_batch_does(tiny_prepared_vqa, tmp_path):
+    """Batch 32 against 16 x 2 on 210 questions: each epoch's last step is 16 + 2 questions, whose two means the
+    Trainer alone would average, the 2 questions weighing as much as the 16 (one process; several pad every
+    micro-batch to full size)."""
+    outputs = {}
+    for batch_size, accumulation in ((32, 1), (16, 2)):
+        outputs[accumulation] = tmp_path / f"accumulation_{accumulation}"
+        run_training(
+            *common_arguments(tiny_prepared_vqa, outputs[accumulation]),
+            "--per_device_train_batch_size", str(batch_size),
+            "--gradient_accumulation_steps", str(accumulation),
+            "--dropout", "0",
+            "--num_train_epochs", "2",
+            "--learning_rate", "1e-3",
+            "--logging_steps", "1",
+            "--eval_strategy", "no",
+            "--save_strategy", "no",
+        )  # fmt: skip
+    # The second epoch's losses follow from the weights the first one's steps left. (The weights themselves differ
+    # by more than rounding in the biases in front of a softmax, whose gradients are rounding alone, which Adam
+    # scales up to whole steps.)
+    whole, accumulated = logged(outputs[1], "loss"), logged(outputs[2], "loss")
+    assert len(whole) == 14
+    assert accumulated == pytest.approx(whole, rel=1e-4)
+
+
 def written_json(path: Path) -> bool:
     """Whether `path` holds a whole JSON document: the Trainer writes its state last in a checkpoint, and the file
     exists before its text is written."""

@@ -433,7 +433,7 @@ def test_a_checkpoint_of_the_weights_alone_is_not_resumed(tiny_prepared_vqa, tmp
         train_vqa.main([*elsewhere, "--num_train_epochs", "2", "--resume_from_checkpoint", str(output)])
 
 
-def run_two_processes(*arguments):
+def run_two_processes(*arguments, check=True):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(REPO_ROOT / "train_vqa.py"), *arguments, "--ddp_backend", "gloo",
@@ -441,8 +441,22 @@ def run_two_processes(*arguments):
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+def test_uneven_batches_across_processes_are_refused(tiny_prepared_vqa, tmp_path):
+    """accelerate's `even_batches: false`: the processes' batch counts differ, so training hung until DDP's
+    timeout (30 minutes), and an evaluation failed blaming drop_last."""
+    output = tmp_path / "uneven"
+    arguments = common_arguments(tiny_prepared_vqa, output, "--accelerator_config", '{"even_batches": false}')
+    result = run_two_processes(*arguments, "--per_device_train_batch_size", "20", check=False)
+    assert result.returncode != 0
+    assert "even_batches false in --accelerator_config gives the processes different numbers of batches" in (
+        result.stdout + result.stderr
+    )
+    assert not (output / "model.safetensors").exists()
 
 
 def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prepared_vqa, tmp_path):

@@ -1064,8 +1064,9 @@ class VQATrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int | None:
         """The questions of an accumulated step's micro-batches (on this process), for `compute_loss`: a count of
-        shapes, which needs no sync. None without accumulation, where there is nothing to weigh."""
-        if self.args.gradient_accumulation_steps == 1 or not batch_samples or "labels" not in batch_samples[0]:
+        shapes, which needs no sync. None for a single batch, where there is nothing to weigh: a step without
+        accumulation, and each batch of an evaluation (`Trainer.prediction_step` asks too)."""
+        if len(batch_samples) < 2 or "labels" not in batch_samples[0]:
             return None
         return sum(len(batch["labels"]) for batch in batch_samples)
 

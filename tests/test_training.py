@@ -167,7 +167,7 @@ def test_schedule_follows_optimizer_steps_with_accumulation(tiny_prepared_vqa, t
 def test_accumulated_micro_batches_weigh_each_question_as_one_batch_does(tiny_prepared_vqa, tmp_path):
     """Batch 32 against 16 x 2 on 210 questions: each epoch's last step is 16 + 2 questions, whose two means the
     Trainer alone would average, the 2 questions weighing as much as the 16 (one process; several pad every
-    micro-batch to full size)."""
+    micro-batch to full size). Evaluation batches are not weighed, before training (once a crash) or after."""
     outputs = {}
     for batch_size, accumulation in ((32, 1), (16, 2)):
         outputs[accumulation] = tmp_path / f"accumulation_{accumulation}"
@@ -179,7 +179,8 @@ def test_accumulated_micro_batches_weigh_each_question_as_one_batch_does(tiny_pr
             "--num_train_epochs", "2",
             "--learning_rate", "1e-3",
             "--logging_steps", "1",
-            "--eval_strategy", "no",
+            "--eval_strategy", "epoch",
+            "--eval_on_start", "true",
             "--save_strategy", "no",
         )  # fmt: skip
     # The second epoch's losses follow from the weights the first one's steps left. (The weights themselves differ
@@ -187,6 +188,9 @@ def test_accumulated_micro_batches_weigh_each_question_as_one_batch_does(tiny_pr
     # scales up to whole steps.)
     whole, accumulated = logged(outputs[1], "loss"), logged(outputs[2], "loss")
     assert len(whole) == 14
+    assert accumulated == pytest.approx(whole, rel=1e-4)
+    whole, accumulated = logged(outputs[1], "eval_loss"), logged(outputs[2], "eval_loss")
+    assert list(whole) == [0, 7, 14]
     assert accumulated == pytest.approx(whole, rel=1e-4)
 
 

@@ -328,6 +328,12 @@ def test_a_question_of_unknown_words_is_answered_with_a_warning(vqa, model, proc
          "row, or for each of those regions"),
         ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.ones((3, 5))},
          r"boxes has shape \(3, 5\), expected \(num_regions, 4\)"),
+        # A box with one NaN would come back with the attention weights, and fail only when plotted.
+        ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)),
+          "boxes": np.array([[0.0, 0.0, 5.0, 5.0], [0.0, np.nan, 5.0, 5.0], [1.0, 1.0, 6.0, 6.0]])},
+         "boxes contains NaN or infinite values"),
+        ({"question": "what", "image_features": np.ones((3, FEATURE_SIZE)), "boxes": np.zeros((0, 4))},
+         "boxes has no regions"),
         ({"question": "what", "image": np.ones((3, FEATURE_SIZE))},
          "unknown keys 'image'; an input has 'question', 'image_features' and optionally 'boxes'"),
         ({"question": "what"}, "missing 'image_features'"),
@@ -419,6 +425,54 @@ def test_unreadable_feature_files_are_refused(vqa, tmp_path):
     for count in (np.array([3, 3]), np.array(None)):
         np.savez(tmp_path / "counted.npz", x=features.T, num_bbox=count)
         assert ask(tmp_path / "counted.npz") == vqa({"question": "what color", "image_features": features})
+
+
+def test_a_feature_file_s_image_size_must_be_whole_positive_numbers_and_is_read_only_whole(vqa, tmp_path):
+    """The size comes back with the attention weights (for plotting): a zero or fractional one is refused, one half of
+    it is left out (None) rather than failing, and a half that cannot be read is refused by name."""
+    features = region_features(3, seed=0)
+    path = tmp_path / "sized.npz"
+    for width in (0, 640.5, -640):
+        np.savez(path, x=features.T, image_w=np.array(width), image_h=np.array(480))
+        message = f"region feature file {path}: image_w x image_h is {width} x 480, expected positive whole numbers"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            vqa({"question": "what color", "image_features": path})
+    expected = vqa({"question": "what color", "image_features": features}, output_attentions=True)
+    for half in ({"image_w": np.array(640)}, {"image_h": np.array(480)}):
+        np.savez(path, x=features.T, **half)
+        result = vqa({"question": "what color", "image_features": path}, output_attentions=True)
+        assert result["image_size"] is None
+        assert_same_answers(result["answers"], expected["answers"])
+    np.savez(path, x=features.T, image_w=np.array(None), image_h=np.array(480))
+    message = rf"^input: region feature file {path}: image_w cannot be read: ValueError\('Object arrays cannot be"
+    with pytest.raises(ValueError, match=message):
+        vqa({"question": "what color", "image_features": path})
+
+
+def test_a_square_x_of_a_feature_file_is_read_in_the_original_layout(vqa, tmp_path):
+    """With as many regions as features a region, `x` is taken as the original ships it: (feature_size, regions)."""
+    features = region_features(FEATURE_SIZE, seed=1)
+    np.savez(tmp_path / "square.npz", x=features.T)
+    from_file = vqa({"question": "what color", "image_features": tmp_path / "square.npz"}, output_attentions=True)
+    given = vqa({"question": "what color", "image_features": features}, output_attentions=True)
+    transposed = vqa({"question": "what color", "image_features": features.T}, output_attentions=True)
+    assert from_file["region_weights"] == pytest.approx(given["region_weights"], abs=1e-6)
+    assert_same_answers(from_file["answers"], given["answers"])
+    assert from_file["region_weights"] != pytest.approx(transposed["region_weights"], abs=1e-6)
+
+
+def test_a_feature_file_s_x_is_checked_as_given_features_are(vqa, tmp_path):
+    """Integer features (an image's pixels, say) and float64 rows that float32 would make zeros (padding) are refused
+    from a file as from an array."""
+    integers = tmp_path / "integers.npz"
+    np.savez(integers, x=np.ones((FEATURE_SIZE, 3), np.int64))
+    with pytest.raises(ValueError, match=f"^input: {integers}: x must hold floating-point values, got int64$"):
+        vqa({"question": "what color", "image_features": integers})
+    vanishing = np.ones((3, FEATURE_SIZE))
+    vanishing[1] = 1e-50
+    np.savez(tmp_path / "vanishing.npz", x=vanishing.T)
+    with pytest.raises(ValueError, match="x has a row whose values are all too small for float32"):
+        vqa({"question": "what color", "image_features": tmp_path / "vanishing.npz"})
 
 
 @pytest.mark.parametrize(
@@ -545,6 +599,26 @@ def test_saving_to_the_hub_uploads_what_it_saved_in_one_commit(vqa, tmp_path, mo
     saved = {"config.json", "model.safetensors", "pipeline_rwsan.py", "processor_config.json", "tokenizer.json"}
     assert saved <= set(files)
     assert not [name for name in files if name.startswith(("checkpoint-", "predictions_"))]
+
+
+def test_saving_to_the_hub_passes_on_privacy_and_the_pull_request(vqa, tmp_path, monkeypatch):
+    """`private` and `create_pr`, as `PreTrainedModel.save_pretrained` takes them, reach the repository and the
+    commit: a model meant private was once created public, or pushed to main instead of a pull request."""
+    repositories, commits = [], []
+
+    class FakeHub:
+        def create_commit(self, repo_id, operations, commit_message, **kwargs):
+            commits.append((repo_id, kwargs.get("create_pr")))
+
+    def create_repo(repo_id, **kwargs):
+        repositories.append((repo_id, kwargs.get("private")))
+        return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    monkeypatch.setattr("transformers.utils.hub.hf_api", FakeHub)
+    monkeypatch.setattr("rwsan.pipeline_rwsan.create_repo", create_repo)
+    vqa.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="rwsan-vqa", private=True, create_pr=True)
+    assert repositories == [("rwsan-vqa", True)]
+    assert commits == [("user/rwsan-vqa", True)]
 
 
 def test_pipeline_factory_loads_the_saved_folder(saved_folder, vqa):

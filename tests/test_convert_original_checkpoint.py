@@ -149,6 +149,58 @@ def test_not_a_checkpoint(tmp_path):
         load_original_checkpoint(tmp_path / "absent.pkl")
 
 
+def test_the_loaded_model_answers_as_the_original_without_dropout(tmp_path, golden):
+    """`load_original_checkpoint` hands back a model ready to answer: in eval mode, it gives the original's logits
+    every time (in training mode dropout would make them random)."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    model = load_original_checkpoint(checkpoint)
+    assert not model.training
+    with torch.no_grad():
+        logits = model(input_ids=golden["ques_ix"], image_features=golden["img_feat"]).logits
+    torch.testing.assert_close(logits, golden["logits"], atol=1e-5, rtol=0)
+
+
+def test_a_conversion_that_fails_while_saving_leaves_nothing_behind(tmp_path, golden, monkeypatch):
+    """The folder is written under another name and renamed when whole: a failure removes that too."""
+    import rwsan.convert_original_checkpoint as converter
+    from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    vocab = {"PAD": 0, "UNK": 1, **{f"word{i}": i for i in range(2, golden["token_size"])}}
+    id2label = {index: f"LABEL_{index}" for index in range(golden["answer_size"])}
+    RWSANProcessor(build_question_tokenizer(vocab), id2label=id2label, image_feature_size=48).save_pretrained(
+        tmp_path / "processor"
+    )
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(converter, "write_model_card", full_disk)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(OSError, match="No space left on device"):
+        convert(str(checkpoint), str(tmp_path / "models" / "rwsan"), processor=str(tmp_path / "processor"))
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_the_converted_config_takes_the_processors_question_and_region_cuts(tmp_path, golden):
+    """The weights do not say how many words and regions the model was trained on; the processor given does, and
+    the saved config (read by train_vqa.py to cut the data as the model was trained) must agree with it."""
+    from rwsan.processing_rwsan import RWSANProcessor, build_question_tokenizer
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    vocab = {"PAD": 0, "UNK": 1, **{f"word{i}": i for i in range(2, golden["token_size"])}}
+    id2label = {index: f"LABEL_{index}" for index in range(golden["answer_size"])}
+    processor = RWSANProcessor(
+        build_question_tokenizer(vocab), id2label=id2label, image_feature_size=48, max_question_length=8,
+        max_regions=36,
+    )  # fmt: skip
+    processor.save_pretrained(tmp_path / "processor")
+    model = convert(str(checkpoint), str(tmp_path / "out"), processor=str(tmp_path / "processor"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["max_question_length"], config["max_regions"]) == (8, 36)
+    assert (model.config.max_question_length, model.config.max_regions) == (8, 36)
+
+
 def test_existing_output_folder_is_refused(tmp_path, golden):
     checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
     (tmp_path / "out").mkdir()
@@ -218,6 +270,14 @@ def test_answer_dict_of_the_wrong_size(tmp_path, golden):
     answer_dict = tmp_path / "answers.json"
     answer_dict.write_text(json.dumps([{"yes": 0}, {"0": "yes"}]))
     with pytest.raises(CheckpointError, match="has 1 answers .* classifier has 20 outputs"):
+        load_original_checkpoint(checkpoint, answer_dict)
+    # As many answers as outputs, but numbered from 1: answer i would name output i - 1's score.
+    answers = [f"answer {index}" for index in range(20)]
+    answer_dict.write_text(
+        json.dumps([{a: i + 1 for i, a in enumerate(answers)}, {str(i + 1): a for i, a in enumerate(answers)}])
+    )
+    message = f"{answer_dict} has 20 answers with indices 1..20, but the checkpoint's classifier has 20 outputs."
+    with pytest.raises(CheckpointError, match=re.escape(message)):
         load_original_checkpoint(checkpoint, answer_dict)
 
 

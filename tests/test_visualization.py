@@ -118,6 +118,21 @@ def test_word_shading_follows_the_weights():
     assert np.argsort(darkness, kind="stable").tolist() == np.argsort(WORD_WEIGHTS, kind="stable").tolist()
 
 
+def test_words_on_dark_shading_are_written_in_white():
+    word_axes = plot().axes[2]
+    colors = {text.get_text(): text.get_color() for text in word_axes.texts if text.get_text() in WORDS}
+    # "cube" has the largest weight (the darkest blue), "is" one of the smallest.
+    assert (colors["cube"], colors["is"]) == ("white", "black")
+
+
+def test_a_word_wider_than_its_panel_starts_the_first_line_not_an_empty_one():
+    word_axes = plot(words=["w" * 250, "cube"], word_weights=[0.4, 0.6]).axes[2]
+    first_line = plot().axes[2].texts[0].get_position()[1]
+    long_word, _, short_word, _ = word_axes.texts
+    assert long_word.get_position()[1] == pytest.approx(first_line)
+    assert short_word.get_position()[1] < first_line
+
+
 def test_the_weights_of_short_words_do_not_run_into_each_other():
     """A weight is wider than "is" or "a": laid out by the words' widths alone, "0.27" and "0.24" touched."""
     words = ["is", "it", "a", "i", "cat"]
@@ -174,9 +189,30 @@ def test_an_image_is_shown_under_the_boxes():
     assert image_axes.images[0].get_extent() == [0, 640, 480, 0]
 
 
+def test_an_image_with_an_alpha_channel_is_shown_too():
+    """`matplotlib.image.imread` reads a PNG as (height, width, 4)."""
+    photo = np.random.default_rng(0).random((480, 640, 4))
+    image_axes = plot(image=photo).axes[0]
+    assert len(image_axes.images) == 1
+    assert image_axes.images[0].get_extent() == [0, 640, 480, 0]
+
+
 def test_without_image_or_size_the_canvas_holds_every_box():
     image_axes = plot(image=None).axes[0]
     assert image_axes.get_xlim() == (0, 630) and image_axes.get_ylim() == (470, 0)
+
+
+def test_the_scores_are_written_inside_the_answer_panel():
+    """A score near 1 is written inside its bar, where after it there would be no room: 0.91 ran off the panel."""
+    figure = plot(answers=[{"answer": "red", "score": 0.91}, {"answer": "blue", "score": 0.5}])
+    renderer = figure.canvas.get_renderer()
+    answer_axes = figure.axes[1]
+    panel = answer_axes.get_window_extent(renderer)
+    scores = [text for text in answer_axes.texts if text.get_text() in ("0.910", "0.500")]
+    assert len(scores) == 2
+    for text in scores:
+        extent = text.get_window_extent(renderer)
+        assert panel.x0 <= extent.x0 and extent.x1 <= panel.x1, text.get_text()
 
 
 def test_warnings_of_the_answers_are_shown():

@@ -651,6 +651,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         (["--prediction_loss_only"], "--prediction_loss_only changes what evaluation and prediction hand on"),
         (["--eval_do_concat_batches", "false"], "--eval_do_concat_batches false changes what evaluation"),
         (["--batch_eval_metrics"], "--batch_eval_metrics changes what evaluation and prediction hand on"),
+        # Prediction alone needs every answer too.
+        (
+            ["--eval_strategy", "no", "--do_predict", "--prediction_loss_only"],
+            "--prediction_loss_only changes what evaluation and prediction hand on",
+        ),
         (["--do_eval", "false", "--eval_strategy", "steps"], "--do_eval false and --eval_strategy steps disagree"),
         (
             ["--model_name_or_path", "model", "--hidden_size", "64", "--num_srwsa_repeats", "2", "--dropout", "0.2"],
@@ -829,6 +834,96 @@ def test_a_hub_model_named_like_the_output_folder_is_not_taken_for_it(tiny_prepa
     ]
     train_vqa.check_arguments(*train_vqa.parse_arguments(arguments)[:3])
     assert train_vqa.saved_processor("org/rwsan") is None  # offline: nothing to compare with, and said so
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # --max_steps decides the length: --num_train_epochs 0 is not read.
+        ["--max_steps", "3", "--num_train_epochs", "0"],
+        # The training run's options reused to predict: nothing is trained, so nothing is kept as the best.
+        ["--do_train", "false", "--model_name_or_path", "MODEL", "--do_predict", "--eval_strategy", "no",
+         "--save_strategy", "best"],
+        # A model evaluated on the split it was trained on, by another run: this run trains on nothing.
+        ["--do_train", "false", "--model_name_or_path", "MODEL", "--eval_split", "train"],
+    ],
+)  # fmt: skip
+def test_options_next_to_refused_ones_are_taken(tiny_prepared_vqa, tmp_path, extra):
+    import train_vqa
+
+    (tmp_path / "model").mkdir()
+    extra = [str(tmp_path / "model") if argument == "MODEL" else argument for argument in extra]
+    model_args, data_args, training_args, _ = train_vqa.parse_arguments(
+        common_arguments(tiny_prepared_vqa, tmp_path / "run", *extra)
+    )
+    train_vqa.check_arguments(model_args, data_args, training_args)
+    if "--eval_split" in extra:
+        assert train_vqa.evaluates(data_args, training_args)
+
+
+def test_a_model_path_of_the_current_folder_that_does_not_exist_is_no_hub_name(tiny_prepared_vqa, tmp_path):
+    """`./model` can only be a folder: it is said to be missing, not looked up on the hub as well."""
+    import train_vqa
+
+    arguments = common_arguments(tiny_prepared_vqa, tmp_path / "run", "--model_name_or_path", "./gone")
+    with pytest.raises(train_vqa.UsageError, match=r"^--model_name_or_path \./gone: no such folder$"):
+        train_vqa.check_arguments(*train_vqa.parse_arguments(arguments)[:3])
+
+
+def test_training_over_the_starting_model_is_refused_however_the_folder_is_named(
+    tiny_prepared_vqa, tmp_path, monkeypatch
+):
+    import train_vqa
+    from rwsan import RWSANConfig
+
+    RWSANConfig().save_pretrained(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    arguments = common_arguments(tiny_prepared_vqa, tmp_path / "run", "--model_name_or_path", "run")
+    message = f"--output_dir {tmp_path / 'run'} is the folder of --model_name_or_path: training would replace"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.check_arguments(*train_vqa.parse_arguments(arguments)[:3])
+
+
+def test_a_training_split_of_exactly_one_batch_trains_with_dataloader_drop_last(tiny_prepared_vqa, tmp_path):
+    """The split's 210 questions make one whole batch of 210, which --dataloader_drop_last keeps."""
+    import train_vqa
+
+    arguments = ["--per_device_train_batch_size", "210", "--dataloader_drop_last", "true", "--eval_strategy", "no"]
+    arguments += ["--max_steps", "1", "--save_strategy", "no"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_an_eval_split_that_is_the_training_split_is_not_evaluated_but_trained_on(tiny_prepared_vqa, tmp_path, capsys):
+    import train_vqa
+
+    arguments = ["--eval_split", "train", "--max_steps", "1", "--save_strategy", "no"]
+    metrics = train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
+    assert "Not evaluating: --eval_split train is trained on" in capsys.readouterr().err
+    assert "train_loss" in metrics and "eval_accuracy" not in metrics
+
+
+def test_predictions_go_beside_the_model_and_their_kept_logits_are_written_anew(tiny_prepared_vqa, tmp_path):
+    """Predicting with a trained model into its own folder writes over none of its files; predicting again with
+    --save_logits replaces the earlier logits, which a training run with --overwrite_output_dir deletes."""
+    import train_vqa
+
+    model = tmp_path / "model"
+    train_vqa.main(common_arguments(tiny_prepared_vqa, model, "--max_steps", "1", "--save_strategy", "no"))
+    weights = (model / "model.safetensors").read_bytes()
+    predict = ["--model_name_or_path", str(model), "--do_train", "false", "--do_eval", "false", "--do_predict"]
+    for _ in range(2):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, model, *predict, "--save_logits"))
+        assert (model / "logits_test.npy").is_file() and (model / "predictions_test.json").is_file()
+    assert (model / "model.safetensors").read_bytes() == weights
+
+    output = tmp_path / "run"
+    output.mkdir()
+    shutil.copy(model / "logits_test.npy", output)
+    shutil.copy(model / "question_ids_test.npy", output)
+    arguments = ["--max_steps", "1", "--save_strategy", "no", "--do_predict", "--overwrite_output_dir"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, output, *arguments))
+    assert not (output / "logits_test.npy").exists() and (output / "predictions_test.json").is_file()
 
 
 def test_a_model_path_from_home_is_expanded(tiny_prepared_vqa, tmp_path, monkeypatch):

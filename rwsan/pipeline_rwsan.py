@@ -183,11 +183,12 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
         if fault := image_size_fault(arrays["image_w"], arrays["image_h"]):
             raise ValueError(f"region feature file {path}: {fault}")
         image_size = (region_size(arrays["image_w"]), region_size(arrays["image_h"]))
-    features = _rows_array(path, "x", features, feature_size, are_features=True)
+    where = f"region feature file {path}"
+    features = _rows_array(where, "x", features, feature_size, are_features=True)
     boxes = arrays.get("bbox")
     if boxes is not None:
         # Their count is checked against the regions the model sees (`RWSANVQAPipeline.preprocess`).
-        boxes = _rows_array(path, "bbox", boxes, 4)
+        boxes = _rows_array(where, "bbox", boxes, 4)
     return {"image_features": features, "boxes": boxes, "image_size": image_size}
 
 

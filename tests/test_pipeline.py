@@ -466,13 +466,19 @@ def test_a_feature_file_s_x_is_checked_as_given_features_are(vqa, tmp_path):
     from a file as from an array."""
     integers = tmp_path / "integers.npz"
     np.savez(integers, x=np.ones((FEATURE_SIZE, 3), np.int64))
-    with pytest.raises(ValueError, match=f"^input: {integers}: x must hold floating-point values, got int64$"):
+    message = f"^input: region feature file {integers}: x must hold floating-point values, got int64$"
+    with pytest.raises(ValueError, match=message):
         vqa({"question": "what color", "image_features": integers})
     vanishing = np.ones((3, FEATURE_SIZE))
     vanishing[1] = 1e-50
     np.savez(tmp_path / "vanishing.npz", x=vanishing.T)
     with pytest.raises(ValueError, match="x has a row whose values are all too small for float32"):
         vqa({"question": "what color", "image_features": tmp_path / "vanishing.npz"})
+    # Named as the file's other faults are: once its path alone.
+    no_regions = tmp_path / "no_regions.npz"
+    np.savez(no_regions, x=np.zeros((FEATURE_SIZE, 0), np.float32))
+    with pytest.raises(ValueError, match=f"^input: region feature file {no_regions}: x has no regions$"):
+        vqa({"question": "what color", "image_features": no_regions})
 
 
 @pytest.mark.parametrize(

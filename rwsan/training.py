@@ -205,7 +205,7 @@ class VQATrainingArguments(TrainingArguments):
                 "--compile_blocks and --torch_compile (or --torch_compile_mode/--torch_compile_backend) both compile "
                 "the model; give one of them"
             )
-        if self.world_size > 1 and not self.accelerator_config.even_batches:
+        if not self.accelerator_config.even_batches and self.world_size > 1:
             raise ValueError(
                 "even_batches false in --accelerator_config gives the processes different numbers of batches: "
                 "training would wait forever at the step one of them lacks, and the evaluation's gathers would "

@@ -1641,10 +1641,12 @@ def test_without_an_accelerator_bf16_runs_on_the_cpu_untold(tmp_path):
 
 @pytest.fixture
 def training_device(monkeypatch):
-    """Sets the device `VQATrainingArguments` train on (`"cuda"`, `"mps"`, ...) without one being there."""
+    """Sets the device `VQATrainingArguments` train on (`"cuda"`, `"mps"`, ...) without one being there, for one
+    process (the device's setup, left out, would set up the processes)."""
 
     def set_device(device_type: str):
         monkeypatch.setattr(VQATrainingArguments, "device", property(lambda self: torch.device(device_type)))
+        monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 1))
         monkeypatch.setattr(torch.accelerator, "is_available", lambda: device_type != "cpu")
 
     return set_device

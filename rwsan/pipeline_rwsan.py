@@ -169,6 +169,7 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"region feature file not found: {path}")
+    where = f"region feature file {path}"
     try:
         arrays, unreadable = read_region_archive(path)
         features = regions_first(arrays["x"], feature_size)
@@ -177,13 +178,12 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
             if name in unreadable:
                 raise ValueError(f"{name} {unreadable[name]}")
     except ValueError as error:
-        raise ValueError(f"region feature file {path}: {error}") from None
+        raise ValueError(f"{where}: {error}") from None
     image_size = None
     if "image_w" in arrays and "image_h" in arrays:
         if fault := image_size_fault(arrays["image_w"], arrays["image_h"]):
-            raise ValueError(f"region feature file {path}: {fault}")
+            raise ValueError(f"{where}: {fault}")
         image_size = (region_size(arrays["image_w"]), region_size(arrays["image_h"]))
-    where = f"region feature file {path}"
     features = _rows_array(where, "x", features, feature_size, are_features=True)
     boxes = arrays.get("bbox")
     if boxes is not None:

@@ -22,8 +22,8 @@ Output layout (`OUTPUT_DIR/`):
                          holds a faulty one: a problem in report.json), num_regions
     questions/<split>/   one row per question of train, val, test, test-dev, vg: question_id, image_id,
                          image_index (its row in images/), question, input_ids and, for annotated splits,
-                         question_type, answer_type, answers (the annotators'), multiple_choice_answer,
-                         label_ids / label_scores (the sparse soft scores)
+                         question_type, answer_type, answers (the annotators'), multiple_choice_answer (null
+                         where VG's file has none), label_ids / label_scores (the sparse soft scores)
     processor/           the `RWSANProcessor` with the question and answer vocabularies
     report.json          counts, a summary of the regions per image, and every problem found
 
@@ -325,7 +325,9 @@ class AnnotationRecord(NamedTuple):
     image_id: int | None
     question_type: str | None
     answer_type: str | None
-    multiple_choice_answer: str
+    # Needed only where the answer vocabulary is counted (train, val): the original reads just `answers` for
+    # training, so its Visual Genome files need not hold it.
+    multiple_choice_answer: str | None
     answers: tuple[str, ...]
 
 
@@ -366,12 +368,17 @@ def _answers_fault(value) -> str | None:
 # field -> what is wrong with its value (None when nothing), for the fields read here
 RECORD_FIELDS = {
     QuestionRecord: {"question_id": _id_fault, "image_id": _id_fault, "question": _text_fault},
-    AnnotationRecord: {"question_id": _id_fault, "multiple_choice_answer": _text_fault, "answers": _answers_fault},
+    AnnotationRecord: {"question_id": _id_fault, "answers": _answers_fault},
 }
 # The same for fields that may also be absent or null.
 OPTIONAL_RECORD_FIELDS = {
     QuestionRecord: {},
-    AnnotationRecord: {"image_id": _id_fault, "question_type": _text_fault, "answer_type": _text_fault},
+    AnnotationRecord: {
+        "image_id": _id_fault,
+        "question_type": _text_fault,
+        "answer_type": _text_fault,
+        "multiple_choice_answer": _text_fault,
+    },
 }
 
 
@@ -409,7 +416,7 @@ def compact_json_object(record_type: type, content: dict):
         content.get("image_id"),
         _interned(content.get("question_type")),
         _interned(content.get("answer_type")),
-        _interned(content["multiple_choice_answer"]),
+        _interned(content.get("multiple_choice_answer")),
         tuple(content["answers"]),
     )
 
@@ -1232,6 +1239,17 @@ def regions_summary(num_regions: list[int]) -> dict:
     }
 
 
+def check_multiple_choice_answers(path: Path, annotations: list[AnnotationRecord]):
+    """Refuses annotations of a split that the answer vocabulary is counted from, but that lack the answer it
+    counts."""
+    for position, annotation in enumerate(annotations):
+        if annotation.multiple_choice_answer is None:
+            raise ValueError(
+                f"{path}: annotations[{position}] has no multiple_choice_answer, which the answer vocabulary is "
+                f"counted from (in the {' and '.join(ANSWER_VOCABULARY_SPLITS)} annotations)"
+            )
+
+
 @dataclass
 class RawQuestions:
     """The parsed question and annotation files, and the vocabularies built from them."""
@@ -1250,6 +1268,8 @@ def load_raw_questions(inputs: RawInputs) -> RawQuestions:
         split: load_records(path, "annotations", AnnotationRecord) for split, path in inputs.annotation_files.items()
     }
     answer_splits = [split for split in ANSWER_VOCABULARY_SPLITS if split in annotations]
+    for split in answer_splits:
+        check_multiple_choice_answers(inputs.annotation_files[split], annotations[split])
     if len(answer_splits) < len(ANSWER_VOCABULARY_SPLITS):
         print(
             f"Note: the answer vocabulary comes from {' and '.join(answer_splits)} alone; the paper's (its "

@@ -615,8 +615,19 @@ def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove
         ),
         (
             "v2_mscoco_val2014_annotations.json",
-            '{"annotations": [{"question_id": 1, "answers": []}]}',
-            r"annotations\[0\] has no multiple_choice_answer \(it needs question_id, multiple_choice_answer, answers\)",
+            '{"annotations": [{"question_id": 1}]}',
+            r"annotations\[0\] has no answers \(it needs question_id, answers\)",
+        ),
+        (
+            "v2_mscoco_val2014_annotations.json",
+            '{"annotations": [{"question_id": 1, "answers": [{"answer": "no"}]}]}',
+            r"val2014_annotations\.json: annotations\[0\] has no multiple_choice_answer, which the answer "
+            r"vocabulary is counted from \(in the train and val annotations\)",
+        ),
+        (
+            "VG_annotations.json",
+            '{"annotations": [{"question_id": 1, "multiple_choice_answer": 3, "answers": [{"answer": "no"}]}]}',
+            r"VG_annotations\.json: annotations\[0\]\.multiple_choice_answer is 3, expected a string",
         ),
         (
             "v2_mscoco_val2014_annotations.json",
@@ -626,8 +637,8 @@ def test_missing_required_file_stops_with_its_path(raw_vqa_dir, tmp_path, remove
         ),
         (
             "v2_mscoco_val2014_annotations.json",
-            '{"annotations": [{"question_id": 1, "multiple_choice_answer": null, "answers": []}]}',
-            r"annotations\[0\]\.multiple_choice_answer is None, expected a string",
+            '{"annotations": [{"question_id": 1, "multiple_choice_answer": null, "answers": [{"answer": "no"}]}]}',
+            r"annotations\[0\] has no multiple_choice_answer, which the answer vocabulary is counted from",
         ),
         (
             "v2_mscoco_val2014_annotations.json",
@@ -735,6 +746,23 @@ def test_absent_splits_are_skipped_and_said_so(raw_vqa_dir, tmp_path, capsys):
         ValueError, match=r"Unknown split 'test' in 'train\+test'; .* has train, val; " + re.escape(message)
     ):
         load_vqa_dataset(tmp_path / "prepared", "train+test")
+
+
+def test_visual_genome_annotations_need_no_multiple_choice_answer(raw_vqa_dir, tmp_path):
+    # The original trains on VG's `answers` alone and counts its answer vocabulary from train and val.
+    def without_multiple_choice_answers(content):
+        for annotation in content["annotations"]:
+            del annotation["multiple_choice_answer"]
+
+    edit_json(raw_vqa_dir / "vqa" / "VG_annotations.json", without_multiple_choice_answers)
+    report = prepare(raw_vqa_dir, tmp_path / "prepared")
+    assert report["splits"]["vg"] == {"questions": 2, "kept": 2} and report["problems"] == []
+    vg = load_from_disk(str(tmp_path / "prepared" / "questions" / "vg"))
+    assert vg["multiple_choice_answer"] == [None, None]
+    # "yes" is no answer of the vocabulary; "Two" (-> "2") from two annotators scores 0.6.
+    assert vg["label_ids"] == [[1], [1]] and np.allclose(vg["label_scores"], [[0.6], [0.6]])
+    train_and_vg = load_vqa_dataset(tmp_path / "prepared", "train+vg")
+    assert len(train_and_vg) == 26 and train_and_vg.answers[-1] == ["yes"] * 5 + ["Two"] * 2 + ["blue"] * 3
 
 
 def test_an_answer_vocabulary_without_val_says_it_is_not_the_papers(raw_vqa_dir, tmp_path, capsys):

@@ -889,8 +889,9 @@ class VQATrainer(Trainer):
 
     def _forward_backward(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`Trainer.training_step`'s passes for one process without accumulation (what --cuda_graphs allows)."""
+        num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         self.accelerator.backward(loss)
         return loss.detach()
 
@@ -1062,24 +1063,35 @@ class VQATrainer(Trainer):
         # Batches of `VQACollator(pack_regions=True)` are padded once on the device.
         return unpack_image_features(super()._prepare_inputs(inputs))
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int | None:
-        """The questions of an accumulated step's micro-batches (on this process), for `compute_loss`: a count of
-        shapes, which needs no sync. None for a single batch, where there is nothing to weigh: a step without
-        accumulation, and each batch of an evaluation (`Trainer.prediction_step` asks too)."""
-        if len(batch_samples) < 2 or "labels" not in batch_samples[0]:
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int | torch.Tensor | None:
+        """The questions of a step's micro-batches, or of an evaluation batch (`Trainer.prediction_step` asks too).
+
+        With a `compute_loss_func`, the Trainer's convention for it: every batch's count, summed over the processes
+        where `average_tokens_across_devices` (the Trainer then scales the loss by the process count); the function
+        returns its loss summed over the questions of its micro-batch, divided by this count. Else, for
+        `compute_loss`'s weights: an accumulated step's count on this process (shapes, no sync), and None for a
+        single batch, where there is nothing to weigh."""
+        if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        return sum(len(batch["labels"]) for batch in batch_samples)
+        questions = sum(len(batch["labels"]) for batch in batch_samples)
+        if self.compute_loss_func is not None:
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                return self.accelerator.gather(torch.tensor(questions, device=device)).sum()
+            return questions
+        return questions if len(batch_samples) > 1 else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key != "question_id"}
+        # Read first: the Trainer takes the labels out of the inputs for a compute_loss_func.
+        batch_size = len(inputs["labels"]) if "labels" in inputs else None
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if num_items_in_batch is None:
+        if num_items_in_batch is None or self.compute_loss_func is not None:
             return result
         # The model's loss is its batch's mean, and the Trainer divides each micro-batch's by their number in the
         # step: the questions of a smaller micro-batch (the epoch's last on one process) would weigh more than the
         # others'. Weighed by its share of the step's questions, the step's loss is its whole batch's mean, as
         # without accumulation.
-        weight = len(inputs["labels"]) * self.current_gradient_accumulation_steps / num_items_in_batch
+        weight = batch_size * self.current_gradient_accumulation_steps / num_items_in_batch
         if return_outputs:
             loss, outputs = result
             return loss * weight, outputs
@@ -1105,8 +1117,11 @@ class VQATrainer(Trainer):
     def _predict(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """`Trainer.prediction_step`'s forward pass, for one process."""
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
-        return None if outputs.loss is None else outputs.loss.mean(), outputs.logits
+            if "labels" not in inputs:
+                return None, model(**inputs).logits
+            num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        return loss.mean(), outputs.logits
 
 
 def _stop_persistent_workers(dataloaders: Collection):

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_FEATURE_SIZE
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainerState
@@ -192,6 +193,56 @@ def test_accumulated_micro_batches_weigh_each_question_as_one_batch_does(tiny_pr
     whole, accumulated = logged(outputs[1], "eval_loss"), logged(outputs[2], "eval_loss")
     assert list(whole) == [0, 7, 14]
     assert accumulated == pytest.approx(whole, rel=1e-4)
+
+
+def summed_answer_loss(outputs, labels, num_items_in_batch=None):
+    """A `compute_loss_func` in the Trainer's convention: the model's loss summed over the questions of the batch,
+    divided by the count the Trainer gives."""
+    loss = F.binary_cross_entropy_with_logits(outputs.logits.float(), labels.float(), reduction="sum")
+    return loss / num_items_in_batch
+
+
+def test_a_compute_loss_func_divides_by_the_questions_of_the_step(tiny_prepared_vqa, tmp_path):
+    """It was given no count without accumulation; with it, `compute_loss` raised a KeyError (the Trainer takes the
+    labels out of the inputs for the function), and the weights meant for the model's mean loss made the epoch's
+    last step, 16 + 2 questions, wrong. 210 questions in steps of 32, or of 16 x 2; then the val questions."""
+    losses = {}
+    for name, batch_size, accumulation, function in (
+        ("model", 32, 1, None),
+        ("function", 32, 1, summed_answer_loss),
+        ("accumulated_function", 16, 2, summed_answer_loss),
+    ):
+        trainer = tiny_trainer(
+            tiny_prepared_vqa, tmp_path / name, 0.0, compute_loss_func=function, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=-1, num_train_epochs=1,
+        )  # fmt: skip
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        losses[name].append(trainer.evaluate(load_vqa_dataset(tiny_prepared_vqa, "val"))["eval_loss"])
+    assert len(losses["model"]) == 8
+    assert losses["function"] == pytest.approx(losses["model"], rel=1e-4)
+    assert losses["accumulated_function"] == pytest.approx(losses["model"], rel=1e-4)
+
+
+def test_the_passes_cuda_graphs_record_compute_the_loss_as_the_trainer_does(tiny_prepared_vqa, tmp_path):
+    """Their evaluation pass took the model's own loss, whatever `compute_loss_func` said (checked here on the CPU,
+    unrecorded)."""
+    counts = []
+
+    def doubled_loss(outputs, labels, num_items_in_batch=None):
+        counts.append(num_items_in_batch)
+        return 2 * summed_answer_loss(outputs, labels, num_items_in_batch)
+
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, compute_loss_func=doubled_loss)
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(8)])
+    batch.pop("question_id")
+    model_loss = trainer.model(**batch).loss.item()
+    loss, logits = trainer._predict(trainer.model, dict(batch))
+    assert loss.item() == pytest.approx(2 * model_loss) and logits.shape == (8, trainer.model.config.num_labels)
+    assert trainer._forward_backward(trainer.model, dict(batch)).item() == pytest.approx(2 * model_loss)
+    assert counts == [8, 8]
+    unlabelled = {key: value for key, value in batch.items() if key != "labels"}
+    assert trainer._predict(trainer.model, unlabelled)[0] is None
 
 
 def written_json(path: Path) -> bool:
@@ -1688,7 +1739,13 @@ def test_an_accelerator_config_file_that_names_non_blocking_is_followed(tmp_path
 
 
 def tiny_trainer(
-    dataset_dir: Path, output: Path, dropout: float, pack_regions: bool = False, pad_to_multiple_of=2, **arguments
+    dataset_dir: Path,
+    output: Path,
+    dropout: float,
+    pack_regions: bool = False,
+    pad_to_multiple_of=2,
+    compute_loss_func=None,
+    **arguments,
 ):
     """A VQATrainer in this process: the tiny model, 6 steps of 8 questions of the tiny toy set, padded to
     multiples of 2 (so that batches come in several shapes); `arguments` go to `VQATrainingArguments`, over these
@@ -1724,6 +1781,7 @@ def tiny_trainer(
         args=training_args,
         train_dataset=dataset,
         data_collator=VQACollator(config.num_labels, pad_to_multiple_of=pad_to_multiple_of, pack_regions=pack_regions),
+        compute_loss_func=compute_loss_func,
     )
 
 

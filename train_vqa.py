@@ -623,6 +623,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             "--pack_regions does not work with split_batches or dispatch_batches in --accelerator_config: the "
             "packed regions of a batch cannot be cut between processes by sample"
         )
+    if accelerator.dispatch_batches and not accelerator.split_batches and training_args.world_size > 1:
+        raise UsageError(
+            "dispatch_batches in --accelerator_config joins one batch of each process into one, which fails at "
+            "the first batches padded to other lengths; add split_batches: true (with it, "
+            "--per_device_train_batch_size is the batch of all the processes together, cut between them)"
+        )
 
 
 def fill_in_lengths(model_args: ModelArguments, data_args: DataArguments):

@@ -501,16 +501,31 @@ def run_two_processes(*arguments, check=True):
     return result
 
 
-def test_uneven_batches_across_processes_are_refused(tiny_prepared_vqa, tmp_path):
-    """accelerate's `even_batches: false`: the processes' batch counts differ, so training hung until DDP's
-    timeout (30 minutes), and an evaluation failed blaming drop_last."""
-    output = tmp_path / "uneven"
-    arguments = common_arguments(tiny_prepared_vqa, output, "--accelerator_config", '{"even_batches": false}')
+@pytest.mark.parametrize(
+    ("accelerator_config", "message"),
+    [
+        # The processes' batch counts differ: training hung until DDP's timeout (30 minutes), and an evaluation
+        # failed blaming drop_last.
+        (
+            '{"even_batches": false}',
+            "even_batches false in --accelerator_config gives the processes different numbers of batches",
+        ),
+        # It failed at the first training step, after the data and the model were loaded.
+        (
+            '{"dispatch_batches": true}',
+            "dispatch_batches in --accelerator_config joins one batch of each process into one, which fails at the "
+            "first batches padded to other lengths; add split_batches: true",
+        ),
+    ],
+)
+def test_accelerator_configurations_that_fail_on_several_processes_are_refused(
+    tiny_prepared_vqa, tmp_path, accelerator_config, message
+):
+    output = tmp_path / "run"
+    arguments = common_arguments(tiny_prepared_vqa, output, "--accelerator_config", accelerator_config)
     result = run_two_processes(*arguments, "--per_device_train_batch_size", "20", check=False)
     assert result.returncode != 0
-    assert "even_batches false in --accelerator_config gives the processes different numbers of batches" in (
-        result.stdout + result.stderr
-    )
+    assert message in result.stdout + result.stderr
     assert not (output / "model.safetensors").exists()
 
 

@@ -472,7 +472,50 @@ def test_script_errors_name_the_file(evaluation_script, small_files, tmp_path):
     )
 
 
-@pytest.mark.parametrize("option", ["predictions", "annotations"])
+def test_script_errors_name_what_the_official_loader_would_trip_on(evaluation_script, small_files, tmp_path):
+    """A question file of another shape, an unreadable path, and a prediction that is no string each end in one
+    error line naming what is wrong, not in a traceback."""
+
+    def error_of(files):
+        with pytest.raises(SystemExit) as raised:
+            evaluation_script.main(_arguments(files))
+        return str(raised.value.code)
+
+    annotations_as_questions = small_files["annotations"]
+    assert error_of({**small_files, "questions": annotations_as_questions}) == (
+        f"error: {annotations_as_questions} is not a VQA question file: expected an object with a 'questions' list"
+    )
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert error_of({**small_files, "questions": folder}) == (
+        f"error: cannot read the questions file {folder}: Is a directory"
+    )
+    number = _write_json(tmp_path / "number.json", [*SMALL_RESULTS[1:], {"question_id": 11, "answer": 2}])
+    assert error_of({**small_files, "predictions": number}) == (
+        "error: question id 11: the predicted answer must be a string, got int"
+    )
+
+
+def test_script_writes_the_accuracy_json_indented_and_ends_it_with_a_newline(evaluation_script, small_files, tmp_path):
+    json_path = tmp_path / "accuracy.json"
+    json_path.write_text("an earlier run's accuracy")  # an existing --json file that is no input is written over
+    assert evaluation_script.main([*_arguments(small_files), "--json", str(json_path)]) == 0
+    assert json_path.read_text() == json.dumps(SMALL_ACCURACY, indent=2) + "\n"
+
+
+def test_script_with_an_existing_json_file_still_names_a_missing_input(evaluation_script, small_files, tmp_path):
+    """The check that --json is no input compares it with each input file that exists: a missing one is reported as
+    missing, not as a FileNotFoundError traceback from that check."""
+    json_path = tmp_path / "accuracy.json"
+    json_path.write_text("{}")
+    missing = tmp_path / "missing.json"
+    with pytest.raises(SystemExit) as raised:
+        evaluation_script.main([*_arguments({**small_files, "predictions": missing}), "--json", str(json_path)])
+    assert raised.value.code == f"error: predictions file not found: {missing}"
+    assert json_path.read_text() == "{}"
+
+
+@pytest.mark.parametrize("option", ["predictions", "questions", "annotations"])
 def test_script_refuses_to_write_the_accuracy_over_an_input(evaluation_script, small_files, capsys, option):
     kept = small_files[option].read_text()
     with pytest.raises(SystemExit) as raised:

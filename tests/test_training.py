@@ -1129,6 +1129,7 @@ def test_a_dashed_dataset_dir_is_the_dataset_not_the_toy_set(tmp_path, monkeypat
         ({"eval_strategy": "no"}, False, "no"),
         ({"do_eval": False}, False, "no"),
         ({"do_eval": True, "eval_strategy": "no"}, True, "no"),
+        ({"do_eval": False, "eval_strategy": "no"}, False, "no"),
     ],
 )
 def test_do_eval_and_eval_strategy_follow_each_other(tmp_path, given, do_eval, eval_strategy):
@@ -1751,6 +1752,38 @@ def test_an_accelerator_config_file_that_names_non_blocking_is_followed(tmp_path
         assert arguments.non_blocking is False and arguments.even_batches is False
     config.write_text(json.dumps({"even_batches": False}))
     assert VQATrainingArguments(output_dir=str(tmp_path), accelerator_config=config).accelerator_config.non_blocking
+
+
+def test_an_accelerator_config_object_is_taken_as_it_is(tmp_path, training_device):
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    training_device("cuda")
+    for given in (AcceleratorConfig(), AcceleratorConfig(non_blocking=False, even_batches=False)):
+        arguments = VQATrainingArguments(output_dir=str(tmp_path), accelerator_config=given)
+        assert arguments.accelerator_config is given and not given.non_blocking
+
+
+@pytest.mark.parametrize(
+    "fp16, processes, gpus, refused",
+    [
+        (True, 1, 1, "--fp16 (its loss scaler reads the gradients on the host; use --bf16)"),
+        (False, 2, 1, "several processes or GPUs"),
+        (False, 1, 2, "several processes or GPUs"),
+    ],
+)
+def test_cuda_graphs_on_a_gpu_refuse_what_they_cannot_record(
+    tmp_path, training_device, monkeypatch, fp16, processes, gpus, refused
+):
+    """On the CPU --fp16 and several processes are refused anyway; on a GPU they are --cuda_graphs' own refusals."""
+    training_device("cuda")
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: processes))
+    monkeypatch.setattr(VQATrainingArguments, "n_gpu", property(lambda self: gpus))
+    with pytest.raises(ValueError, match=f"^{re.escape(f'--cuda_graphs does not work with {refused}')}$"):
+        VQATrainingArguments(output_dir=str(tmp_path), cuda_graphs=True, fp16=fp16)
+    # One process on one GPU, in fp32: taken.
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 1))
+    monkeypatch.setattr(VQATrainingArguments, "n_gpu", property(lambda self: 1))
+    assert VQATrainingArguments(output_dir=str(tmp_path), cuda_graphs=True).cuda_graphs
 
 
 def tiny_trainer(

@@ -1486,6 +1486,26 @@ def test_a_non_finite_evaluation_loss_or_mean_training_loss_stops_the_run_too(tm
     StopOnNonFiniteLoss().on_log(args, state, None, logs={"eval_loss": float("nan"), "eval_accuracy": 20.0})
 
 
+def test_only_a_logged_loss_vouches_for_the_weights_of_its_step(tmp_path):
+    """A log without a loss (a metric alone, say) says nothing of the weights: the checkpoint named is the last one
+    before the last finite loss. An output folder not made yet holds no checkpoint to name."""
+    for step in (4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    callback, state = StopOnNonFiniteLoss(), TrainerState(global_step=0)
+    callback.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    for step, logs in ((5, {"loss": 1.0}), (9, {"eval_accuracy": 20.0, "epoch": 1.0})):
+        state.global_step = step
+        callback.on_log(SimpleNamespace(output_dir=str(tmp_path)), state, None, logs=logs)
+    state.global_step = 10
+    for output_dir, checkpoint in ((tmp_path, tmp_path / "checkpoint-4"), (tmp_path / "not_made", None)):
+        with pytest.raises(FloatingPointError) as raised:
+            callback.on_log(SimpleNamespace(output_dir=str(output_dir)), state, None, logs={"loss": float("nan")})
+        assert str(raised.value).startswith(
+            "The training loss became nan by optimizer step 10; a loss was last logged finite at step 5. The last "
+            f"checkpoint saved before then is {checkpoint or 'none (no checkpoint was saved yet)'} (later ones"
+        )
+
+
 def test_a_run_that_diverges_unlogged_saves_no_model(tiny_prepared_vqa, tmp_path):
     import train_vqa
 

@@ -1273,6 +1273,72 @@ def test_training_curves_end_with_the_training_and_name_the_split_evaluated():
     assert accuracy_axis.get_title() == "train VQA accuracy"
 
 
+def test_training_curves_draw_each_answer_types_accuracy_with_a_legend(tmp_path, monkeypatch):
+    from rwsan import reporting
+
+    by_type = {"yes/no": [70.0, 75.0], "number": [10.0, 15.0], "other": [20.0, 25.0]}
+    history = [
+        {"eval_accuracy": 30.0 + epoch, "epoch": float(epoch)}
+        | {f"eval_accuracy_{name}": values[epoch - 1] for name, values in by_type.items()}
+        for epoch in (1, 2)
+    ]
+    accuracy_axis = reporting.training_history_figure(history).axes[2]
+    drawn = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in accuracy_axis.lines]
+    assert drawn == [("overall", [1.0, 2.0], [31.0, 32.0])] + [
+        (name, [1.0, 2.0], values) for name, values in by_type.items()
+    ]
+    assert [text.get_text() for text in accuracy_axis.get_legend().get_texts()] == ["overall", *by_type]
+    # The image is of the split given: its title names it.
+    titles = []
+    figure = reporting.training_history_figure
+    monkeypatch.setattr(
+        reporting,
+        "training_history_figure",
+        lambda *args: titles.append(figure(*args).axes[2].get_title()) or figure(*args),
+    )
+    path = reporting.plot_training_history(history, tmp_path / "curves.png", "test-dev")
+    assert path == tmp_path / "curves.png" and path.read_bytes().startswith(b"\x89PNG")
+    assert titles == ["test-dev VQA accuracy"]
+
+
+def test_the_model_card_gives_the_metadata_sizes_and_citation(tmp_path):
+    from rwsan import RWSANConfig
+    from rwsan.reporting import CITATION, write_model_card
+
+    config = RWSANConfig(
+        vocab_size=40, num_labels=7, max_regions=50, image_feature_size=32, hidden_size=64, num_attention_heads=4,
+        intermediate_size=128,
+    )  # fmt: skip
+    card = write_model_card(
+        tmp_path, config, "trained on VQA-v2.", license="cc-by-4.0", datasets=("vqa_v2", "visual_genome"),
+        folder="runs/final",
+    ).read_text()  # fmt: skip
+    assert card.startswith(
+        "---\nlicense: cc-by-4.0\nlibrary_name: transformers\npipeline_tag: visual-question-answering\ntags:\n"
+        "- rwsan\n- vqa\n- visual-question-answering\n- bottom-up-attention\ndatasets:\n- vqa_v2\n- visual_genome\n"
+        "metrics:\n- accuracy\n---\n"
+    )
+    assert "(Qin, Hu & Zhuang, IEEE TMM 2022), trained on VQA-v2.\n" in card
+    assert "(Faster R-CNN, up to\n50 regions of 32 values)." in card
+    assert json.loads(card.split("```json\n")[1].split("```")[0]) == {
+        "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, "num_srwsa_repeats": 3,
+        "num_sgrwsa_repeats": 3, "text_self_attention_rank": 4, "image_self_attention_rank": 16,
+        "guided_attention_rank": 64, "vocab_size": 40, "num_labels": 7,
+    }  # fmt: skip
+    # Without an evaluation, the results say there was none, and name no split.
+    assert (
+        "## Results (VQA accuracy in %, as the original's vqaEval.py computes it)\n\n| metric | value |\n"
+        "| --- | --- |\n| (no evaluation split) | |\n"
+    ) in card
+    # `folder` is where the card's folder ends up: the usage example loads it.
+    assert 'pipeline(model="runs/final", trust_remote_code=True)  # once uploaded, its hub id (user/name)\n' in card
+    assert card.endswith(f"```bibtex\n{CITATION}\n```\n") and "doi     = {10.1109/TMM.2022.3173131}" in CITATION
+    # Trained on no hub dataset, the metadata names none.
+    card = write_model_card(tmp_path, config, "trained here.", datasets=()).read_text()
+    assert "datasets:" not in card and "- bottom-up-attention\nmetrics:\n" in card
+    assert card.startswith("---\nlicense: apache-2.0\n")
+
+
 def test_importing_the_package_leaves_the_users_matplotlib_backend_alone():
     """The README has users call the converter from Python, in a notebook say: its import of the curves' module
     once switched the process to Agg, and the notebook's figures stopped showing."""

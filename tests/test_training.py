@@ -2010,6 +2010,34 @@ def test_metrics_refuse_predictions_that_miss_repeat_or_stray_from_questions(tin
         compute_metrics(EvalPrediction(answers, other))
 
 
+def test_metrics_name_the_first_five_questions_they_do_not_have():
+    from transformers import EvalPrediction
+
+    from rwsan.training import vqa_metrics
+
+    class OneQuestion:
+        question_ids = np.array([7])
+        answers = [["2"] * 10]
+        answer_types = ["number"]
+
+        def __len__(self):
+            return 1
+
+        def __repr__(self):
+            return "OneQuestion()"
+
+    compute_metrics = vqa_metrics(OneQuestion(), {0: "2"})
+    for strangers, named in (([1, 2, 3, 4, 5], "[1, 2, 3, 4, 5]"), ([1, 2, 3, 4, 5, 6], "[1, 2, 3, 4, 5], ...")):
+        with pytest.raises(ValueError) as raised:
+            compute_metrics(EvalPrediction(np.zeros(len(strangers)), np.array(strangers)))
+        assert str(raised.value).startswith(
+            f"The evaluation answered {len(strangers)} questions that OneQuestion(), whose accuracy this metric "
+            f"measures, does not have (question ids {named}): the dataset evaluated is another"
+        )
+
+
+
+
 def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_path):
     # Padding rounded up past the longest question and image: every batch is padded to (16 words, 100 regions).
     trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, pad_to_multiple_of=1000, use_cpu=True)

@@ -2036,6 +2036,29 @@ def test_metrics_name_the_first_five_questions_they_do_not_have():
         )
 
 
+def test_accumulated_micro_batch_losses_are_weighed_by_their_share_of_the_questions(tiny_prepared_vqa, tmp_path):
+    """The step's loss over micro-batches of 6 and 2 questions, as the Trainer sums them (each divided by the
+    accumulation steps), is the mean over the step's 8 questions, as one batch of 8 gives; with or without the
+    outputs. A single batch (no accumulation, or evaluation) is not weighed."""
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, use_cpu=True, gradient_accumulation_steps=2)
+    model = trainer.model.eval()
+    batch = trainer.data_collator([trainer.train_dataset[index] for index in range(8)])
+    micro_batches = [{name: value[rows] for name, value in batch.items()} for rows in (slice(0, 6), slice(6, 8))]
+    assert trainer._get_num_items_in_batch(micro_batches, torch.device("cpu")) == 8
+    assert trainer._get_num_items_in_batch(micro_batches[:1], torch.device("cpu")) is None
+    without_labels = [{name: value for name, value in micro.items() if name != "labels"} for micro in micro_batches]
+    assert trainer._get_num_items_in_batch(without_labels, torch.device("cpu")) is None
+    trainer.current_gradient_accumulation_steps = 2
+    with torch.no_grad():
+        whole = trainer.compute_loss(model, batch)
+        # The Trainer's own average of the two means would weigh each of the 2 questions as 3 of the 6.
+        means = [trainer.compute_loss(model, micro) for micro in micro_batches]
+        weighed = [trainer.compute_loss(model, micro, num_items_in_batch=8) for micro in micro_batches]
+        with_outputs = [trainer.compute_loss(model, micro, True, num_items_in_batch=8) for micro in micro_batches]
+    assert abs(float(sum(means) / 2 - whole)) > 1e-3
+    assert float(sum(weighed) / 2) == pytest.approx(float(whole), rel=1e-6)
+    assert [float(loss) for loss, _ in with_outputs] == [float(loss) for loss in weighed]
+    assert [len(outputs.logits) for _, outputs in with_outputs] == [6, 2]
 
 
 def test_trainer_counts_the_flops_of_the_padded_regions(tiny_prepared_vqa, tmp_path):

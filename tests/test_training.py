@@ -488,6 +488,31 @@ def test_a_checkpoint_of_the_weights_alone_is_not_resumed(tiny_prepared_vqa, tmp
         train_vqa.main([*elsewhere, "--num_train_epochs", "2", "--resume_from_checkpoint", str(output)])
 
 
+def test_a_resume_with_any_other_optimizer_option_is_refused_before_training(tiny_prepared_vqa, tmp_path):
+    """The resumed optimizer takes each of them from its saved state; another value given would be ignored."""
+    from rwsan.training import ResumeError
+
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / "run", dropout=0.0, use_cpu=True)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "rng_state.pth").write_bytes(b"")
+    given = {"learning_rate": 1e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-9}
+    saved_values = {"learning_rate": 1e-4, "weight_decay": 0.01, "adam_beta1": 0.8, "adam_beta2": 0.999,
+                    "adam_epsilon": 1e-8}  # fmt: skip
+    for name in given:
+        record = {"args": {}, "attributes": {"optimizer_options": {**given, name: saved_values[name]}}}
+        TrainerState(global_step=3, stateful_callbacks={"ResumeRecord": record}).save_to_json(
+            str(checkpoint / "trainer_state.json")
+        )
+        message = (
+            f"{checkpoint} was trained with --{name} {saved_values[name]}, but this run gives --{name} {given[name]}: "
+            "the resumed optimizer takes these from its saved state"
+        )
+        with pytest.raises(ResumeError, match=re.escape(message)):
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
+
+
 def run_two_processes(*arguments, check=True):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -1234,6 +1234,35 @@ def test_push_to_hub_sends_the_vqa_model_card_and_not_the_predictions(tiny_prepa
     assert (output / "predictions_test.json").exists()  # the default --predict_split: the whole test set
 
 
+def test_the_pipeline_is_saved_with_the_runs_own_folder_only(tiny_prepared_vqa, tmp_path):
+    """A checkpoint, or another folder saved to, must not fill the run's output folder with a half-made model."""
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / "run", dropout=0.0, use_cpu=True)
+    trainer.processing_class = trainer.train_dataset.processor
+    trainer.save_model(str(tmp_path / "elsewhere"))
+    assert (tmp_path / "elsewhere" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "pipeline_rwsan.py").exists() and not (tmp_path / "run" / "config.json").exists()
+    trainer.save_model()
+    assert (tmp_path / "run" / "pipeline_rwsan.py").exists()
+    assert "rwsan-vqa-features" in json.loads((tmp_path / "run" / "config.json").read_text())["custom_pipelines"]
+
+
+def test_a_hub_repository_that_cannot_be_made_is_named_as_given(tiny_prepared_vqa, tmp_path, monkeypatch):
+    from rwsan.training import HubRepositoryError, VQATrainer
+
+    def unreachable(self, token=None, private=None):
+        raise OSError("no route to the hub")
+
+    monkeypatch.setattr(Trainer, "init_hf_repo", unreachable)
+    model = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, use_cpu=True).model
+    arguments = VQATrainingArguments(
+        output_dir=str(tmp_path / "run"), use_cpu=True, push_to_hub=True, hub_model_id="someone/rwsan-vqa",
+        eval_strategy="no", report_to=[],
+    )  # fmt: skip
+    message = "--push_to_hub: cannot make or reach the hub repository someone/rwsan-vqa: OSError: no route to the hub"
+    with pytest.raises(HubRepositoryError, match=f"^{re.escape(message)}$"):
+        VQATrainer(model=model, args=arguments)
+
+
 def test_push_to_hub_offline_fails_in_one_line_before_training(tiny_prepared_vqa, tmp_path):
     """The hub repository is made as the Trainer is built: offline, the run failed there with the HTTP client's
     traceback."""

@@ -1982,6 +1982,18 @@ def test_the_paper_schedule_made_before_training_says_how_to_make_it(tiny_prepar
     assert trainer.state.global_step == 6 and set(trainer.lr_scheduler.get_last_lr()) == {1e-3}
 
 
+def test_training_again_starts_the_paper_schedule_again(tiny_prepared_vqa, tmp_path):
+    """A second train() (after a failed one, say) makes its schedule anew, as the Trainer does its own: 4 steps an
+    epoch with one warm-up epoch run at half the rate each time, not on from where the first run left it."""
+    trainer = tiny_trainer(
+        tiny_prepared_vqa, tmp_path, dropout=0.0, use_cpu=True, per_device_train_batch_size=64, max_steps=4,
+        warmup_epochs=1,
+    )  # fmt: skip
+    for _ in range(2):
+        trainer.train()
+        assert [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry] == [5e-4] * 4
+
+
 def test_a_run_shorter_than_the_paper_schedule_says_what_it_ends_before(tiny_prepared_vqa, tmp_path, caplog):
     """Two epochs of fine-tuning at the defaults never leave the warm-up; nothing failed, nothing said so."""
     from rwsan.training import paper_schedule_unreached

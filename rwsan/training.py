@@ -1066,19 +1066,23 @@ class VQATrainer(Trainer):
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> int | torch.Tensor | None:
         """The questions of a step's micro-batches, or of an evaluation batch (`Trainer.prediction_step` asks too).
 
-        With a `compute_loss_func`, the Trainer's convention for it: every batch's count, summed over the processes
-        where `average_tokens_across_devices` (the Trainer then scales the loss by the process count); the function
-        returns its loss summed over the questions of its micro-batch, divided by this count. Else, for
-        `compute_loss`'s weights: an accumulated step's count on this process (shapes, no sync), and None for a
-        single batch, where there is nothing to weigh."""
+        With a `compute_loss_func`, which returns its loss summed over the questions of its batch divided by this
+        count (the Trainer's convention): every batch's count. Where `average_tokens_across_devices`, the Trainer
+        multiplies the function's loss by the processes, or by DataParallel's GPUs; the count is theirs all
+        together, so that the step's loss is the mean over all its questions. Else, for `compute_loss`'s weights:
+        an accumulated step's count on this process (shapes, no sync), and None for a single batch, where there is
+        nothing to weigh."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
         questions = sum(len(batch["labels"]) for batch in batch_samples)
-        if self.compute_loss_func is not None:
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                return self.accelerator.gather(torch.tensor(questions, device=device)).sum()
+        if self.compute_loss_func is None:
+            return questions if len(batch_samples) > 1 else None
+        if not self.args.average_tokens_across_devices:
             return questions
-        return questions if len(batch_samples) > 1 else None
+        if self.args.world_size > 1:
+            return self.accelerator.gather(torch.tensor(questions, device=device)).sum()
+        # DataParallel's function sees the outputs of all its GPUs.
+        return questions * max(self.args.n_gpu, 1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: value for key, value in inputs.items() if key != "question_id"}

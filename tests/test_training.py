@@ -224,6 +224,34 @@ def test_a_compute_loss_func_divides_by_the_questions_of_the_step(tiny_prepared_
     assert losses["accumulated_function"] == pytest.approx(losses["model"], rel=1e-4)
 
 
+def test_a_compute_loss_func_on_several_gpus_of_one_process_gets_the_mean(tiny_prepared_vqa, tmp_path, monkeypatch):
+    """DataParallel (one process, 2 GPUs; on the CPU it calls the model): the Trainer multiplies the function's loss
+    by the GPUs, which the count must undo; the loss, and so the gradient clipping, came out twice the model's."""
+    monkeypatch.setattr(VQATrainingArguments, "n_gpu", property(lambda self: 2))
+    losses = {}
+    for name, function in (("model", None), ("function", summed_answer_loss)):
+        trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / name, 0.0, compute_loss_func=function, max_steps=3)
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        losses[name].append(trainer.evaluate(load_vqa_dataset(tiny_prepared_vqa, "val"))["eval_loss"])
+    assert losses["function"] == pytest.approx(losses["model"], rel=1e-4)
+
+
+def test_a_compute_loss_func_counts_the_questions_of_all_processes(tiny_prepared_vqa, tmp_path, monkeypatch):
+    """Each process's loss is multiplied by the processes where `average_tokens_across_devices`, and DDP averages
+    the gradients: the count must be all processes' (gathered), else every loss is the process count too large."""
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, compute_loss_func=summed_answer_loss)
+    micro_batches = [{"labels": torch.zeros(size, 3)} for size in (6, 2)]
+    assert trainer._get_num_items_in_batch(micro_batches, torch.device("cpu")) == 8
+    assert trainer._get_num_items_in_batch(micro_batches[1:], torch.device("cpu")) == 2
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 2))
+    # The other process had 8 + 1 questions.
+    monkeypatch.setattr(trainer.accelerator, "gather", lambda count: torch.stack([count, count + 1]))
+    assert trainer._get_num_items_in_batch(micro_batches, torch.device("cpu")) == 17
+    trainer.args.average_tokens_across_devices = False
+    assert trainer._get_num_items_in_batch(micro_batches, torch.device("cpu")) == 8
+
+
 def test_the_passes_cuda_graphs_record_compute_the_loss_as_the_trainer_does(tiny_prepared_vqa, tmp_path):
     """Their evaluation pass took the model's own loss, whatever `compute_loss_func` said (checked here on the CPU,
     unrecorded)."""

@@ -554,32 +554,36 @@ def run_two_processes(*arguments, check=True):
     return result
 
 
-@pytest.mark.parametrize(
-    ("accelerator_config", "message"),
-    [
-        # The processes' batch counts differ: training hung until DDP's timeout (30 minutes), and an evaluation
-        # failed blaming drop_last.
-        (
-            '{"even_batches": false}',
-            "even_batches false in --accelerator_config gives the processes different numbers of batches",
-        ),
-        # It failed at the first training step, after the data and the model were loaded.
-        (
-            '{"dispatch_batches": true}',
-            "dispatch_batches in --accelerator_config joins one batch of each process into one, which fails at the "
-            "first batches padded to other lengths; add split_batches: true",
-        ),
-    ],
-)
-def test_accelerator_configurations_that_fail_on_several_processes_are_refused(
-    tiny_prepared_vqa, tmp_path, accelerator_config, message
-):
-    output = tmp_path / "run"
-    arguments = common_arguments(tiny_prepared_vqa, output, "--accelerator_config", accelerator_config)
+def test_uneven_batches_across_processes_are_refused(tiny_prepared_vqa, tmp_path):
+    """accelerate's `even_batches: false`: the processes' batch counts differ, so training hung until DDP's
+    timeout (30 minutes), and an evaluation failed blaming drop_last."""
+    output = tmp_path / "uneven"
+    arguments = common_arguments(tiny_prepared_vqa, output, "--accelerator_config", '{"even_batches": false}')
     result = run_two_processes(*arguments, "--per_device_train_batch_size", "20", check=False)
     assert result.returncode != 0
-    assert message in result.stdout + result.stderr
+    assert "even_batches false in --accelerator_config gives the processes different numbers of batches" in (
+        result.stdout + result.stderr
+    )
     assert not (output / "model.safetensors").exists()
+
+
+def test_dispatched_batches_on_several_processes_need_split_batches(tiny_prepared_vqa, tmp_path, monkeypatch):
+    """accelerate joins one batch of each process, padded to other lengths: the run failed at its first step, after
+    the data and the model were loaded."""
+    import train_vqa
+
+    arguments = common_arguments(tiny_prepared_vqa, tmp_path / "run", "--accelerator_config")
+    parsed = train_vqa.parse_arguments([*arguments, '{"dispatch_batches": true}'])[:3]
+    train_vqa.check_arguments(*parsed)  # one process fetches its own batches
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 2))
+    message = (
+        "dispatch_batches in --accelerator_config joins one batch of each process into one, which fails at the "
+        "first batches padded to other lengths; add split_batches: true"
+    )
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.check_arguments(*parsed)
+    split = train_vqa.parse_arguments([*arguments, '{"dispatch_batches": true, "split_batches": true}'])[:3]
+    train_vqa.check_arguments(*split)
 
 
 def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prepared_vqa, tmp_path):

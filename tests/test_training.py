@@ -567,6 +567,20 @@ def test_uneven_batches_across_processes_are_refused(tiny_prepared_vqa, tmp_path
     assert not (output / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("given", ['{"even_batches": false}', {"even_batches": False}])
+def test_uneven_batches_are_refused_on_two_processes_and_kept_on_one(tmp_path, monkeypatch, given):
+    """The refusal in this process: where it failed to fire on 2 processes, the launched run above hung (until its
+    timeout) rather than failing."""
+    message = "even_batches false in --accelerator_config gives the processes different numbers of batches"
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, accelerator_config=given)
+    # One process has no other to wait for: taken as given.
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 1))
+    arguments = VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, accelerator_config=given)
+    assert arguments.accelerator_config.even_batches is False
+
+
 def test_dispatched_batches_on_several_processes_need_split_batches(tiny_prepared_vqa, tmp_path, monkeypatch):
     """accelerate joins one batch of each process, padded to other lengths: the run failed at its first step, after
     the data and the model were loaded."""

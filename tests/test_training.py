@@ -2739,6 +2739,28 @@ def test_each_process_draws_its_own_dropout_masks_and_a_shard_of_its_own(tiny_pr
     assert len(states[0]) == 7 and all(first != second for first, second in zip(*states))
 
 
+@pytest.mark.parametrize("strategy", ["random", "group_by_length"])
+def test_a_later_training_loader_keeps_the_data_seeds_order_on_a_process_seeded_apart(
+    tiny_prepared_vqa, tmp_path, strategy
+):
+    """`SeedEachProcess` gives process 1 the seed 4 where process 0 keeps 3. A training loader made after that (a
+    second train() of the same trainer) must shuffle as process 0's does, by the data seed: accelerate's sampler
+    otherwise takes the seed the global generator was given last, and the processes' shards would overlap. The
+    launched test above trains once a process, so its loaders are made before the seeds part."""
+    from rwsan.training import SeedEachProcess
+
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path, dropout=0.0, use_cpu=True, train_sampling_strategy=strategy)
+
+    def order():
+        return [int(question_id) for batch in trainer.get_train_dataloader() for question_id in batch["question_id"]]
+
+    first = order()
+    assert sorted(first) == sorted(trainer.train_dataset.question_ids.tolist())
+    SeedEachProcess().on_train_begin(SimpleNamespace(process_index=1, seed=3), None, None)
+    assert torch.initial_seed() == 4
+    assert order() == first
+
+
 def test_the_best_model_kept_at_the_end_is_the_most_accurate_unless_told(tmp_path):
     """The Trainer's default is the loss, which VQA is not scored by."""
     common = dict(output_dir=str(tmp_path), use_cpu=True, load_best_model_at_end=True, save_strategy="epoch")

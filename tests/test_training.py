@@ -1732,6 +1732,23 @@ def test_the_trainers_region_grouped_batches_group_the_datasets_region_counts(ti
     assert spread(order) < spread(shuffled) / 3
 
 
+def test_region_grouped_order_is_that_of_the_optimizer_steps_batch(tiny_prepared_vqa, tmp_path):
+    """As the Trainer's group_by_length, the questions are grouped by an optimizer step's batch: half the batch
+    with twice the accumulation keeps the order, so a run resumed that way (allowed: the steps an epoch are the same)
+    skips the questions its checkpoint trained. Batches of 1 and 2 of the 210 questions sort them in windows of 50
+    and 52."""
+    orders = []
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        trainer = tiny_trainer(
+            tiny_prepared_vqa, tmp_path, dropout=0.0, group_by_regions=True,
+            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        )  # fmt: skip
+        orders.append(list(trainer._get_train_sampler()))
+    regions = trainer.train_dataset.num_regions.tolist()
+    assert orders[1] == orders[0] == list(RegionGroupedSampler(2, regions, seed=3))
+    assert orders[0] != list(RegionGroupedSampler(1, regions, seed=3))
+
+
 def test_region_grouped_order_depends_only_on_seed_and_epoch():
     region_counts = [10 + (index * 37) % 91 for index in range(512)]
 

@@ -516,6 +516,23 @@ def test_a_checkpoint_of_the_weights_alone_is_not_resumed(tiny_prepared_vqa, tmp
         train_vqa.main([*elsewhere, "--num_train_epochs", "2", "--resume_from_checkpoint", str(output)])
 
 
+def test_a_folder_without_the_random_generators_states_is_refused_whatever_else_it_holds(tiny_prepared_vqa, tmp_path):
+    """The Trainer's rng_state*.pth files mark a checkpoint saved whole; a run's folder holding other .pth files
+    (the original code's weights kept beside it, say) is still the weights alone."""
+    from rwsan.training import ResumeError
+
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / "run", dropout=0.0, use_cpu=True)
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    TrainerState(global_step=3).save_to_json(str(folder / "trainer_state.json"))
+    for name in ("model.safetensors", "rwsan_epoch13.pth"):
+        (folder / name).write_bytes(b"")
+    message = f"{folder} holds the model's weights without the optimizer's, the schedule's and the random generators'"
+    with pytest.raises(ResumeError, match=f"^{re.escape(message)}"):
+        trainer.train(resume_from_checkpoint=str(folder))
+    assert trainer.state.global_step == 0
+
+
 def test_a_resume_with_any_other_optimizer_option_is_refused_before_training(tiny_prepared_vqa, tmp_path):
     """The resumed optimizer takes each of them from its saved state; another value given would be ignored."""
     from rwsan.training import ResumeError

@@ -623,11 +623,23 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             "--pack_regions does not work with split_batches or dispatch_batches in --accelerator_config: the "
             "packed regions of a batch cannot be cut between processes by sample"
         )
-    if accelerator.dispatch_batches and not accelerator.split_batches and training_args.world_size > 1:
+
+
+def check_dispatched_batches(data_args: DataArguments, training_args: VQATrainingArguments):
+    """Refuses dispatch_batches without split_batches on several processes where batches can be padded to other
+    lengths: accelerate joins one batch of each process into one. Called once the run's cuts are known."""
+    accelerator = training_args.accelerator_config
+    if not accelerator.dispatch_batches or accelerator.split_batches or training_args.world_size == 1:
+        return
+    longest = max(data_args.max_question_length, data_args.max_regions)
+    # A multiple at least as long as the longest question and image pads every batch to those.
+    if data_args.pad_to_multiple_of is None or data_args.pad_to_multiple_of < longest:
         raise UsageError(
             "dispatch_batches in --accelerator_config joins one batch of each process into one, which fails at "
             "the first batches padded to other lengths; add split_batches: true (with it, "
-            "--per_device_train_batch_size is the batch of all the processes together, cut between them)"
+            "--per_device_train_batch_size is the batch of all the processes together, cut between them), or give "
+            f"--pad_to_multiple_of {longest}, which pads every batch to one shape (this run cuts questions to "
+            f"{data_args.max_question_length} words and images to {data_args.max_regions} regions)"
         )
 
 
@@ -845,6 +857,7 @@ def main(argv: list[str] | None = None):
         processor = reference.processor
         processor.max_question_length = data_args.max_question_length
         processor.max_regions = data_args.max_regions
+        check_dispatched_batches(data_args, training_args)
         model = build_model(model_args, processor, reference.feature_size)
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from error

@@ -598,23 +598,43 @@ def test_uneven_batches_are_refused_on_two_processes_and_kept_on_one(tmp_path, m
     assert arguments.accelerator_config.even_batches is False
 
 
-def test_dispatched_batches_on_several_processes_need_split_batches(tiny_prepared_vqa, tmp_path, monkeypatch):
-    """accelerate joins one batch of each process, padded to other lengths: the run failed at its first step, after
-    the data and the model were loaded."""
+def test_dispatched_batches_on_several_processes_need_split_batches_or_one_shape(
+    tiny_prepared_vqa, tmp_path, monkeypatch
+):
+    """accelerate joins one batch of each process, padded to other lengths: the run failed at its first step. Batches
+    padded to one shape join, and are not refused."""
     import train_vqa
 
-    arguments = common_arguments(tiny_prepared_vqa, tmp_path / "run", "--accelerator_config")
-    parsed = train_vqa.parse_arguments([*arguments, '{"dispatch_batches": true}'])[:3]
-    train_vqa.check_arguments(*parsed)  # one process fetches its own batches
+    arguments = common_arguments(tiny_prepared_vqa, tmp_path / "run", "--do_eval", "true", "--accelerator_config")
+    dispatched = [*arguments, '{"dispatch_batches": true}']
+    _, data_args, training_args = train_vqa.parse_arguments(dispatched)[:3]
+    data_args.max_question_length, data_args.max_regions = 14, 36
+    train_vqa.check_dispatched_batches(data_args, training_args)  # one process fetches its own batches
     monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 2))
     message = (
         "dispatch_batches in --accelerator_config joins one batch of each process into one, which fails at the "
-        "first batches padded to other lengths; add split_batches: true"
+        "first batches padded to other lengths; add split_batches: true (with it, --per_device_train_batch_size is "
+        "the batch of all the processes together, cut between them), or give --pad_to_multiple_of 36, which pads "
+        "every batch to one shape (this run cuts questions to 14 words and images to 36 regions)"
     )
-    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
-        train_vqa.check_arguments(*parsed)
-    split = train_vqa.parse_arguments([*arguments, '{"dispatch_batches": true, "split_batches": true}'])[:3]
-    train_vqa.check_arguments(*split)
+    with pytest.raises(train_vqa.UsageError, match=f"^{re.escape(message)}$"):
+        train_vqa.check_dispatched_batches(data_args, training_args)
+    for too_short in (14, 35):
+        data_args.pad_to_multiple_of = too_short
+        with pytest.raises(train_vqa.UsageError, match=re.escape("give --pad_to_multiple_of 36,")):
+            train_vqa.check_dispatched_batches(data_args, training_args)
+    for one_shape in (36, 1000):
+        data_args.pad_to_multiple_of = one_shape
+        train_vqa.check_dispatched_batches(data_args, training_args)
+    _, data_args, training_args = train_vqa.parse_arguments(
+        [*arguments, '{"dispatch_batches": true, "split_batches": true}']
+    )[:3]
+    data_args.max_question_length, data_args.max_regions = 14, 36
+    train_vqa.check_dispatched_batches(data_args, training_args)
+    # The run's own cuts are those of the prepared data, known once it is loaded; refused before the model is built.
+    monkeypatch.setattr(train_vqa, "build_model", lambda *arguments: pytest.fail("the model was built"))
+    with pytest.raises(train_vqa.UsageError, match=re.escape("(this run cuts questions to ")):
+        train_vqa.main([*dispatched, "--pad_to_multiple_of", "8"])
 
 
 def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prepared_vqa, tmp_path):
@@ -648,6 +668,22 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     # each process read all of them).
     state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert state["global_step"] == 7
+
+
+def test_two_processes_train_on_dispatched_batches_of_one_shape(tiny_prepared_vqa, tmp_path):
+    """Process 0 reads every batch and joins one of each process's: padded to one shape they join, so the run is
+    taken (and not only with split_batches), and evaluates."""
+    output = tmp_path / "dispatched"
+    arguments = [
+        "--num_train_epochs", "1", "--do_eval", "true", "--save_strategy", "no", "--pad_to_multiple_of", "1000",
+        "--accelerator_config", '{"dispatch_batches": true}',
+    ]  # fmt: skip
+    result = run_two_processes(*common_arguments(tiny_prepared_vqa, output), *arguments)
+    fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"], result.stdout[-2000:]
+    # 210 questions in batches of 2 x 16: each process trains on a batch of its own every step.
+    assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 7
+    assert re.search(r"^Final val VQA accuracy: \d+\.\d\d$", result.stdout, re.MULTILINE)
 
 
 def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):

@@ -506,7 +506,7 @@ class RWSANProcessor(ProcessorMixin):
         image_boxes=None,
         answers: Sequence[Sequence[str]] | None = None,
         return_tensors: str = "pt",
-        padding: str = "longest",
+        padding: bool | str = "longest",
     ) -> BatchFeature:
         """
         Prepares a batch.
@@ -528,10 +528,10 @@ class RWSANProcessor(ProcessorMixin):
                 The annotator answers of each question, turned into soft targets as by [`answer_scores`].
             return_tensors (`str`, *optional*, defaults to `"pt"`):
                 `"pt"` for torch tensors, `"np"` for numpy arrays.
-            padding (`str`, *optional*, defaults to `"longest"`):
-                `"longest"` pads questions and regions to the longest of the batch (questions to
-                `max_question_length` where one of them has no words, see below); `"max_length"` pads them to
-                `max_question_length` and `max_regions`, like the original. A question without words (all its
+            padding (`bool` or `str`, *optional*, defaults to `"longest"`):
+                `"longest"` (or `True`, as for tokenizers) pads questions and regions to the longest of the batch
+                (questions to `max_question_length` where one of them has no words, see below); `"max_length"` pads
+                them to `max_question_length` and `max_regions`, like the original. A question without words (all its
                 characters punctuation, or none) is all padding, and attention over it reads the padding
                 positions: padded as the original pads every question, it gets the same answer whatever its batch
                 (its logits still differ from the original's by a few thousandths, see `RWSANModel.forward`).
@@ -545,8 +545,11 @@ class RWSANProcessor(ProcessorMixin):
             - `image_boxes`: float32, `(batch_size, num_regions, 4)`, zero padding rows (not a model input);
             - `labels`: float32, `(batch_size, num_answers)`.
         """
+        if padding is True:
+            padding = "longest"
         if padding not in PADDING_STRATEGIES:
-            raise ValueError(f"padding must be one of {PADDING_STRATEGIES}, got {padding!r}")
+            # A batch is arrays of one length: `False` and "do_not_pad" cannot be.
+            raise ValueError(f"padding must be True or one of {PADDING_STRATEGIES}, got {padding!r}")
         if return_tensors not in TENSOR_TYPES:
             raise ValueError(f"return_tensors must be one of {TENSOR_TYPES}, got {return_tensors!r}")
         if text is None and image_features is None:

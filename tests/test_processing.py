@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 from transformers.testing_utils import CaptureLogger
+from transformers.utils import PaddingStrategy
 
 from rwsan import RWSANConfig, RWSANForVQA, processing_rwsan
 from rwsan.processing_rwsan import (
@@ -310,6 +311,11 @@ def test_processor_padding_strategies(processor):
     longest = processor(**inputs, padding="longest")
     assert torch.equal(longest["input_ids"], torch.tensor([[2, 0], [4, 5]]))
     assert longest["image_features"].shape == (2, 1, 2)
+    # As tokenizers read it, and transformers' own strategy names.
+    for same in (True, PaddingStrategy.LONGEST):
+        batch = processor(**inputs, padding=same)
+        assert all(torch.equal(batch[key], longest[key]) for key in longest), same
+    assert processor(**inputs, padding=PaddingStrategy.MAX_LENGTH)["input_ids"].shape == (2, 4)
     max_length = processor(**inputs, padding="max_length", return_tensors="np")
     np.testing.assert_array_equal(max_length["input_ids"], [[2, 0, 0, 0], [4, 5, 0, 0]])
     np.testing.assert_array_equal(max_length["attention_mask"], [[1, 0, 0, 0], [1, 1, 0, 0]])
@@ -409,7 +415,10 @@ def test_processor_defaults_match_the_paper():
          r"image_boxes\[0\] has shape \(2, 5\), expected \(num_regions, 4\)"),
         ({"text": ["what"], "answers": ["yes"]}, r"answers\[0\] must be a list of annotator answers, got str"),
         ({"text": ["what"], "answers": [["yes", 1]]}, r"answers\[0\]\[1\] must be a string, got int"),
-        ({"text": ["what"], "padding": True}, r"padding must be one of \('longest', 'max_length'\), got True"),
+        ({"text": ["what"], "padding": False},
+         r"padding must be True or one of \('longest', 'max_length'\), got False"),
+        ({"text": ["what"], "padding": "do_not_pad"},
+         r"padding must be True or one of \('longest', 'max_length'\), got 'do_not_pad'"),
         ({"text": ["what"], "return_tensors": "tf"}, r"return_tensors must be one of \('pt', 'np'\), got 'tf'"),
         ({"text": []}, "The batch is empty."),
         ({}, "Give `text`, `image_features` or both."),

@@ -80,7 +80,7 @@ RESULT_FILES = ("predictions_*.json", "logits_*.npy", "question_ids_*.npy", "eva
 # Files a training run writes over: those of a saved model, and the run's own reports.
 REPLACED_FILES = ("config.json", "model.safetensors", "README.md", "metrics.json", "training_curves.png")
 
-# The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 1M parameters instead
+# The built-in default: a small RWSAN (hidden 128, each shared encoder applied once: about 0.8M parameters instead
 # of 19.5M) on the toy set, so that it trains on two CPU cores in minutes. The schedule keeps the paper's shape
 # (warm-up, then two decays) over 10 epochs; everything here can be overridden on the command line.
 TOY_MODEL_SIZES = [

@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -270,7 +270,10 @@ def convert(
     model = load_original_checkpoint(checkpoint, answer_dict, **config_overrides)
     question_processor = _read_processor(processor, model) if processor is not None else None
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    # mkdir, not tempfile.mkdtemp: the folder gets the permissions the umask gives, not a private folder's, so that
+    # others on a shared machine can read the model.
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         if question_processor is None:
             model.save_pretrained(staging)

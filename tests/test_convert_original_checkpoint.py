@@ -1,7 +1,9 @@
 """The converter of original checkpoints: key map, size inference, and its refusals."""
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -180,6 +182,19 @@ def test_a_conversion_that_fails_while_saving_leaves_nothing_behind(tmp_path, go
     with pytest.raises(OSError, match="No space left on device"):
         convert(str(checkpoint), str(tmp_path / "models" / "rwsan"), processor=str(tmp_path / "processor"))
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_the_converted_folder_gets_the_permissions_the_umask_gives(tmp_path, golden):
+    """Staged in a private temporary folder, the model came out readable by its owner alone (0700 whatever the
+    umask): others on a shared server could not load it."""
+    checkpoint = save_checkpoint(tmp_path / "ckpt.pkl", golden["state_dict"])
+    given = os.umask(0o022)
+    try:
+        convert(str(checkpoint), str(tmp_path / "rwsan"))
+    finally:
+        os.umask(given)
+    assert stat.S_IMODE((tmp_path / "rwsan").stat().st_mode) == 0o755
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
 
 
 def test_the_converted_config_takes_the_processors_question_and_region_cuts(tmp_path, golden):

@@ -8,13 +8,13 @@ cached), on the CPU, in a few minutes:
 On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
 
     # train on train, evaluate on val after every epoch (VQA accuracy as RWSAN's evaluation script computes it)
-    python train_vqa.py --dataset_dir data/vqa-prepared --train_split train --output_dir runs/train
+    python train_vqa.py --dataset_dir data/vqa --train_split train --output_dir runs/train
     # train on train+val+vg, then answer the test set for the evaluation server
-    python train_vqa.py --dataset_dir data/vqa-prepared --train_split train+val+vg --output_dir runs/full \\
+    python train_vqa.py --dataset_dir data/vqa --train_split train+val+vg --output_dir runs/full \\
         --do_predict
     # several GPUs or machines: the same command under accelerate (or torchrun), with a per-device batch of
     # 64 / processes to keep the paper's global batch of 64
-    accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa-prepared --bf16 \
+    accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa --bf16 \\
         --per_device_train_batch_size 8 ...
 
 The `TrainingArguments` options work (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
@@ -933,6 +933,8 @@ def main(argv: list[str] | None = None):
             write_model_card(
                 output_dir, model.config, provenance, metrics, model_id, datasets=datasets, eval_split=evaluated_split
             )
+            # Without --output_dir the Trainer's default folder takes the run, which nothing else names.
+            print(f"Saved the model, its processor, metrics.json and training_curves.png in {output_dir}")
         if training_args.push_to_hub and training_args.do_train:
             # Before the prediction files are written: the upload takes the whole output folder.
             trainer.push_to_hub()

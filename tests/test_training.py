@@ -702,6 +702,8 @@ def test_prediction_file_has_every_question_once(tiny_prepared_vqa, tmp_path):
     assert sorted(item["question_id"] for item in predictions) == sorted(test_dev.question_ids.tolist())
     assert all(set(item) == {"question_id", "answer"} and item["answer"] in answers for item in predictions)
     assert all(isinstance(item["question_id"], int) for item in predictions)
+    saved = f"Saved the model, its processor, metrics.json and training_curves.png in {output}"
+    assert re.search(f"^{re.escape(saved)}$", result.stdout, re.MULTILINE)
     # An evaluation after 2 of an epoch's 14 steps, the last: the final accuracy is that one's, not a second pass's.
     evaluations = re.findall(
         r"^epoch 0\.14: val VQA accuracy (\d+\.\d\d) \(\w+ \d+\.\d\d, ", result.stdout, re.MULTILINE

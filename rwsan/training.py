@@ -184,9 +184,11 @@ class VQATrainingArguments(TrainingArguments):
                 "--label_smoothing_factor smooths class labels; VQA's labels are soft answer scores already, "
                 "which the Trainer's label smoother cannot take"
             )
-        if self.fp16 and self.device.type == "cpu":
+        # `accelerate launch --mixed_precision fp16` (or its config) reaches the Trainer without --fp16.
+        fp16 = "--fp16" if self.fp16 else f"fp16 from accelerate ({ACCELERATE_PRECISION})"
+        if self.mixed_precision == "fp16" and self.device.type == "cpu":
             raise ValueError(
-                "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use --bf16"
+                f"{fp16} runs nothing in half precision on the CPU (accelerate trains in fp32 there); use bf16"
             )
         for name, autocast in (("bf16_full_eval", "--bf16"), ("fp16_full_eval", "--fp16")):
             if getattr(self, name):
@@ -213,7 +215,7 @@ class VQATrainingArguments(TrainingArguments):
             )
         if self.cuda_graphs:
             unsupported = {
-                "--fp16 (its loss scaler reads the gradients on the host; use --bf16)": self.fp16,
+                f"{fp16} (its loss scaler reads the gradients on the host; use bf16)": self.mixed_precision == "fp16",
                 "--gradient_accumulation_steps above 1": self.gradient_accumulation_steps > 1,
                 "--torch_compile (use --compile_blocks)": self.torch_compile,
                 "--activation_checkpointing (or --gradient_checkpointing: it reads the random generators while "
@@ -225,6 +227,7 @@ class VQATrainingArguments(TrainingArguments):
                     raise ValueError(f"--cuda_graphs does not work with {what}")
 
 
+ACCELERATE_PRECISION = "ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision` or its config sets"
 PAPER_SCHEDULE_OPTIONS = ("warmup_epochs", "lr_decay_epochs", "lr_decay_rate")
 # The Trainer's own, which the paper's schedule replaces.
 TRAINER_SCHEDULE_OPTIONS = ("lr_scheduler_type", "warmup_steps", "lr_scheduler_kwargs")

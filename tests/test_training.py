@@ -818,7 +818,7 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         ),
         (["--save_logits"], "--save_logits keeps the scores of --do_predict's answers; give --do_predict too"),
         (["--dataset_d", "elsewhere"], "Some specified arguments are not used by the HfArgumentParser: ['--dataset_d'"),
-        (["--fp16"], "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use --bf16"),
+        (["--fp16"], "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use bf16"),
         (["--pad_to_multiple_of", "0"], "--pad_to_multiple_of must be at least 1, got 0"),
         (
             ["--paper_schedule", "false", "--warmup_epochs", "2", "--lr_decay_rate", "0.5"],
@@ -1964,6 +1964,22 @@ def test_without_an_accelerator_bf16_runs_on_the_cpu_untold(tmp_path):
         VQATrainingArguments(output_dir=str(tmp_path), fp16=True)
 
 
+def test_fp16_from_accelerate_is_refused_as_the_flag_is(tmp_path, training_device, monkeypatch):
+    """`accelerate launch --mixed_precision fp16` sets the Trainer's precision without --fp16: on the CPU the run
+    trained in fp32 untold, and on a GPU --cuda_graphs recorded beside a loss scaler."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    from_accelerate = "fp16 from accelerate (ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision`"
+    with pytest.raises(ValueError, match=f"^{re.escape(from_accelerate)}.* runs nothing in half precision on the CPU"):
+        VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    # bf16 given on the command line wins over accelerate's setting, as in the Trainer.
+    assert VQATrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True).mixed_precision == "bf16"
+    training_device("cuda")
+    with pytest.raises(ValueError, match=f"^--cuda_graphs does not work with {re.escape(from_accelerate)}"):
+        VQATrainingArguments(output_dir=str(tmp_path), cuda_graphs=True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert VQATrainingArguments(output_dir=str(tmp_path), cuda_graphs=True).mixed_precision == "bf16"
+
+
 @pytest.fixture
 def training_device(monkeypatch):
     """Sets the device `VQATrainingArguments` train on (`"cuda"`, `"mps"`, ...) without one being there, for one
@@ -2024,7 +2040,7 @@ def test_an_accelerator_config_object_is_taken_as_it_is(tmp_path, training_devic
 @pytest.mark.parametrize(
     "fp16, processes, gpus, refused",
     [
-        (True, 1, 1, "--fp16 (its loss scaler reads the gradients on the host; use --bf16)"),
+        (True, 1, 1, "--fp16 (its loss scaler reads the gradients on the host; use bf16)"),
         (False, 2, 1, "several processes or GPUs"),
         (False, 1, 2, "several processes or GPUs"),
     ],

@@ -14,7 +14,7 @@ On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
         --do_predict
     # several GPUs or machines: the same command under accelerate (or torchrun), with a per-device batch of
     # 64 / processes to keep the paper's global batch of 64
-    accelerate launch --num_processes 8 train_vqa.py --dataset_dir data/vqa --bf16 \\
+    accelerate launch --multi_gpu --num_processes 8 train_vqa.py --dataset_dir data/vqa --bf16 \\
         --per_device_train_batch_size 8 ...
 
 The `TrainingArguments` options work (`--bf16`, `--fp16`, `--gradient_accumulation_steps`,
@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import textwrap
@@ -617,6 +618,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         get_reporting_integration_callbacks([name for name in training_args.report_to if name not in NO_REPORTS])
     except ValueError as error:
         raise UsageError(f"--report_to: {error}") from None
+    launched_alone = "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+    if training_args.world_size == 1 and "ACCELERATE_MIXED_PRECISION" in os.environ and launched_alone:
+        # accelerate's launcher sets the rendezvous for several processes or machines, and then, where it does not
+        # take the run as multi-GPU, starts one process with no process group (no WORLD_SIZE, which torchrun sets):
+        # each machine would train alone.
+        raise UsageError(
+            "accelerate launch was given several processes or machines but started this one process alone: add "
+            "--multi_gpu to `accelerate launch` (it also starts processes on CPUs, which talk through gloo), or "
+            "give it one process"
+        )
     accelerator = training_args.accelerator_config
     if data_args.pack_regions and (accelerator.split_batches or accelerator.dispatch_batches):
         raise UsageError(

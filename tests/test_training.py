@@ -598,6 +598,28 @@ def test_uneven_batches_are_refused_on_two_processes_and_kept_on_one(tmp_path, m
     assert arguments.accelerator_config.even_batches is False
 
 
+def test_accelerate_starting_one_process_of_several_is_refused(tiny_prepared_vqa, tmp_path, monkeypatch):
+    """`accelerate launch --num_machines 2 ...` without --multi_gpu, on machines with one GPU or none, starts one
+    process a machine with no process group: each machine trained a model of its own into the run's folder."""
+    import train_vqa
+
+    parsed = train_vqa.parse_arguments(common_arguments(tiny_prepared_vqa, tmp_path / "run"))[:3]
+    # As accelerate's launcher leaves the environment of one process alone (`accelerate launch train_vqa.py`).
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    train_vqa.check_arguments(*parsed)
+    # As it leaves it for several processes or machines it does not start as such.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    message = "accelerate launch was given several processes or machines but started this one process alone: add "
+    with pytest.raises(train_vqa.UsageError, match=f"^{re.escape(message)}--multi_gpu"):
+        train_vqa.check_arguments(*parsed)
+    # Started by torchrun (`--multi_gpu`), as one process or several.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train_vqa.check_arguments(*parsed)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 2))
+    train_vqa.check_arguments(*parsed)
+
+
 def test_dispatched_batches_on_several_processes_need_split_batches_or_one_shape(
     tiny_prepared_vqa, tmp_path, monkeypatch
 ):

@@ -363,7 +363,8 @@ class DeleteEarlierOutputs(TrainerCallback):
         self.output_dir = output_dir
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not (state.is_world_process_zero and self.paths):
+        # Where the run saves: with --save_on_each_node, on each machine's first process (its own disk).
+        if not (args.should_save and self.paths):
             return
         print(
             f"--overwrite_output_dir: deleting {', '.join(path.name for path in self.paths)} of an earlier run in "
@@ -371,10 +372,13 @@ class DeleteEarlierOutputs(TrainerCallback):
             file=sys.stderr,
         )
         for path in self.paths:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                pass  # deleted by another machine's first process: --save_on_each_node on a shared disk
 
 
 class PrintEpochAccuracy(TrainerCallback):

@@ -692,6 +692,48 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     assert state["global_step"] == 7
 
 
+def run_two_machines(outputs: list[Path], *arguments):
+    """Two "machines" of one process each, on this one: each with its own --output_dir, as each machine would have
+    its own disk."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    machines = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                str(REPO_ROOT / "train_vqa.py"), *arguments, "--output_dir", str(output), "--ddp_backend", "gloo",
+            ],
+            cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for rank, output in enumerate(outputs)
+    ]
+    logs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+
+def test_each_machine_saves_whole_checkpoints_on_its_own_disk_and_resumes_them(tiny_prepared_vqa, tmp_path):
+    """--save_on_each_node: transformers wrote the weights and config on the first machine alone, so the second's
+    checkpoints could not be resumed, and --overwrite_output_dir deleted the first's earlier run alone."""
+    outputs = [tmp_path / "machine0", tmp_path / "machine1"]
+    arguments = [*common_arguments(tiny_prepared_vqa, tmp_path / "unused"), "--save_on_each_node", "true",
+                 "--eval_strategy", "no", "--save_strategy", "epoch"]  # fmt: skip
+    run_two_machines(outputs, *arguments, "--num_train_epochs", "1")
+    for output in outputs:
+        assert {"config.json", "model.safetensors"} <= {path.name for path in (output / "checkpoint-7").iterdir()}
+        assert (output / "model.safetensors").is_file()
+    run_two_machines(outputs, *arguments, "--num_train_epochs", "2", "--resume_from_checkpoint", "last")
+    for output in outputs:
+        assert json.loads((output / "checkpoint-14" / "trainer_state.json").read_text())["global_step"] == 14
+    assert_same_weights(*outputs)
+    run_two_machines(outputs, *arguments, "--max_steps", "2", "--overwrite_output_dir")
+    for output in outputs:
+        assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_two_processes_train_on_dispatched_batches_of_one_shape(tiny_prepared_vqa, tmp_path):
     """Process 0 reads every batch and joins one of each process's: padded to one shape they join, so the run is
     taken (and not only with split_batches), and evaluates."""

@@ -853,7 +853,12 @@ def main(argv: list[str] | None = None):
     torch.set_flush_denormal(True)
 
     if toy:
-        with training_args.main_process_first(desc="toy VQA set"):
+        # The job's first process makes the set, then each machine's first (where machines have disks of their
+        # own), then the others read it: each machine's first at once raced to write the set on a shared disk.
+        with (
+            training_args.main_process_first(desc="toy VQA set", local=False),
+            training_args.main_process_first(desc="toy VQA set"),
+        ):
             try:
                 data_args.dataset_dir = str(
                     prepare_toy_dataset(data_args.toy_num_images, data_args.toy_questions_per_image, data_args.toy_seed)

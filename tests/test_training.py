@@ -692,9 +692,9 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     assert state["global_step"] == 7
 
 
-def run_two_machines(outputs: list[Path], *arguments):
+def run_two_machines(outputs: list[Path], *arguments, cwd=REPO_ROOT):
     """Two "machines" of one process each, on this one: each with its own --output_dir, as each machine would have
-    its own disk."""
+    its own disk, or the same one."""
     import socket
 
     with socket.socket() as free:
@@ -707,7 +707,7 @@ def run_two_machines(outputs: list[Path], *arguments):
                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
                 str(REPO_ROOT / "train_vqa.py"), *arguments, "--output_dir", str(output), "--ddp_backend", "gloo",
             ],
-            cwd=REPO_ROOT, env=TRAINING_ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=cwd, env=TRAINING_ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for rank, output in enumerate(outputs)
     ]
@@ -732,6 +732,19 @@ def test_each_machine_saves_whole_checkpoints_on_its_own_disk_and_resumes_them(t
     run_two_machines(outputs, *arguments, "--max_steps", "2", "--overwrite_output_dir")
     for output in outputs:
         assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_two_machines_sharing_a_disk_make_the_toy_set_once(tmp_path):
+    """Each machine's first process made the toy set at once, in one folder of the shared disk: one of them failed
+    on a file the other had moved."""
+    output = tmp_path / "run"
+    arguments = [*TINY_MODEL, "--toy_num_images", "60", "--toy_questions_per_image", "10", "--num_train_epochs", "1",
+                 "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true"]  # fmt: skip
+    run_two_machines([output, output], *arguments, cwd=tmp_path)
+    assert sorted(path.name for path in (tmp_path / ".cache" / "toy_vqa").iterdir()) == [
+        "prepared-60x10-seed0", "raw-60x10-seed0"
+    ]  # fmt: skip
+    assert (output / "model.safetensors").is_file()
 
 
 def test_two_processes_train_on_dispatched_batches_of_one_shape(tiny_prepared_vqa, tmp_path):

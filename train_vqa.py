@@ -46,7 +46,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import CONFIG_NAME, PROCESSOR_NAME
+from transformers.utils import CONFIG_NAME, PROCESSOR_NAME, SAFE_WEIGHTS_NAME
 
 from data_scripts import make_toy_vqa as toy_data
 from rwsan import RWSANConfig, RWSANForVQA
@@ -699,6 +699,13 @@ def checkpoint_to_resume(training_args: VQATrainingArguments) -> str | None:
             f"--resume_from_checkpoint {resume}: {checkpoint} is no checkpoint saved whole (it has no "
             f"{TRAINER_STATE_NAME}, which the Trainer writes after the weights and the optimizer's state; a run "
             "stopped while saving leaves such a folder: delete it, and `last` takes the checkpoint before it)"
+        )
+    missing = [name for name in (CONFIG_NAME, SAFE_WEIGHTS_NAME) if not (Path(checkpoint) / name).is_file()]
+    if missing:
+        # As --save_on_each_node left them on all machines but the first before this package saved there.
+        raise UsageError(
+            f"--resume_from_checkpoint {resume}: {checkpoint} holds the Trainer's state but not the model's "
+            f"{' or '.join(missing)}: copy them from the checkpoint of the same step that the job's first machine saved"
         )
     return checkpoint
 

@@ -420,6 +420,16 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
     assert (output / "predictions_val.json").read_text() == "[]"
     (output / "predictions_val.json").unlink()
     refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
+    # As --save_on_each_node left a checkpoint on a machine other than the first: the model's files alone missing.
+    (checkpoint / "model.safetensors").rename(tmp_path / "model.safetensors")
+    refused("--resume_from_checkpoint", "last", message=re.escape(
+        f"{checkpoint} holds the Trainer's state but not the model's model.safetensors: copy them from the checkpoint "
+        "of the same step that the job's first machine saved"
+    ))  # fmt: skip
+    (checkpoint / "config.json").rename(tmp_path / "config.json")
+    refused("--resume_from_checkpoint", "last", message="but not the model's config.json or model.safetensors: ")
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / name).rename(checkpoint / name)
     (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
     refused("--resume_from_checkpoint", "last", message=f"{re.escape(str(checkpoint))} is no checkpoint saved whole")
 

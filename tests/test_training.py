@@ -456,6 +456,23 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
     }
 
 
+def test_a_resume_into_a_model_of_other_answers_names_the_first_that_differs_by_index(tmp_path):
+    """Data prepared again may number its thousands of answers otherwise: the refusal gives their count and the first
+    answer that differs, by index (answer 2, not answer 10, which comes first as text)."""
+    import train_vqa
+    from rwsan import RWSANConfig
+
+    answers = {index: f"answer{index}" for index in range(12)}
+    RWSANConfig(vocab_size=40, id2label=answers).save_pretrained(tmp_path)
+    built = SimpleNamespace(config=RWSANConfig(vocab_size=40, id2label={**answers, 2: "two", 10: "ten"}))
+    message = (
+        f"--resume_from_checkpoint {tmp_path} saved a model with 12 answers, answer 2 'answer2', but this run builds "
+        "one with 12 answers, answer 2 'two': resume with the model options (and data) the run was started with"
+    )
+    with pytest.raises(train_vqa.UsageError, match=f"^{re.escape(message)}$"):
+        train_vqa.check_resumed_model(built, str(tmp_path))
+
+
 def test_the_saved_processor_and_config_keep_the_cut_the_run_made(tiny_prepared_vqa, tmp_path):
     """Prepared with 16 words and 100 regions, trained on 6 and 5: the saved folder answers as trained."""
     import train_vqa

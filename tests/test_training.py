@@ -1180,6 +1180,27 @@ def test_training_over_the_starting_model_is_refused_however_the_folder_is_named
         train_vqa.check_arguments(*train_vqa.parse_arguments(arguments)[:3])
 
 
+def test_a_split_smaller_than_one_batch_of_all_processes_is_refused_only_with_dataloader_drop_last(
+    tiny_prepared_vqa, tmp_path, monkeypatch
+):
+    """On 2 processes of 128 questions each, --dataloader_drop_last drops the 210 questions' one global batch of 256:
+    nothing would be trained. Without the option they train as one smaller batch."""
+    import train_vqa
+
+    arguments = common_arguments(tiny_prepared_vqa, tmp_path / "run", "--per_device_train_batch_size", "128")
+    arguments += ["--eval_strategy", "no"]
+    kept = train_vqa.parse_arguments(arguments)[1:3]
+    dropped = train_vqa.parse_arguments([*arguments, "--dataloader_drop_last", "true"])[1:3]
+    monkeypatch.setattr(VQATrainingArguments, "world_size", property(lambda self: 2))
+    assert len(train_vqa.load_splits(*kept)[0]) == 210
+    message = (
+        "--train_split train has 210 questions, fewer than one batch of 256 (128 per process x 2), which "
+        "--dataloader_drop_last drops: nothing would be trained"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train_vqa.load_splits(*dropped)
+
+
 def test_a_training_split_of_exactly_one_batch_trains_with_dataloader_drop_last(tiny_prepared_vqa, tmp_path):
     """The split's 210 questions make one whole batch of 210, which --dataloader_drop_last keeps."""
     import train_vqa
@@ -1188,6 +1209,22 @@ def test_a_training_split_of_exactly_one_batch_trains_with_dataloader_drop_last(
     arguments += ["--max_steps", "1", "--save_strategy", "no"]
     train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments))
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_a_run_that_trains_nothing_evaluates_and_answers_the_training_split_untold(tiny_prepared_vqa, tmp_path, capsys):
+    """Without --do_train, --train_split (train by default) is trained on by no one here: a trained model evaluated
+    and answering on train, to see how well it fits it, is neither refused for sharing it nor warned of it."""
+    import train_vqa
+
+    (tmp_path / "model").mkdir()
+    arguments = ["--do_train", "false", "--model_name_or_path", str(tmp_path / "model"), "--eval_split", "train+val"]
+    arguments += ["--do_predict", "--predict_split", "train"]
+    _, data_args, training_args, _ = train_vqa.parse_arguments(
+        common_arguments(tiny_prepared_vqa, tmp_path / "run", *arguments)
+    )
+    trained, evaluated, answered = train_vqa.load_splits(data_args, training_args)
+    assert trained is None and (len(evaluated), len(answered)) == (255, 210)
+    assert capsys.readouterr().err == ""
 
 
 def test_an_eval_split_that_is_the_training_split_is_not_evaluated_but_trained_on(tiny_prepared_vqa, tmp_path, capsys):

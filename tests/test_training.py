@@ -1426,6 +1426,32 @@ def test_do_eval_and_eval_strategy_follow_each_other(tmp_path, given, do_eval, e
     assert (arguments.do_eval, arguments.eval_strategy) == (do_eval, eval_strategy)
 
 
+def test_the_final_evaluation_is_the_trainers_at_the_last_step_else_a_new_one():
+    """The Trainer's evaluation at the last step is taken (a second pass over VQA-v2 val would take as long); one at
+    an earlier step was of other weights, and with --load_best_model_at_end the weights are the best checkpoint's:
+    the run's metrics, card and final line would give another model's accuracy."""
+    import train_vqa
+
+    history = [
+        {"eval_accuracy": 30.0, "epoch": 1.0, "step": 5},
+        {"loss": 2.0, "learning_rate": 1e-4, "epoch": 2.0, "step": 10},
+        {"eval_accuracy": 40.0, "eval_loss": 1.5, "epoch": 2.0, "step": 10},
+        {"train_runtime": 1.0, "epoch": 2.0, "step": 10},
+    ]
+
+    def final_evaluation(global_step, load_best_model_at_end=False):
+        trainer = SimpleNamespace(
+            state=SimpleNamespace(log_history=history, global_step=global_step),
+            args=SimpleNamespace(load_best_model_at_end=load_best_model_at_end),
+            evaluate=lambda: {"eval_accuracy": 50.0},
+        )
+        return train_vqa.final_evaluation(trainer)
+
+    assert final_evaluation(10) == {"eval_accuracy": 40.0, "eval_loss": 1.5, "epoch": 2.0}
+    assert final_evaluation(12) == {"eval_accuracy": 50.0}
+    assert final_evaluation(10, load_best_model_at_end=True) == {"eval_accuracy": 50.0}
+
+
 def test_do_eval_with_eval_strategy_no_evaluates_once_at_the_end(tiny_prepared_vqa, tmp_path):
     import train_vqa
 

@@ -1278,6 +1278,21 @@ def test_a_trained_model_takes_a_new_dropout(tiny_prepared_vqa, tmp_path):
     assert second["hidden_size"] == first["hidden_size"] == 32
 
 
+def test_a_trained_model_fine_tuned_with_other_cuts_saves_them_in_its_config_too(tiny_prepared_vqa, tmp_path):
+    """Trained on 16 words and 100 regions, fine-tuned on 6 and 5: the config saved must say the cuts the saved
+    processor makes (a later run on the folder takes its cuts from the config), not those of the model started from."""
+    import train_vqa
+
+    steps = ["--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "first", *steps))
+    arguments = ["--model_name_or_path", str(tmp_path / "first"), "--max_question_length", "6", "--max_regions", "5"]
+    train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "second", *arguments, *steps))
+    config = json.loads((tmp_path / "second" / "config.json").read_text())
+    processor = RWSANProcessor.from_pretrained(tmp_path / "second")
+    assert (config["max_question_length"], config["max_regions"]) == (6, 5)
+    assert (processor.max_question_length, processor.max_regions) == (6, 5)
+
+
 def test_toy_defaults_step_aside_for_a_given_model_and_the_trainer_schedule():
     import train_vqa
 

@@ -1058,6 +1058,27 @@ def test_a_new_run_does_not_write_over_a_model_or_files_in_its_folder_unless_tol
         train_vqa.main(arguments)
 
 
+def test_an_earlier_evaluation_or_training_curves_refuse_a_new_run_unless_told(tiny_prepared_vqa, tmp_path):
+    """The README lists both: an evaluation_val.json of another model (which --push_to_hub would upload beside the
+    new one), and a training_curves.png that the run would write over (the user's own, say)."""
+    import train_vqa
+
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "evaluation_val.json").write_text("{}")
+    arguments = common_arguments(tiny_prepared_vqa, output, "--max_steps", "1", "--save_strategy", "no")
+    message = f"--output_dir {output} holds evaluation_val.json of an earlier model, which the model this run saves"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(arguments)
+    (output / "evaluation_val.json").unlink()
+    (output / "training_curves.png").write_bytes(b"mine")
+    message = f"--output_dir {output} holds training_curves.png, which this run would write over"
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(arguments)
+    assert sorted(path.name for path in output.iterdir()) == ["training_curves.png"]
+    assert (output / "training_curves.png").read_bytes() == b"mine"
+
+
 def test_a_run_resumed_into_another_folder_does_not_write_over_the_model_there_unless_told(tiny_prepared_vqa, tmp_path):
     """In the checkpoint's own folder a resumed run replaces what its own run saved; elsewhere the model is
     another's."""

@@ -1009,6 +1009,27 @@ def test_answering_a_split_the_run_trains_on_comes_with_a_warning(tiny_prepared_
         assert (output / f"predictions_{split}.json").is_file()
 
 
+def test_a_training_run_writes_its_model_card_and_metrics_and_no_evaluation_file(tiny_prepared_vqa, tmp_path, capsys):
+    """Its accuracy goes into metrics.json and the card, which names the split: an evaluation_val.json is for runs that
+    train nothing (in a trained model's folder it would refuse resuming the run, as an earlier model's file). The
+    baselines and sample answers are the toy run's."""
+    import train_vqa
+
+    output = tmp_path / "run"
+    metrics = train_vqa.main(common_arguments(tiny_prepared_vqa, output, "--max_steps", "2", "--save_strategy", "no"))
+    assert sorted(path.name for path in output.iterdir()) == [
+        "README.md", "config.json", "configuration_rwsan.py", "metrics.json", "model.safetensors", "modeling_rwsan.py",
+        "pipeline_rwsan.py", "processing_rwsan.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "trainer_state.json", "training_args.bin", "training_curves.png",
+    ]  # fmt: skip
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    assert "eval_accuracy" in metrics and not [name for name in metrics if name.startswith("baseline_")]
+    assert "\n## Results on `val` (VQA accuracy in %" in (output / "README.md").read_text()
+    printed = capsys.readouterr().out
+    assert re.search(rf"^Final val VQA accuracy: {metrics['eval_accuracy']:.2f}$", printed, re.MULTILINE)
+    assert "Baselines" not in printed and "Sample answers" not in printed
+
+
 def test_an_output_dir_that_is_a_file_is_refused(tiny_prepared_vqa, tmp_path):
     import train_vqa
 

@@ -1817,6 +1817,20 @@ def test_a_toy_set_stopped_while_written_is_made_again(tmp_path, monkeypatch):
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["prepared-40x2-seed0", "raw-40x2-seed0"]
 
 
+def test_the_toy_set_is_made_once_for_its_sizes_and_seed(tmp_path, monkeypatch):
+    """A second toy run (make demo twice) takes the set cached by the first: preparing it again into its folder was
+    refused. --toy_seed makes the set of that seed."""
+    import data_scripts.prepare_vqa
+    import train_vqa
+
+    monkeypatch.setattr(train_vqa, "TOY_CACHE", tmp_path / "cache")
+    prepared = train_vqa.prepare_toy_dataset(num_images=40, questions_per_image=2, seed=1)
+    assert json.loads((tmp_path / "cache" / "raw-40x2-seed1" / "toy_scenes.json").read_text())["seed"] == 1
+    monkeypatch.setattr(data_scripts.prepare_vqa, "prepare_vqa", lambda *arguments: pytest.fail("prepared again"))
+    assert train_vqa.prepare_toy_dataset(num_images=40, questions_per_image=2, seed=1) == prepared
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["prepared-40x2-seed1", "raw-40x2-seed1"]
+
+
 def test_packed_regions_are_refused_where_accelerate_would_cut_batches(tiny_prepared_vqa, tmp_path):
     config = tmp_path / "accelerator.json"
     config.write_text(json.dumps({"split_batches": True}))

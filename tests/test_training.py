@@ -2015,6 +2015,22 @@ def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, t
     assert f"GloVe vectors for 3 of the {len(vocabulary)} question words ({glove})\n" in capsys.readouterr().err
 
 
+def test_attn_implementation_reaches_a_new_model_and_one_loaded(tiny_prepared_vqa, tmp_path):
+    """--attn_implementation eager (to compare the kernels, or to debug) ran sdpa, the default, untold where it was
+    not handed on."""
+    import train_vqa
+
+    processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
+    sizes = {name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])}
+    for implementation in ("eager", "sdpa"):
+        model_arguments = train_vqa.ModelArguments(attn_implementation=implementation, **sizes)
+        new = train_vqa.build_model(model_arguments, processor, 32)
+        assert new.config._attn_implementation == implementation
+    new.save_pretrained(tmp_path / "model")
+    model_arguments = train_vqa.ModelArguments(model_name_or_path=str(tmp_path / "model"), attn_implementation="eager")
+    assert train_vqa.build_model(model_arguments, processor, 32).config._attn_implementation == "eager"
+
+
 def test_toy_baselines_are_the_majority_answer_and_the_answer_by_question():
     import train_vqa
 

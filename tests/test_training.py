@@ -2003,7 +2003,8 @@ def test_glove_path_starts_the_word_embedding_from_the_file(tiny_prepared_vqa, t
     processor = load_vqa_dataset(tiny_prepared_vqa, "train").processor
     vocabulary = processor.tokenizer.get_vocab()
     words = sorted(word for word in vocabulary if word not in ("PAD", "UNK"))[:3]
-    vectors = {word: [index + position / 8 for position in range(16)] for index, word in enumerate(words, start=1)}
+    # The first vector holds a zero: a word has a vector whatever its values.
+    vectors = {word: [index + position / 8 for position in range(16)] for index, word in enumerate(words)}
     glove = tmp_path / "glove.txt"
     glove.write_text("".join(f"{word} {' '.join(map(str, vector))}\n" for word, vector in vectors.items()))
     sizes = {name.lstrip("-"): int(value) for name, value in zip(TINY_MODEL[::2], TINY_MODEL[1::2])}

@@ -320,6 +320,30 @@ def test_a_hand_checked_scene():
     assert answer_from_scene("What is the cone made of?", objects) == "rubber"
 
 
+def test_at_most_four_annotators_err_so_the_true_answer_is_the_majority(tmp_path):
+    """However inaccurate the annotators, six of the ten or more give the true answer: `multiple_choice_answer` is
+    the scene's answer (five against five would tie it with a wrong one)."""
+    data_dir = make_toy_vqa(tmp_path, num_images=10, feature_size=FEATURE_SIZE, annotator_accuracy=0.1)
+    scenes = {scene["image_id"]: scene for scene in load_json(data_dir / "toy_scenes.json")["scenes"]}
+    for split in ANNOTATION_FILES:
+        for question, annotation in annotated_questions(data_dir, split):
+            truth = answer_from_scene(question, objects_of(scenes[annotation["image_id"]]))
+            assert [entry["answer"] for entry in annotation["answers"]].count(truth) >= 6, question
+            assert annotation["multiple_choice_answer"] == truth
+
+
+def test_every_image_gets_an_id_of_its_own_however_few_are_left(tmp_path, monkeypatch):
+    """Drawn with replacement, the default set's 2,000 ids out of a million would most likely repeat one: two images
+    under one feature file name, and their questions under the same ids."""
+    import data_scripts.make_toy_vqa as make_toy_vqa_module
+
+    monkeypatch.setattr(make_toy_vqa_module, "MAX_IMAGE_ID", 12)
+    make_toy_vqa(tmp_path, num_images=12, feature_size=FEATURE_SIZE, questions_per_image=1)
+    scenes = load_json(tmp_path / "toy_scenes.json")["scenes"]
+    assert sorted(scene["image_id"] for scene in scenes) == list(range(1, 13))
+    assert sum(1 for _ in (tmp_path / "coco_extract").rglob("*.npz")) == 12
+
+
 def test_yes_no_answers_are_balanced(large_toy_dir):
     yes_no = [
         annotation["multiple_choice_answer"]
@@ -480,6 +504,13 @@ def test_command_line_writes_the_same_data_set(toy_dir, tmp_path, capsys):
     for split, file_name in ANNOTATION_FILES.items():
         written = (tmp_path / "cli" / "vqa" / file_name).read_bytes()
         assert written == (toy_dir / "vqa" / file_name).read_bytes(), split
+
+
+def test_command_line_overwrite_replaces_the_toy_set(tmp_path):
+    arguments = ["--output_dir", str(tmp_path), "--num_images", "10", "--feature_size", "32"]
+    main(arguments)
+    main([*arguments, "--seed", "1", "--overwrite"])
+    assert load_json(tmp_path / "toy_scenes.json")["seed"] == 1
 
 
 def test_command_line_sets_the_annotators_and_the_feature_noise(tmp_path):

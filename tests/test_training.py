@@ -977,8 +977,8 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         ),
         (
             ["--per_device_train_batch_size", "1024", "--dataloader_drop_last", "true"],
-            "--train_split train has 210 questions, fewer than one batch of 1024 (1024 per process x 1), which "
-            "--dataloader_drop_last drops: nothing would be trained",
+            "--train_split train has 210 questions, fewer than one batch of 1024, which --dataloader_drop_last "
+            "drops: nothing would be trained",
         ),
         (
             ["--eval_split", "nosuch"],
@@ -1238,6 +1238,18 @@ def test_a_split_smaller_than_one_batch_of_all_processes_is_refused_only_with_da
     message = (
         "--train_split train has 210 questions, fewer than one batch of 256 (128 per process x 2), which "
         "--dataloader_drop_last drops: nothing would be trained"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train_vqa.load_splits(*dropped)
+    # With split_batches the 128 are the batch of both processes: one batch of the 210 trains.
+    split = ["--accelerator_config", '{"split_batches": true}']
+    taken = train_vqa.parse_arguments([*arguments, *split, "--dataloader_drop_last", "true"])[1:3]
+    assert len(train_vqa.load_splits(*taken)[0]) == 210
+    arguments[arguments.index("128") - 1 : arguments.index("128") + 1] = ["--per_device_train_batch_size", "211"]
+    dropped = train_vqa.parse_arguments([*arguments, *split, "--dataloader_drop_last", "true"])[1:3]
+    message = (
+        "--train_split train has 210 questions, fewer than one batch of 211, which --dataloader_drop_last drops: "
+        "nothing would be trained"
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         train_vqa.load_splits(*dropped)

@@ -547,6 +547,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             "--do_train false evaluates or predicts with the weights of --model_name_or_path; give it (a new "
             "model's weights are random)"
         )
+    if training_args.push_to_hub and not training_args.do_train:
+        # The Trainer would make the hub repository, and the run push nothing to it.
+        raise UsageError(
+            "--push_to_hub uploads the model a run trains, and --do_train false trains none: upload the model's "
+            "folder itself (`hf upload`, or `push_to_hub` of the loaded model and processor)"
+        )
     if data_args.save_logits and not training_args.do_predict:
         raise UsageError("--save_logits keeps the scores of --do_predict's answers; give --do_predict too")
     # (A training run refuses any earlier prediction files: `outputs_to_replace`.)

@@ -921,6 +921,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "--group_by_regions and --train_sampling_strategy sequential each choose the order of the training",
         ),
         (["--save_logits"], "--save_logits keeps the scores of --do_predict's answers; give --do_predict too"),
+        # The Trainer made the hub repository, and the run pushed nothing.
+        (
+            ["--do_train", "false", "--model_name_or_path", "runs/elsewhere", "--push_to_hub"],
+            "--push_to_hub uploads the model a run trains, and --do_train false trains none: upload the model's",
+        ),
         (["--dataset_d", "elsewhere"], "Some specified arguments are not used by the HfArgumentParser: ['--dataset_d'"),
         (["--fp16"], "--fp16 runs nothing in half precision on the CPU (accelerate trains in fp32 there); use bf16"),
         (["--pad_to_multiple_of", "0"], "--pad_to_multiple_of must be at least 1, got 0"),

@@ -601,17 +601,6 @@ class RWSANPreTrainedModel(PreTrainedModel):
         finally:
             self.config.custom_pipelines = custom_pipelines
 
-    def should_save_on_this_rank(self, is_main_process: bool) -> bool:
-        """Whether `save_pretrained` writes on this process: where `is_main_process` says so, on the first process of
-        the job or of its machine. transformers saves on the job's first process alone, whatever the caller says,
-        so the checkpoints of the Trainer's `--save_on_each_node` (each machine's first process, for machines that
-        do not share a disk) lacked the weights and config on every other machine, and could not be resumed there.
-        The weights are whole on every process (no tensor parallelism). Left to its default `is_main_process`, a
-        save called on every process still writes once a machine."""
-        return super().should_save_on_this_rank(is_main_process) or (
-            is_main_process and os.environ.get("LOCAL_RANK") == "0"
-        )
-
     def compile_blocks(self, **compile_kwargs) -> "RWSANPreTrainedModel":
         """Compiles the weight-shared attention blocks in place: `torch.compile(**compile_kwargs)` on each (regional
         compilation), and on each layer norm outside them; returns the model.

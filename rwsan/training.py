@@ -1015,20 +1015,39 @@ class VQATrainer(Trainer):
         return self.lr_scheduler
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """`Trainer.save_model`; the run's own folder (not a checkpoint) is saved with the pipeline
+        """`Trainer.save_model` (of checkpoints too), on each machine's first process with `--save_on_each_node`
+        (see `_saving_where_the_trainer_says`); the run's own folder (not a checkpoint) is saved with the pipeline
         ([`save_for_pipeline`]) when the processing class is an `RWSANProcessor`, so that `pipeline(model=folder,
         trust_remote_code=True)` answers questions from it, and from the hub repository `push_to_hub` fills: that
         saves the model again before it uploads, which would otherwise leave the pipeline out of config.json."""
-        super().save_model(output_dir, _internal_call)
-        final_folder = output_dir is None or Path(output_dir).resolve() == Path(self.args.output_dir).resolve()
-        if not (final_folder and self.args.should_save and isinstance(self.processing_class, RWSANProcessor)):
-            return
-        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
-        if self.is_fsdp_enabled or zero_stage == 3:
-            # Each process holds a shard of the weights: the pipeline's save of those held here would be wrong.
-            logger.warning_once("FSDP/ZeRO-3: the output folder is saved without the pipeline (save_for_pipeline)")
-            return
-        save_for_pipeline(self.accelerator.unwrap_model(self.model), self.processing_class, self.args.output_dir)
+        with self._saving_where_the_trainer_says():
+            super().save_model(output_dir, _internal_call)
+            final_folder = output_dir is None or Path(output_dir).resolve() == Path(self.args.output_dir).resolve()
+            if not (final_folder and self.args.should_save and isinstance(self.processing_class, RWSANProcessor)):
+                return
+            zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+            if self.is_fsdp_enabled or zero_stage == 3:
+                # Each process holds a shard of the weights: the pipeline's save of those held here would be wrong.
+                logger.warning_once("FSDP/ZeRO-3: the output folder is saved without the pipeline (save_for_pipeline)")
+                return
+            save_for_pipeline(self.accelerator.unwrap_model(self.model), self.processing_class, self.args.output_dir)
+
+    @contextlib.contextmanager
+    def _saving_where_the_trainer_says(self):
+        """transformers' `save_pretrained` writes on the job's first process alone, whatever its `is_main_process`
+        says, so `--save_on_each_node` (each machine's first process saves, for machines without a shared disk) left
+        the other machines' checkpoints without the weights and config, and they could not be resumed there. Within
+        the Trainer's own saves, the model writes where the Trainer says (`args.should_save`). Not under DeepSpeed or
+        FSDP, whose saves gather the weights on the first process."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        widened = self.args.save_on_each_node and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        if widened:
+            model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            yield
+        finally:
+            if widened:
+                del model.should_save_on_this_rank
 
     def create_model_card(self, **kwargs):
         """Keeps a model card already in the output folder (train_vqa.py writes one with the VQA accuracy of each

@@ -688,26 +688,6 @@ def test_training_flops_are_those_of_the_matrix_products(config, shape):
     assert RWSANForVQA(RWSANConfig()).training_flops(1, 16, 100) == pytest.approx(20.03e9, rel=1e-3)
 
 
-@pytest.mark.parametrize(
-    "local_rank, is_main_process, saved",
-    [("0", True, True), ("0", False, False), ("1", True, False), (None, True, False)],
-)
-def test_a_machines_first_process_saves_where_the_caller_says(
-    tmp_path, tiny_model, monkeypatch, local_rank, is_main_process, saved
-):
-    """The second machine's first process of a job (global rank 1): the Trainer's --save_on_each_node passes it
-    `is_main_process=True`, and transformers wrote nothing there, so that machine's checkpoints lacked the weights."""
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
-    if local_rank is None:
-        monkeypatch.delenv("LOCAL_RANK", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_RANK", local_rank)
-    tiny_model.save_pretrained(tmp_path / "saved", is_main_process=is_main_process)
-    model_files = {"config.json", "model.safetensors"}
-    assert model_files & {path.name for path in (tmp_path / "saved").iterdir()} == (model_files if saved else set())
-
-
 def test_save_and_load_round_trip(tmp_path, tiny_model):
     tiny_model.config.id2label = {i: f"answer {i}" for i in range(9)}
     tiny_model.config.label2id = {f"answer {i}": i for i in range(9)}

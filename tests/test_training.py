@@ -719,6 +719,23 @@ def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     assert state["global_step"] == 7
 
 
+@pytest.mark.parametrize("save_on_each_node", [True, False])
+def test_the_trainers_saves_write_on_a_machines_first_process_with_save_on_each_node(
+    tiny_prepared_vqa, tmp_path, monkeypatch, save_on_each_node
+):
+    """As the second machine's first process of a job (global rank 1) sees it: transformers wrote the model nowhere
+    there, whatever the Trainer said. The model's own save_pretrained keeps transformers' rule."""
+    trainer = tiny_trainer(tiny_prepared_vqa, tmp_path / "run", dropout=0.0, save_on_each_node=save_on_each_node)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    model_files = {"config.json", "model.safetensors"}
+    trainer.save_model(str(tmp_path / "checkpoint"))
+    written = {path.name for path in (tmp_path / "checkpoint").iterdir()}
+    assert model_files & written == (model_files if save_on_each_node else set())
+    trainer.model.save_pretrained(tmp_path / "plain")
+    assert not model_files & {path.name for path in (tmp_path / "plain").iterdir()}
+
+
 def run_two_machines(outputs: list[Path], *arguments, cwd=REPO_ROOT):
     """Two "machines" of one process each, on this one: each with its own --output_dir, as each machine would have
     its own disk, or the same one."""

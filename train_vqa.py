@@ -46,7 +46,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import CONFIG_NAME, PROCESSOR_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, PROCESSOR_NAME
 
 from data_scripts import make_toy_vqa as toy_data
 from rwsan import RWSANConfig, RWSANForVQA
@@ -638,9 +638,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         # take the run as multi-GPU, starts one process with no process group (no WORLD_SIZE, which torchrun sets):
         # each machine would train alone.
         raise UsageError(
-            "accelerate launch was given several processes or machines but started this one process alone: add "
-            "--multi_gpu to `accelerate launch` (it also starts processes on CPUs, which talk through gloo), or "
-            "give it one process"
+            "MASTER_ADDR is set but WORLD_SIZE is not: `accelerate launch` was given several processes or machines "
+            "and started this one alone (give it --multi_gpu, in place of --cpu: it also starts processes on CPUs, "
+            "which talk through gloo), or MASTER_ADDR comes from the shell (unset it for a run of one process)"
         )
     accelerator = training_args.accelerator_config
     if data_args.pack_regions and (accelerator.split_batches or accelerator.dispatch_batches):
@@ -710,12 +710,12 @@ def checkpoint_to_resume(training_args: VQATrainingArguments) -> str | None:
             f"{TRAINER_STATE_NAME}, which the Trainer writes after the weights and the optimizer's state; a run "
             "stopped while saving leaves such a folder: delete it, and `last` takes the checkpoint before it)"
         )
-    missing = [name for name in (CONFIG_NAME, SAFE_WEIGHTS_NAME) if not (Path(checkpoint) / name).is_file()]
-    if missing:
-        # As --save_on_each_node left them on all machines but the first before this package saved there.
+    # As --save_on_each_node left checkpoints on all machines but the first before VQATrainer saved there. (The
+    # weights may be elsewhere: DeepSpeed's ZeRO-3 keeps them in its own folder.)
+    if not (Path(checkpoint) / CONFIG_NAME).is_file():
         raise UsageError(
             f"--resume_from_checkpoint {resume}: {checkpoint} holds the Trainer's state but not the model's "
-            f"{' or '.join(missing)}: copy them from the checkpoint of the same step that the job's first machine saved"
+            f"{CONFIG_NAME}: copy the checkpoint of the same step that the job's first machine saved"
         )
     return checkpoint
 

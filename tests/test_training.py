@@ -420,14 +420,13 @@ def test_resumes_that_would_train_otherwise_or_lose_checkpoints_are_refused(tiny
     assert (output / "predictions_val.json").read_text() == "[]"
     (output / "predictions_val.json").unlink()
     refused("--resume_from_checkpoint", str(tmp_path / "missing"), message="no such folder")
-    # As --save_on_each_node left a checkpoint on a machine other than the first: the model's files alone missing.
-    (checkpoint / "model.safetensors").rename(tmp_path / "model.safetensors")
+    # As --save_on_each_node left a checkpoint on a machine other than the first: the model's files missing.
+    for name in ("model.safetensors", "config.json"):
+        (checkpoint / name).rename(tmp_path / name)
     refused("--resume_from_checkpoint", "last", message=re.escape(
-        f"{checkpoint} holds the Trainer's state but not the model's model.safetensors: copy them from the checkpoint "
-        "of the same step that the job's first machine saved"
+        f"{checkpoint} holds the Trainer's state but not the model's config.json: copy the checkpoint of the same "
+        "step that the job's first machine saved"
     ))  # fmt: skip
-    (checkpoint / "config.json").rename(tmp_path / "config.json")
-    refused("--resume_from_checkpoint", "last", message="but not the model's config.json or model.safetensors: ")
     for name in ("model.safetensors", "config.json"):
         (tmp_path / name).rename(checkpoint / name)
     (checkpoint / "trainer_state.json").rename(tmp_path / "trainer_state.json")
@@ -631,13 +630,18 @@ def test_accelerate_starting_one_process_of_several_is_refused(tiny_prepared_vqa
     import train_vqa
 
     parsed = train_vqa.parse_arguments(common_arguments(tiny_prepared_vqa, tmp_path / "run"))[:3]
+    for name in ("MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     # As accelerate's launcher leaves the environment of one process alone (`accelerate launch train_vqa.py`).
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     train_vqa.check_arguments(*parsed)
     # As it leaves it for several processes or machines it does not start as such.
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    message = "accelerate launch was given several processes or machines but started this one process alone: add "
-    with pytest.raises(train_vqa.UsageError, match=f"^{re.escape(message)}--multi_gpu"):
+    message = (
+        "MASTER_ADDR is set but WORLD_SIZE is not: `accelerate launch` was given several processes or machines and "
+        "started this one alone (give it --multi_gpu, in place of --cpu"
+    )
+    with pytest.raises(train_vqa.UsageError, match=f"^{re.escape(message)}"):
         train_vqa.check_arguments(*parsed)
     # Started by torchrun (`--multi_gpu`), as one process or several.
     monkeypatch.setenv("WORLD_SIZE", "1")

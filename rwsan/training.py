@@ -53,6 +53,13 @@ class VQATrainingArguments(TrainingArguments):
     another metric.
     """
 
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the model, its checkpoints, metrics and predictions are written (unset: the Trainer's "
+            "trainer_output; runs/toy for train_vqa.py's toy run)."
+        },
+    )
     do_train: bool = field(default=True, metadata={"help": "Train (--do_train false to only evaluate or predict)."})
     do_eval: bool | None = field(
         default=None,

@@ -597,6 +597,13 @@ def run_two_processes(*arguments, check=True):
     return result
 
 
+def assert_both_ranks_end_with_the_same_weights(result: subprocess.CompletedProcess):
+    """Each of two processes prints its weights' sha256 after training: both printed, and equal."""
+    fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
+    assert set(fingerprints) == {"0", "1"}, result.stdout[-2000:]
+    assert fingerprints["0"] == fingerprints["1"]
+
+
 def test_uneven_batches_across_processes_are_refused(tiny_prepared_vqa, tmp_path):
     """accelerate's `even_batches: false`: the processes' batch counts differ, so training hung until DDP's
     timeout (30 minutes), and an evaluation failed blaming drop_last."""
@@ -712,9 +719,7 @@ def test_two_processes_resumed_mid_epoch_train_as_an_uninterrupted_run(tiny_prep
 def test_two_processes_end_with_identical_weights(tiny_prepared_vqa, tmp_path):
     arguments = ["--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "no"]
     result = run_two_processes(*common_arguments(tiny_prepared_vqa, tmp_path / "ddp"), *arguments)
-    fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
-    assert set(fingerprints) == {"0", "1"}, result.stdout[-2000:]
-    assert fingerprints["0"] == fingerprints["1"]
+    assert_both_ranks_end_with_the_same_weights(result)
     # Every parameter has a gradient every step, so DDP is not asked to search for unused ones.
     assert "find_unused_parameters=True was specified" not in result.stderr
     # Each process takes its share of every batch: 210 questions in batches of 2 x 16 are 7 steps an epoch (14 if
@@ -804,8 +809,7 @@ def test_two_processes_train_on_dispatched_batches_of_one_shape(tiny_prepared_vq
         "--accelerator_config", '{"dispatch_batches": true}',
     ]  # fmt: skip
     result = run_two_processes(*common_arguments(tiny_prepared_vqa, output), *arguments)
-    fingerprints = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", result.stdout))
-    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"], result.stdout[-2000:]
+    assert_both_ranks_end_with_the_same_weights(result)
     # 210 questions in batches of 2 x 16: each process trains on a batch of its own every step.
     assert json.loads((output / "trainer_state.json").read_text())["global_step"] == 7
     assert re.search(r"^Final val VQA accuracy: \d+\.\d\d$", result.stdout, re.MULTILINE)

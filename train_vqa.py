@@ -255,11 +255,13 @@ def load_splits(data_args: DataArguments, training_args: VQATrainingArguments):
 
     train_dataset = load_annotated("--train_split", data_args.train_split) if training_args.do_train else None
     # With split_batches, --per_device_train_batch_size is the batch of all the processes together.
-    split = training_args.accelerator_config.split_batches or training_args.world_size == 1
-    one_batch = training_args.per_device_train_batch_size * (1 if split else training_args.world_size)
+    batch_is_global = training_args.accelerator_config.split_batches or training_args.world_size == 1
+    one_batch = training_args.per_device_train_batch_size * (1 if batch_is_global else training_args.world_size)
     if train_dataset is not None and training_args.dataloader_drop_last and len(train_dataset) < one_batch:
         counted = (
-            "" if split else f" ({training_args.per_device_train_batch_size} per process x {training_args.world_size})"
+            ""
+            if batch_is_global
+            else f" ({training_args.per_device_train_batch_size} per process x {training_args.world_size})"
         )
         raise ValueError(
             f"--train_split {data_args.train_split} has {len(train_dataset)} questions, fewer than one batch of "

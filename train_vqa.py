@@ -974,7 +974,7 @@ def main(argv: list[str] | None = None):
             )
             # Without --output_dir the Trainer's default folder takes the run, which nothing else names.
             print(f"Saved the model, its processor, metrics.json and training_curves.png in {output_dir}")
-        if training_args.push_to_hub and training_args.do_train:
+        if training_args.push_to_hub:  # with --do_train (check_arguments refuses it without)
             # Before the prediction files are written: the upload takes the whole output folder.
             trainer.push_to_hub()
 

@@ -5,10 +5,14 @@ cached), on the CPU, in a few minutes:
 
     python train_vqa.py
 
-On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses:
+On VQA-v2 prepared by data_scripts/prepare_vqa.py, the original's three uses (its --RUN train, val and test),
+then the same on several GPUs:
 
     # train on train, evaluate on val after every epoch (VQA accuracy as RWSAN's evaluation script computes it)
     python train_vqa.py --dataset_dir data/vqa --train_split train --output_dir runs/train
+    # evaluate that model on val (evaluation_val.json beside it)
+    python train_vqa.py --dataset_dir data/vqa --do_train false --model_name_or_path runs/train \\
+        --output_dir runs/train
     # train on train+val+vg, then answer the test set for the evaluation server
     python train_vqa.py --dataset_dir data/vqa --train_split train+val+vg --output_dir runs/full \\
         --do_predict

@@ -157,8 +157,9 @@ def build_question_tokenizer(vocab: Mapping[str, int], max_length: int = 16) -> 
 
 def normalize_answer(answer: str) -> str:
     """Normalizes an answer like the original's `prep_ans` (the official VQA answer processing): punctuation,
-    periods, number words, articles and contractions."""
-    return normalize_answer_words(normalize_answer_punctuation(answer)).replace(",", "")
+    periods, number words, articles and contractions. (`prep_ans` then deletes commas, but the punctuation step
+    has already deleted or spaced every one, and the word step writes none.)"""
+    return normalize_answer_words(normalize_answer_punctuation(answer))
 
 
 def normalize_answer_words(text: str) -> str:

@@ -450,12 +450,11 @@ class CUDAGraphedFunction:
         function: Callable[[dict[str, torch.Tensor]], Any],
         module: torch.nn.Module,
         warmup_passes: int = 3,
-        recorder: CUDAGraphRecorder | None = None,
     ):
         self.function = function
         self.module = module
         self.warmup_passes = warmup_passes
-        self.recorder = recorder or CUDAGraphRecorder()
+        self.recorder = CUDAGraphRecorder()
         # (replay, input tensors, outputs) by the names, shapes and dtypes of the batch's tensors
         self.graphs: dict[tuple, tuple[Callable[[], None], dict[str, torch.Tensor], Any]] = {}
         self.recordings = 0

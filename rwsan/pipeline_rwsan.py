@@ -2,8 +2,8 @@
 
 This file is also copied beside saved models (`RWSANVQAPipeline.save_pretrained`) and imported there by
 transformers' dynamic module loader (`pipeline(model=folder, trust_remote_code=True)`), where the `rwsan` package
-may not be installed: it imports only the standard library, numpy, torch, transformers and `processing_rwsan` (with
-`configuration_rwsan`), which saving copies beside it too.
+may not be installed: it imports only the standard library, numpy, transformers, huggingface_hub (for the upload)
+and `processing_rwsan` (which brings torch and `configuration_rwsan`); saving copies those two files beside it too.
 """
 
 import math

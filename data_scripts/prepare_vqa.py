@@ -77,7 +77,6 @@ from datasets.fingerprint import generate_random_fingerprint
 from tqdm.auto import tqdm
 
 from rwsan.data import vocabulary_fingerprint
-from rwsan.pipeline_rwsan import image_size_fault, read_region_archive, region_size, regions_first, shown_size
 from rwsan.processing_rwsan import (
     HALF_CHARACTER,
     PAD_TOKEN,
@@ -89,6 +88,7 @@ from rwsan.processing_rwsan import (
     normalize_answer,
     split_question,
 )
+from rwsan.region_files import image_size_fault, parse_size, read_region_archive, regions_first, shown_size
 
 QUESTIONS_FOLDER = "vqa"
 FEATURES_FOLDER = "coco_extract"
@@ -529,8 +529,8 @@ def checked_image(
         image_id,
         stored,
         None if boxes is None else np.ascontiguousarray(boxes[real_rows], dtype=np.float32),
-        None if width is None else region_size(width),
-        None if height is None else region_size(height),
+        None if width is None else parse_size(width),
+        None if height is None else parse_size(height),
         path,
         left_out,
     )
@@ -546,7 +546,7 @@ def _boxes_fault(
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         return f"boxes have shape {boxes.shape}, expected (num_regions, 4)"
     for name, count in (("boxes", len(boxes)), ("num_bbox", num_boxes)):
-        if count is not None and region_size(count) not in (num_regions, num_rows):
+        if count is not None and parse_size(count) not in (num_regions, num_rows):
             padding = f" ({num_regions} before their zero padding)" if num_regions < num_rows else ""
             return f"{num_rows} feature rows{padding} but {name} counts {shown_size(count)}"
     if not np.isfinite(boxes).all():

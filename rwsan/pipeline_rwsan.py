@@ -2,15 +2,13 @@
 
 This file is also copied beside saved models (`RWSANVQAPipeline.save_pretrained`) and imported there by
 transformers' dynamic module loader (`pipeline(model=folder, trust_remote_code=True)`), where the `rwsan` package
-may not be installed: it imports only the standard library, numpy, transformers, huggingface_hub (for the upload)
-and `processing_rwsan` (which brings torch and `configuration_rwsan`); saving copies those two files beside it too.
+may not be installed: it imports only the standard library, numpy, transformers, huggingface_hub (for the upload),
+`region_files` and `processing_rwsan` (which brings torch and `configuration_rwsan`); saving copies those three files
+beside it too.
 """
 
-import math
 import os
 import types
-import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from .processing_rwsan import (
     is_text,
     no_regions_fault,
 )
+from .region_files import image_size_fault, parse_size, read_region_archive, regions_first
 
 logger = logging.get_logger(__name__)
 
@@ -43,10 +42,6 @@ _HUB_OPTIONS = ("repo_id", "commit_message", "token", "private", "revision", "cr
 ALL_WORDS_UNKNOWN_WARNING = "all question words are unknown to the vocabulary"
 INPUT_KEYS = ("question", "image_features", "boxes")
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "image_features", "image_attention_mask")
-# Everything np.load raises for a corrupt, truncated or foreign file.
-NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
-# The sizes an image's `.npz` may hold beside its features and boxes.
-REGION_SIZES = ("num_bbox", "image_w", "image_h")
 
 
 class _NumberedInput:
@@ -69,85 +64,6 @@ def _rows_array(where: str, field: str, values, row_size: int, are_features: boo
     if not np.isfinite(rows).all():
         raise ValueError(f"{where}: {field} contains NaN or infinite values")
     return rows
-
-
-def read_region_archive(path: str) -> tuple[dict, dict]:
-    """
-    The arrays RWSAN reads from an image's `.npz` in the original release's layout, those the file holds: `x`, the
-    region features (required), `bbox`, and the sizes `num_bbox`, `image_w` and `image_h` (read them with
-    `region_size`).
-
-    Returns:
-        `(arrays, unreadable)`: the arrays read, by name, and for each of the optional ones that the file holds but
-        that cannot be read (an object array, say, which reading would unpickle), why. The model reads only `x`.
-
-    Raises:
-        `ValueError` saying why, for a file that is no readable `.npz` archive or holds no readable `x`.
-    """
-    arrays, unreadable = {}, {}
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(6)
-        if start.startswith(b"PK"):
-            with np.load(path) as archive:
-                names = archive.files
-                if "x" in names:
-                    arrays["x"] = archive["x"]
-                for name in ("bbox", *REGION_SIZES):
-                    if name in names:
-                        try:
-                            arrays[name] = archive[name]
-                        except NPZ_READ_ERRORS as error:
-                            unreadable[name] = f"cannot be read: {error!r}"
-    except NPZ_READ_ERRORS as error:
-        raise ValueError(f"cannot read: {error!r}") from None
-    # np.load takes any other file for a pickle, and says so: a photo given by mistake would read as one.
-    if not start.startswith(b"PK"):
-        raise ValueError(
-            "it holds a single array, not an .npz archive"
-            if start == b"\x93NUMPY"
-            else f"it is no .npz archive (a zip file), but starts with the bytes {start!r}"
-        )
-    if "x" not in arrays:
-        raise ValueError(f"no 'x' (the region features) among its arrays: {', '.join(names) or 'none'}")
-    return arrays, unreadable
-
-
-def region_size(value) -> int | None:
-    """An image size or region count as an `.npz` holds it (an array of one value: some feature extractors store
-    sizes as `(1,)` arrays) or a TSV file gives it, as an `int`: None unless a positive whole number below 2**31
-    (what the prepared tables store)."""
-    array = np.asarray(value)
-    if array.size != 1 or array.dtype.kind not in "iuf":
-        return None
-    number = array.item()
-    if not (math.isfinite(number) and float(number).is_integer() and 0 < number < 2**31):
-        return None
-    return int(number)
-
-
-def shown_size(value) -> str:
-    """A size as `region_size` was given it, for a message."""
-    return str(np.asarray(value).tolist())
-
-
-def image_size_fault(width, height) -> str | None:
-    """What is wrong with an `.npz`'s `image_w` and `image_h` (None where absent), or None."""
-    if all(size is None or region_size(size) is not None for size in (width, height)):
-        return None
-    sizes = " x ".join("none" if size is None else shown_size(size) for size in (width, height))
-    return f"image_w x image_h is {sizes}, expected positive whole numbers below 2**31"
-
-
-def regions_first(features: np.ndarray, feature_size: int) -> np.ndarray:
-    """An `.npz`'s `x` as `(num_regions, feature_size)`: the original ships `(feature_size, num_regions)`, others
-    the transpose; when both axes equal `feature_size`, the original's layout wins. Raises `ValueError` for
-    other shapes."""
-    if features.ndim != 2 or feature_size not in features.shape:
-        raise ValueError(
-            f"x has shape {features.shape}, expected ({feature_size}, num_regions) or (num_regions, {feature_size})"
-        )
-    return features.T if features.shape[0] == feature_size else features
 
 
 def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
@@ -183,7 +99,7 @@ def load_region_file(path: str | os.PathLike, feature_size: int = 2048) -> dict:
     if "image_w" in arrays and "image_h" in arrays:
         if fault := image_size_fault(arrays["image_w"], arrays["image_h"]):
             raise ValueError(f"{where}: {fault}")
-        image_size = (region_size(arrays["image_w"]), region_size(arrays["image_h"]))
+        image_size = (parse_size(arrays["image_w"]), parse_size(arrays["image_h"]))
     features = _rows_array(where, "x", features, feature_size, are_features=True)
     boxes = arrays.get("bbox")
     if boxes is not None:

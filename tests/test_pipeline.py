@@ -562,6 +562,7 @@ def test_saved_folder_holds_the_pipeline_code_and_the_processor(saved_folder, mo
         "pipeline_rwsan.py",
         "modeling_rwsan.py",
         "processing_rwsan.py",
+        "region_files.py",
         "processor_config.json",
     ):
         assert (saved_folder / file_name).is_file()

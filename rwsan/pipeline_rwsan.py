@@ -23,6 +23,7 @@ from .processing_rwsan import (
     as_float32_array,
     box_count_fault,
     check_processor_fits_model,
+    check_region_rows,
     checked_top_k,
     is_text,
     no_regions_fault,
@@ -57,12 +58,9 @@ def _rows_array(where: str, field: str, values, row_size: int, are_features: boo
     checks them (`as_float32_array`): region features floating-point, where a row that float32 would make all
     zeros is refused (it would mark padding), boxes floating-point or integers; returns them as float32 numpy."""
     rows = as_float32_array(f"{where}: {field}", values, integers=not are_features, zero_rows_mark_padding=are_features)
-    if rows.ndim != 2 or rows.shape[1] != row_size:
-        raise ValueError(f"{where}: {field} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})")
+    check_region_rows(f"{where}: {field}", rows, row_size)
     if len(rows) == 0:
         raise ValueError(f"{where}: {field} has no regions")
-    if not np.isfinite(rows).all():
-        raise ValueError(f"{where}: {field} contains NaN or infinite values")
     return rows
 
 

@@ -370,11 +370,16 @@ def _region_batch(
         ]
 
     for index, item in enumerate(items):
-        if item.ndim != 2 or item.shape[1] != row_size:
-            raise ValueError(f"{name}[{index}] has shape {tuple(item.shape)}, expected (num_regions, {row_size})")
-        if not np.isfinite(item).all():
-            raise ValueError(f"{name}[{index}] contains NaN or infinite values")
+        check_region_rows(f"{name}[{index}]", item, row_size)
     return items
+
+
+def check_region_rows(name: str, rows: np.ndarray, row_size: int) -> None:
+    """Refuses region rows that are not a `(num_regions, row_size)` array of finite values."""
+    if rows.ndim != 2 or rows.shape[1] != row_size:
+        raise ValueError(f"{name} has shape {tuple(rows.shape)}, expected (num_regions, {row_size})")
+    if not np.isfinite(rows).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def no_regions_fault(rows: np.ndarray, max_rows: int) -> str | None:

@@ -57,7 +57,9 @@ _cached_punctuation = lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)(normalize_pun
 
 @lru_cache(maxsize=_NORMALIZATION_CACHE_SIZE)
 def normalize_answer(answer: str) -> str:
-    """Normalise a predicted answer as RWSAN's script does, always, before comparing it with the annotators'."""
+    """Normalise a predicted answer as RWSAN's script does, always, before comparing it with the annotators'. Not
+    the training labels' step (`rwsan.processing_rwsan.normalize_answer`, the original's `prep_ans`), which keeps
+    tabs and newlines as they are while it strips punctuation."""
     single_line = answer.replace("\n", " ").replace("\t", " ").strip()
     return normalize_words(normalize_punctuation(single_line))
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
-from transformers.integrations import get_reporting_integration_callbacks
+from transformers.integrations import get_available_reporting_integrations, get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import CONFIG_NAME, PROCESSOR_NAME
@@ -73,6 +73,7 @@ from rwsan.training import (
     VQATrainingArguments,
     answer_indices,
     answers_and_float16_logits,
+    check_metric_for_best_model,
     checkpoint_folders,
     schedule_options_conflict,
     strategy_name,
@@ -633,11 +634,19 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         )
     if training_args.cuda_graphs and training_args.device.type != "cuda":
         raise UsageError(f"--cuda_graphs needs a CUDA device; this run is on {training_args.device}")
+    reports = [name for name in training_args.report_to if name not in NO_REPORTS]
     try:
-        # The Trainer would refuse an unknown name only once the data and the model are loaded, with a traceback.
-        get_reporting_integration_callbacks([name for name in training_args.report_to if name not in NO_REPORTS])
+        # The Trainer would refuse an unknown name, or one whose package is missing, only once the data and the
+        # model are loaded, with a traceback.
+        get_reporting_integration_callbacks(reports)
     except ValueError as error:
         raise UsageError(f"--report_to: {error}") from None
+    available = get_available_reporting_integrations()
+    if missing := [name for name in reports if name not in available]:
+        raise UsageError(
+            f"--report_to {' '.join(missing)}: not installed in this environment (transformers finds "
+            f"{', '.join(available) or 'none'}); install its package or leave it out"
+        )
     launched_alone = "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
     if training_args.world_size == 1 and "ACCELERATE_MIXED_PRECISION" in os.environ and launched_alone:
         # accelerate's launcher sets the rendezvous for several processes or machines, and then, where it does not
@@ -901,6 +910,7 @@ def main(argv: list[str] | None = None):
         processor.max_question_length = data_args.max_question_length
         processor.max_regions = data_args.max_regions
         check_dispatched_batches(data_args, training_args)
+        check_metric_for_best_model(training_args, eval_dataset)
         model = build_model(model_args, processor, reference.feature_size)
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from error
@@ -921,17 +931,20 @@ def main(argv: list[str] | None = None):
         pad_to_multiple_of=data_args.pad_to_multiple_of,
         pack_regions=data_args.pack_regions,
     )
-    trainer = VQATrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator,
-        processing_class=processor,
-        compute_metrics=vqa_metrics(eval_dataset, model.config.id2label) if eval_dataset is not None else None,
-        preprocess_logits_for_metrics=answer_indices,
-        callbacks=[StopOnNonFiniteLoss(), PrintEpochAccuracy(data_args.eval_split)],
-    )
+    try:
+        trainer = VQATrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=collator,
+            processing_class=processor,
+            compute_metrics=vqa_metrics(eval_dataset, model.config.id2label) if eval_dataset is not None else None,
+            preprocess_logits_for_metrics=answer_indices,
+            callbacks=[StopOnNonFiniteLoss(), PrintEpochAccuracy(data_args.eval_split)],
+        )
+    except ValueError as error:  # options that fit neither the data nor the model, found by VQATrainer
+        raise UsageError(str(error)) from None
 
     try:
         output_dir = Path(training_args.output_dir)

@@ -30,7 +30,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, SchedulerType, get_last_checkpoint
+from transformers.training_args import OptimizerNames
 from transformers.utils import is_torch_xla_available, logging
 
 from .data import unpack_image_features
@@ -186,6 +187,32 @@ class VQATrainingArguments(TrainingArguments):
         ]
         if conflict := schedule_options_conflict(self.paper_schedule, changed):
             raise ValueError(conflict)
+        if self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and self.greater_is_better:
+            self._plateau_on_a_rising_metric()
+        for strategy, steps in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
+            if getattr(self, steps) != _default_of(steps) and strategy_name(getattr(self, strategy)) != "steps":
+                raise ValueError(
+                    f"--{steps} {getattr(self, steps):g} counts steps between saves or evaluations, which happen by "
+                    f"--{strategy} {strategy_name(getattr(self, strategy))} (train_vqa.py's default: epoch): give "
+                    f"--{strategy} steps too"
+                )
+        if self.length_column_name != _default_of("length_column_name"):
+            # The Trainer reads that column only from a `datasets.Dataset`; a VQADataset is measured by its items.
+            raise ValueError(
+                f"--length_column_name {self.length_column_name} would be ignored: --train_sampling_strategy "
+                "group_by_length groups the questions by their length in words; --group_by_regions groups them by "
+                "their images' regions"
+            )
+        if self.label_names is not None and list(self.label_names) != ["labels"]:
+            raise ValueError(
+                f"--label_names {' '.join(self.label_names)}: the model's only labels are `labels` (the answers' soft "
+                "scores); evaluation hands the question ids back in their place, which the VQA accuracy reads"
+            )
+        if self.dataloader_persistent_workers and self.dataloader_num_workers == 0:
+            raise ValueError(
+                "--dataloader_persistent_workers keeps the DataLoader's worker processes, and there are none: give "
+                "--dataloader_num_workers N too"
+            )
         if self.label_smoothing_factor:
             raise ValueError(
                 "--label_smoothing_factor smooths class labels; VQA's labels are soft answer scores already, "
@@ -232,6 +259,19 @@ class VQATrainingArguments(TrainingArguments):
             for what, given in unsupported.items():
                 if given:
                     raise ValueError(f"--cuda_graphs does not work with {what}")
+
+    def _plateau_on_a_rising_metric(self):
+        """`reduce_lr_on_plateau` is stepped with `metric_for_best_model`, and torch's scheduler waits for it to stop
+        falling unless told `mode` "max": with the VQA accuracy it would cut the rate while the model improves."""
+        kwargs = self.lr_scheduler_kwargs or {}
+        mode = kwargs.get("mode", "max")
+        if mode != "max":
+            raise ValueError(
+                f"--lr_scheduler_kwargs mode {mode!r} has reduce_lr_on_plateau cut the rate while "
+                f"--metric_for_best_model {self.metric_for_best_model} rises, and it rises as the model improves: "
+                'give mode "max", or leave mode out'
+            )
+        self.lr_scheduler_kwargs = {**kwargs, "mode": "max"}
 
 
 ACCELERATE_PRECISION = "ACCELERATE_MIXED_PRECISION, which `accelerate launch --mixed_precision` or its config sets"
@@ -618,12 +658,17 @@ class HubRepositoryError(RuntimeError):
     """The hub repository that `push_to_hub` uploads to could not be made or reached."""
 
 
-# Options a resumed run takes from the checkpoint's optimizer state (its parameter groups), not from its arguments.
-OPTIMIZER_STATE_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+# Options a resumed run takes from the checkpoint's optimizer state (its parameter groups), not from its arguments,
+# and those that make the optimizer whose state it loads.
+OPTIMIZER_STATE_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim",
+                           "optim_args")  # fmt: skip
 
 
-def _optimizer_options(args: TrainingArguments) -> dict[str, float]:
-    return {name: getattr(args, name) for name in OPTIMIZER_STATE_OPTIONS}
+def _optimizer_options(args: TrainingArguments) -> dict[str, Any]:
+    options = {name: getattr(args, name) for name in OPTIMIZER_STATE_OPTIONS}
+    # The Trainer turns `optim` into an enum; the record keeps its name.
+    options["optim"] = OptimizerNames(args.optim).value
+    return options
 
 
 class ResumeRecord(TrainerCallback, ExportableState):
@@ -662,6 +707,22 @@ class ResumeRecord(TrainerCallback, ExportableState):
         # Named EpochLengthRecord before it kept the optimizer's options.
         record = records.get(ResumeRecord.__name__) or records.get("EpochLengthRecord") or {}
         return {name: value for name, value in record.get("attributes", {}).items() if value is not None}
+
+
+def check_metric_for_best_model(args: TrainingArguments, eval_dataset):
+    """Refuses a `metric_for_best_model` that the VQA metric (`vqa_metrics`) and the Trainer do not give for
+    `eval_dataset`. The Trainer looks it up only in the first evaluation's results, and a name they lack stops the
+    run there, before that checkpoint is saved: after a whole epoch, by default."""
+    if not args.metric_for_best_model or not getattr(eval_dataset, "has_answers", False):
+        return
+    answer_types = dict.fromkeys(eval_dataset.answer_types)
+    known = ["accuracy", *(f"accuracy_{answer_type}" for answer_type in answer_types), "loss"]
+    if args.metric_for_best_model.removeprefix("eval_") not in known + ["runtime", "samples_per_second",
+                                                                        "steps_per_second"]:  # fmt: skip
+        raise ValueError(
+            f"metric_for_best_model {args.metric_for_best_model!r} is not among the evaluation's metrics: "
+            f"{', '.join(known)}"
+        )
 
 
 # The Trainer applies --dataloader_drop_last to every DataLoader it makes.
@@ -711,6 +772,8 @@ class VQATrainer(Trainer):
                 "'accuracy'), which needs compute_metrics=vqa_metrics(eval_dataset, id2label); give it, or "
                 "metric_for_best_model='loss'"
             )
+        if self.compute_metrics:
+            check_metric_for_best_model(self.args, self.eval_dataset)
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -957,7 +1020,8 @@ class VQATrainer(Trainer):
                 f"{self.resumed_checkpoint} was trained with "
                 f"{', '.join(f'--{name} {saved_options[name]}' for name in differing)}, but this run gives "
                 f"{', '.join(f'--{name} {options[name]}' for name in differing)}: the "
-                "resumed optimizer takes these from its saved state, so this run's would be ignored. Resume with "
+                "resumed optimizer takes these from its saved state, so this run's would be ignored (or, for another "
+                "optimizer, fail to load that state). Resume with "
                 "the values the run was started with, or start a new run from the checkpoint's weights "
                 "(--model_name_or_path)."
             )

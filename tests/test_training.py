@@ -567,9 +567,11 @@ def test_a_resume_with_any_other_optimizer_option_is_refused_before_training(tin
     checkpoint = tmp_path / "run" / "checkpoint-3"
     checkpoint.mkdir(parents=True)
     (checkpoint / "rng_state.pth").write_bytes(b"")
-    given = {"learning_rate": 1e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-9}
+    given = {"learning_rate": 1e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_epsilon": 1e-9,
+             "optim": "adamw_torch_fused", "optim_args": None}  # fmt: skip
+    # Another optimizer's saved state failed to load at the first step, with a KeyError.
     saved_values = {"learning_rate": 1e-4, "weight_decay": 0.01, "adam_beta1": 0.8, "adam_beta2": 0.999,
-                    "adam_epsilon": 1e-8}  # fmt: skip
+                    "adam_epsilon": 1e-8, "optim": "sgd", "optim_args": "momentum=0.9"}  # fmt: skip
     for name in given:
         record = {"args": {}, "attributes": {"optimizer_options": {**given, name: saved_values[name]}}}
         TrainerState(global_step=3, stateful_callbacks={"ResumeRecord": record}).save_to_json(
@@ -582,6 +584,35 @@ def test_a_resume_with_any_other_optimizer_option_is_refused_before_training(tin
         with pytest.raises(ResumeError, match=re.escape(message)):
             trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 0
+
+
+def test_the_plateau_schedule_by_accuracy_cuts_the_rate_when_the_accuracy_stops_rising(tmp_path):
+    """torch's plateau scheduler waits for its metric to stop falling unless told mode "max": stepped with the VQA
+    accuracy (--load_best_model_at_end's metric), it cut the rate while the model improved."""
+    from transformers.optimization import get_scheduler
+
+    def learning_rates(accuracies, **arguments):
+        arguments = VQATrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to=[], paper_schedule=False,
+            lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"patience": 0}, **arguments,
+        )  # fmt: skip
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        # As the Trainer makes it (`create_scheduler`).
+        scheduler = get_scheduler(
+            arguments.lr_scheduler_type, optimizer, scheduler_specific_kwargs=arguments.lr_scheduler_kwargs
+        )
+        rates = []
+        for accuracy in accuracies:
+            scheduler.step(accuracy)
+            rates.append(optimizer.param_groups[0]["lr"])
+        return rates
+
+    by_accuracy = learning_rates([20.0, 30.0, 40.0, 40.0, 35.0], load_best_model_at_end=True)
+    assert by_accuracy == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.01])
+    # By the loss, which falls as the model improves, torch's default is right.
+    assert learning_rates([3.0, 2.0, 2.0], load_best_model_at_end=True, metric_for_best_model="loss") == (
+        pytest.approx([1.0, 1.0, 0.1])
+    )
 
 
 def run_two_processes(*arguments, check=True):
@@ -995,6 +1026,39 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         ),
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
         (["--report_to", "tensorbored"], "--report_to: tensorbored is not supported, only azure_ml, "),
+        # Known to transformers, and its package not among the project's dependencies.
+        (["--report_to", "clearml"], "--report_to clearml: not installed in this environment (transformers finds"),
+        # Both were ignored: the script saves and evaluates every epoch by default.
+        (
+            ["--save_steps", "5"],
+            "--save_steps 5 counts steps between saves or evaluations, which happen by --save_strategy epoch "
+            "(train_vqa.py's default: epoch): give --save_strategy steps too",
+        ),
+        (["--eval_steps", "5"], "--eval_steps 5 counts steps between saves or evaluations, which happen by "
+                                "--eval_strategy epoch"),  # fmt: skip
+        (
+            ["--train_sampling_strategy", "group_by_length", "--length_column_name", "num_regions"],
+            "--length_column_name num_regions would be ignored: --train_sampling_strategy group_by_length groups "
+            "the questions by their length in words",
+        ),
+        # Evaluation then crashed after a whole epoch, before that epoch's checkpoint.
+        (["--label_names", "answers"], "--label_names answers: the model's only labels are `labels`"),
+        (
+            ["--load_best_model_at_end", "--metric_for_best_model", "acc"],
+            "metric_for_best_model 'acc' is not among the evaluation's metrics: accuracy, accuracy_",
+        ),
+        (
+            ["--dataloader_persistent_workers", "true"],
+            "--dataloader_persistent_workers keeps the DataLoader's worker processes, and there are none",
+        ),
+        (
+            [
+                "--paper_schedule", "false", "--lr_scheduler_type", "reduce_lr_on_plateau", "--lr_scheduler_kwargs",
+                '{"mode": "min"}', "--load_best_model_at_end",
+            ],
+            "--lr_scheduler_kwargs mode 'min' has reduce_lr_on_plateau cut the rate while --metric_for_best_model "
+            "accuracy rises",
+        ),  # fmt: skip
         (
             ["--train_split", "train+val", "--load_best_model_at_end"],
             "--load_best_model_at_end loads the checkpoint of the best evaluation, and this run evaluates nothing "
@@ -1049,8 +1113,8 @@ def test_a_training_run_writes_its_model_card_and_metrics_and_no_evaluation_file
     metrics = train_vqa.main(common_arguments(tiny_prepared_vqa, output, "--max_steps", "2", "--save_strategy", "no"))
     assert sorted(path.name for path in output.iterdir()) == [
         "README.md", "config.json", "configuration_rwsan.py", "metrics.json", "model.safetensors", "modeling_rwsan.py",
-        "pipeline_rwsan.py", "processing_rwsan.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-        "trainer_state.json", "training_args.bin", "training_curves.png",
+        "pipeline_rwsan.py", "processing_rwsan.py", "processor_config.json", "region_files.py", "tokenizer.json",
+        "tokenizer_config.json", "trainer_state.json", "training_args.bin", "training_curves.png",
     ]  # fmt: skip
     assert json.loads((output / "metrics.json").read_text()) == metrics
     assert "eval_accuracy" in metrics and not [name for name in metrics if name.startswith("baseline_")]

@@ -73,6 +73,7 @@ from rwsan.training import (
     VQATrainingArguments,
     answer_indices,
     answers_and_float16_logits,
+    argument_default,
     check_metric_for_best_model,
     checkpoint_folders,
     schedule_options_conflict,
@@ -559,6 +560,17 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise UsageError(
             "--push_to_hub uploads the model a run trains, and --do_train false trains none: upload the model's "
             "folder itself (`hf upload`, or `push_to_hub` of the loaded model and processor)"
+        )
+    hub_names = [name for name in training_args.__dataclass_fields__ if name.startswith("hub_")]
+    # (hub_strategy is an enum once read, its default a string)
+    hub_options = [
+        f"--{name}"
+        for name in hub_names
+        if strategy_name(getattr(training_args, name)) != strategy_name(argument_default(name))
+    ]
+    if hub_options and not training_args.push_to_hub:
+        raise UsageError(
+            f"{', '.join(hub_options)} would be ignored: the --hub_* options say how --push_to_hub uploads; give it too"
         )
     if data_args.save_logits and not training_args.do_predict:
         raise UsageError("--save_logits keeps the scores of --do_predict's answers; give --do_predict too")

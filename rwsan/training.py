@@ -160,7 +160,7 @@ class VQATrainingArguments(TrainingArguments):
         if do_eval is False:
             if strategy_name(self.eval_strategy) not in (
                 "no",
-                _default_of("eval_strategy"),
+                argument_default("eval_strategy"),
             ):
                 raise ValueError(f"--do_eval false and --eval_strategy {self.eval_strategy} disagree: give one of them")
             self.eval_strategy = "no"
@@ -183,20 +183,20 @@ class VQATrainingArguments(TrainingArguments):
         changed = [
             name
             for name in TRAINER_SCHEDULE_OPTIONS + PAPER_SCHEDULE_OPTIONS
-            if getattr(self, name) != _default_of(name)
+            if getattr(self, name) != argument_default(name)
         ]
         if conflict := schedule_options_conflict(self.paper_schedule, changed):
             raise ValueError(conflict)
         if self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and self.greater_is_better:
             self._plateau_on_a_rising_metric()
         for strategy, steps in (("save_strategy", "save_steps"), ("eval_strategy", "eval_steps")):
-            if getattr(self, steps) != _default_of(steps) and strategy_name(getattr(self, strategy)) != "steps":
+            if getattr(self, steps) != argument_default(steps) and strategy_name(getattr(self, strategy)) != "steps":
                 raise ValueError(
                     f"--{steps} {getattr(self, steps):g} counts steps between saves or evaluations, which happen by "
                     f"--{strategy} {strategy_name(getattr(self, strategy))} (train_vqa.py's default: epoch): give "
                     f"--{strategy} steps too"
                 )
-        if self.length_column_name != _default_of("length_column_name"):
+        if self.length_column_name != argument_default("length_column_name"):
             # The Trainer reads that column only from a `datasets.Dataset`; a VQADataset is measured by its items.
             raise ValueError(
                 f"--length_column_name {self.length_column_name} would be ignored: --train_sampling_strategy "
@@ -231,7 +231,7 @@ class VQATrainingArguments(TrainingArguments):
                     "training: a training or a save after it would take the rounded weights, while the evaluations "
                     f"during training run uncast; {autocast} evaluates in half precision under autocast"
                 )
-        if self.group_by_regions and self.train_sampling_strategy != _default_of("train_sampling_strategy"):
+        if self.group_by_regions and self.train_sampling_strategy != argument_default("train_sampling_strategy"):
             raise ValueError(
                 f"--group_by_regions and --train_sampling_strategy {self.train_sampling_strategy} each choose the "
                 "order of the training questions; give one of them"
@@ -302,7 +302,7 @@ def strategy_name(strategy) -> str:
     return str(getattr(strategy, "value", strategy))
 
 
-def _default_of(name: str):
+def argument_default(name: str):
     """The default of a `VQATrainingArguments` field."""
     default = VQATrainingArguments.__dataclass_fields__[name]
     return default.default_factory() if default.default_factory is not MISSING else default.default

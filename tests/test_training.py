@@ -1026,6 +1026,11 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
         ),
         (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be at least 1, got 0"),
         (["--report_to", "tensorbored"], "--report_to: tensorbored is not supported, only azure_ml, "),
+        (
+            ["--hub_model_id", "me/rwsan", "--hub_strategy", "end"],
+            "--hub_model_id, --hub_strategy would be ignored: the --hub_* options say how --push_to_hub uploads; give "
+            "it too",
+        ),
         # Known to transformers, and its package not among the project's dependencies.
         (["--report_to", "clearml"], "--report_to clearml: not installed in this environment (transformers finds"),
         # Both were ignored: the script saves and evaluates every epoch by default.

@@ -209,6 +209,8 @@ def load_model_and_processor(model_dir: str | os.PathLike, device: str) -> tuple
     except (RuntimeError, AssertionError) as error:  # torch built without CUDA asserts
         # The first line: torch goes on to list every backend it was built with.
         raise PredictionError(f"cannot use the device {device!r}: {str(error).splitlines()[0]}") from None
+    if torch.device(device).type == "meta":
+        raise PredictionError("cannot use the device 'meta': its tensors hold no values, so it answers nothing")
     model = RWSANForVQA.from_pretrained(model_dir).to(device).eval()
     processor = RWSANProcessor.from_pretrained(model_dir)
     try:
@@ -375,6 +377,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--dataset_dir needs --output")
     if args.image is not None and args.plot is None:
         parser.error("--image is only used with --plot")
+    if args.image is not None and Path(args.image).resolve() == Path(args.plot).resolve():
+        parser.error(f"--plot {args.plot} is the --image file, which the plot would overwrite")
     # Checked before the model is loaded and run. Without an extension matplotlib would add ".png" to the name, and
     # the file written would not be the one named.
     if args.plot is not None and Path(args.plot).suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():

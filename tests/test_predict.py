@@ -345,6 +345,9 @@ def test_missing_model_and_files_are_reported(toy_vqa, toy_model_dir, toy_featur
             main(["--model", str(toy_model_dir), *single, str(toy_features_file), "--device", "cuda"])
     with pytest.raises(PredictionError, match="^cannot use the device 'tpu': "):
         main(["--model", str(toy_model_dir), *single, str(toy_features_file), "--device", "tpu"])
+    # torch makes tensors there, without values: autocast then failed with a traceback.
+    with pytest.raises(PredictionError, match="^cannot use the device 'meta': its tensors hold no values"):
+        main(["--model", str(toy_model_dir), *single, str(toy_features_file), "--device", "meta"])
     if not torch.backends.mps.is_available():
         # One line, not torch's list of the backends it was built with.
         with pytest.raises(PredictionError, match="^cannot use the device 'mps': [^\n]*$"):
@@ -425,6 +428,11 @@ PLOT_FORMATS_MESSAGE = "--plot {}: the file name's extension gives the format, o
         (
             ["--features", "f.npz", "--question", "q", "--image", "photo.jpg"],
             "--image is only used with --plot",
+        ),
+        # The photo would be replaced by the plot.
+        (
+            ["--features", "f.npz", "--question", "q", "--plot", "photo.png", "--image", "./photo.png"],
+            "--plot photo.png is the --image file, which the plot would overwrite",
         ),
         (["--features", "f.npz", "--question", "q", "--top_k", "0"], "--top_k must be at least 1"),
         (["--dataset_dir", "d", "--output", "p.json", "--num_workers", "-1"], "--num_workers must be at least 0"),

@@ -430,13 +430,13 @@ def prepare_output_dir(output_dir: Path, overwrite: bool):
             )
         # The folders have the names of real VQA data (prepare_vqa.py reads both from one data root): only a toy
         # set, which its scenes file (or, while it is written, the unfinished marker) marks, is deleted.
-        data_folders = [path for path in (output_dir / "vqa", output_dir / "coco_extract") if path.exists()]
         toy_markers = (output_dir / SCENES_FILE, output_dir / UNFINISHED_MARKER)
-        if data_folders and not any(marker.is_file() for marker in toy_markers):
+        if not any(marker.is_file() for marker in toy_markers):
+            held = sorted(path.name + ("/" if path.is_dir() else "") for path in output_dir.iterdir())
             raise FileExistsError(
-                f"output_dir {output_dir} holds {', '.join(path.name + '/' for path in data_folders)} but no "
-                f"{SCENES_FILE} or {UNFINISHED_MARKER}: it is not a toy set this script made (real VQA data, say), "
-                "and --overwrite replaces only toy sets. Choose another output_dir, or remove those folders by hand."
+                f"output_dir {output_dir} holds {', '.join(held)} but no {SCENES_FILE} or {UNFINISHED_MARKER}: it "
+                "is not a toy set this script made (real VQA data or a prepared data set, say), and --overwrite "
+                "replaces only toy sets. Choose another output_dir, or empty it by hand."
             )
         # Stale feature files would be picked up by the loaders, which glob the feature folders.
         for path in (output_dir / "vqa", output_dir / "coco_extract", *toy_markers):

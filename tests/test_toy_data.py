@@ -459,7 +459,7 @@ def test_an_interrupted_set_does_not_look_finished_and_can_be_overwritten(tmp_pa
     assert sum(1 for _ in (tmp_path / "coco_extract").rglob("*.npz")) == 10
 
 
-@pytest.mark.parametrize("real_folder", ["vqa", "coco_extract"])
+@pytest.mark.parametrize("real_folder", ["vqa", "coco_extract", "processor"])  # processor/: a prepared set
 def test_overwrite_never_deletes_data_it_did_not_make(tmp_path, real_folder):
     real_file = tmp_path / real_folder / "train2014" / "real_data.json"
     real_file.parent.mkdir(parents=True)

@@ -6,8 +6,9 @@ GT-Vision-Lab/VQA's commit a013f00) and print it as the original RWSAN code does
         --annotations v2_mscoco_val2014_annotations.json [--json accuracy.json]
 
 The result file is in the evaluation server's format, a list of `{"question_id": ..., "answer": ...}`; it must answer
-exactly the annotated questions. With `--json`, the script's accuracy dict (`overall`, `perQuestionType`,
-`perAnswerType`, in percent) is written there too.
+exactly the annotated questions, or, with `--answered_only`, some of them (a split prepared with
+`--allow_incomplete_eval_splits` lacks the questions of images without features). With `--json`, the script's
+accuracy dict (`overall`, `perQuestionType`, `perAnswerType`, in percent) is written there too.
 """
 
 import argparse
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rwsan.evaluation import evaluate_vqa
+
+ACCURACY_KEYS = ("overall", "perQuestionType", "perAnswerType")
 
 
 def _load_json(path: Path, description: str) -> Any:
@@ -48,6 +51,19 @@ def print_accuracy_report(accuracy: dict[str, Any]) -> None:
     print("\n")
 
 
+def _is_accuracy_file(path: Path) -> bool:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and content.keys() == set(ACCURACY_KEYS)
+
+
+def _question_ids(entries: list) -> set:
+    # Malformed entries are named by the evaluation itself.
+    return {entry.get("question_id") for entry in entries if isinstance(entry, dict)}
+
+
 def _write_json(path: Path, content: Any) -> None:
     try:
         with open(path, "w", encoding="utf-8") as handle:
@@ -67,12 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, help="also write the accuracy dict (overall, perQuestionType, perAnswerType) to this file"
     )
+    parser.add_argument(
+        "--answered_only",
+        action="store_true",
+        help="score only the annotated questions the predictions answer (a split prepared with "
+        "--allow_incomplete_eval_splits lacks those of images without features); says how many",
+    )
     args = parser.parse_args(argv)
     if args.json is not None and args.json.exists():
         for option in ("predictions", "questions", "annotations"):
             given = getattr(args, option)
             if given.exists() and args.json.samefile(given):
                 parser.error(f"--json {args.json} is the --{option} file, which the accuracy would overwrite")
+        # A mistyped path could name a model's config.json.
+        if args.json.is_file() and args.json.stat().st_size > 0 and not _is_accuracy_file(args.json):
+            parser.error(
+                f"--json {args.json} exists and is no accuracy file, which would replace it; name another file"
+            )
 
     try:
         predictions = _load_json(args.predictions, "predictions")
@@ -90,7 +117,24 @@ def main(argv: list[str] | None = None) -> int:
             args.annotations,
             "annotation file: expected an object with an 'annotations' list",
         )
-        accuracy = evaluate_vqa(predictions, annotations["annotations"], questions)
+        annotated, asked = _question_ids(annotations["annotations"]), _question_ids(questions["questions"])
+        if not_asked := annotated - asked:
+            raise ValueError(
+                f"{args.questions} lacks {len(not_asked)} of the {len(annotated)} annotated questions of "
+                f"{args.annotations}: the question file of another split?"
+            )
+        scored = annotations["annotations"]
+        answered = _question_ids(predictions)
+        if args.answered_only:
+            scored = [entry for entry in scored if not isinstance(entry, dict) or entry.get("question_id") in answered]
+            print(f"Scoring the {len(scored)} of the {len(annotated)} annotated questions that the predictions answer")
+        elif answered < annotated:
+            raise ValueError(
+                f"the predictions answer {len(answered)} of the {len(annotated)} annotated questions: give "
+                "--answered_only to score those (a split prepared with --allow_incomplete_eval_splits lacks the "
+                "questions of images without features), or answer them all"
+            )
+        accuracy = evaluate_vqa(predictions, scored, questions)
         if args.json is not None:
             _write_json(args.json, accuracy)
     except (ValueError, TypeError) as error:

@@ -462,8 +462,16 @@ def test_script_errors_name_the_file(evaluation_script, small_files, tmp_path):
     )
 
     partial = _write_json(tmp_path / "partial.json", [{"question_id": 11, "answer": "2"}])
-    assert "3 annotated question(s) have no prediction (e.g. 22, 33, 44)" in error_of(
-        {**small_files, "predictions": partial}
+    assert error_of({**small_files, "predictions": partial}) == (
+        "error: the predictions answer 1 of the 4 annotated questions: give --answered_only to score those (a split "
+        "prepared with --allow_incomplete_eval_splits lacks the questions of images without features), or answer "
+        "them all"
+    )
+    # Another split's question file was taken without a word: only multiple-choice files are read for more.
+    other_split = _write_json(tmp_path / "other_split.json", {"questions": [{"question_id": 11}, {"question_id": 99}]})
+    assert error_of({**small_files, "questions": other_split}) == (
+        f"error: {other_split} lacks 3 of the 4 annotated questions of {small_files['annotations']}: the question "
+        "file of another split?"
     )
 
     unwritable = tmp_path / "no_such_folder" / "accuracy.json"
@@ -498,21 +506,46 @@ def test_script_errors_name_what_the_official_loader_would_trip_on(evaluation_sc
 
 def test_script_writes_the_accuracy_json_indented_and_ends_it_with_a_newline(evaluation_script, small_files, tmp_path):
     json_path = tmp_path / "accuracy.json"
-    json_path.write_text("an earlier run's accuracy")  # an existing --json file that is no input is written over
+    # An earlier accuracy file is written over.
+    json_path.write_text(json.dumps({"overall": 1.0, "perQuestionType": {}, "perAnswerType": {}}))
     assert evaluation_script.main([*_arguments(small_files), "--json", str(json_path)]) == 0
     assert json_path.read_text() == json.dumps(SMALL_ACCURACY, indent=2) + "\n"
+
+
+def test_script_refuses_to_write_the_accuracy_over_another_file(evaluation_script, small_files, tmp_path, capsys):
+    """A mistyped --json could name a model's config.json, which the accuracy replaced."""
+    config = _write_json(tmp_path / "config.json", {"model_type": "rwsan"})
+    with pytest.raises(SystemExit) as raised:
+        evaluation_script.main([*_arguments(small_files), "--json", str(config)])
+    assert raised.value.code == 2
+    assert f"--json {config} exists and is no accuracy file, which would replace it" in capsys.readouterr().err
+    assert json.loads(config.read_text()) == {"model_type": "rwsan"}
+
+
+def test_script_scores_the_answered_questions_alone_when_told(evaluation_script, small_files, tmp_path, capsys):
+    """A split prepared with --allow_incomplete_eval_splits lacks the questions of images without features; their
+    predictions are scored as the questions they answer."""
+    answered = [result for result in SMALL_RESULTS if result["question_id"] != 44]
+    partial = _write_json(tmp_path / "partial.json", answered)
+    assert evaluation_script.main([*_arguments({**small_files, "predictions": partial}), "--answered_only"]) == 0
+    printed = capsys.readouterr().out
+    assert "Scoring the 3 of the 4 annotated questions that the predictions answer" in printed
+    annotations = [entry for entry in SMALL_ANNOTATIONS if entry["question_id"] != 44]
+    expected = evaluate_vqa(answered, annotations)["overall"]
+    assert f"Overall Accuracy is: {expected:.02f}" in printed
+    assert expected != SMALL_ACCURACY["overall"]
 
 
 def test_script_with_an_existing_json_file_still_names_a_missing_input(evaluation_script, small_files, tmp_path):
     """The check that --json is no input compares it with each input file that exists: a missing one is reported as
     missing, not as a FileNotFoundError traceback from that check."""
     json_path = tmp_path / "accuracy.json"
-    json_path.write_text("{}")
+    json_path.write_text(json.dumps(SMALL_ACCURACY))
     missing = tmp_path / "missing.json"
     with pytest.raises(SystemExit) as raised:
         evaluation_script.main([*_arguments({**small_files, "predictions": missing}), "--json", str(json_path)])
     assert raised.value.code == f"error: predictions file not found: {missing}"
-    assert json_path.read_text() == "{}"
+    assert json_path.read_text() == json.dumps(SMALL_ACCURACY)
 
 
 @pytest.mark.parametrize("option", ["predictions", "questions", "annotations"])

@@ -381,6 +381,34 @@ def test_eager_attention_drops_attention_weights_in_training_only():
         assert {(call.args[1], call.args[2]) for call in dropped} == {(expected_rate, training)}
 
 
+def test_every_dropout_layer_runs_and_reaches_the_logits():
+    """The original drops out each attention and feed-forward branch before its residual sum, the feed-forward's
+    hidden layer and each flattening's score MLP: in training each dropout layer runs once an application of its
+    block (nine times a pass here) or once a pass, at the configured rate, and what it returns is what the model
+    computes with (made zero, it changes the logits)."""
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(dropout=0.3)).train()
+    input_ids, image_features = tiny_inputs(model.config)
+    dropouts = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Dropout)}
+    in_blocks = {name for name in dropouts if ".block." in name}
+    assert (len(in_blocks), len(dropouts)) == (3 + 4, 3 + 4 + 2)
+    assert {module.p for module in dropouts.values()} == {0.3}
+    calls = dict.fromkeys(dropouts, 0)
+    for name, module in dropouts.items():
+        module.register_forward_hook(lambda module, args, output, name=name: calls.__setitem__(name, calls[name] + 1))
+    model(input_ids=input_ids, image_features=image_features)
+    assert calls == {name: 9 if name in in_blocks else 1 for name in dropouts}
+
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, image_features=image_features).logits
+        for name, module in dropouts.items():
+            hook = module.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+            changed = model(input_ids=input_ids, image_features=image_features).logits
+            hook.remove()
+            assert (changed - reference).abs().max() > 1e-4, name
+
+
 def attention_modules(model: RWSANForVQA) -> list[RWSANLowRankAttention]:
     return [module for module in model.modules() if isinstance(module, RWSANLowRankAttention)]
 

@@ -223,6 +223,38 @@ def test_explicit_masks_hide_what_they_mask(tiny_model):
     torch.testing.assert_close(masked[1:], unmasked[1:], atol=0, rtol=0)
 
 
+def test_the_configured_pad_token_id_marks_the_padding():
+    """Without an attention_mask, the padding is where input_ids hold config.pad_token_id, whichever id that is."""
+    torch.manual_seed(0)
+    model = RWSANForVQA(tiny_config(pad_token_id=3)).eval()
+    input_ids, image_features = tiny_inputs(model.config)
+    attention_mask = (input_ids != 0).long()
+    input_ids = input_ids.masked_fill(input_ids == 3, 4).masked_fill(attention_mask == 0, 3)
+    with torch.no_grad():
+        derived = model(input_ids=input_ids, image_features=image_features).logits
+        given = model(input_ids=input_ids, image_features=image_features, attention_mask=attention_mask).logits
+        unmasked = model(input_ids, image_features, attention_mask=torch.ones_like(attention_mask)).logits
+    torch.testing.assert_close(derived, given, atol=0, rtol=0)
+    assert (unmasked - given).abs().max() > 1e-3
+
+
+def test_a_region_whose_features_sum_to_zero_is_no_padding(tiny_model):
+    """Only rows of zeros are padding: features of both signs (normalised ones, say) can sum to zero."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    image_features[0, -1] = 0
+    image_features[0, -1, :2] = torch.tensor([1.0, -1.0])
+    image_attention_mask = (image_features != 0).any(-1).long()
+    assert image_attention_mask[0].all()
+    masked = image_attention_mask.clone()
+    masked[0, -1] = 0
+    with torch.no_grad():
+        derived = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        given = tiny_model(input_ids, image_features, image_attention_mask=image_attention_mask).logits
+        left_out = tiny_model(input_ids, image_features, image_attention_mask=masked).logits
+    torch.testing.assert_close(derived, given, atol=0, rtol=0)
+    assert (left_out[0] - given[0]).abs().max() > 1e-4
+
+
 def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
     """As transformers' `Trainer` and other generic code read tuple outputs."""
     input_ids, image_features = tiny_inputs(tiny_model.config)

@@ -255,6 +255,15 @@ def test_a_region_whose_features_sum_to_zero_is_no_padding(tiny_model):
     assert (left_out[0] - given[0]).abs().max() > 1e-4
 
 
+def test_int32_token_ids_give_the_answers_of_int64_ones(tiny_model):
+    """The forward accepts int32 input_ids (as its docstring says), with the same logits."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        int32 = tiny_model(input_ids=input_ids.int(), image_features=image_features).logits
+        int64 = tiny_model(input_ids=input_ids, image_features=image_features).logits
+    torch.testing.assert_close(int32, int64, atol=0, rtol=0)
+
+
 def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
     """As transformers' `Trainer` and other generic code read tuple outputs."""
     input_ids, image_features = tiny_inputs(tiny_model.config)

@@ -277,6 +277,34 @@ def test_tuple_outputs_start_with_the_loss_then_the_logits(tiny_model):
     assert torch.equal(without_labels[0], outputs.logits)
 
 
+def test_the_encoder_returns_a_tuple_with_return_dict_false(tiny_model):
+    """As `RWSANForVQA` does, and as generic code (tracing, ONNX export) asks of an encoder."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    with torch.no_grad():
+        outputs = tiny_model.rwsan(input_ids=input_ids, image_features=image_features)
+        as_tuple = tiny_model.rwsan(input_ids=input_ids, image_features=image_features, return_dict=False)
+    assert type(as_tuple) is tuple and len(as_tuple) == len(outputs) == 3
+    assert all(torch.equal(first, second) for first, second in zip(as_tuple, outputs.values(), strict=True))
+
+
+def test_attentions_and_hidden_states_are_returned_only_when_asked_for(tiny_model):
+    """Without output_attentions and output_hidden_states the outputs are the fused vector and the final states (the
+    flattening weights come with the attention maps), in this order, as a dict and as a tuple."""
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    final = ["logits", "pooler_output", "question_last_hidden_state", "image_last_hidden_state"]
+    maps = ["question_attentions", "image_attentions", "guided_attentions"]
+    with torch.no_grad():
+        plain = tiny_model(input_ids=input_ids, image_features=image_features)
+        as_tuple = tiny_model(input_ids=input_ids, image_features=image_features, return_dict=False)
+        with_attentions = tiny_model(input_ids=input_ids, image_features=image_features, output_attentions=True)
+        with_states = tiny_model(input_ids=input_ids, image_features=image_features, output_hidden_states=True)
+    assert list(plain.keys()) == final and len(as_tuple) == len(final)
+    assert plain.pooler_output.shape == (3, tiny_model.config.flat_output_size)
+    assert plain.question_last_hidden_state.shape == (3, 6, 32) and plain.image_last_hidden_state.shape == (3, 7, 32)
+    assert list(with_attentions.keys()) == final + maps + ["question_flattening_weights", "image_flattening_weights"]
+    assert list(with_states.keys()) == final + ["question_hidden_states", "image_hidden_states"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -581,6 +581,32 @@ def test_a_backward_hook_on_a_projection_layer_is_called(tiny_model):
     assert len(calls) == 9  # one a block application
 
 
+class UnconcatenatableWeight(torch.Tensor):
+    """A weight of a tensor subclass that computes as a plain one but cannot be concatenated, as many quantised and
+    sharded weights cannot (their layers stay `nn.Linear`)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.cat:
+            raise NotImplementedError("this weight cannot be concatenated")
+        if func is F.linear:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("where", ["self_attention", "guided_attention"])
+def test_a_weight_of_a_tensor_subclass_is_not_stacked_with_the_others(tiny_model, where):
+    input_ids, image_features = tiny_inputs(tiny_model.config)
+    key = getattr(tiny_model.rwsan.image_encoder.block, where).key
+    with torch.no_grad():
+        reference = tiny_model(input_ids=input_ids, image_features=image_features).logits
+        key.weight = torch.nn.Parameter(key.weight.detach().as_subclass(UnconcatenatableWeight))
+        assert type(key.weight) is UnconcatenatableWeight
+        logits = tiny_model(input_ids=input_ids, image_features=image_features).logits
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=0)
+
+
 def test_weights_offloaded_by_accelerate_give_the_same_logits(tiny_model):
     from accelerate import cpu_offload
 

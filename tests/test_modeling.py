@@ -102,6 +102,52 @@ def test_config_rejects_impossible_sizes(overrides, message):
         tiny_config(**overrides)
 
 
+SIZE_FIELDS = (
+    "vocab_size",
+    "word_embedding_size",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "image_feature_size",
+    "max_regions",
+    "max_question_length",
+    "num_srwsa_repeats",
+    "num_sgrwsa_repeats",
+    "text_self_attention_rank",
+    "image_self_attention_rank",
+    "guided_attention_rank",
+    "flat_mlp_size",
+    "flat_output_size",
+)
+
+
+@pytest.mark.parametrize("name", SIZE_FIELDS)
+def test_config_rejects_every_size_that_is_not_positive(name):
+    # A vocabulary of no tokens or a processor that keeps no regions would fail only once the model runs.
+    with pytest.raises(ValueError, match=rf"^RWSANConfig.{name} must be a positive integer, got 0.$"):
+        tiny_config(**{name: 0})
+
+
+@pytest.mark.parametrize("dropout", [1.0, 1, -0.1])
+def test_config_rejects_a_dropout_rate_outside_zero_to_one(dropout):
+    """A rate of 1 zeroes every branch in training; a negative one fails only when the model is built."""
+    with pytest.raises(ValueError, match=rf"^RWSANConfig.dropout must be in \[0, 1\), got {dropout}.$"):
+        tiny_config(dropout=dropout)
+    assert tiny_config(dropout=0).dropout == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, field, given",
+    [({"hidden_size": 32.0}, "hidden_size", "float"), ({"vocab_size": "40"}, "vocab_size", "str")],
+)
+def test_config_rejects_a_size_of_another_type_by_name(overrides, field, given):
+    """A float or string size would pass the range checks (32.0 is divisible by 4) and fail inside torch."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"Field '{field}' expected int, got {given}"):
+        tiny_config(**overrides)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

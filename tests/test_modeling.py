@@ -80,6 +80,9 @@ def test_paper_defaults():
         64,
     )
     assert (config.num_srwsa_repeats, config.num_sgrwsa_repeats, config.num_labels) == (3, 3, 3129)
+    # Those the parameter count does not pin: the processor's cuts, and the regularisation and norm of the recipe.
+    assert (config.max_question_length, config.max_regions) == (16, 100)
+    assert (config.dropout, config.layer_norm_eps) == (0.1, 1e-6)
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,8 @@ def test_a_saved_model_takes_a_new_answer_head(tmp_path):
 def test_config_answer_vocabulary_from_json_round_trips(tmp_path):
     config = RWSANConfig(vocab_size=40, id2label={"1": "no", "0": "yes"})
     assert config.id2label == {0: "yes", 1: "no"} and config.label2id == {"yes": 0, "no": 1}
+    # In id order, as JSON from another writer need not be: list(id2label.values())[i] is answer i.
+    assert list(config.id2label.items()) == [(0, "yes"), (1, "no")]
     config.save_pretrained(tmp_path)
     loaded = RWSANConfig.from_pretrained(tmp_path)
     assert (loaded.id2label, loaded.label2id, loaded.num_labels) == (config.id2label, config.label2id, 2)

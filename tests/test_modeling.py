@@ -855,6 +855,9 @@ def test_initialisation_is_pytorch_default():
     assert model.rwsan.question_lstm.bias_hh_l0.abs().max() <= lstm_bound
     assert model.rwsan.question_lstm.bias_hh_l0.abs().max() > 0.95 * lstm_bound
     assert torch.equal(model.rwsan.fusion_norm.weight, torch.ones(1024))
+    # Biases too are uniform within 1 / sqrt(fan_in), not of fan_out (512 here).
+    projection_bias = model.rwsan.image_projection.bias
+    assert projection_bias.abs().max() <= bound and projection_bias.abs().max() > 0.95 * bound
 
 
 @pytest.mark.parametrize(

@@ -174,6 +174,18 @@ def test_compiled_blocks_match_eager_with_a_few_graphs_for_every_shape(items):
     torch._dynamo.reset()
 
 
+def test_compile_blocks_raises_the_recompile_limit_its_blocks_share():
+    """Both blocks' compilations count against one function's limit (transformers' checkpointing wrapper), which
+    their training, evaluation and autocast variants pass at the default 8; past it they would run eagerly without a
+    word. compile_blocks raises the limit to 64 and leaves a higher one as it is."""
+    # `patch` restores the limit on leaving (pytest's monkeypatch would delete the setting).
+    for limit, expected in ((8, 64), (100, 100)):
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            tiny_model().compile_blocks(backend="eager")
+            assert torch._dynamo.config.recompile_limit == expected
+    torch._dynamo.reset()
+
+
 def additions_outside_compiled_code(model, batch) -> list[list[int]]:
     """The shapes of the additions a forward pass runs outside compiled code (TorchDynamo's regions)."""
     with (

@@ -380,6 +380,12 @@ def test_evaluate_metric_loads_from_its_folder_and_matches(vqa_accuracy_metric):
     }
 
 
+def test_evaluate_metric_rounds_to_two_decimals_as_the_official_script(vqa_accuracy_metric):
+    # One question in three answered: 33.333... percent, 33.33 as the official script reports it.
+    references = [["yes"] * 10] * 3
+    assert vqa_accuracy_metric.compute(predictions=["yes", "no", "no"], references=references) == {"accuracy": 33.33}
+
+
 def test_evaluate_metric_rejects_a_string_reference(vqa_accuracy_metric):
     with pytest.raises(ValueError, match="Got a string but expected a list instead"):
         vqa_accuracy_metric.compute(predictions=["two"], references=["2"])

@@ -711,3 +711,28 @@ def test_register_pipeline_is_idempotent():
     task = PIPELINE_REGISTRY.supported_tasks["vqa-features"]
     assert task["impl"] is RWSANVQAPipeline and task["type"] == "multimodal"
     assert "vqa-features" in PIPELINE_REGISTRY.get_supported_tasks()
+
+
+def test_importing_rwsan_registers_its_auto_classes_and_the_pipeline(monkeypatch):
+    """What `import rwsan` registers, checked on registries emptied of it (this file's fixtures register the processor
+    and the pipeline themselves): with the package installed, the Auto classes and `pipeline("vqa-features")` load a
+    saved folder without `trust_remote_code`."""
+    import importlib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_VISUAL_QUESTION_ANSWERING_MAPPING, MODEL_MAPPING
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    import rwsan
+
+    for mapping in (CONFIG_MAPPING, MODEL_MAPPING, MODEL_FOR_VISUAL_QUESTION_ANSWERING_MAPPING, PROCESSOR_MAPPING):
+        monkeypatch.setattr(mapping, "_extra_content", {})
+    tasks = {task: entry for task, entry in PIPELINE_REGISTRY.supported_tasks.items() if task != "vqa-features"}
+    monkeypatch.setattr(PIPELINE_REGISTRY, "supported_tasks", tasks)
+    importlib.reload(rwsan)
+    assert CONFIG_MAPPING["rwsan"] is RWSANConfig
+    assert MODEL_MAPPING[RWSANConfig] is rwsan.RWSANModel
+    assert MODEL_FOR_VISUAL_QUESTION_ANSWERING_MAPPING[RWSANConfig] is RWSANForVQA
+    assert PROCESSOR_MAPPING[RWSANConfig] is RWSANProcessor
+    assert PIPELINE_REGISTRY.supported_tasks["vqa-features"]["impl"] is RWSANVQAPipeline

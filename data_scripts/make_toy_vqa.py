@@ -433,8 +433,10 @@ def prepare_output_dir(output_dir: Path, overwrite: bool):
         toy_markers = (output_dir / SCENES_FILE, output_dir / UNFINISHED_MARKER)
         if not any(marker.is_file() for marker in toy_markers):
             held = sorted(path.name + ("/" if path.is_dir() else "") for path in output_dir.iterdir())
+            # A folder of feature files holds many thousands.
+            named = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
             raise FileExistsError(
-                f"output_dir {output_dir} holds {', '.join(held)} but no {SCENES_FILE} or {UNFINISHED_MARKER}: it "
+                f"output_dir {output_dir} holds {named} but no {SCENES_FILE} or {UNFINISHED_MARKER}: it "
                 "is not a toy set this script made (real VQA data or a prepared data set, say), and --overwrite "
                 "replaces only toy sets. Choose another output_dir, or empty it by hand."
             )

@@ -474,6 +474,19 @@ def test_overwrite_never_deletes_data_it_did_not_make(tmp_path, real_folder):
     assert sorted(path.name for path in tmp_path.iterdir()) == [real_folder]
 
 
+def test_overwrite_names_five_of_the_files_it_refuses_to_delete(tmp_path):
+    """Pointed at a feature folder, the message listed all its files: tens of thousands of names."""
+    for index in range(8):
+        (tmp_path / f"COCO_{index}.jpg.npz").write_bytes(b"")
+    message = (
+        f"output_dir {tmp_path} holds COCO_0.jpg.npz, COCO_1.jpg.npz, COCO_2.jpg.npz, COCO_3.jpg.npz, COCO_4.jpg.npz "
+        "and 3 more but no toy_scenes.json"
+    )
+    with pytest.raises(FileExistsError, match=re.escape(message)):
+        make_toy_vqa(tmp_path, num_images=10, feature_size=FEATURE_SIZE, overwrite=True)
+    assert len(list(tmp_path.iterdir())) == 8
+
+
 def test_refuses_an_output_path_that_is_a_file(tmp_path):
     (tmp_path / "toy").write_text("")
     with pytest.raises(NotADirectoryError, match="exists and is not a directory"):

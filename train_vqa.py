@@ -78,6 +78,7 @@ from rwsan.training import (
     checkpoint_folders,
     schedule_options_conflict,
     strategy_name,
+    vqa_metric_names,
     vqa_metrics,
 )
 
@@ -534,6 +535,8 @@ def options_given(argv: list[str]) -> set[str]:
 
 # --report_to values that name no integration: the Trainer expands "all" to those installed.
 NO_REPORTS = ("all", "none", None)
+# Integrations that transformers' list of those installed leaves out even where they are (azure_ml beside mlflow).
+UNLISTED_REPORTS = ("azure_ml", "flyte")
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VQATrainingArguments):
@@ -654,7 +657,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     except ValueError as error:
         raise UsageError(f"--report_to: {error}") from None
     available = get_available_reporting_integrations()
-    if missing := [name for name in reports if name not in available]:
+    if missing := [name for name in reports if name not in available and name not in UNLISTED_REPORTS]:
         raise UsageError(
             f"--report_to {' '.join(missing)}: not installed in this environment (transformers finds "
             f"{', '.join(available) or 'none'}); install its package or leave it out"
@@ -922,7 +925,8 @@ def main(argv: list[str] | None = None):
         processor.max_question_length = data_args.max_question_length
         processor.max_regions = data_args.max_regions
         check_dispatched_batches(data_args, training_args)
-        check_metric_for_best_model(training_args, eval_dataset)
+        if eval_dataset is not None:
+            check_metric_for_best_model(training_args, vqa_metric_names(eval_dataset))
         model = build_model(model_args, processor, reference.feature_size)
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from error

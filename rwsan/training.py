@@ -664,11 +664,22 @@ OPTIMIZER_STATE_OPTIONS = ("learning_rate", "weight_decay", "adam_beta1", "adam_
                            "optim_args")  # fmt: skip
 
 
+# Optimizers that keep another's state: torch's AdamW fused or not (transformers' default became the fused one with
+# torch 2.8, so a run may resume on either).
+SAME_OPTIMIZER_STATE = {"adamw_torch_fused": "adamw_torch"}
+
+
 def _optimizer_options(args: TrainingArguments) -> dict[str, Any]:
     options = {name: getattr(args, name) for name in OPTIMIZER_STATE_OPTIONS}
     # The Trainer turns `optim` into an enum; the record keeps its name.
     options["optim"] = OptimizerNames(args.optim).value
     return options
+
+
+def _same_optimizer_option(name: str, value, saved) -> bool:
+    if name == "optim":
+        return SAME_OPTIMIZER_STATE.get(value, value) == SAME_OPTIMIZER_STATE.get(saved, saved)
+    return value == saved
 
 
 class ResumeRecord(TrainerCallback, ExportableState):
@@ -709,16 +720,18 @@ class ResumeRecord(TrainerCallback, ExportableState):
         return {name: value for name, value in record.get("attributes", {}).items() if value is not None}
 
 
-def check_metric_for_best_model(args: TrainingArguments, eval_dataset):
-    """Refuses a `metric_for_best_model` that the VQA metric (`vqa_metrics`) and the Trainer do not give for
-    `eval_dataset`. The Trainer looks it up only in the first evaluation's results, and a name they lack stops the
-    run there, before that checkpoint is saved: after a whole epoch, by default."""
-    if not args.metric_for_best_model or not getattr(eval_dataset, "has_answers", False):
-        return
-    answer_types = dict.fromkeys(eval_dataset.answer_types)
-    known = ["accuracy", *(f"accuracy_{answer_type}" for answer_type in answer_types), "loss"]
-    if args.metric_for_best_model.removeprefix("eval_") not in known + ["runtime", "samples_per_second",
-                                                                        "steps_per_second"]:  # fmt: skip
+def vqa_metric_names(dataset) -> list[str]:
+    """What `vqa_metrics(dataset, ...)` gives: the accuracy, overall and by each of the dataset's answer types."""
+    return ["accuracy", *(f"accuracy_{answer_type}" for answer_type in dict.fromkeys(dataset.answer_types))]
+
+
+def check_metric_for_best_model(args: TrainingArguments, metric_names: list[str]):
+    """Refuses a `metric_for_best_model` that neither `compute_metrics` (whose `metric_names` are given) nor the
+    Trainer gives. The Trainer looks it up only in the first evaluation's results, and a name they lack stops the run
+    there, before that checkpoint is saved: after a whole epoch, by default."""
+    known = [*metric_names, "loss"]
+    trainers_own = ["runtime", "samples_per_second", "steps_per_second"]
+    if args.metric_for_best_model and args.metric_for_best_model.removeprefix("eval_") not in known + trainers_own:
         raise ValueError(
             f"metric_for_best_model {args.metric_for_best_model!r} is not among the evaluation's metrics: "
             f"{', '.join(known)}"
@@ -772,8 +785,9 @@ class VQATrainer(Trainer):
                 "'accuracy'), which needs compute_metrics=vqa_metrics(eval_dataset, id2label); give it, or "
                 "metric_for_best_model='loss'"
             )
-        if self.compute_metrics:
-            check_metric_for_best_model(self.args, self.eval_dataset)
+        # Another compute_metrics gives metrics of its own.
+        if (metric_names := getattr(self.compute_metrics, "metric_names", None)) is not None:
+            check_metric_for_best_model(self.args, metric_names)
         if self.model_init is None:
             self._compile_blocks_if_asked(self.model)
 
@@ -1014,7 +1028,11 @@ class VQATrainer(Trainer):
                 "others not at all. Resume with the seeds the run was started with, or start a new run from the "
                 "checkpoint's weights (--model_name_or_path)."
             )
-        differing = [name for name in options if name in saved_options and options[name] != saved_options[name]]
+        differing = [
+            name
+            for name in options
+            if name in saved_options and not _same_optimizer_option(name, options[name], saved_options[name])
+        ]
         if differing:
             raise ResumeError(
                 f"{self.resumed_checkpoint} was trained with "
@@ -1256,6 +1274,8 @@ def vqa_metrics(dataset, id2label: dict[int, str]):
             answers, [dataset.answers[row] for row in rows], [dataset.answer_types[row] for row in rows]
         )
 
+    # What VQATrainer checks metric_for_best_model against.
+    compute_metrics.metric_names = vqa_metric_names(dataset)
     return compute_metrics
 
 

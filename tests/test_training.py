@@ -586,6 +586,18 @@ def test_a_resume_with_any_other_optimizer_option_is_refused_before_training(tin
     assert trainer.state.global_step == 0
 
 
+def test_a_run_of_torchs_adamw_resumes_with_the_fused_one_and_back(tiny_prepared_vqa, tmp_path):
+    """They keep the same state, and transformers' default became the fused one with torch 2.8: a run started on an
+    older torch resumes after an upgrade, with no --optim given."""
+    output = tmp_path / "run"
+    first = tiny_trainer(tiny_prepared_vqa, output, 0.0, use_cpu=True, optim="adamw_torch", max_steps=3,
+                         save_strategy="steps", save_steps=3)  # fmt: skip
+    first.train()
+    resumed = tiny_trainer(tiny_prepared_vqa, output, 0.0, use_cpu=True, optim="adamw_torch_fused", max_steps=6)
+    resumed.train(resume_from_checkpoint=str(output / "checkpoint-3"))
+    assert resumed.state.global_step == 6
+
+
 def test_the_plateau_schedule_by_accuracy_cuts_the_rate_when_the_accuracy_stops_rising(tmp_path):
     """torch's plateau scheduler waits for its metric to stop falling unless told mode "max": stepped with the VQA
     accuracy (--load_best_model_at_end's metric), it cut the rate while the model improved."""
@@ -1031,8 +1043,6 @@ def test_the_script_reports_a_refusal_in_one_line_without_a_traceback(tiny_prepa
             "--hub_model_id, --hub_strategy would be ignored: the --hub_* options say how --push_to_hub uploads; give "
             "it too",
         ),
-        # Known to transformers, and its package not among the project's dependencies.
-        (["--report_to", "clearml"], "--report_to clearml: not installed in this environment (transformers finds"),
         # Both were ignored: the script saves and evaluates every epoch by default.
         (
             ["--save_steps", "5"],
@@ -1092,6 +1102,26 @@ def test_arguments_that_would_train_or_answer_wrongly_are_refused(tiny_prepared_
     with pytest.raises(train_vqa.UsageError, match=re.escape(message).replace(re.escape(".*"), ".*")):
         train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", *extra))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_report_integration_that_is_not_installed_is_refused_before_anything_loads(
+    tiny_prepared_vqa, tmp_path, monkeypatch
+):
+    """The Trainer refused it with a traceback once the data and the model were loaded."""
+    import train_vqa
+
+    monkeypatch.setattr(train_vqa, "get_available_reporting_integrations", lambda: ["mlflow"])
+    message = (
+        "--report_to tensorboard: not installed in this environment (transformers finds mlflow); install its package "
+        "or leave it out"
+    )
+    with pytest.raises(train_vqa.UsageError, match=re.escape(message)):
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "run", "--report_to", "tensorboard"))
+    assert not (tmp_path / "run").exists()
+    # transformers' list leaves flyte out even where it is installed: the Trainer says whether it is.
+    with pytest.raises(Exception) as raised:
+        train_vqa.main(common_arguments(tiny_prepared_vqa, tmp_path / "flyte", "--report_to", "flyte"))
+    assert "not installed in this environment" not in str(raised.value)
 
 
 def test_answering_a_split_the_run_trains_on_comes_with_a_warning(tiny_prepared_vqa, tmp_path, capsys):
@@ -3261,6 +3291,31 @@ def test_a_trainer_that_would_keep_the_most_accurate_model_needs_the_accuracy(ti
     )  # fmt: skip
     with pytest.raises(ValueError, match=re.escape("which needs compute_metrics=vqa_metrics(eval_dataset, id2label)")):
         VQATrainer(model=built.model, args=arguments, eval_dataset=load_vqa_dataset(tiny_prepared_vqa, "val"))
+
+
+def test_a_trainer_refuses_a_metric_for_best_model_its_metrics_lack_and_only_those(tiny_prepared_vqa, tmp_path):
+    """The Trainer looks the metric up at the first evaluation, and stopped there, before saving that checkpoint. The
+    names checked are vqa_metrics'; another compute_metrics gives its own."""
+    from rwsan.training import VQATrainer, vqa_metrics
+
+    built = tiny_trainer(tiny_prepared_vqa, tmp_path, 0.0, use_cpu=True)
+    arguments = VQATrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, load_best_model_at_end=True, metric_for_best_model="top3_accuracy",
+        eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=3, report_to=[],
+    )  # fmt: skip
+    validation = load_vqa_dataset(tiny_prepared_vqa, "val")
+    own_metrics = VQATrainer(
+        model=built.model, args=arguments, eval_dataset=validation, compute_metrics=lambda _: {"top3_accuracy": 0.0}
+    )
+    assert own_metrics.args.metric_for_best_model == "top3_accuracy"
+    message = "metric_for_best_model 'top3_accuracy' is not among the evaluation's metrics: accuracy, accuracy_"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VQATrainer(
+            model=built.model,
+            args=arguments,
+            eval_dataset=validation,
+            compute_metrics=vqa_metrics(validation, built.model.config.id2label),
+        )
 
 
 def test_a_trainer_with_plain_training_arguments_trains(tiny_prepared_vqa, tmp_path):

@@ -14,6 +14,7 @@ accuracy dict (`overall`, `perQuestionType`, `perAnswerType`, in percent) is wri
 import argparse
 import json
 import sys
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,12 @@ def _is_accuracy_file(path: Path) -> bool:
 
 
 def _question_ids(entries: list) -> set:
-    # Malformed entries are named by the evaluation itself.
-    return {entry.get("question_id") for entry in entries if isinstance(entry, dict)}
+    # Malformed entries and ids are named by the evaluation itself.
+    return {
+        entry.get("question_id")
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("question_id"), Hashable)
+    }
 
 
 def _write_json(path: Path, content: Any) -> None:

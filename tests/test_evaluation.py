@@ -504,6 +504,13 @@ def test_script_errors_name_what_the_official_loader_would_trip_on(evaluation_sc
     assert error_of({**small_files, "questions": folder}) == (
         f"error: cannot read the questions file {folder}: Is a directory"
     )
+    # The question file's check must leave a malformed id for the evaluation to name, not fail on hashing it.
+    listed_id = _write_json(
+        tmp_path / "listed_id.json", {"annotations": [{**SMALL_ANNOTATIONS[0], "question_id": [11]}]}
+    )
+    assert error_of({**small_files, "annotations": listed_id}) == (
+        "error: Annotation 0: question_id [11] is not a question id"
+    )
     number = _write_json(tmp_path / "number.json", [*SMALL_RESULTS[1:], {"question_id": 11, "answer": 2}])
     assert error_of({**small_files, "predictions": number}) == (
         "error: question id 11: the predicted answer must be a string, got int"

@@ -160,7 +160,7 @@ def normalize_answer(answer: str) -> str:
     periods, number words, articles and contractions. (`prep_ans` then deletes commas, but the punctuation step
     has already deleted or spaced every one, and the word step writes none.) This makes the training labels;
     predictions are scored after `rwsan.evaluation.normalize_answer`, the evaluation script's step, which first
-    turns tabs and newlines into spaces and so can differ (`"a\t-b-c"`: `"b c"` here, `"bc"` there)."""
+    turns tabs and newlines into spaces and so can differ (`"a\\t-b-c"`: `"b c"` here, `"bc"` there)."""
     return normalize_answer_words(normalize_answer_punctuation(answer))
 
 

@@ -3185,7 +3185,7 @@ def assert_same_predictions(graphed, eager, **tolerance):
 
 
 TWO_PROCESS_SAMPLING = """
-import hashlib, json, sys
+import hashlib, json, os, sys
 import torch
 from transformers import TrainerCallback
 from rwsan import RWSANConfig, RWSANForVQA
@@ -3220,6 +3220,9 @@ with open(f"{sys.argv[2]}/rank{args.process_index}.json", "w") as file:
     json.dump({"seen": seen, "states": states}, file)
 # As train_vqa.py does: left to the interpreter's exit, gloo's threads abort a process now and then (pytorch#190489).
 torch.distributed.destroy_process_group()
+# Even so, about one launch in ten still aborted in the interpreter's teardown, after both ranks had written their
+# records: what this test checks is written, and the teardown is not this test's to check.
+os._exit(0)
 """
 
 
